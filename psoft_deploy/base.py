@@ -1,0 +1,107 @@
+"""Lazy, read-only access to a base model's safetensors weights, and tensor fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import UserError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# What a hub download fetches: weights, configs, tokenizer files, model card.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md"]
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local model directory, or a hub id downloaded (safetensors only) into the HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"base {name_or_path!r} is a file; pass the model directory that holds config.json")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_PATTERNS))
+    except HFValidationError:
+        raise UserError(f"base {name_or_path!r} is neither a local directory nor a valid hub id") from None
+    except Exception as error:  # network, auth, missing repo: all user-fixable
+        raise UserError(
+            f"could not fetch base {name_or_path!r} from the hub ({type(error).__name__}); "
+            "check the id and your connection, or pass a local directory"
+        ) from None
+
+
+def fingerprint(tensor: torch.Tensor) -> dict:
+    """sha256 of the tensor's exact bytes, with its dtype and shape."""
+    raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return {
+        "sha256": hashlib.sha256(raw.data).hexdigest(),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+    }
+
+
+class BaseCheckpoint:
+    """A base model's tensors, read one at a time from its (possibly sharded) safetensors."""
+
+    def __init__(self, name_or_path: str, revision: str | None = None):
+        self.name = name_or_path
+        self.path = resolve_model_dir(name_or_path, revision)
+        self.files = self._weight_map()
+
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise UserError(f"{index} is not a valid safetensors index (no 'weight_map')") from None
+            return {key: self.path / file for key, file in weight_map.items()}
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            with _open(single) as handle:
+                return {key: single for key in handle.keys()}
+        if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt*")):
+            raise UserError(
+                f"base {self.path} has only pickled weights; psoft-deploy reads safetensors only. Convert it with "
+                "transformers: from_pretrained(...).save_pretrained(dir) writes safetensors"
+            )
+        raise UserError(f"base {self.path} holds no {SINGLE_FILE} or {INDEX_FILE}")
+
+    @cached_property
+    def config(self) -> dict:
+        config_file = self.path / "config.json"
+        return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.files:
+            raise UserError(f"base {self.name} has no tensor {key!r}")
+        with _open(self.files[key]) as handle:
+            return handle.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self.files:
+            raise UserError(f"base {self.name} has no tensor {key!r}")
+        with _open(self.files[key]) as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
+
+def _open(file: Path):
+    """safe_open with errors that name the file."""
+    try:
+        return safe_open(file, framework="pt")
+    except FileNotFoundError:
+        raise UserError(f"{file} is missing") from None
+    except Exception as error:
+        raise UserError(f"{file} is not a readable safetensors file ({error}); re-download or re-save it") from None

@@ -1,0 +1,297 @@
+"""Readers for the three on-disk PSOFT formats, auto-detected from an adapter directory.
+
+* ``peft``: PEFT's PSOFT adapters (``peft_type: PSOFT``), which store only R's parameters;
+  A and B are rebuilt from the base weight by an SVD.
+* ``paper``: the paper repository's checkpoints (``peft_type: LORA`` with ``lora_orth.*``
+  keys), which store A and B; R uses the lower-triangle convention.
+* ``materialized``: psoft-deploy's own self-contained format (see `psoft_deploy.materialize`).
+
+All readers produce a `PsoftAdapter`; `psoft_deploy.factors.derive_factors` turns it into
+the per-module factors every command consumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from packaging.version import InvalidVersion, Version
+from safetensors import safe_open
+
+from .errors import UserError
+from .psoft import RotationSpec, SubspaceSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MATERIALIZED_META = "psoft_deploy.json"
+MATERIALIZED_WEIGHTS = "psoft_factors.safetensors"
+PEFT_PREFIX = "base_model.model."
+FIRST_SEEDED_PEFT = Version("0.20.0")
+PAPER_NEUMANN_TERMS = 5  # the paper repository's default (use_cayley_neumann=True, t=5)
+
+
+@dataclass
+class ModuleParams:
+    """One targeted module's stored tensors: R's parameters, and A, B, R where the format keeps them."""
+
+    generator: torch.Tensor
+    vector_a: torch.Tensor | None = None
+    vector_b: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    R: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+@dataclass
+class PsoftAdapter:
+    """A PSOFT adapter as read from disk, before anything is derived from the base."""
+
+    path: Path
+    format: str
+    rank: int
+    scale: float
+    rotation_spec: RotationSpec
+    subspace_spec: SubspaceSpec | None
+    modules: dict[str, ModuleParams]
+    replaced_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    source: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.source.get("base_model_name_or_path")
+
+    @property
+    def file_size(self) -> int:
+        return sum(file.stat().st_size for file in self.files)
+
+    @property
+    def trainable_parameter_count(self) -> int:
+        count = 0
+        for module in self.modules.values():
+            for vector in (module.generator, module.vector_a, module.vector_b):
+                count += vector.numel() if vector is not None else 0
+        return count
+
+
+def read_adapter(
+    path: str | Path,
+    *,
+    force_unseeded: bool = False,
+    paper_neumann_terms: int | None = PAPER_NEUMANN_TERMS,
+) -> PsoftAdapter:
+    """Read an adapter directory in any supported format.
+
+    ``force_unseeded`` accepts PEFT 0.19 low-rank adapters, whose A and B cannot be
+    reproduced. ``paper_neumann_terms`` is the Cayley–Neumann term count a paper
+    checkpoint was trained with (``None`` for the exact Cayley transform).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"adapter {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"adapter {path} is a file; pass the directory that holds {ADAPTER_CONFIG}")
+    if (path / MATERIALIZED_META).is_file():
+        from .materialize import read_materialized
+
+        return read_materialized(path)
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise UserError(f"{path} holds no {ADAPTER_CONFIG} or {MATERIALIZED_META}; is it an adapter directory?")
+    config = read_json(config_file)
+    tensors = read_safetensors(_adapter_weights(path))
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "PSOFT":
+        adapter = _read_peft(path, config, tensors, force_unseeded)
+    elif peft_type == "LORA" and any(".lora_orth." in key for key in tensors):
+        adapter = _read_paper(path, config, tensors, paper_neumann_terms)
+    elif peft_type == "LORA":
+        raise UserError(f"{path} is a plain LoRA adapter, not PSOFT; load it with PEFT directly")
+    else:
+        raise UserError(f"{config_file} has peft_type {config.get('peft_type')!r}; psoft-deploy reads PSOFT adapters")
+    adapter.files = [config_file, path / ADAPTER_WEIGHTS]
+    check_finite(adapter)
+    return adapter
+
+
+def read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{file} is not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file} must hold a JSON object")
+    return value
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; errors name the file."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except FileNotFoundError:
+        raise UserError(f"{file} is missing") from None
+    except Exception as error:
+        raise UserError(f"{file} is not a readable safetensors file ({error}); re-save or re-download it") from None
+
+
+def check_finite(adapter: PsoftAdapter) -> None:
+    for name, module in adapter.modules.items():
+        for kind, tensor in module.tensors().items():
+            if not torch.isfinite(tensor).all():
+                raise UserError(f"{adapter.path}: {kind} of {name} holds NaN or Inf; the adapter is broken")
+
+
+def _adapter_weights(path: Path) -> Path:
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file() and (path / "adapter_model.bin").is_file():
+        raise UserError(
+            f"{path} has only adapter_model.bin (pickle); psoft-deploy reads safetensors only. Re-save it with "
+            "PEFT's save_pretrained(dir, safe_serialization=True)"
+        )
+    return weights
+
+
+def _group_modules(tensors: dict[str, torch.Tensor], markers: dict[str, str]) -> tuple[dict, dict]:
+    """Split state-dict keys into per-module adapter tensors and replaced base tensors."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for marker, kind in markers.items():
+            if name.endswith(marker):
+                modules.setdefault(name.removesuffix(marker), {})[kind] = tensor
+                break
+        else:
+            replaced[name] = tensor
+    return modules, replaced
+
+
+def _peft_version(config: dict) -> Version | None:
+    try:
+        return Version(str(config["peft_version"]).split("@")[0])
+    except (KeyError, InvalidVersion):
+        return None
+
+
+def _read_peft(path: Path, config: dict, tensors: dict, force_unseeded: bool) -> PsoftAdapter:
+    rank = _positive_int(config, "r", path)
+    markers = {".psoft_R.weight": "generator", ".psoft_R.vector_a": "vector_a", ".psoft_R.vector_b": "vector_b"}
+    grouped, replaced = _group_modules(tensors, markers)
+    if not grouped:
+        raise UserError(f"{path / ADAPTER_WEIGHTS} holds no psoft_R tensors; is it a PSOFT adapter?")
+    orth = bool(config.get("psoft_orth", True))
+    expected = (rank * (rank - 1) // 2,) if orth else (rank, rank)
+    modules = {}
+    for name, parts in sorted(grouped.items()):
+        if "generator" not in parts:
+            raise UserError(f"{path / ADAPTER_WEIGHTS} lacks {PEFT_PREFIX}{name}.psoft_R.weight")
+        if tuple(parts["generator"].shape) != expected:
+            raise UserError(
+                f"{name}.psoft_R.weight has shape {tuple(parts['generator'].shape)}, expected {expected} for r={rank}"
+            )
+        modules[name] = ModuleParams(**parts)
+
+    version = _peft_version(config)
+    svd = config.get("psoft_svd", "full")
+    seeded = "random_seed" in config and (version is None or version >= FIRST_SEEDED_PEFT)
+    if svd == "lowrank" and not seeded:
+        if not force_unseeded:
+            raise UserError(
+                f"{path} was written by PEFT {version or '< 0.20'} with psoft_svd='lowrank', which ran the SVD "
+                "unseeded: its A and B cannot be reproduced. Pass --force-unseeded to rebuild them anyway (the "
+                "result will differ from the trained model)"
+            )
+    subspace = SubspaceSpec(
+        svd=svd,
+        niter=int(config.get("psoft_svd_lowrank_niter", 10)),
+        seed=int(config.get("random_seed", 0)) if seeded else None,
+        init=config.get("ab_svd_init", "psoft_init"),
+    )
+    if subspace.svd not in ("full", "lowrank") or subspace.init not in ("psoft_init", "pissa_init"):
+        raise UserError(f"{path / ADAPTER_CONFIG}: unknown psoft_svd {svd!r} or ab_svd_init {subspace.init!r}")
+    rotation = RotationSpec(
+        convention="peft",
+        orth=orth,
+        cayley_neumann=bool(config.get("use_cayley_neumann", False)),
+        neumann_terms=int(config.get("num_cayley_neumann_terms", 5)),
+        neumann_eps=config.get("cayley_neumann_eps"),
+    )
+    return PsoftAdapter(
+        path=path,
+        format="peft",
+        rank=rank,
+        scale=float(config.get("psoft_alpha", rank)) / rank,
+        rotation_spec=rotation,
+        subspace_spec=subspace,
+        modules=modules,
+        replaced_tensors=replaced,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        source={
+            "format": "peft",
+            "peft_version": str(version) if version else None,
+            "base_model_name_or_path": config.get("base_model_name_or_path"),
+            "adapter_config": config,
+        },
+    )
+
+
+def _read_paper(path: Path, config: dict, tensors: dict, neumann_terms: int | None) -> PsoftAdapter:
+    rank = _positive_int(config, "r", path)
+    markers = {
+        ".lora_A.weight": "A",
+        ".lora_B.weight": "B",
+        ".lora_orth.a_params": "generator",
+        ".lora_orth.mag_vector_a": "vector_a",
+        ".lora_orth.mag_vector_b": "vector_b",
+        ".lora_orth.indices_lower": "indices",
+    }
+    grouped, replaced = _group_modules(tensors, markers)
+    modules = {}
+    for name, parts in sorted(grouped.items()):
+        missing = {"A", "B", "generator"} - parts.keys()
+        if missing:
+            raise UserError(f"{path / ADAPTER_WEIGHTS}: module {name} lacks {', '.join(sorted(missing))}")
+        parts.pop("indices", None)  # always torch.tril_indices(r, r, -1): the convention is fixed
+        if parts["A"].shape[0] != rank or parts["B"].shape[1] != rank:
+            raise UserError(f"{name}: lora_A/lora_B shapes {tuple(parts['A'].shape)}/{tuple(parts['B'].shape)} "
+                            f"do not have rank r={rank}")
+        modules[name] = ModuleParams(**parts)
+    orth = next(iter(modules.values())).generator.dim() == 1
+    terms = config.get("num_cayley_neumann_terms", neumann_terms)
+    use_neumann = bool(config.get("use_cayley_neumann", terms is not None))
+    alpha = float(config.get("lora_alpha", rank))
+    return PsoftAdapter(
+        path=path,
+        format="paper",
+        rank=rank,
+        scale=alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank,
+        rotation_spec=RotationSpec(
+            convention="paper", orth=orth, cayley_neumann=use_neumann, neumann_terms=int(terms or 0)
+        ),
+        subspace_spec=None,
+        modules=modules,
+        replaced_tensors=replaced,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        source={
+            "format": "paper",
+            "peft_version": config.get("peft_version"),
+            "base_model_name_or_path": config.get("base_model_name_or_path"),
+            "adapter_config": config,
+        },
+    )
+
+
+def _positive_int(config: dict, key: str, path: Path) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{path / ADAPTER_CONFIG}: {key!r} must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,64 @@
+"""`PsoftLinear`: a linear layer with a PSOFT update, and its injection into a model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .psoft import ModuleFactors
+
+
+class PsoftLinear(nn.Module):
+    """``y = W x + s · B (R (A x) − A x)``, the forward PEFT's PSOFT layer computes.
+
+    The adapter path runs in float32 when the base is half precision (as PEFT does on
+    CPU) and is cast back to the base output dtype.
+    """
+
+    def __init__(self, base_layer: nn.Linear, factors: ModuleFactors):
+        super().__init__()
+        if factors.fan_in_fan_out:
+            raise UserError("fan_in_fan_out factors cannot wrap an nn.Linear (its weight is stored (out, in))")
+        self.base_layer = base_layer
+        self.scale = factors.scale
+        device = base_layer.weight.device
+        self.register_buffer("A", factors.A.to(device=device, dtype=torch.float32))
+        self.register_buffer("B", factors.B.to(device=device, dtype=torch.float32))
+        self.register_buffer("R", factors.R.to(device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        xa = x.to(compute_dtype) @ self.A.to(compute_dtype).T
+        xr = xa @ self.R.to(compute_dtype).T
+        delta = (xr - xa) @ self.B.to(compute_dtype).T
+        return result + (self.scale * delta).to(result.dtype)
+
+
+def apply_factors(
+    model: nn.Module, factors: dict[str, ModuleFactors], replaced_tensors: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """Wrap each targeted ``nn.Linear`` of ``model`` in a `PsoftLinear` (in place) and load
+    ``replaced_tensors`` (``modules_to_save``) into the model's state."""
+    if replaced_tensors:
+        known = model.state_dict()
+        missing = [key for key in replaced_tensors if key not in known]
+        if missing:
+            raise UserError(f"the model has no tensor {missing[0]!r} that the adapter replaces (modules_to_save)")
+        model.load_state_dict(replaced_tensors, strict=False)
+    for name, module_factors in factors.items():
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"the model has no module {name!r} that the adapter targets") from None
+        if not isinstance(target, nn.Linear):
+            raise UserError(f"module {name!r} is a {type(target).__name__}, PSOFT adapts nn.Linear only")
+        expected = (target.out_features, target.in_features)
+        got = (module_factors.B.shape[0], module_factors.A.shape[1])
+        if got != expected:
+            raise UserError(f"adapter for {name!r} has shape {got}, the model's layer is {expected}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PsoftLinear(target, module_factors))
+    return model

@@ -1,0 +1,31 @@
+"""The reference forward: the base model from transformers with `PsoftLinear` layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from .errors import UserError
+from .factors import AdapterFactors
+from .layer import apply_factors
+
+
+def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model class named in ``config.json`` (e.g. LlamaForCausalLM), loaded in ``dtype``, in eval mode."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM
+    try:
+        model = model_class.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"transformers cannot load the base model at {path}: {error}") from None
+    return model.eval()
+
+
+def reference_model(base_path: str | Path, factors: AdapterFactors, dtype: torch.dtype = torch.float32):
+    """The base with the adapter applied through the one PSOFT implementation."""
+    return apply_factors(load_base_model(base_path, dtype), factors.modules, factors.replaced_tensors)

@@ -1,0 +1,186 @@
+"""The PSOFT math, in one place and without I/O.
+
+A trained PSOFT update is ``ΔW = s · B (R − I) A`` with ``A: (r, in)``, ``B: (out, r)`` and
+``R: (r, r)`` built from a few trained parameters. This module builds R (PEFT's and the
+paper's conventions), the principal subspace A, B (as PEFT rebuilds it from the base
+weight), and the factors every converter consumes. Training, merge, LoRA/ONNX export,
+verify and serve all call these functions; nothing else re-implements them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class RotationSpec:
+    """How R is built from its trained parameters.
+
+    ``convention="peft"``: Q is filled from the strict upper triangle
+    (``torch.triu_indices`` order), exact Cayley ``R = (I + Q)(I − Q)⁻¹``, PEFT's
+    Cayley–Neumann schedule. ``convention="paper"``: the paper repository's lower-triangle
+    generator K, ``R = (I − K)(I + K)⁻¹`` and its own Neumann schedule.
+    """
+
+    convention: Literal["peft", "paper"] = "peft"
+    orth: bool = True
+    cayley_neumann: bool = False
+    neumann_terms: int = 5
+    neumann_eps: float | None = None
+
+
+@dataclass(frozen=True)
+class SubspaceSpec:
+    """How A and B are rebuilt from the base weight (PEFT's ``_build_psoft_ab_cache_buffers``).
+
+    ``seed=None`` means the low-rank SVD runs unseeded (PEFT 0.19), i.e. not reproducibly.
+    """
+
+    svd: Literal["full", "lowrank"] = "full"
+    niter: int = 10
+    seed: int | None = 0
+    init: Literal["psoft_init", "pissa_init"] = "psoft_init"
+
+
+def skew_generator(params: torch.Tensor, r: int, convention: str) -> torch.Tensor:
+    """The skew-symmetric generator (Q for PEFT, K for the paper) from its packed triangle."""
+    rows, cols = torch.triu_indices(r, r, 1) if convention == "peft" else torch.tril_indices(r, r, -1)
+    T = torch.zeros((r, r), dtype=params.dtype, device=params.device)
+    T = T.index_put((rows.to(params.device), cols.to(params.device)), params)
+    return T - T.T
+
+
+def _peft_cayley_neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:
+    # PEFT's exact schedule: I, +2Q, +2Q², +2Q³ … +2Q^(t−2), +Q^(t−1); t = 3 adds Q³ like t = 4.
+    R = torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)
+    if terms > 1:
+        R = R + 2.0 * Q
+        if terms > 2:
+            power = Q @ Q
+            R = R + 2.0 * power
+            for _ in range(3, terms - 1):
+                power = power @ Q
+                R = R + 2.0 * power
+            R = R + power @ Q
+    return R
+
+
+def _paper_cayley_neumann(K: torch.Tensor, terms: int) -> torch.Tensor:
+    # The paper's schedule: I + 2 Σ_{k=1..t} (−K)^k + (−K)^(t+1); t <= 0 gives I − K.
+    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+    if terms <= 0:
+        return eye - K
+    R, power = eye, -K
+    for _ in range(terms):
+        R = R + 2.0 * power
+        power = power @ -K
+    return R + power
+
+
+def _project_frobenius(Q: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = torch.linalg.norm(Q, ord="fro")
+    if torch.isfinite(norm) and norm > eps:
+        Q = Q * (eps / (norm + 1e-12))
+    return Q
+
+
+def rotation_part(params: torch.Tensor, r: int, spec: RotationSpec) -> torch.Tensor:
+    """R before the magnitude vectors: orthogonal (or Neumann-approximate), or the free matrix."""
+    if not spec.orth:
+        return params.reshape(r, r)
+    compute_dtype = torch.float32 if params.dtype in (torch.float16, torch.bfloat16) else params.dtype
+    G = skew_generator(params.to(compute_dtype), r, spec.convention)
+    eye = torch.eye(r, dtype=compute_dtype, device=G.device)
+    if spec.convention == "peft":
+        if spec.cayley_neumann:
+            if spec.neumann_eps is not None:
+                G = _project_frobenius(G, spec.neumann_eps)
+            return _peft_cayley_neumann(G, int(spec.neumann_terms))
+        return torch.linalg.solve(eye - G, eye + G, left=False)
+    if spec.cayley_neumann:
+        return _paper_cayley_neumann(G, int(spec.neumann_terms))
+    return torch.linalg.solve(eye + G, eye - G, left=False)
+
+
+def rotation(
+    params: torch.Tensor,
+    r: int,
+    spec: RotationSpec,
+    vector_a: torch.Tensor | None = None,
+    vector_b: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R = diag(vector_b) · rotation_part · diag(vector_a), each vector only if given."""
+    R = rotation_part(params, r, spec)
+    if vector_b is not None:
+        R = vector_b.to(R.dtype)[:, None] * R
+    if vector_a is not None:
+        R = R * vector_a.to(R.dtype)[None, :]
+    return R
+
+
+def singular_triplets(weight: torch.Tensor, r: int, spec: SubspaceSpec) -> tuple[torch.Tensor, ...]:
+    """Top-r (U, S, Vh) of an fp32 ``(out, in)`` weight, exactly as PEFT computes them."""
+    if spec.svd == "full":
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r, :]
+    if spec.svd != "lowrank":
+        raise ValueError(f"unknown SVD backend {spec.svd!r}")
+    if spec.seed is None:
+        U, S, V = torch.svd_lowrank(weight, q=r, niter=spec.niter)
+    else:
+        if weight.device.type == "cpu":
+            fork = {"devices": []}
+        else:
+            fork = {"devices": [weight.device], "device_type": weight.device.type}
+        with torch.random.fork_rng(**fork):
+            torch.manual_seed(spec.seed)
+            U, S, V = torch.svd_lowrank(weight, q=r, niter=spec.niter)
+    return U[:, :r], S[:r], V[:, :r].T
+
+
+def principal_subspace(
+    weight: torch.Tensor, r: int, scale: float, spec: SubspaceSpec, fan_in_fan_out: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``(r, in)`` and B ``(out, r)`` from the base weight, as PEFT's PSOFT layer builds them."""
+    W = weight.to(torch.float32)
+    if fan_in_fan_out:
+        W = W.T
+    U, S, Vh = singular_triplets(W, r, spec)
+    S_scaled = S / scale
+    if spec.init == "psoft_init":
+        A, B = Vh, U @ torch.diag(S_scaled)
+    elif spec.init == "pissa_init":
+        root = torch.sqrt(S_scaled)
+        A, B = torch.diag(root) @ Vh, U @ torch.diag(root)
+    else:
+        raise ValueError(f"unknown ab_svd_init {spec.init!r}")
+    return A.contiguous(), B.contiguous()
+
+
+@dataclass
+class ModuleFactors:
+    """One adapted linear layer: ``ΔW = scale · B (R − I) A`` in ``(out, in)`` layout."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    R: torch.Tensor
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact LoRA factors with scaling 1: ``lora_B @ lora_A == ΔW``."""
+        eye = torch.eye(self.rank, dtype=self.R.dtype, device=self.R.device)
+        return self.A, self.scale * (self.B @ (self.R - eye))
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ΔW in the layout the base stores (transposed when ``fan_in_fan_out``)."""
+        lora_A, lora_B = self.lora()
+        delta = lora_B @ lora_A
+        return delta.T if self.fan_in_fan_out else delta

@@ -1,0 +1,89 @@
+"""Tiny local models and tokenizers for the demo, the tests and the benchmarks (nothing downloaded)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+import transformers
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def bundled_text() -> list[str]:
+    """The small English text set shipped with the package (one example per line)."""
+    text = files("psoft_deploy").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def build_tokenizer(output: Path, texts: list[str], vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained on ``texts``, saved in transformers' format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(output)
+    return fast
+
+
+def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int = 2):
+    """A small config of a given architecture: llama, qwen2 (attention biases), mistral, opt, bert (classifier)."""
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4)
+    if kind == "llama":
+        return transformers.LlamaConfig(
+            **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+        )
+    if kind == "qwen2":
+        return transformers.Qwen2Config(
+            **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True,
+        )
+    if kind == "mistral":
+        return transformers.MistralConfig(
+            **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+        )
+    if kind == "opt":
+        return transformers.OPTConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            ffn_dim=2 * hidden, word_embed_proj_dim=hidden, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        )
+    if kind == "bert":
+        return transformers.BertConfig(
+            **common, intermediate_size=2 * hidden, max_position_embeddings=256, num_labels=3, pad_token_id=3,
+        )
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "opt": "OPTForCausalLM",
+    "bert": "BertForSequenceClassification",
+}
+
+
+def build_tiny_model(output: Path, kind: str = "llama", seed: int = 0, with_tokenizer: bool = True, **sizes):
+    """Save a randomly initialised tiny model (safetensors) and, optionally, a tokenizer to ``output``."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, MODEL_CLASSES[kind])(tiny_config(kind, **sizes)).eval()
+    output = Path(output)
+    model.save_pretrained(output)
+    if with_tokenizer:
+        build_tokenizer(output, bundled_text(), vocab_size=model.config.vocab_size)
+    return model

@@ -1,0 +1,1 @@
+"""Serving PSOFT adapters through vLLM's multi-LoRA engine."""
