@@ -1,0 +1,115 @@
+"""The paper repository's checkpoints: fixtures built from the spec, checked against an independent forward.
+
+The paper trains a LoRA with a ``pissa_orth`` init on a *residual* base ``W − s·B A`` and inserts
+``lora_orth`` (R) between A and B: ``y = W_res x + s · B R A x``. psoft-deploy applies the same
+adapter to the *original* base as ``ΔW = s · B (R − I) A``; both must give the same model.
+"""
+
+import shutil
+
+import pytest
+import torch
+from conftest import assert_close_relative, input_ids, paper_rotation_from_spec, write_adapter
+from safetensors.torch import load_file, save_file
+
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import load_factors
+from psoft_deploy.model import load_base_model, reference_model
+
+TARGETS = ["q_proj", "v_proj", "up_proj"]
+
+
+def make_paper_checkpoint(base_dir, out_dir, residual_dir, r=4, alpha=4, orth=True, magnitudes=True, seed=0):
+    """Write a checkpoint as the paper repository saves it, plus the residual base it trains on.
+
+    Returns, per module, the tensors an independent reference forward needs."""
+    generator = torch.Generator().manual_seed(seed)
+    state = load_file(base_dir / "model.safetensors")
+    scale = alpha / r
+    tensors, parts = {}, {}
+    for key, weight in state.items():
+        module = key.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] not in TARGETS or not key.endswith(".weight"):
+            continue
+        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        A, B = Vh[:r], U[:, :r] @ torch.diag(S[:r] / scale)
+        state[key] = weight - scale * B @ A
+        a_params = (0.1 * torch.randn(r * (r - 1) // 2, generator=generator) if orth
+                    else torch.eye(r) + 0.1 * torch.randn(r, r, generator=generator))
+        prefix = f"base_model.model.{module}"
+        tensors |= {
+            f"{prefix}.lora_A.weight": A,
+            f"{prefix}.lora_B.weight": B,
+            f"{prefix}.lora_orth.a_params": a_params,
+            f"{prefix}.lora_orth.indices_lower": torch.tril_indices(r, r, -1),
+        }
+        if magnitudes:
+            tensors[f"{prefix}.lora_orth.mag_vector_a"] = 1 + 0.05 * torch.randn(r, generator=generator)
+            tensors[f"{prefix}.lora_orth.mag_vector_b"] = 1 + 0.05 * torch.randn(r, generator=generator)
+        parts[module] = {name.rsplit(".", 1)[-1] if "lora_orth" in name else name.split(".")[-2]: value
+                         for name, value in tensors.items() if name.startswith(prefix + ".")}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "init_lora_weights": "pissa_orth",
+              "target_modules": TARGETS, "base_model_name_or_path": None, "task_type": "CAUSAL_LM"}
+    write_adapter(out_dir, config, tensors)
+    shutil.copytree(base_dir, residual_dir)
+    save_file(state, residual_dir / "model.safetensors", metadata={"format": "pt"})
+    return scale, parts
+
+
+def paper_forward(residual_dir, parts, scale, r, terms, ids):
+    """``y = W_res x + s · B R A x`` on the residual base, R built from the spec (float64)."""
+    model = load_base_model(residual_dir).double()
+    for module_name, p in parts.items():
+        if p["a_params"].dim() == 1:
+            R = paper_rotation_from_spec(p["a_params"].double(), r, terms)
+        else:
+            R = p["a_params"].double()
+        if "mag_vector_b" in p:
+            R = torch.diag(p["mag_vector_b"].double()) @ R @ torch.diag(p["mag_vector_a"].double())
+        A, B = p["lora_A"].double(), p["lora_B"].double()
+
+        def hook(module, inputs, output, A=A, B=B, R=R):
+            return output + scale * (inputs[0] @ A.T @ R.T @ B.T)
+
+        model.get_submodule(module_name).register_forward_hook(hook)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(
+    "terms,orth,magnitudes",
+    [(5, True, True), (None, True, True), (0, True, True), (2, True, False), (5, False, True)],
+)
+def test_paper_checkpoint_equals_its_reference_forward(terms, orth, magnitudes, tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    r = 4
+    scale, parts = make_paper_checkpoint(
+        base_dir, tmp_path / "paper", tmp_path / "residual", r=r, alpha=8, orth=orth, magnitudes=magnitudes
+    )
+    factors = load_factors(str(tmp_path / "paper"), str(base_dir), paper_neumann_terms=terms)
+    assert factors.adapter.format == "paper" and factors.svd is None
+    ids = input_ids()
+    expected = paper_forward(tmp_path / "residual", parts, scale, r, terms, ids)
+    with torch.no_grad():
+        ours = reference_model(base_dir, factors)(ids).logits
+        base = load_base_model(base_dir)(ids).logits
+    assert (expected.float() - base).abs().max() > 1e-3
+    assert_close_relative(ours.double(), expected)
+
+
+def test_paper_checkpoint_needs_no_base_and_detects_other_bases(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")
+    without_base = load_factors(str(tmp_path / "paper"), None)
+    assert set(without_base.modules) and not without_base.fingerprints
+    with pytest.raises(UserError, match="another base"):
+        load_factors(str(tmp_path / "paper"), str(tiny_base("llama", hidden=32)))
+
+
+def test_stock_lora_adapter_is_not_taken_for_psoft(tiny_base, tmp_path):
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    write_adapter(tmp_path / "lora", config, {f"{prefix}.lora_A.weight": torch.zeros(2, 64),
+                                              f"{prefix}.lora_B.weight": torch.zeros(64, 2)})
+    with pytest.raises(UserError, match="plain LoRA"):
+        load_factors(str(tmp_path / "lora"), str(tiny_base("llama")))
