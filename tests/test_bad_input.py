@@ -1,0 +1,133 @@
+"""Bad input: one clear error line, exit status 1, no traceback, no partial output."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_peft_adapter
+from safetensors.torch import load_file, save_file
+
+from psoft_deploy.cli import cli
+
+
+@pytest.fixture(scope="module")
+def good(tiny_base, tmp_path_factory):
+    """A base and a valid PEFT adapter for it, copied per test before being broken."""
+    base_dir = tiny_base("llama")
+    adapter_dir = tmp_path_factory.mktemp("good") / "adapter"
+    make_peft_adapter(base_dir, adapter_dir, r=8)
+    return base_dir, adapter_dir
+
+
+def break_adapter(good, tmp_path, how):
+    base_dir, adapter_dir = good
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, broken)
+    weights, config_file = broken / "adapter_model.safetensors", broken / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if how == "missing weights":
+        weights.unlink()
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif how == "not json":
+        config_file.write_text("{not json")
+    elif how == "unknown peft_type":
+        config_file.write_text(json.dumps(config | {"peft_type": "BOFT"}))
+    elif how == "nan":
+        tensors = load_file(weights)
+        key = next(k for k in tensors if k.endswith("psoft_R.weight"))
+        tensors[key][0] = float("nan")
+        save_file(tensors, weights)
+    elif how == "pickle only":
+        weights.rename(broken / "adapter_model.bin")
+    elif how == "bad rank":
+        config_file.write_text(json.dumps(config | {"r": 0}))
+    elif how == "wrong generator size":
+        config_file.write_text(json.dumps(config | {"r": 4}))
+    return base_dir, broken
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "how,fragment",
+    [
+        ("missing weights", "is missing"),
+        ("truncated", "not a readable safetensors file"),
+        ("not json", "not readable JSON"),
+        ("unknown peft_type", "peft_type 'BOFT'"),
+        ("nan", "NaN or Inf"),
+        ("pickle only", "safetensors only"),
+        ("bad rank", "positive integer"),
+        ("wrong generator size", "expected (6,) for r=4"),
+    ],
+)
+def test_broken_adapter(how, fragment, good, tmp_path):
+    base_dir, broken = break_adapter(good, tmp_path, how)
+    result = run("materialize", "--base", base_dir, "--adapter", broken, "--output", tmp_path / "out")
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"], "no partial output may be left behind"
+
+
+def test_missing_adapter_and_non_adapter_directory(good, tmp_path):
+    base_dir, _ = good
+    assert_one_line_error(run("inspect", tmp_path / "nowhere"), "does not exist")
+    assert_one_line_error(run("inspect", base_dir), "no adapter_config.json")
+
+
+def test_adapter_for_another_base(good, tiny_base, tmp_path):
+    _, adapter_dir = good
+    fewer_layers = tiny_base("llama", layers=1)
+    result = run("materialize", "--base", fewer_layers, "--adapter", adapter_dir, "--output", tmp_path / "out")
+    assert_one_line_error(result, "has no tensor 'model.layers.1.")
+    narrow = tiny_base("llama", hidden=32)
+    assert run("materialize", "--base", good[0], "--adapter", adapter_dir, "--output", tmp_path / "m").exit_code == 0
+    result = run("inspect", tmp_path / "m", "--base", narrow)
+    assert_one_line_error(result, "another base")
+
+
+def test_rank_larger_than_the_layer(tiny_base, tmp_path):
+    wide, narrow = tiny_base("llama"), tiny_base("llama", hidden=16)
+    make_peft_adapter(wide, tmp_path / "adapter", r=32, psoft_alpha=32, target_modules=["q_proj"])
+    result = run("materialize", "--base", narrow, "--adapter", tmp_path / "adapter", "--output", tmp_path / "out")
+    assert_one_line_error(result, "rank r=32 exceeds the size")
+
+
+def test_base_errors(good, tmp_path):
+    base_dir, adapter_dir = good
+    pickled = tmp_path / "pickled-base"
+    pickled.mkdir()
+    shutil.copy(base_dir / "config.json", pickled)
+    torch.save({}, pickled / "pytorch_model.bin")
+    result = run("materialize", "--base", pickled, "--adapter", adapter_dir, "--output", tmp_path / "out")
+    assert_one_line_error(result, "pickled weights")
+    result = run("materialize", "--base", "not a/valid//hub id", "--adapter", adapter_dir, "--output", tmp_path / "o")
+    assert_one_line_error(result, "neither a local directory nor a valid hub id")
+    result = run("inspect", adapter_dir)  # a PEFT adapter without --base still inspects
+    assert result.exit_code == 0 and "peft" in result.output
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "psoft_deploy", "inspect", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 1
+    assert process.stderr.strip() == f"Error: adapter {tmp_path / 'missing'} does not exist"
+    assert process.stdout == ""
