@@ -19,6 +19,7 @@ def run_demo(output: str | None = None) -> Path:
     """Build a tiny Llama, train a PSOFT adapter with PEFT, materialize, inspect and check it."""
     from peft import PeftModel, PsoftConfig, get_peft_model
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .base import BaseCheckpoint
     from .factors import load_factors
@@ -27,6 +28,7 @@ def run_demo(output: str | None = None) -> Path:
     from .model import load_base_model, reference_model
     from .report import format_report, inspect_adapter
 
+    hf_logging.disable_progress_bar()
     work = Path(output) if output else Path(tempfile.mkdtemp(prefix="psoft-demo-"))
     if work.is_dir() and any(work.iterdir()):
         raise UserError(f"demo output {work} is not empty; pass a new directory")
@@ -42,7 +44,7 @@ def run_demo(output: str | None = None) -> Path:
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     config = PsoftConfig(r=8, psoft_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
     peft_model = get_peft_model(load_base_model(base_dir), config)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     losses = []
     for _ in range(TRAIN_STEPS):
