@@ -67,7 +67,7 @@ class BaseCheckpoint:
             return {key: self.path / file for key, file in weight_map.items()}
         single = self.path / SINGLE_FILE
         if single.is_file():
-            with _open(single) as handle:
+            with open_safetensors(single) as handle:
                 return {key: single for key in handle.keys()}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt*")):
             raise UserError(
@@ -87,18 +87,18 @@ class BaseCheckpoint:
     def tensor(self, key: str) -> torch.Tensor:
         if key not in self.files:
             raise UserError(f"base {self.name} has no tensor {key!r}")
-        with _open(self.files[key]) as handle:
+        with open_safetensors(self.files[key]) as handle:
             return handle.get_tensor(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         if key not in self.files:
             raise UserError(f"base {self.name} has no tensor {key!r}")
-        with _open(self.files[key]) as handle:
+        with open_safetensors(self.files[key]) as handle:
             return tuple(handle.get_slice(key).get_shape())
 
 
-def _open(file: Path):
-    """safe_open with errors that name the file."""
+def open_safetensors(file: Path):
+    """safe_open with errors that name the file (open it per use: a closed file holds no memory)."""
     try:
         return safe_open(file, framework="pt")
     except FileNotFoundError:

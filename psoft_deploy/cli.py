@@ -57,6 +57,20 @@ def factor_kwargs(options: dict) -> dict:
     }
 
 
+def base_and_adapter(command):
+    """The --base and --adapter options of the converters."""
+    command = click.option("--adapter", required=True, type=click.Path(),
+                           help="Adapter directory (PEFT, paper repository or materialized).")(command)
+    return click.option("--base", required=True, help="Base model: a local directory or a hub id.")(command)
+
+
+VERIFY_MODE = click.option(
+    "--verify-mode", type=click.Choice(["auto", "full", "layerwise"]), default="auto", show_default=True,
+    help="full: run both models on prompts; layerwise: check each weight while streaming (for models too "
+         "large to hold twice); auto: full up to 2 GiB of weights.",
+)
+
+
 @click.group(cls=PsoftGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="psoft-deploy")
 def cli():
@@ -69,8 +83,7 @@ def cli():
 
 
 @cli.command()
-@click.option("--base", required=True, help="Base model: a local directory or a hub id.")
-@click.option("--adapter", required=True, type=click.Path(), help="Adapter directory (any supported format).")
+@base_and_adapter
 @click.option("--output", required=True, type=click.Path(), help="Directory to write the materialized adapter to.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @adapter_options
@@ -122,6 +135,83 @@ def inspect_command(adapter, base, as_json, **options):
     factors = None if source.format == "peft" and checkpoint is None else derive_factors(source, checkpoint, **kwargs)
     report = inspect_adapter(source, factors, checkpoint)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@cli.command()
+@base_and_adapter
+@click.option("--output", required=True, type=click.Path(), help="Directory for the merged model.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Output dtype of floating tensors (auto: keep the base's).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
+@click.option("--no-verify", is_flag=True, help="Skip the verification against the reference forward.")
+@VERIFY_MODE
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@adapter_options
+def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, overwrite, **options):
+    """Fold the adapter into the base: one dense model directory for any runtime.
+
+    Streams the base shard by shard (float32 accumulation), keeps every other tensor
+    unchanged, copies config and tokenizer files, writes a model card, and verifies the
+    result against the reference forward before it appears at OUTPUT.
+
+    \b
+    Example:
+      psoft-deploy merge --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./merged
+    """
+    from psoft_deploy.converters.merge import merge_to_directory, write_model_card
+    from psoft_deploy.converters.verify import format_verification, verify_candidate
+
+    from .base import BaseCheckpoint
+    from .factors import load_factors
+    from .outputs import atomic_output_dir
+
+    checkpoint = BaseCheckpoint(base)
+    factors = load_factors(adapter, checkpoint, **factor_kwargs(options))
+    with atomic_output_dir(output, overwrite) as staging:
+        plan = merge_to_directory(checkpoint, factors, staging, dtype=dtype, max_shard_size=max_shard_size)
+        verification = "not run (--no-verify)"
+        if not no_verify:
+            report = verify_candidate(checkpoint, factors, staging, mode=verify_mode)
+            verification = format_verification(report)
+            (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
+            if not report["passed"]:
+                raise UserError(f"the merged model failed verification, nothing written: {verification}")
+        write_model_card(staging, base=base, adapter=adapter, factors=factors, verification=verification)
+    click.echo(f"verification: {verification}")
+    click.echo(f"merged {len(factors.modules)} modules into {output} "
+               f"({len(plan.shards)} shard(s), {plan.total_size / 2**20:.1f} MiB)")
+
+
+@cli.command()
+@base_and_adapter
+@click.option("--candidate", required=True, type=click.Path(), help="The artifact to check: a merged model directory.")
+@click.option("--prompts", type=click.File(), default=None, help="Text file, one verification prompt per line.")
+@click.option("--json", "json_report", type=click.Path(), default=None, help="Also write the report to this file.")
+@VERIFY_MODE
+@adapter_options
+def verify(base, adapter, candidate, prompts, json_report, verify_mode, **options):
+    """Compare a converted artifact with the reference PSOFT forward; exit 1 if it does not pass.
+
+    \b
+    Example:
+      psoft-deploy verify --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --candidate ./merged
+    """
+    from pathlib import Path
+
+    from psoft_deploy.converters.verify import format_verification, verify_candidate
+
+    from .base import BaseCheckpoint
+    from .factors import load_factors
+
+    checkpoint = BaseCheckpoint(base)
+    factors = load_factors(adapter, checkpoint, **factor_kwargs(options))
+    lines = [line for line in prompts.read().splitlines() if line.strip()] if prompts else None
+    report = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode, prompts=lines)
+    if json_report:
+        Path(json_report).write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(format_verification(report))
+    if not report["passed"]:
+        raise click.exceptions.Exit(1)
 
 
 @cli.command()

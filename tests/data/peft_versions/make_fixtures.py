@@ -66,6 +66,10 @@ abs difference between reloaded and saved logits / delta weights)::
 
     python tests/data/peft_versions/make_fixtures.py --check
 
+The script re-executes itself with PYTHONHASHSEED=0 (PEFT keeps target_modules
+as a set, so its order in adapter_config.json would otherwise vary per run).
+With that, reruns reproduce all files byte for byte.
+
 Generated with torch 2.13.0+cpu and transformers 5.19.0.
 """
 
@@ -247,6 +251,11 @@ def check(out_dir: str) -> None:
 
 
 def main() -> None:
+    # PEFT stores target_modules as a set, so the order written to adapter_config.json depends on string
+    # hashing. Re-exec with a fixed hash seed so that reruns are byte-identical.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", default=os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--expect-version", help="abort unless peft.__version__ equals this")

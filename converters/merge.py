@@ -1,0 +1,175 @@
+"""`psoft-deploy merge`: a dense checkpoint with ΔW folded in, streamed shard by shard.
+
+The base's safetensors are read one tensor at a time; each targeted weight gets
+``W + ΔW`` accumulated in float32 and cast to the output dtype; every other tensor is
+copied unchanged (bit-identical when the dtype is kept). Output shards follow
+transformers' convention (``model-0000i-of-0000n.safetensors`` + index) and are written
+as they fill, so peak memory is about one output shard plus one layer.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from psoft_deploy import __version__
+from psoft_deploy.base import INDEX_FILE, BaseCheckpoint, open_safetensors
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import DTYPES, AdapterFactors, base_tensor_key
+
+# Files of the base directory that are not copied: its weights and its model card.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+NOT_COPIED = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md"}
+
+
+@dataclass
+class MergePlan:
+    """Which output tensor comes from where, in which dtype, in which shard."""
+
+    sources: dict[str, Path]  # key -> base shard (absent for replaced tensors)
+    dtypes: dict[str, torch.dtype]
+    shards: dict[str, list[str]]  # output file -> keys
+    total_size: int
+
+
+def output_dtype(name: str) -> torch.dtype | None:
+    """``auto`` keeps each tensor's dtype; otherwise floating tensors are cast."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def plan_merge(base: BaseCheckpoint, factors: AdapterFactors, dtype: torch.dtype | None, max_shard_size) -> MergePlan:
+    """Lay out the output from the base's headers alone (no tensor data is read)."""
+    targets = {base_tensor_key(name) for name in factors.modules}
+    missing = sorted(targets - set(base.files)) + sorted(set(factors.replaced_tensors) - set(base.files))
+    if missing:
+        raise UserError(f"base {base.name} has no tensor {missing[0]!r} that the adapter changes")
+    sources, dtypes, meta = {}, {}, {}
+    for file in dict.fromkeys(base.files.values()):
+        with open_safetensors(file) as handle:
+            for key in handle.keys():
+                if base.files.get(key) != file:
+                    continue  # the index assigns this key to another shard
+                slice_ = handle.get_slice(key)
+                stored = _torch_dtype(slice_.get_dtype())
+                out = dtype if dtype is not None and stored.is_floating_point else stored
+                sources[key], dtypes[key] = file, out
+                meta[key] = torch.empty(slice_.get_shape(), dtype=out, device="meta")
+    split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+    return MergePlan(sources, dtypes, split.filename_to_tensors, split.metadata["total_size"])
+
+
+def merge_to_directory(
+    base: BaseCheckpoint, factors: AdapterFactors, staging: Path, *, dtype: str = "auto", max_shard_size="5GB"
+) -> MergePlan:
+    """Write the merged weights, index, config and tokenizer files into ``staging``."""
+    plan = plan_merge(base, factors, output_dtype(dtype), max_shard_size)
+    free = shutil.disk_usage(staging).free
+    if free < plan.total_size:
+        raise UserError(
+            f"not enough disk space in {staging.parent}: the merged model needs {plan.total_size / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB are free"
+        )
+    deltas = {base_tensor_key(name): module for name, module in factors.modules.items()}
+    progress = tqdm(total=sum(len(keys) for keys in plan.shards.values()), desc="merge", unit="tensor", disable=None)
+    for filename, keys in plan.shards.items():
+        shard = {}
+        for key in keys:
+            shard[key] = _merged_tensor(key, plan, deltas, factors.replaced_tensors)
+            progress.update()
+        _save(shard, staging / filename)
+        del shard
+    progress.close()
+    if len(plan.shards) > 1:
+        weight_map = {key: filename for filename, keys in plan.shards.items() for key in keys}
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": weight_map}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _copy_side_files(base.path, staging, dtype)
+    return plan
+
+
+def _merged_tensor(key, plan: MergePlan, deltas: dict, replaced: dict) -> torch.Tensor:
+    if key in replaced:
+        return replaced[key].to(plan.dtypes[key]).contiguous()
+    with open_safetensors(plan.sources[key]) as handle:
+        tensor = handle.get_tensor(key)
+    if key in deltas:
+        merged = tensor.to(torch.float32) + deltas[key].delta_weight().to(torch.float32)
+        tensor = merged.to(plan.dtypes[key])
+        if not torch.isfinite(tensor).all():
+            raise UserError(
+                f"merging gives NaN or Inf in {key} (in {str(plan.dtypes[key]).removeprefix('torch.')}); "
+                "the adapter is broken or the output dtype overflows: try --dtype float32"
+            )
+        return tensor
+    return tensor.to(plan.dtypes[key])
+
+
+def _save(shard: dict[str, torch.Tensor], file: Path) -> None:
+    try:
+        save_file(shard, file, metadata={"format": "pt"})
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise UserError(f"disk full while writing {file.name}; free space in {file.parent.parent}") from None
+        raise
+
+
+def _copy_side_files(base_dir: Path, staging: Path, dtype: str) -> None:
+    for file in sorted(base_dir.iterdir()):
+        if file.is_file() and file.name not in NOT_COPIED and not file.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(file, staging / file.name)
+    config_file = staging / "config.json"
+    if dtype != "auto" and config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = dtype
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(staging: Path, *, base: str, adapter: str, factors: AdapterFactors, verification: str) -> None:
+    """A short README.md saying how the merged model was made and whether it verified."""
+    source = factors.adapter.source
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "tags: [psoft, merged]",
+        "---",
+        "",
+        f"# Merged PSOFT model",
+        "",
+        f"- base model: `{base}`",
+        f"- adapter: `{adapter}` ({factors.adapter.format}"
+        + (f", from {source.get('format')}" if source.get("format") != factors.adapter.format else "")
+        + (f", PEFT {source['peft_version']}" if source.get("peft_version") else "")
+        + f"), rank {factors.adapter.rank}, {len(factors.modules)} modules",
+        f"- merged by psoft-deploy {__version__}: `W' = W + s·B(R−I)A` with float32 accumulation",
+        f"- verification: {verification}",
+        "",
+    ]
+    (staging / "README.md").write_text("\n".join(lines))
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in _SAFETENSORS_DTYPES:
+        raise UserError(f"base tensor dtype {name} is not supported for merging")
+    return _SAFETENSORS_DTYPES[name]
+

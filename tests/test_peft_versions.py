@@ -1,0 +1,45 @@
+"""Adapters written by real PEFT 0.19, 0.20 and 0.21 (tests/data/peft_versions, see make_fixtures.py)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_close_relative
+from safetensors.torch import load_file
+
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import load_factors
+from psoft_deploy.model import reference_model
+
+DATA = Path(__file__).parent / "data" / "peft_versions"
+BASE = DATA / "base"
+CASES = [
+    (version, variant)
+    for version in ("0.19.0", "0.20.0", "0.21.2")
+    for variant in ("full_psoft", "full_pissa_neumann", "lowrank_psoft")
+    if (version, variant) != ("0.19.0", "lowrank_psoft")
+]
+
+
+@pytest.mark.parametrize("version,variant", CASES)
+def test_adapter_from_each_peft_version_reproduces_that_version(version, variant):
+    adapter = DATA / version / variant
+    expected = load_file(adapter / "expected.safetensors")
+    factors = load_factors(str(adapter), str(BASE))
+    assert factors.adapter.source["peft_version"] == version
+    for name, module in factors.modules.items():
+        assert_close_relative(module.delta_weight(), expected[f"delta.{name}"])
+    with torch.no_grad():
+        logits = reference_model(BASE, factors)(expected["input_ids"]).logits
+    assert_close_relative(logits, expected["logits"])
+
+
+def test_peft_019_lowrank_adapter_is_refused_and_forcing_it_gives_another_model():
+    adapter = DATA / "0.19.0" / "lowrank_psoft"
+    with pytest.raises(UserError, match=r"PEFT 0\.19\.0 with psoft_svd='lowrank'.*--force-unseeded"):
+        load_factors(str(adapter), str(BASE))
+    forced = load_factors(str(adapter), str(BASE), force_unseeded=True)
+    expected = load_file(adapter / "expected.safetensors")
+    name = next(iter(forced.modules))
+    error = torch.linalg.norm(forced.modules[name].delta_weight() - expected[f"delta.{name}"])
+    assert error / torch.linalg.norm(expected[f"delta.{name}"]) > 1e-3
