@@ -12,7 +12,6 @@ adapters this equals PEFT's own forward; the tests pin it). Two modes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,24 +31,15 @@ DEFAULT_PROMPTS = [
 FULL_MODE_MAX_BYTES = 2 * 2**30  # auto mode: larger models are verified layer by layer
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """Pass criteria for one candidate dtype (printed with every report)."""
-
-    max_abs_logits: float | None  # full mode: max |Δlogits|
-    min_top1: float  # full mode: fraction of positions whose argmax agrees
-    layer_relative: float  # layerwise mode: ‖W'x − (W + ΔW)x‖ / ‖(W + ΔW)x‖
-
-    def describe(self) -> str:
-        bound = f"max |Δlogits| ≤ {self.max_abs_logits:g}, " if self.max_abs_logits is not None else ""
-        return f"{bound}top-1 agreement ≥ {self.min_top1:.0%}; layerwise relative error ≤ {self.layer_relative:g}"
-
-
-TOLERANCES = {
-    torch.float32: Tolerance(max_abs_logits=1e-4, min_top1=1.0, layer_relative=1e-5),
-    torch.bfloat16: Tolerance(max_abs_logits=None, min_top1=1.0, layer_relative=1e-2),
-    torch.float16: Tolerance(max_abs_logits=None, min_top1=1.0, layer_relative=2e-3),
-}
+# fp32: the merged model must equal the reference forward.
+FP32_MAX_ABS_LOGITS = 1e-4
+# Half precision: the candidate may differ from the fp32 reference by at most this many times
+# the dtype's own effect (the unmerged adapter run in that dtype vs fp32, measured in the same
+# run), and must agree on the top-1 token wherever that effect cannot flip it.
+HALF_NOISE_FACTOR = 4.0
+DECISIVE_MARGIN_FACTOR = 2.0
+# Layerwise mode: ‖W'x − (W + ΔW)x‖ / ‖(W + ΔW)x‖ on random x, per candidate dtype.
+LAYER_RELATIVE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def verification_inputs(model_dirs: list[Path], prompts: list[str] | None, vocab_size: int) -> dict:
@@ -68,14 +58,15 @@ def verification_inputs(model_dirs: list[Path], prompts: list[str] | None, vocab
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None) -> dict:
-    """max/mean |Δ|, top-1 agreement and mean KL(reference ‖ candidate) over the real positions."""
-    reference, candidate = reference.float(), candidate.float()
-    if reference.dim() == 3 and mask is not None:  # (batch, sequence, vocab): drop padding
-        keep = mask.bool()
-        reference, candidate = reference[keep], candidate[keep]
-    reference = reference.reshape(-1, reference.shape[-1])
-    candidate = candidate.reshape(-1, candidate.shape[-1])
+def real_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits as (positions, classes) in float32, padding dropped."""
+    if logits.dim() == 3 and mask is not None:
+        logits = logits[mask.bool()]
+    return logits.float().reshape(-1, logits.shape[-1])
+
+
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    """max/mean |Δ|, top-1 agreement and mean KL(reference ‖ candidate) of (positions, classes) logits."""
     diff = (reference - candidate).abs()
     kl = F.kl_div(F.log_softmax(candidate, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean")
     return {
@@ -94,23 +85,44 @@ def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch
 
 
 def verify_full(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, prompts=None) -> dict:
-    """Run the reference and the candidate (a merged model directory) on the verification prompts.
+    """Run the fp32 reference and the candidate (a merged model directory) on the verification prompts.
 
-    The reference runs in the candidate's dtype (a bf16 merge is compared with the bf16 base
-    plus the PSOFT adapter, as PEFT would run it), with the adapter path in float32."""
-    candidate = BaseCheckpoint(str(candidate_dir))
-    dtype = candidate_dtype(candidate, factors)
-    tolerance = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
-    reference = reference_model(base.path, factors, dtype)
-    candidate_model = load_base_model(candidate_dir, dtype)
+    fp32 candidates must match within max |Δlogits| ≤ 1e-4 with 100 % top-1 agreement. A
+    half-precision candidate is held to the dtype's own effect: the reference is also run in
+    the candidate's dtype (the adapter unmerged, as PEFT would run it), and the candidate
+    may deviate from fp32 by at most 4× that, with 100 % top-1 agreement at every position
+    whose fp32 top-1 margin exceeds 2× that."""
+    dtype = candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
+    reference = reference_model(base.path, factors, torch.float32)
     inputs = verification_inputs([candidate_dir, base.path], prompts, reference.config.vocab_size)
-    with torch.no_grad():
-        expected = reference(**inputs).logits
-        actual = candidate_model(**inputs).logits
-    metrics = compare_logits(expected, actual, inputs.get("attention_mask"))
-    passed = metrics["top1_agreement"] >= tolerance.min_top1 and (
-        tolerance.max_abs_logits is None or metrics["max_abs_logits"] <= tolerance.max_abs_logits
-    )
+    mask = inputs.get("attention_mask")
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return real_positions(model(**inputs).logits, mask)
+
+    truth = logits(reference)
+    del reference
+    actual = logits(load_base_model(candidate_dir, dtype))
+    metrics = compare_logits(truth, actual)
+    if dtype == torch.float32:
+        tolerance = f"max |Δlogits| ≤ {FP32_MAX_ABS_LOGITS:g}, top-1 agreement 100%"
+        passed = metrics["max_abs_logits"] <= FP32_MAX_ABS_LOGITS and metrics["top1_agreement"] == 1.0
+        return _report("full", dtype, tolerance, passed, metrics)
+    noise = compare_logits(truth, logits(reference_model(base.path, factors, dtype)))["max_abs_logits"]
+    top2 = truth.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > DECISIVE_MARGIN_FACTOR * noise
+    agree = truth.argmax(-1) == actual.argmax(-1)
+    metrics |= {
+        "dtype_noise": noise,
+        "decisive_positions": int(decisive.sum()),
+        "decisive_top1_agreement": agree[decisive].float().mean().item() if decisive.any() else 1.0,
+    }
+    tolerance = (f"max |Δlogits| ≤ {HALF_NOISE_FACTOR:g} × {noise:.2e} (the unmerged adapter in "
+                 f"{str(dtype).removeprefix('torch.')} vs fp32), top-1 agreement 100% where the fp32 margin "
+                 f"> {DECISIVE_MARGIN_FACTOR:g} × that")
+    passed = (metrics["max_abs_logits"] <= HALF_NOISE_FACTOR * noise + 1e-6
+              and metrics["decisive_top1_agreement"] == 1.0)
     return _report("full", dtype, tolerance, passed, metrics)
 
 
@@ -118,7 +130,7 @@ def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_di
     """Check every candidate tensor while streaming: adapted weights on random inputs, the rest exactly."""
     candidate = BaseCheckpoint(str(candidate_dir))
     dtype = candidate_dtype(candidate, factors)
-    tolerance = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    bound = LAYER_RELATIVE.get(dtype, LAYER_RELATIVE[torch.float32])
     deltas = {base_tensor_key(name): module for name, module in factors.modules.items()}
     generator = torch.Generator().manual_seed(0)
     worst, worst_key, mismatched = 0.0, None, []
@@ -143,7 +155,8 @@ def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_di
         "tensors_differing_from_base": mismatched[:10],
         "tensors_missing": missing[:10],
     }
-    passed = worst <= tolerance.layer_relative and not mismatched and not missing
+    passed = worst <= bound and not mismatched and not missing
+    tolerance = f"relative error ≤ {bound:g} per adapted layer, every other tensor exactly the base's"
     return _report("layerwise", dtype, tolerance, passed, metrics)
 
 
@@ -162,11 +175,11 @@ def verify_candidate(
     return verify_layerwise(base, factors, candidate_dir)
 
 
-def _report(mode: str, dtype: torch.dtype, tolerance: Tolerance, passed: bool, metrics: dict) -> dict:
+def _report(mode: str, dtype: torch.dtype, tolerance: str, passed: bool, metrics: dict) -> dict:
     return {
         "mode": mode,
         "dtype": str(dtype).removeprefix("torch."),
-        "tolerance": tolerance.describe(),
+        "tolerance": tolerance,
         "passed": passed,
         **metrics,
     }
@@ -178,6 +191,9 @@ def format_verification(report: dict) -> str:
         numbers = (f"max |Δlogits| {report['max_abs_logits']:.2e}, mean {report['mean_abs_logits']:.2e}, "
                    f"top-1 {report['top1_agreement']:.1%}, KL {report['kl_divergence']:.2e} "
                    f"over {report['positions']} positions")
+        if "decisive_positions" in report:
+            numbers += (f", top-1 {report['decisive_top1_agreement']:.1%} on the {report['decisive_positions']} "
+                        "decisive ones")
     else:
         numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} over "
                    f"{report['layers_checked']} layers, {len(report['tensors_differing_from_base'])} other tensors "

@@ -90,12 +90,6 @@ class BaseCheckpoint:
         with open_safetensors(self.files[key]) as handle:
             return handle.get_tensor(key)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        if key not in self.files:
-            raise UserError(f"base {self.name} has no tensor {key!r}")
-        with open_safetensors(self.files[key]) as handle:
-            return tuple(handle.get_slice(key).get_shape())
-
 
 def open_safetensors(file: Path):
     """safe_open with errors that name the file (open it per use: a closed file holds no memory)."""

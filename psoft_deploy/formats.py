@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 from packaging.version import InvalidVersion, Version
-from safetensors import safe_open
 
+from .base import open_safetensors
 from .errors import UserError
 from .psoft import RotationSpec, SubspaceSpec
 
@@ -134,13 +134,8 @@ def read_json(file: Path) -> dict:
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; errors name the file."""
-    try:
-        with safe_open(file, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except FileNotFoundError:
-        raise UserError(f"{file} is missing") from None
-    except Exception as error:
-        raise UserError(f"{file} is not a readable safetensors file ({error}); re-save or re-download it") from None
+    with open_safetensors(file) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def check_finite(adapter: PsoftAdapter) -> None:
