@@ -4,7 +4,8 @@ The base's safetensors are read one tensor at a time; each targeted weight gets
 ``W + ΔW`` accumulated in float32 and cast to the output dtype; every other tensor is
 copied unchanged (bit-identical when the dtype is kept). Output shards follow
 transformers' convention (``model-0000i-of-0000n.safetensors`` + index) and are written
-as they fill, so peak memory is about one output shard plus one layer.
+one tensor at a time (`psoft_deploy.streaming`), so peak memory is about one layer,
+whatever the shard size.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from psoft_deploy import __version__
 from psoft_deploy.base import INDEX_FILE, BaseCheckpoint, open_safetensors
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import DTYPES, AdapterFactors, base_tensor_key
+from psoft_deploy.streaming import torch_dtype, write_streaming
 
 # Files of the base directory that are not copied: its weights and its model card.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -34,8 +35,9 @@ NOT_COPIED = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md"}
 class MergePlan:
     """Which output tensor comes from where, in which dtype, in which shard."""
 
-    sources: dict[str, Path]  # key -> base shard (absent for replaced tensors)
+    sources: dict[str, Path]  # key -> base shard
     dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
     shards: dict[str, list[str]]  # output file -> keys
     total_size: int
 
@@ -55,19 +57,19 @@ def plan_merge(base: BaseCheckpoint, factors: AdapterFactors, dtype: torch.dtype
     missing = sorted(targets - set(base.files)) + sorted(set(factors.replaced_tensors) - set(base.files))
     if missing:
         raise UserError(f"base {base.name} has no tensor {missing[0]!r} that the adapter changes")
-    sources, dtypes, meta = {}, {}, {}
+    sources, dtypes, shapes, meta = {}, {}, {}, {}
     for file in dict.fromkeys(base.files.values()):
         with open_safetensors(file) as handle:
             for key in handle.keys():
                 if base.files.get(key) != file:
                     continue  # the index assigns this key to another shard
                 slice_ = handle.get_slice(key)
-                stored = _torch_dtype(slice_.get_dtype())
+                stored = torch_dtype(slice_.get_dtype())
                 out = dtype if dtype is not None and stored.is_floating_point else stored
-                sources[key], dtypes[key] = file, out
-                meta[key] = torch.empty(slice_.get_shape(), dtype=out, device="meta")
+                sources[key], dtypes[key], shapes[key] = file, out, tuple(slice_.get_shape())
+                meta[key] = torch.empty(shapes[key], dtype=out, device="meta")
     split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
-    return MergePlan(sources, dtypes, split.filename_to_tensors, split.metadata["total_size"])
+    return MergePlan(sources, dtypes, shapes, split.filename_to_tensors, split.metadata["total_size"])
 
 
 def merge_to_directory(
@@ -83,13 +85,19 @@ def merge_to_directory(
         )
     deltas = {base_tensor_key(name): module for name, module in factors.modules.items()}
     progress = tqdm(total=sum(len(keys) for keys in plan.shards.values()), desc="merge", unit="tensor", disable=None)
+
+    def produce(key: str) -> torch.Tensor:
+        progress.update()
+        return _merged_tensor(key, plan, deltas, factors.replaced_tensors)
+
     for filename, keys in plan.shards.items():
-        shard = {}
-        for key in keys:
-            shard[key] = _merged_tensor(key, plan, deltas, factors.replaced_tensors)
-            progress.update()
-        _save(shard, staging / filename)
-        del shard
+        entries = [(key, plan.dtypes[key], plan.shapes[key]) for key in keys]
+        try:
+            write_streaming(staging / filename, entries, produce, metadata={"format": "pt"})
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise UserError(f"disk full while writing {filename}; free space in {staging.parent}") from None
+            raise
     progress.close()
     if len(plan.shards) > 1:
         weight_map = {key: filename for filename, keys in plan.shards.items() for key in keys}
@@ -114,15 +122,6 @@ def _merged_tensor(key, plan: MergePlan, deltas: dict, replaced: dict) -> torch.
             )
         return tensor
     return tensor.to(plan.dtypes[key])
-
-
-def _save(shard: dict[str, torch.Tensor], file: Path) -> None:
-    try:
-        save_file(shard, file, metadata={"format": "pt"})
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise UserError(f"disk full while writing {file.name}; free space in {file.parent.parent}") from None
-        raise
 
 
 def _copy_side_files(base_dir: Path, staging: Path, dtype: str) -> None:
@@ -159,17 +158,3 @@ def write_model_card(staging: Path, *, base: str, adapter: str, factors: Adapter
         "",
     ]
     (staging / "README.md").write_text("\n".join(lines))
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    if name not in _SAFETENSORS_DTYPES:
-        raise UserError(f"base tensor dtype {name} is not supported for merging")
-    return _SAFETENSORS_DTYPES[name]
-

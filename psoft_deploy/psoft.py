@@ -160,6 +160,16 @@ def principal_subspace(
     return A.contiguous(), B.contiguous()
 
 
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest k whose top-k singular values hold at least ``energy`` of ‖ΔW‖²."""
+    squares = singular_values.double().square()
+    total = squares.sum()
+    if total == 0:
+        return 1
+    cumulative = torch.cumsum(squares, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype) - 1e-12)) + 1
+
+
 @dataclass
 class ModuleFactors:
     """One adapted linear layer: ``ΔW = scale · B (R − I) A`` in ``(out, in)`` layout."""
@@ -178,6 +188,24 @@ class ModuleFactors:
         """Exact LoRA factors with scaling 1: ``lora_B @ lora_A == ΔW``."""
         eye = torch.eye(self.rank, dtype=self.R.dtype, device=self.R.device)
         return self.A, self.scale * (self.B @ (self.R - eye))
+
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ΔW = U diag(S) Vh`` (U: out×r, Vh: r×in, S descending) from two thin QRs of the
+        LoRA factors and the SVD of their r×r core; the dense ΔW is never formed."""
+        lora_A, lora_B = (factor.double() for factor in self.lora())
+        Q_b, R_b = torch.linalg.qr(lora_B)
+        Q_a, R_a = torch.linalg.qr(lora_A.T)
+        U_core, S, Vh_core = torch.linalg.svd(R_b @ R_a.T)
+        return (Q_b @ U_core).float(), S.float(), (Vh_core @ Q_a.T).float()
+
+    def truncated_lora(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The best rank-``rank`` approximation of ΔW as LoRA factors (scaling 1), and its
+        relative Frobenius error ‖ΔW − ΔW_k‖ / ‖ΔW‖."""
+        U, S, Vh = self.spectrum()
+        total = float(S.double().square().sum())
+        kept = float(S[:rank].double().square().sum())
+        error = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
+        return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous(), error
 
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW in the layout the base stores (transposed when ``fan_in_fan_out``)."""
