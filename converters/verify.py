@@ -1,4 +1,5 @@
-"""`psoft-deploy verify`: compare a converted artifact with the reference PSOFT forward.
+"""`psoft-deploy verify`: compare a converted artifact (merged model, LoRA adapter) with the
+reference PSOFT forward.
 
 The reference is the base with the adapter applied through `PsoftLinear` (for PEFT
 adapters this equals PEFT's own forward; the tests pin it). Two modes:
@@ -17,10 +18,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.converters.lora import read_export_metadata
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
+from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
 from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.streaming import torch_dtype
 
 DEFAULT_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -38,6 +42,8 @@ FP32_MAX_ABS_LOGITS = 1e-4
 # run), and must agree on the top-1 token wherever that effect cannot flip it.
 HALF_NOISE_FACTOR = 4.0
 DECISIVE_MARGIN_FACTOR = 2.0
+# Truncated LoRA exports: measured vs recorded optimal rank-k error, per layer.
+TRUNCATION_GAP = 1e-4
 # Layerwise mode: ‖W'x − (W + ΔW)x‖ / ‖(W + ΔW)x‖ on random x, per candidate dtype.
 LAYER_RELATIVE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -84,15 +90,19 @@ def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch
     return candidate.tensor(first).dtype
 
 
-def verify_full(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, prompts=None) -> dict:
-    """Run the fp32 reference and the candidate (a merged model directory) on the verification prompts.
+def verify_full(
+    base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, prompts=None, *, lora: bool = False
+) -> dict:
+    """Run the fp32 reference and the candidate on the verification prompts.
 
-    fp32 candidates must match within max |Δlogits| ≤ 1e-4 with 100 % top-1 agreement. A
-    half-precision candidate is held to the dtype's own effect: the reference is also run in
-    the candidate's dtype (the adapter unmerged, as PEFT would run it), and the candidate
-    may deviate from fp32 by at most 4× that, with 100 % top-1 agreement at every position
-    whose fp32 top-1 margin exceeds 2× that."""
-    dtype = candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
+    The candidate is a merged model directory, or with ``lora`` a LoRA adapter loaded onto
+    the base through PEFT's own LoRA code (independent of ours). fp32 candidates must match
+    within max |Δlogits| ≤ 1e-4 with 100 % top-1 agreement. A half-precision candidate is
+    held to the dtype's own effect: the reference is also run in the candidate's dtype (the
+    adapter unmerged, as PEFT would run it), and the candidate may deviate from fp32 by at
+    most 4× that, with 100 % top-1 agreement at every position whose fp32 top-1 margin
+    exceeds 2× that."""
+    dtype = lora_dtype(candidate_dir) if lora else candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
     reference = reference_model(base.path, factors, torch.float32)
     inputs = verification_inputs([candidate_dir, base.path], prompts, reference.config.vocab_size)
     mask = inputs.get("attention_mask")
@@ -103,7 +113,7 @@ def verify_full(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Pa
 
     truth = logits(reference)
     del reference
-    actual = logits(load_base_model(candidate_dir, dtype))
+    actual = logits(load_lora_candidate(base.path, candidate_dir, dtype) if lora else load_base_model(candidate_dir, dtype))
     metrics = compare_logits(truth, actual)
     if dtype == torch.float32:
         tolerance = f"max |Δlogits| ≤ {FP32_MAX_ABS_LOGITS:g}, top-1 agreement 100%"
@@ -124,6 +134,43 @@ def verify_full(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Pa
     passed = (metrics["max_abs_logits"] <= HALF_NOISE_FACTOR * noise + 1e-6
               and metrics["decisive_top1_agreement"] == 1.0)
     return _report("full", dtype, tolerance, passed, metrics)
+
+
+def lora_dtype(candidate_dir: Path) -> torch.dtype:
+    """The dtype of a LoRA adapter's weights."""
+    with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
+        return torch_dtype(handle.get_slice(next(iter(handle.keys()))).get_dtype())
+
+
+def load_lora_candidate(base_dir: Path, candidate_dir: Path, dtype: torch.dtype):
+    """The base in ``dtype`` with a LoRA adapter, loaded by PEFT's own LoRA code."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base_model(base_dir, dtype), candidate_dir).eval()
+
+
+def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> dict:
+    """A rank-truncated LoRA export is approximate by design: check that each layer PEFT loads
+    is as far from the exact ΔW as the export recorded (the optimal rank-k error), no further."""
+    recorded = read_export_metadata(candidate_dir)["modules"]
+    model = load_lora_candidate(base.path, candidate_dir, torch.float32)
+    worst_gap, worst_layer, errors = 0.0, None, {}
+    for name, exact in factors.modules.items():
+        layer = model.base_model.model.get_submodule(name)
+        delta = exact.delta_weight()
+        error = (torch.linalg.norm(layer.get_delta_weight("default") - delta) / torch.linalg.norm(delta)).item()
+        errors[name] = error
+        gap = abs(error - recorded[name]["relative_error"])
+        if gap >= worst_gap:
+            worst_gap, worst_layer = gap, name
+    metrics = {
+        "max_layer_relative_error": max(errors.values()),
+        "max_gap_to_recorded_error": worst_gap,
+        "worst_layer": worst_layer,
+        "layers_checked": len(errors),
+    }
+    tolerance = f"each layer's relative error within {TRUNCATION_GAP:g} of the optimal rank-k error recorded at export"
+    return _report("truncated-lora", torch.float32, tolerance, worst_gap <= TRUNCATION_GAP, metrics)
 
 
 def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> dict:
@@ -163,10 +210,20 @@ def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_di
 def verify_candidate(
     base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, *, mode: str = "auto", prompts=None
 ) -> dict:
-    """Verify a merged model directory; ``mode`` is full, layerwise, or auto (by model size)."""
+    """Verify a merged model directory (``mode``: full, layerwise, or auto by size) or a LoRA
+    adapter directory written by export-lora or any PEFT LoRA tool."""
     candidate_dir = Path(candidate_dir)
+    if (candidate_dir / ADAPTER_CONFIG).is_file():
+        config = read_json(candidate_dir / ADAPTER_CONFIG)
+        if str(config.get("peft_type", "")).upper() != "LORA":
+            raise UserError(f"candidate {candidate_dir} is a {config.get('peft_type')} adapter; verify checks "
+                            "conversions (a merged model or a LoRA adapter)")
+        if read_export_metadata(candidate_dir).get("exact") is False:
+            return verify_truncated_lora(base, factors, candidate_dir)
+        return verify_full(base, factors, candidate_dir, prompts, lora=True)
     if not (candidate_dir / "config.json").is_file():
-        raise UserError(f"candidate {candidate_dir} is not a model directory (no config.json)")
+        raise UserError(f"candidate {candidate_dir} is neither a model directory (config.json) nor a LoRA adapter "
+                        f"({ADAPTER_CONFIG})")
     if mode == "auto":
         size = sum(file.stat().st_size for file in set(BaseCheckpoint(str(candidate_dir)).files.values()))
         mode = "full" if size <= FULL_MODE_MAX_BYTES else "layerwise"
@@ -187,7 +244,11 @@ def _report(mode: str, dtype: torch.dtype, tolerance: str, passed: bool, metrics
 
 def format_verification(report: dict) -> str:
     """One line: PASS/FAIL, the key numbers, and the tolerance they were held to."""
-    if report["mode"] == "full":
+    if report["mode"] == "truncated-lora":
+        numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} (optimal rank-k), "
+                   f"largest gap to the recorded error {report['max_gap_to_recorded_error']:.1e} over "
+                   f"{report['layers_checked']} layers")
+    elif report["mode"] == "full":
         numbers = (f"max |Δlogits| {report['max_abs_logits']:.2e}, mean {report['mean_abs_logits']:.2e}, "
                    f"top-1 {report['top1_agreement']:.1%}, KL {report['kl_divergence']:.2e} "
                    f"over {report['positions']} positions")

@@ -182,9 +182,65 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
                f"({len(plan.shards)} shard(s), {plan.total_size / 2**20:.1f} MiB)")
 
 
+@cli.command(name="export-lora")
+@base_and_adapter
+@click.option("--output", required=True, type=click.Path(), help="Directory for the LoRA adapter.")
+@click.option("--rank", type=int, default=None, help="Optimal rank-K truncation of every layer (default: exact).")
+@click.option("--energy", type=float, default=None,
+              help="Per layer, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="dtype of the LoRA weights.")
+@click.option("--target", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
+              help="vllm: one rank for all layers (zero-padded) and vLLM's limits checked now, not at serve time.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the export through PEFT and comparing.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@adapter_options
+def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_verify, overwrite, **options):
+    """Write the adapter as a PEFT LoRA adapter: exact (lora_B = s·B(R−I), lora_A = A), or truncated.
+
+    The result loads with PeftModel.from_pretrained and serves with vLLM, LoRAX, SGLang or
+    TensorRT-LLM. Truncation uses the SVD of a small r×r core per layer, never a dense SVD.
+
+    \b
+    Examples:
+      psoft-deploy export-lora --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./lora
+      psoft-deploy export-lora --base ... --adapter ... --output ./lora-99 --energy 0.99 --target vllm
+    """
+    from pathlib import Path
+
+    from psoft_deploy.converters.lora import export_lora
+    from psoft_deploy.converters.verify import format_verification, verify_candidate
+
+    from .base import BaseCheckpoint
+    from .factors import load_factors
+    from .outputs import atomic_output_dir
+
+    checkpoint = BaseCheckpoint(base)
+    factors = load_factors(adapter, checkpoint, **factor_kwargs(options))
+    base_name = str(Path(base).absolute()) if Path(base).is_dir() else base
+    with atomic_output_dir(output, overwrite) as staging:
+        result = export_lora(factors, staging, base_name=base_name, rank=rank, energy=energy, dtype=dtype,
+                             target=None if target == "peft" else target)
+        verification = "not run (--no-verify)"
+        if not no_verify:
+            report = verify_candidate(checkpoint, factors, staging)
+            verification = format_verification(report)
+            (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
+            if not report["passed"]:
+                raise UserError(f"the exported adapter failed verification, nothing written: {verification}")
+    ranks = sorted(set(result.ranks.values()))
+    worst = max(result.errors, key=result.errors.get)
+    click.echo(f"verification: {verification}")
+    click.echo(f"exported {len(result.ranks)} modules to {output} as LoRA, rank "
+               f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'}"
+               + ("" if result.exact else f", largest relative error {result.errors[worst]:.2e} ({worst})"))
+    if result.max_lora_rank is not None:
+        click.echo(f"serve with vLLM: --enable-lora --max-lora-rank {result.max_lora_rank}")
+
+
 @cli.command()
 @base_and_adapter
-@click.option("--candidate", required=True, type=click.Path(), help="The artifact to check: a merged model directory.")
+@click.option("--candidate", required=True, type=click.Path(), help="The artifact to check: a merged model directory or a LoRA adapter.")
 @click.option("--prompts", type=click.File(), default=None, help="Text file, one verification prompt per line.")
 @click.option("--json", "json_report", type=click.Path(), default=None, help="Also write the report to this file.")
 @VERIFY_MODE

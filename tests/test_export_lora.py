@@ -1,0 +1,188 @@
+"""`psoft-deploy export-lora`: exact and truncated LoRA forms, loaded back through PEFT's LoRA code."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import assert_close_relative, input_ids, load_peft, make_peft_adapter
+from test_peft_adapters import VARIANTS
+
+from psoft_deploy.cli import cli
+from psoft_deploy.converters.lora import vllm_max_lora_rank
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import load_factors
+from psoft_deploy.model import reference_model
+
+
+def export(base_dir, adapter_dir, output, *extra):
+    result = CliRunner().invoke(cli, ["export-lora", "--base", str(base_dir), "--adapter", str(adapter_dir),
+                                      "--output", str(output), *map(str, extra)])
+    return result
+
+
+def export_ok(*args):
+    result = export(*args)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("verification: PASS"), result.output
+    return result
+
+
+def assert_lora_equals_reference(base_dir, adapter_dir, lora_dir):
+    factors = load_factors(str(adapter_dir), str(base_dir))
+    ids = input_ids()
+    with torch.no_grad():
+        expected = reference_model(base_dir, factors)(ids).logits
+        actual = load_peft(base_dir, lora_dir)(ids).logits
+    assert (actual - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exact_export_of_every_variant_loads_in_peft(variant, tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", **VARIANTS[variant])
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] and config["rank_pattern"] == {}
+    assert config["base_model_name_or_path"] == str(base_dir.absolute())
+    assert_lora_equals_reference(base_dir, tmp_path / "adapter", tmp_path / "lora")
+    meta = json.loads((tmp_path / "lora" / "psoft_lora_export.json").read_text())
+    assert meta["exact"] and all(m["fingerprint"]["sha256"] for m in meta["modules"].values())
+    assert json.loads((tmp_path / "lora" / "psoft_verification.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "opt", "mistral"])
+def test_exact_export_on_other_architectures(kind, tiny_base, tmp_path):
+    base_dir = tiny_base(kind)
+    make_peft_adapter(base_dir, tmp_path / "adapter", kind=kind, r=8)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora")
+    assert_lora_equals_reference(base_dir, tmp_path / "adapter", tmp_path / "lora")
+
+
+def test_bert_classifier_keeps_modules_to_save(tiny_base, tmp_path):
+    base_dir = tiny_base("bert")
+    peft_model = make_peft_adapter(base_dir, tmp_path / "adapter", kind="bert", modules_to_save=["classifier"])
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.mul_(3.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--target", "vllm")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    ids = input_ids()
+    with torch.no_grad():
+        assert (load_peft(base_dir, tmp_path / "lora")(ids).logits - peft_model(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("terms", [5, None])
+def test_paper_checkpoint_export(terms, tiny_base, tmp_path):
+    from test_paper_format import make_paper_checkpoint
+
+    base_dir = tiny_base("llama")
+    make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")
+    extra = ["--paper-cayley", "exact"] if terms is None else []
+    export_ok(base_dir, tmp_path / "paper", tmp_path / "lora", *extra)
+    factors = load_factors(str(tmp_path / "paper"), str(base_dir), paper_neumann_terms=terms)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = reference_model(base_dir, factors)(ids).logits
+        assert (load_peft(base_dir, tmp_path / "lora")(ids).logits - expected).abs().max() <= 1e-4
+
+
+def peft_lora_deltas(base_dir, lora_dir):
+    model = load_peft(base_dir, lora_dir)
+    return {name.removeprefix("base_model.model."): module.get_delta_weight("default")
+            for name, module in model.named_modules() if hasattr(module, "lora_A") and "default" in module.lora_A}
+
+
+@pytest.mark.parametrize("source", ["peft", "paper"])
+def test_rank_k_truncation_is_the_best_rank_k_approximation(source, tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    if source == "peft":
+        make_peft_adapter(base_dir, tmp_path / "adapter", r=8, ab_svd_init="pissa_init")
+    else:
+        from test_paper_format import make_paper_checkpoint
+
+        make_paper_checkpoint(base_dir, tmp_path / "adapter", tmp_path / "residual", r=8)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--rank", 3)
+    factors = load_factors(str(tmp_path / "adapter"), str(base_dir))
+    meta = json.loads((tmp_path / "lora" / "psoft_lora_export.json").read_text())
+    assert not meta["exact"]
+    for name, delta_k in peft_lora_deltas(base_dir, tmp_path / "lora").items():
+        dense = factors.modules[name].delta_weight().double()
+        U, S, Vh = torch.linalg.svd(dense)  # the dense SVD psoft-deploy never runs
+        best = (U[:, :3] * S[:3]) @ Vh[:3]
+        assert_close_relative(delta_k.double(), best)
+        expected_error = (torch.linalg.norm(dense - best) / torch.linalg.norm(dense)).item()
+        assert meta["modules"][name]["relative_error"] == pytest.approx(expected_error, rel=1e-4)
+
+
+def test_energy_picks_the_smallest_sufficient_rank(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--energy", 0.9)
+    factors = load_factors(str(tmp_path / "adapter"), str(base_dir))
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    deltas = peft_lora_deltas(base_dir, tmp_path / "lora")
+    ranks = set()
+    for name, module in factors.modules.items():
+        S = torch.linalg.svdvals(module.delta_weight().double())
+        share = torch.cumsum(S.square(), 0) / S.square().sum()
+        expected = int((share < 0.9).sum()) + 1
+        rank = config["rank_pattern"].get(name, config["r"])
+        assert rank == expected
+        assert config["alpha_pattern"].get(name, config["lora_alpha"]) == rank  # scaling stays 1
+        kept = (torch.linalg.norm(deltas[name].double()) / torch.linalg.norm(S)).square()
+        assert kept >= 0.9 - 1e-6
+        ranks.add(rank)
+    assert len(ranks) > 1, "this adapter must exercise rank_pattern"
+
+
+def test_vllm_target_pads_to_one_rank_and_names_max_lora_rank(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=16, psoft_alpha=16)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "peft-lora", "--energy", 0.8)
+    result = export_ok(base_dir, tmp_path / "adapter", tmp_path / "vllm-lora", "--energy", 0.8, "--target", "vllm")
+    config = json.loads((tmp_path / "vllm-lora" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {} and config["r"] == config["lora_alpha"]
+    assert f"--max-lora-rank {vllm_max_lora_rank(config['r'])}" in result.output
+    padded, plain = peft_lora_deltas(base_dir, tmp_path / "vllm-lora"), peft_lora_deltas(base_dir, tmp_path / "peft-lora")
+    for name in plain:
+        torch.testing.assert_close(padded[name], plain[name], rtol=1e-6, atol=1e-7)
+
+
+def test_vllm_limits():
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 46, 300, 320, 321, 512)] == [1, 8, 8, 16, 64, 320, 320, 512, 512]
+    with pytest.raises(UserError, match="above vLLM's largest"):
+        vllm_max_lora_rank(513)
+
+
+def test_vllm_target_refuses_other_modules_to_save(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", modules_to_save=["lm_head"])
+    result = export(base_dir, tmp_path / "adapter", tmp_path / "lora", "--target", "vllm")
+    assert result.exit_code == 1 and result.output.startswith("Error: vLLM rejects LoRA adapters with modules_to_save")
+    assert not (tmp_path / "lora").exists()
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora")  # fine for PEFT
+
+
+def test_bad_options_and_a_wrong_candidate(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter")
+    for extra, fragment in ((["--rank", 2, "--energy", 0.9], "not both"), (["--energy", 1.5], "(0, 1]"),
+                            (["--rank", 0], "at least 1")):
+        result = export(base_dir, tmp_path / "adapter", tmp_path / "lora", *extra)
+        assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "lora").exists()
+    make_peft_adapter(base_dir, tmp_path / "other", seed=7)
+    export_ok(base_dir, tmp_path / "other", tmp_path / "other-lora")
+    result = CliRunner().invoke(cli, ["verify", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
+                                      "--candidate", str(tmp_path / "other-lora")])
+    assert result.exit_code == 1 and result.output.startswith("FAIL (full, float32)")
+
+
+def test_half_precision_lora(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--dtype", "bfloat16")
+    report = json.loads((tmp_path / "lora" / "psoft_verification.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["decisive_top1_agreement"] == 1.0
