@@ -270,6 +270,53 @@ def verify(base, adapter, candidate, prompts, json_report, verify_mode, **option
         raise click.exceptions.Exit(1)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--base", required=True, help="Base model: a local directory or a hub id.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="Serve the adapter at PATH (any PSOFT format, or LoRA) as model NAME. Repeatable.")
+@click.option("--adapter-root", type=click.Path(), default=None,
+              help="Also serve any adapter later placed in DIR/NAME, on the first request for NAME.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--cache-dir", type=click.Path(), default=None,
+              help="Where converted adapters are kept (default: $PSOFT_DEPLOY_CACHE or ~/.cache/psoft-deploy/lora).")
+@adapter_options
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(base, adapters, adapter_root, host, port, cache_dir, vllm_args, **options):
+    """Serve many PSOFT adapters at once through vLLM's OpenAI-compatible server.
+
+    Each adapter is converted once to its exact LoRA form (cached by content hash), then vLLM
+    starts with --enable-lora and every adapter as a model name; the base keeps its own name.
+    Arguments after -- go to vLLM unchanged.
+
+    \b
+    Example:
+      psoft-deploy serve --base meta-llama/Llama-3.2-1B --adapter math=./psoft-math \\
+          --adapter code=./psoft-code --adapter-root ./adapters -- --max-model-len 4096
+    """
+    from pathlib import Path
+
+    from psoft_deploy.serve.cache import default_cache_dir
+    from psoft_deploy.serve.launcher import plan_serve, run_server
+
+    named = {}
+    for item in adapters:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter takes NAME=PATH, got {item!r}")
+        if name in named:
+            raise UserError(f"adapter name {name!r} is given twice")
+        named[name] = path
+    if not named and not adapter_root:
+        raise UserError("nothing to serve: pass --adapter NAME=PATH and/or --adapter-root DIR")
+    kwargs = factor_kwargs(options)
+    kwargs.pop("allow_base_mismatch")
+    plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port,
+                      cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), vllm_args=vllm_args,
+                      factor_options=kwargs)
+    raise SystemExit(run_server(plan, host, port))
+
+
 @cli.command()
 @click.option("--output", type=click.Path(), default=None, help="Work directory (default: a new temporary one).")
 def demo(output):

@@ -38,9 +38,9 @@ def build_tokenizer(output: Path, texts: list[str], vocab_size: int = 256):
     return fast
 
 
-def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int = 2):
+def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4):
     """A small config of a given architecture: llama, qwen2 (attention biases), mistral, opt, bert (classifier)."""
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads)
     if kind == "llama":
         return transformers.LlamaConfig(
             **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
@@ -58,7 +58,7 @@ def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int 
         )
     if kind == "opt":
         return transformers.OPTConfig(
-            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             ffn_dim=2 * hidden, word_embed_proj_dim=hidden, max_position_embeddings=256,
             bos_token_id=1, eos_token_id=2, pad_token_id=3,
         )

@@ -1,0 +1,127 @@
+"""Exact LoRA forms of PSOFT adapters, converted once and kept by content hash.
+
+The key covers the adapter's files, the fingerprints of the base tensors it adapts and the
+options that change the factors, so a restart converts nothing twice and a changed base or
+adapter never reuses a stale conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from psoft_deploy.base import BaseCheckpoint, fingerprint, open_safetensors
+from psoft_deploy.converters.lora import EXPORT_META, export_lora
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import base_tensor_key, derive_factors
+from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter, read_json
+from psoft_deploy.outputs import atomic_output_dir
+
+CACHE_VERSION = b"psoft-deploy/lora-cache/v1"
+# Options that change the factors, with their defaults (part of the cache key).
+DEFAULT_FACTOR_OPTIONS = {"svd_device": "cpu", "svd_dtype": None, "force_unseeded": False, "paper_neumann_terms": 5}
+
+
+def default_cache_dir() -> Path:
+    """``$PSOFT_DEPLOY_CACHE``, else ``$XDG_CACHE_HOME/psoft-deploy/lora`` (``~/.cache`` by default)."""
+    if os.environ.get("PSOFT_DEPLOY_CACHE"):
+        return Path(os.environ["PSOFT_DEPLOY_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "psoft-deploy" / "lora"
+
+
+class LoraCache:
+    """Converts adapters for one base into vLLM-ready exact LoRA directories under ``root``."""
+
+    def __init__(self, root: Path, base: BaseCheckpoint, factor_options: dict | None = None):
+        self.root = Path(root)
+        self.base = base
+        self.factor_options = DEFAULT_FACTOR_OPTIONS | (factor_options or {})
+
+    def prepare(self, adapter_path: Path) -> tuple[Path, int]:
+        """A LoRA directory vLLM can load for ``adapter_path`` (PSOFT in any format, or LoRA),
+        and its rank. PSOFT adapters are converted (or found in the cache); LoRA adapters are
+        checked against the base and used in place."""
+        adapter_path = Path(adapter_path)
+        config_file = adapter_path / ADAPTER_CONFIG
+        if config_file.is_file() and str(read_json(config_file).get("peft_type", "")).upper() == "LORA":
+            with open_safetensors(adapter_path / ADAPTER_WEIGHTS) as handle:
+                if not any(".lora_orth." in key for key in handle.keys()):
+                    return adapter_path, self._check_lora(adapter_path)
+        return self._convert(adapter_path)
+
+    def _convert(self, adapter_path: Path) -> tuple[Path, int]:
+        adapter = read_adapter(
+            adapter_path,
+            force_unseeded=self.factor_options["force_unseeded"],
+            paper_neumann_terms=self.factor_options["paper_neumann_terms"],
+        )
+        digest = hashlib.sha256(CACHE_VERSION)
+        for file in sorted(adapter.files):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        for name in sorted(adapter.modules):
+            digest.update(fingerprint(self.base.tensor(base_tensor_key(name)))["sha256"].encode())
+        digest.update(json.dumps(self.factor_options, sort_keys=True).encode())
+        entry = self.root / digest.hexdigest()[:32]
+        if not (entry / EXPORT_META).is_file():
+            options = self.factor_options
+            factors = derive_factors(adapter, self.base, svd_device=options["svd_device"], svd_dtype=options["svd_dtype"])
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                with atomic_output_dir(entry) as staging:
+                    export_lora(factors, staging, base_name=str(self.base.path), target="vllm")
+            except UserError:
+                if not (entry / EXPORT_META).is_file():  # not a concurrent conversion of the same adapter
+                    raise
+        return entry, json.loads((entry / EXPORT_META).read_text())["psoft_rank"]
+
+    def _check_lora(self, adapter_path: Path) -> int:
+        """Shapes (and, for export-lora outputs, base fingerprints) of a LoRA adapter against the base."""
+        tensors = {}
+        with open_safetensors(adapter_path / ADAPTER_WEIGHTS) as handle:
+            for key in handle.keys():
+                tensors[key] = tuple(handle.get_slice(key).get_shape())
+        ranks = set()
+        for key, shape in tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+            base_shape = tuple(self.base.tensor(base_tensor_key(module)).shape)
+            b_shape = tensors.get(key.replace(".lora_A.", ".lora_B."))
+            if b_shape is None or (b_shape[0], shape[1]) != base_shape:
+                raise UserError(f"LoRA adapter {adapter_path} does not fit the base at {module}")
+            ranks.add(shape[0])
+        if not ranks:
+            raise UserError(f"LoRA adapter {adapter_path} holds no lora_A weights")
+        meta_file = adapter_path / EXPORT_META
+        if meta_file.is_file():
+            for module, record in json.loads(meta_file.read_text())["modules"].items():
+                if record.get("fingerprint") and record["fingerprint"] != fingerprint(
+                    self.base.tensor(base_tensor_key(module))
+                ):
+                    raise UserError(f"LoRA adapter {adapter_path} was exported for another base ({module} differs)")
+        return max(ranks)
+
+    def zero_adapter(self, module: str) -> Path:
+        """A rank-1 all-zero LoRA on one module: served in place of the bare base on CPU (see serve)."""
+        out_features, in_features = self.base.tensor(base_tensor_key(module)).shape
+        entry = self.root / f"zero-{hashlib.sha256(f'{module}:{out_features}x{in_features}'.encode()).hexdigest()[:16]}"
+        if not (entry / ADAPTER_WEIGHTS).is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_output_dir(entry, overwrite=True) as staging:
+                save_file(
+                    {
+                        f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, in_features),
+                        f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(out_features, 1),
+                    },
+                    staging / ADAPTER_WEIGHTS,
+                )
+                config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "bias": "none",
+                          "target_modules": [module.rsplit(".", 1)[-1]], "base_model_name_or_path": str(self.base.path)}
+                (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        return entry
+

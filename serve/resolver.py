@@ -1,0 +1,89 @@
+"""A vLLM LoRA resolver: a request for an unknown model ``NAME`` is served from
+``ADAPTER_ROOT/NAME`` when that directory holds a PSOFT (or LoRA) adapter for the served base.
+
+Registered through the ``vllm.general_plugins`` entry point ``psoft_deploy``; configured by
+the environment `psoft-deploy serve` sets (``PSOFT_DEPLOY_ADAPTER_ROOT``, ``PSOFT_DEPLOY_BASE``,
+``PSOFT_DEPLOY_CACHE``, ``PSOFT_DEPLOY_MAX_LORA_RANK``). vLLM consults it only with
+``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from pathlib import Path
+
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+
+RESOLVER_NAME = "psoft-deploy"
+# One path component: letters, digits, '.', '_', '-'; no leading dot (so no '..').
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+logger = logging.getLogger(__name__)
+
+
+def adapter_directory(root: Path, name: str) -> Path | None:
+    """``root/name`` if ``name`` is a safe single component and the directory, symlinks
+    resolved, lies inside ``root``; else None."""
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        return None
+    root = root.resolve()
+    candidate = (root / name).resolve()
+    if candidate.parent != root or not candidate.is_dir():
+        return None
+    return candidate
+
+
+class PsoftResolver(LoRAResolver):
+    """Resolves adapter names to exact LoRA conversions of ``ADAPTER_ROOT/NAME``."""
+
+    def __init__(self, root: Path, base: str, cache_dir: Path, max_lora_rank: int | None):
+        self.root = Path(root)
+        self.base = base
+        self.cache_dir = Path(cache_dir)
+        self.max_lora_rank = max_lora_rank
+        self._cache = None
+
+    def _prepare(self, directory: Path) -> tuple[Path, int]:
+        if self._cache is None:
+            from psoft_deploy.base import BaseCheckpoint
+            from psoft_deploy.serve.cache import LoraCache
+
+            self._cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base))
+        return self._cache.prepare(directory)
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        if Path(base_model_name).resolve() != Path(self.base).resolve():
+            return None
+        directory = adapter_directory(self.root, lora_name)
+        if directory is None:
+            logger.warning("psoft-deploy resolver: refused adapter name %r", lora_name)
+            return None
+        try:
+            lora_path, rank = await asyncio.to_thread(self._prepare, directory)
+        except Exception as error:  # a bad adapter must not take the server down
+            logger.warning("psoft-deploy resolver: %s is not usable: %s", directory, error)
+            return None
+        if self.max_lora_rank is not None and rank > self.max_lora_rank:
+            logger.warning("psoft-deploy resolver: %s has rank %d > --max-lora-rank %d", directory, rank,
+                           self.max_lora_rank)
+            return None
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(lora_path))
+
+
+def register() -> None:
+    """Entry point for vLLM's plugin loader; does nothing unless serve configured it, and is
+    safe to call more than once (vLLM loads plugins in every process)."""
+    root = os.environ.get("PSOFT_DEPLOY_ADAPTER_ROOT")
+    if not root or RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
+        return
+    max_rank = os.environ.get("PSOFT_DEPLOY_MAX_LORA_RANK")
+    resolver = PsoftResolver(
+        root=Path(root),
+        base=os.environ["PSOFT_DEPLOY_BASE"],
+        cache_dir=Path(os.environ["PSOFT_DEPLOY_CACHE"]),
+        max_lora_rank=int(max_rank) if max_rank else None,
+    )
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
