@@ -4,7 +4,8 @@ transformers + PEFT's PSOFT layer, same model, prompts and token budget, one run
 A ~100M-parameter Llama (768 wide, 12 layers, random weights) and N PSOFT adapters (PEFT format,
 r = 32 on q_proj and v_proj). 16 prompts × 64 greedy tokens (EOS ignored). Each vLLM
 configuration runs in its own process (offline engine, float32, after a warm-up): the base
-alone, and N = 1, 4, 8 adapters assigned round-robin to the prompts.
+alone, and N = 1, 4, 8 adapters assigned round-robin to the prompts, with LoRA restricted to
+the adapted layers as `psoft-deploy serve` configures it (``--lora-target-modules``).
 
     python benchmarks/serve.py [--prompts 16] [--tokens 64]
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from psoft_deploy.converters.lora import vllm_lora_target_modules
+
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB = 768, 12, 12, 2048, 32000
 RANK, TARGETS = 32, ["q_proj", "v_proj"]
 ADAPTER_COUNTS = (1, 4, 8)
@@ -32,7 +35,8 @@ from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
 model, loras, prompts, tokens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-options = dict(enable_lora=True, max_lora_rank=RANK, max_loras=len(loras)) if loras else {}
+options = dict(enable_lora=True, max_lora_rank=RANK, max_loras=len(loras),
+               lora_target_modules=TARGET_MODULES) if loras else {}
 llm = LLM(model=model, dtype="float32", max_model_len=256, kv_cache_memory_bytes=256 << 20, enforce_eager=True,
           distributed_executor_backend="uni", skip_tokenizer_init=True, **options)
 requests = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(loras)]
@@ -44,7 +48,7 @@ start = time.perf_counter()
 outputs = llm.generate(inputs, params, lora_request=assigned)
 seconds = time.perf_counter() - start
 print("RESULT " + json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": seconds}))
-""".replace("RANK", str(RANK))
+""".replace("RANK", str(RANK)).replace("TARGET_MODULES", repr(vllm_lora_target_modules(TARGETS)))
 
 
 def build(work: Path, adapters: int) -> tuple[Path, list[Path]]:

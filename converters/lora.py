@@ -26,6 +26,9 @@ from psoft_deploy.psoft import rank_for_energy
 EXPORT_META = "psoft_lora_export.json"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_MODULES_TO_SAVE = {"classifier", "score"}
+# How vLLM names the Llama-family linear layers it applies LoRA to (q/k/v and gate/up are fused).
+VLLM_LORA_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                     "up_proj": "gate_up_proj", "o_proj": "o_proj", "down_proj": "down_proj"}
 
 
 @dataclass
@@ -44,6 +47,16 @@ def vllm_max_lora_rank(rank: int) -> int:
         if rank <= allowed:
             return allowed
     raise UserError(f"rank {rank} is above vLLM's largest --max-lora-rank (512); export with --rank 512 or lower")
+
+
+def vllm_lora_target_modules(module_names) -> list[str] | None:
+    """vLLM's names for the layers these modules live in (for ``--lora-target-modules``), or None
+    when a module is not a known Llama-family projection. vLLM otherwise runs LoRA kernels on
+    every linear layer, adapted or not, which on CPU costs more than the adapted ones."""
+    leaves = {name.rsplit(".", 1)[-1] for name in module_names}
+    if not leaves or not leaves <= VLLM_LORA_MODULES.keys():
+        return None
+    return sorted({VLLM_LORA_MODULES[leaf] for leaf in leaves})
 
 
 def check_vllm(factors: AdapterFactors, rank: int) -> int:

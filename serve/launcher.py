@@ -23,9 +23,10 @@ from pathlib import Path
 
 import click
 
-from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.converters.lora import vllm_max_lora_rank
+from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.converters.lora import vllm_lora_target_modules, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
+from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.resolver import SAFE_NAME
 
@@ -87,6 +88,9 @@ def plan_serve(
         "--enable-lora",
         "--lora-modules", *[f"{name}={path}" for name, path in served.items()],
     ]
+    targets = vllm_lora_target_modules(_lora_modules(served))
+    if targets and not adapter_root and "--lora-target-modules" not in explicit:
+        command += ["--lora-target-modules", *targets]
     if "--max-lora-rank" not in explicit:
         command += ["--max-lora-rank", str(max_rank)]
     if "--max-loras" not in explicit:
@@ -166,15 +170,21 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
+def _lora_modules(served: dict[str, Path]) -> list[str]:
+    """The module names the served LoRA adapters adapt."""
+    modules = []
+    for lora_dir in served.values():
+        with open_safetensors(lora_dir / ADAPTER_WEIGHTS) as handle:
+            modules += [key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+                        for key in handle.keys() if key.endswith(".lora_A.weight")]
+    return modules
+
+
 def _zero_target(checkpoint: BaseCheckpoint, served: dict[str, Path]) -> str:
     """A module the all-zero base adapter can sit on: one the served adapters target, else a q_proj."""
-    for lora_dir in served.values():
-        from psoft_deploy.base import open_safetensors
-
-        with open_safetensors(lora_dir / "adapter_model.safetensors") as handle:
-            for key in handle.keys():
-                if key.endswith(".lora_A.weight"):
-                    return key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    modules = _lora_modules(served)
+    if modules:
+        return modules[0]
     for key in checkpoint.files:
         if key.endswith(("q_proj.weight", "query.weight")):
             return key.removesuffix(".weight")

@@ -168,6 +168,8 @@ def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
                       host="127.0.0.1", port=1, cache_dir=work / "cache", cpu=True)
     assert set(plan.served) == {"a", "b", server["base"]}
     assert plan.command[plan.command.index("--max-lora-rank") + 1] == "8"
+    start = plan.command.index("--lora-target-modules") + 1  # LoRA kernels only where the adapters act
+    assert plan.command[start:start + 3] == ["down_proj", "gate_up_proj", "qkv_proj"]
 
     process = server["process"]
     process.send_signal(signal.SIGTERM)

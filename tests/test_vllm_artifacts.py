@@ -1,5 +1,6 @@
 """Artifacts served by vLLM (CPU, float32): a merged model and an exported LoRA adapter give the same
-greedy tokens as transformers (merged) and transformers + PEFT's PSOFT layer (LoRA export).
+greedy tokens as transformers (merged) and transformers + PEFT's PSOFT layer (LoRA export, with
+LoRA restricted to the adapted layers as `psoft-deploy serve` configures vLLM).
 
 vLLM runs in a child process (offline engine, in-process executor): it pins torch to one thread
 and binds CPU affinity, which must not leak into the other tests.
@@ -16,10 +17,12 @@ from conftest import load_peft, make_peft_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from psoft_deploy.cli import cli
+from psoft_deploy.converters.lora import vllm_lora_target_modules
 from psoft_deploy.tiny import build_tiny_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields", "The baker opens"]
 MAX_TOKENS = 12
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 VLLM_GREEDY = textwrap.dedent("""
     import json, os, sys
@@ -28,7 +31,7 @@ VLLM_GREEDY = textwrap.dedent("""
     from vllm.lora.request import LoRARequest
 
     model, lora, prompts, max_tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-    options = dict(enable_lora=True, max_lora_rank=64, max_loras=1) if lora else {}
+    options = dict(enable_lora=True, max_lora_rank=64, max_loras=1, lora_target_modules=json.loads(sys.argv[5])) if lora else {}
     llm = LLM(model=model, dtype="float32", max_model_len=128, kv_cache_memory_bytes=64 << 20,
               enforce_eager=True, distributed_executor_backend="uni", **options)
     request = LoRARequest("exported", 1, lora) if lora else None
@@ -39,7 +42,8 @@ VLLM_GREEDY = textwrap.dedent("""
 
 def vllm_greedy(model_dir, lora_dir=None) -> list[list[int]]:
     process = subprocess.run(
-        [sys.executable, "-c", VLLM_GREEDY, str(model_dir), str(lora_dir or ""), json.dumps(PROMPTS), str(MAX_TOKENS)],
+        [sys.executable, "-c", VLLM_GREEDY, str(model_dir), str(lora_dir or ""), json.dumps(PROMPTS), str(MAX_TOKENS),
+         json.dumps(vllm_lora_target_modules(TARGETS))],
         capture_output=True, text=True, timeout=600,
     )
     assert process.returncode == 0, process.stderr[-5000:]
@@ -60,7 +64,7 @@ def transformers_greedy(model, tokenizer) -> list[list[int]]:
 def test_merged_model_and_exported_lora_in_vllm(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", hidden=128, heads=2)
-    make_peft_adapter(base, tmp_path / "adapter", r=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    make_peft_adapter(base, tmp_path / "adapter", r=8, target_modules=TARGETS)
     runner = CliRunner()
     for command in ("merge", "export-lora"):
         result = runner.invoke(cli, [command, "--base", str(base), "--adapter", str(tmp_path / "adapter"),
