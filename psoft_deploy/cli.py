@@ -317,6 +317,22 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, vllm_args, **opti
     raise SystemExit(run_server(plan, host, port))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+def train(arguments):
+    """Fine-tune a PSOFT adapter with transformers' Trainer on psoft-deploy's own layer.
+
+    Takes the method's quick-start command line (psoft_finetuning.py's options, e.g.
+    --base_model_name_or_path, --data_path, --r, --target_modules q_proj v_proj); see
+    `psoft-deploy train --help`. Writes a PEFT adapter and its materialized factors, which
+    every psoft-deploy command accepts.
+    """
+    from .train import train as run_training
+
+    output = run_training(list(arguments))
+    click.echo(f"trained adapter (PEFT format + materialized factors) in {output}")
+
+
 @cli.command()
 @click.option("--output", type=click.Path(), default=None, help="Work directory (default: a new temporary one).")
 def demo(output):

@@ -6,32 +6,58 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .psoft import ModuleFactors
+from .psoft import ModuleFactors, RotationSpec, rotation
+
+
+class PsoftRotation(nn.Module):
+    """R's trainable parameters, named and initialised as PEFT's PSOFT layer names them
+    (``psoft_R.weight``: the packed generator, or the free R; ``vector_a``, ``vector_b``)."""
+
+    def __init__(self, r: int, spec: RotationSpec, mag_a: bool = True, mag_b: bool = True):
+        super().__init__()
+        self.r, self.spec = r, spec
+        self.weight = nn.Parameter(torch.zeros(r * (r - 1) // 2) if spec.orth else torch.eye(r))
+        self.vector_a = nn.Parameter(torch.ones(r)) if mag_a else None
+        self.vector_b = nn.Parameter(torch.ones(r)) if mag_b else None
+
+    def forward(self) -> torch.Tensor:
+        return rotation(self.weight, self.r, self.spec, self.vector_a, self.vector_b)
 
 
 class PsoftLinear(nn.Module):
     """``y = W x + s · B (R (A x) − A x)``, the forward PEFT's PSOFT layer computes.
 
-    The adapter path runs in float32 when the base is half precision (as PEFT does on
-    CPU) and is cast back to the base output dtype.
+    R is fixed (from ``factors``) or, for training, computed from a `PsoftRotation` kept as
+    ``psoft_R`` so that its state-dict keys are PEFT's. The adapter path runs in float32 and
+    is cast back to the base output dtype; ``dropout`` applies to its input, as in PEFT.
     """
 
-    def __init__(self, base_layer: nn.Linear, factors: ModuleFactors):
+    def __init__(
+        self, base_layer: nn.Linear, factors: ModuleFactors, rotation: PsoftRotation | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if factors.fan_in_fan_out:
             raise UserError("fan_in_fan_out factors cannot wrap an nn.Linear (its weight is stored (out, in))")
         self.base_layer = base_layer
         self.scale = factors.scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base_layer.weight.device
         self.register_buffer("A", factors.A.to(device=device, dtype=torch.float32))
         self.register_buffer("B", factors.B.to(device=device, dtype=torch.float32))
-        self.register_buffer("R", factors.R.to(device=device, dtype=torch.float32))
+        if rotation is None:
+            self.register_buffer("R", factors.R.to(device=device, dtype=torch.float32))
+        else:
+            self.psoft_R = rotation.to(device)
+
+    def rotation(self) -> torch.Tensor:
+        return self.psoft_R() if hasattr(self, "psoft_R") else self.R
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        xa = x.to(compute_dtype) @ self.A.to(compute_dtype).T
-        xr = xa @ self.R.to(compute_dtype).T
+        xa = self.dropout(x).to(compute_dtype) @ self.A.to(compute_dtype).T
+        xr = xa @ self.rotation().to(compute_dtype).T
         delta = (xr - xa) @ self.B.to(compute_dtype).T
         return result + (self.scale * delta).to(result.dtype)
 

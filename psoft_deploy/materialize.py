@@ -38,7 +38,14 @@ REPLACED_PREFIX = "replaced."
 
 
 def write_materialized(factors: AdapterFactors, output: str | Path, *, base_name: str, overwrite: bool = False) -> Path:
-    """Write ``factors`` as a self-contained materialized adapter directory."""
+    """Write ``factors`` as a self-contained materialized adapter directory (complete or not at all)."""
+    with atomic_output_dir(output, overwrite) as staging:
+        save_materialized_files(factors, staging, base_name)
+    return Path(output)
+
+
+def save_materialized_files(factors: AdapterFactors, directory: Path, base_name: str) -> None:
+    """Write the materialized adapter's two files into ``directory``."""
     adapter = factors.adapter
     tensors = {}
     for name, module in factors.modules.items():
@@ -66,11 +73,9 @@ def write_materialized(factors: AdapterFactors, output: str | Path, *, base_name
         },
         "replaced_tensors": sorted(factors.replaced_tensors),
     }
-    with atomic_output_dir(output, overwrite) as staging:
-        tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-        save_file(tensors, staging / MATERIALIZED_WEIGHTS, metadata={"format": FORMAT})
-        (staging / MATERIALIZED_META).write_text(json.dumps(metadata, indent=2) + "\n")
-    return Path(output)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    save_file(tensors, directory / MATERIALIZED_WEIGHTS, metadata={"format": FORMAT})
+    (directory / MATERIALIZED_META).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
 def read_materialized(path: Path) -> PsoftAdapter:

@@ -1,0 +1,232 @@
+"""`psoft-deploy train`: PSOFT fine-tuning with transformers' Trainer on `PsoftLinear`, the layer every
+converter uses, saving a PEFT adapter *and* the materialized factors it was trained with.
+
+The command line is the method's published quick start (``psoft_finetuning.py``) with
+``psoft-deploy train`` in place of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .base import BaseCheckpoint, fingerprint
+from .errors import UserError
+from .factors import AdapterFactors, base_tensor_key
+from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter
+from .layer import PsoftLinear, PsoftRotation
+from .materialize import save_materialized_files
+from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
+
+SUMMARY_FILE = "training_summary.json"
+DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+BITS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "32": torch.float32}
+
+
+def parser() -> argparse.ArgumentParser:
+    """The quick-start script's options plus PSOFT's own, with the script's names."""
+    p = argparse.ArgumentParser(prog="psoft-deploy train", description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--base_model_name_or_path", required=True, help="Base model: local directory or hub id.")
+    add("--output_dir", required=True, help="Where the adapter, materialized factors and checkpoints go.")
+    add("--data_path", required=True, help="datasets hub name, or a local .txt/.json/.jsonl/.csv/.parquet file.")
+    add("--dataset_split", default="train", help="e.g. 'train[:1%%]'.")
+    add("--dataset_text_field", default="text", help="Column holding the text.")
+    add("--max_length", type=int, default=512, help="Truncate examples to this many tokens.")
+    add("--num_train_epochs", type=float, default=1.0)
+    add("--max_steps", type=int, default=-1, help="Stop after this many optimizer steps (overrides epochs).")
+    add("--per_device_train_batch_size", type=int, default=1)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--learning_rate", type=float, default=5e-4)
+    add("--bits", default="fp32", choices=sorted(BITS), help="dtype the base is loaded (and trained) in.")
+    add("--seed", type=int, default=42)
+    add("--save_steps", type=int, default=500, help="Checkpoint every N steps (in OUTPUT_DIR/checkpoints).")
+    add("--logging_steps", type=int, default=10)
+    add("--resume_from_checkpoint", default=None, help="A checkpoint directory, or 'latest'.")
+    add("--overwrite_output_dir", action="store_true", help="Replace an adapter already in OUTPUT_DIR.")
+    add("--r", type=int, default=32, help="PSOFT rank.")
+    add("--psoft_alpha", type=float, default=32, help="Scale s = psoft_alpha / r.")
+    add("--target_modules", nargs="+", default=["q_proj", "v_proj"], help="Module names (or name suffixes).")
+    add("--psoft_dropout", type=float, default=0.0)
+    add("--psoft_svd", choices=["full", "lowrank"], default="full")
+    add("--psoft_svd_lowrank_niter", type=int, default=10)
+    add("--ab_svd_init", choices=["psoft_init", "pissa_init"], default="psoft_init")
+    add("--use_cayley_neumann", action="store_true")
+    add("--num_cayley_neumann_terms", type=int, default=5)
+    add("--cayley_neumann_eps", type=float, default=None)
+    for name, help_text in (("psoft_orth", "orthogonal R (Cayley)"), ("psoft_mag_a", "input-side magnitude vector"),
+                            ("psoft_mag_b", "output-side magnitude vector")):
+        add(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=help_text)
+    return p
+
+
+def load_text_dataset(path: str, split: str, text_field: str):
+    """A datasets.Dataset from a hub name or a local file; its text column is checked."""
+    import datasets
+
+    local = Path(path).expanduser()
+    try:
+        if local.exists():
+            builder = DATA_BUILDERS.get(local.suffix.lower())
+            if builder is None or not local.is_file():
+                raise UserError(f"--data_path {local} must be a {', '.join(DATA_BUILDERS)} file or a datasets name")
+            data = datasets.load_dataset(builder, data_files={"train": str(local)}, split=split)
+        else:
+            data = datasets.load_dataset(path, split=split)
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(f"cannot read data {path!r} (split {split!r}): {type(error).__name__}: {error}") from None
+    if text_field not in data.column_names:
+        raise UserError(f"data {path!r} has no column {text_field!r} (columns: {', '.join(data.column_names)}); "
+                        "pass --dataset_text_field")
+    data = data.filter(lambda row: isinstance(row[text_field], str) and row[text_field].strip() != "")
+    if len(data) == 0:
+        raise UserError(f"data {path!r} (split {split!r}) holds no non-empty {text_field!r} examples")
+    return data
+
+
+def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
+    """Wrap every targeted nn.Linear in a trainable `PsoftLinear`; the base stays frozen."""
+    targets = list(args.target_modules)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    chosen = {name: module for name, module in linears.items()
+              if any(name == target or name.endswith("." + target) for target in targets)}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+    if missing:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise UserError(f"--target_modules {', '.join(missing)} match no linear layer of the model "
+                        f"(its linear layers: {', '.join(leaves)})")
+    for name, module in chosen.items():
+        if args.r > min(module.in_features, module.out_features):
+            raise UserError(f"--r {args.r} exceeds the size of {name} ({module.out_features}×{module.in_features})")
+    model.requires_grad_(False)
+    scale = args.psoft_alpha / args.r
+    subspace = subspace_spec(args)
+    spec = rotation_spec(args)
+    layers = {}
+    for name, module in chosen.items():
+        A, B = principal_subspace(module.weight.detach(), args.r, scale, subspace)
+        factors = ModuleFactors(A=A, B=B, R=torch.eye(args.r), scale=scale)
+        rotation = PsoftRotation(args.r, spec, mag_a=args.psoft_mag_a, mag_b=args.psoft_mag_b)
+        layer = PsoftLinear(module, factors, rotation=rotation, dropout=args.psoft_dropout)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        layers[name] = layer
+    return layers
+
+
+def subspace_spec(args) -> SubspaceSpec:
+    return SubspaceSpec(svd=args.psoft_svd, niter=args.psoft_svd_lowrank_niter, seed=0, init=args.ab_svd_init)
+
+
+def rotation_spec(args) -> RotationSpec:
+    return RotationSpec(convention="peft", orth=args.psoft_orth, cayley_neumann=args.use_cayley_neumann,
+                        neumann_terms=args.num_cayley_neumann_terms, neumann_eps=args.cayley_neumann_eps)
+
+
+def train(argv: list[str]) -> Path:
+    """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
+    args = parser().parse_args(argv)
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+
+    from .model import load_base_model
+
+    output = Path(args.output_dir)
+    if (output / ADAPTER_WEIGHTS).exists() and not args.overwrite_output_dir:
+        raise UserError(f"{output} already holds an adapter; pass --overwrite_output_dir to replace it")
+    if args.max_length < 2 or args.r < 1:
+        raise UserError("--max_length must be at least 2 and --r at least 1")
+    data = load_text_dataset(args.data_path, args.dataset_split, args.dataset_text_field)
+    set_seed(args.seed)
+    base = BaseCheckpoint(args.base_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_base_model(base.path, BITS[args.bits]).to(device)
+    layers = adapt(model, args)
+    tokenized = data.map(lambda batch: tokenizer(batch[args.dataset_text_field], truncation=True,
+                                                 max_length=args.max_length),
+                         batched=True, remove_columns=data.column_names)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(output / "checkpoints"), num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+            save_steps=args.save_steps, logging_steps=args.logging_steps, seed=args.seed, report_to="none",
+            remove_unused_columns=False,
+        ),
+        train_dataset=tokenized,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    start = time.perf_counter()
+    resume = True if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+    result = trainer.train(resume_from_checkpoint=resume)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = {
+        "tool": {"name": "psoft-deploy", "version": __version__},
+        "arguments": vars(args),
+        "device": device,
+        "steps": trainer.state.global_step,
+        "examples": len(tokenized),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "mean_loss": result.training_loss,
+        "loss_history": losses,
+        "seconds": time.perf_counter() - start,
+    }
+    if not math.isfinite(summary["final_loss"]):
+        raise UserError("training diverged (the loss is not finite); lower --learning_rate")
+    save_outputs(output, args, base, layers, tokenizer, summary, svd_dtype=str(BITS[args.bits]).removeprefix("torch."),
+                 svd_device=device)
+    return output
+
+
+def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, PsoftLinear], tokenizer, summary: dict,
+                 *, svd_dtype: str, svd_device: str) -> None:
+    """The PEFT adapter, the materialized factors (written last: their presence marks a complete
+    output), the tokenizer and the training summary. Each file is staged and renamed into place."""
+    from peft import PsoftConfig
+    from safetensors.torch import save_file
+
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
+    try:
+        config = PsoftConfig(
+            r=args.r, psoft_alpha=args.psoft_alpha, target_modules=list(args.target_modules),
+            psoft_dropout=args.psoft_dropout, ab_svd_init=args.ab_svd_init, psoft_svd=args.psoft_svd,
+            psoft_svd_lowrank_niter=args.psoft_svd_lowrank_niter, psoft_orth=args.psoft_orth,
+            psoft_mag_a=args.psoft_mag_a, psoft_mag_b=args.psoft_mag_b, use_cayley_neumann=args.use_cayley_neumann,
+            num_cayley_neumann_terms=args.num_cayley_neumann_terms, cayley_neumann_eps=args.cayley_neumann_eps,
+            base_model_name_or_path=args.base_model_name_or_path, task_type="CAUSAL_LM",
+        )
+        config.save_pretrained(staging)
+        tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
+                   for name, layer in layers.items() for key, value in layer.psoft_R.state_dict().items()}
+        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        adapter = read_adapter(staging)  # exactly what PEFT and the converters will read
+        with torch.no_grad():
+            modules = {name: ModuleFactors(A=layer.A.cpu(), B=layer.B.cpu(), R=layer.rotation().cpu(),
+                                           scale=layer.scale) for name, layer in layers.items()}
+        fingerprints = {name: fingerprint(base.tensor(base_tensor_key(name))) for name in layers}
+        svd = {"backend": args.psoft_svd, "device": svd_device, "dtype": svd_dtype, "torch": torch.__version__}
+        save_materialized_files(AdapterFactors(adapter, modules, fingerprints, svd), staging,
+                                args.base_model_name_or_path)
+        tokenizer.save_pretrained(staging)
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (output / MATERIALIZED_META).unlink(missing_ok=True)
+        for file in sorted(staging.iterdir(), key=lambda f: f.name == MATERIALIZED_META):
+            file.replace(output / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
