@@ -336,7 +336,7 @@ def train(arguments):
 @cli.command()
 @click.option("--output", type=click.Path(), default=None, help="Work directory (default: a new temporary one).")
 def demo(output):
-    """Build a tiny local model, train a PSOFT adapter with PEFT, materialize and inspect it.
+    """Build a tiny local model, train a PSOFT adapter, then inspect, merge and export it (verified).
 
     Nothing is downloaded.
     """

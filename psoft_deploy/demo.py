@@ -3,80 +3,64 @@
 from __future__ import annotations
 
 import tempfile
-import time
+from importlib.resources import as_file, files
 from pathlib import Path
 
 import click
 import torch
 
 from .errors import UserError
-from .tiny import build_tiny_model, bundled_text
+from .tiny import build_tiny_model
 
 TRAIN_STEPS = 30
 
 
 def run_demo(output: str | None = None) -> Path:
-    """Build a tiny Llama, train a PSOFT adapter with PEFT, materialize, inspect and check it."""
-    from peft import PeftModel, PsoftConfig, get_peft_model
-    from transformers import AutoTokenizer
+    """Build a tiny Llama, train a PSOFT adapter with `psoft-deploy train`, check PEFT reproduces
+    it, then inspect, merge and export it, each conversion verified."""
+    from peft import PeftModel
     from transformers.utils import logging as hf_logging
 
-    from .base import BaseCheckpoint
+    from .cli import cli
     from .factors import load_factors
-    from .formats import read_adapter
-    from .materialize import write_materialized
     from .model import load_base_model, reference_model
-    from .report import format_report, inspect_adapter
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     work = Path(output) if output else Path(tempfile.mkdtemp(prefix="psoft-demo-"))
     if work.is_dir() and any(work.iterdir()):
         raise UserError(f"demo output {work} is not empty; pass a new directory")
-    base_dir, peft_dir, materialized_dir = work / "base", work / "peft-adapter", work / "materialized"
+    base, adapter = work / "base", work / "psoft-adapter"
 
-    click.echo(f"[1/5] building a tiny Llama and its tokenizer in {base_dir}")
-    build_tiny_model(base_dir, "llama", hidden=64, layers=2)
+    def step(title: str, *args) -> None:
+        click.echo(title)
+        cli.main([str(arg) for arg in args], standalone_mode=False)
 
-    click.echo(f"[2/5] training a PSOFT adapter with PEFT for {TRAIN_STEPS} steps on the bundled text")
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    batch = tokenizer(bundled_text(), padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    config = PsoftConfig(r=8, psoft_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
-    peft_model = get_peft_model(load_base_model(base_dir), config)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        loss = peft_model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    click.echo(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    peft_model.save_pretrained(peft_dir)
+    click.echo(f"[1/6] building a tiny Llama and its tokenizer in {base}")
+    build_tiny_model(base, "llama", hidden=64, layers=2)
 
-    click.echo(f"[3/5] materializing {peft_dir} -> {materialized_dir}")
-    start = time.perf_counter()
-    factors = load_factors(str(peft_dir), BaseCheckpoint(str(base_dir)))
-    write_materialized(factors, materialized_dir, base_name=str(base_dir))
-    click.echo(f"      {len(factors.modules)} modules in {time.perf_counter() - start:.2f} s")
+    with as_file(files("psoft_deploy").joinpath("data/tiny_corpus.txt")) as corpus:
+        step(f"[2/6] psoft-deploy train: {TRAIN_STEPS} steps on the bundled text -> {adapter}",
+             "train", "--base_model_name_or_path", base, "--output_dir", adapter, "--data_path", corpus,
+             "--max_length", 32, "--per_device_train_batch_size", 8, "--learning_rate", 2e-2, "--r", 8,
+             "--psoft_alpha", 8, "--target_modules", "q_proj", "v_proj", "o_proj", "--max_steps", TRAIN_STEPS,
+             "--logging_steps", 5, "--save_steps", 1000)
 
-    click.echo("[4/5] inspecting the materialized adapter")
-    materialized = read_adapter(materialized_dir)
-    base = BaseCheckpoint(str(base_dir))
-    report_factors = load_factors(str(materialized_dir), base)
-    click.echo("      " + format_report(inspect_adapter(materialized, report_factors, base)).replace("\n", "\n      "))
-
-    click.echo("[5/5] checking the materialized adapter against PEFT's own forward")
-    ids = batch["input_ids"][:4]
+    click.echo("[3/6] checking that PEFT, loading the saved adapter (with its SVD), reproduces it")
+    factors = load_factors(str(adapter), str(base))
+    ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        peft_logits = PeftModel.from_pretrained(load_base_model(base_dir), peft_dir).eval()(ids).logits
-        ours = reference_model(base_dir, report_factors)(ids).logits
+        peft_logits = PeftModel.from_pretrained(load_base_model(base), adapter).eval()(ids).logits
+        ours = reference_model(base, factors)(ids).logits
     diff = (ours - peft_logits).abs().max().item()
-    verdict = "PASS" if diff <= 1e-4 else "FAIL"
-    click.echo(f"      max |Δlogits| = {diff:.2e} (fp32 tolerance 1e-4): {verdict}")
-    if verdict == "FAIL":
-        raise UserError("the materialized adapter does not reproduce PEFT's forward")
+    click.echo(f"      max |Δlogits| PEFT vs psoft-deploy = {diff:.2e} (tolerance 1e-4)")
+    if diff > 1e-4:
+        raise UserError("PEFT does not reproduce the trained adapter")
+
+    step("[4/6] psoft-deploy inspect", "inspect", adapter, "--base", base)
+    step("[5/6] psoft-deploy merge (verified)", "merge", "--base", base, "--adapter", adapter,
+         "--output", work / "merged")
+    step("[6/6] psoft-deploy export-lora --target vllm (verified)", "export-lora", "--base", base,
+         "--adapter", adapter, "--output", work / "lora", "--target", "vllm")
     click.echo(f"done: artifacts in {work}")
     return work
