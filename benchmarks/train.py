@@ -1,0 +1,119 @@
+"""Training speed and memory: `psoft-deploy train` (PsoftLinear) vs PEFT's own PSOFT layer, one run.
+
+Same model (Llama 768×12, ~100M parameters, random weights, fp32), data, batch (4 × 128 tokens),
+optimizer and Trainer settings, PSOFT r = 32 on q_proj and v_proj; each side trains in its own
+process, which reports seconds per optimizer step (Trainer's train_runtime / steps, so model
+loading and the SVDs are excluded) and its peak RSS.
+
+    python benchmarks/train.py [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB = 768, 12, 12, 2048, 256
+COMMON = ["--max_length", "128", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--r", "32",
+          "--psoft_alpha", "32", "--target_modules", "q_proj", "v_proj", "--logging_steps", "5", "--save_steps",
+          "100000", "--seed", "0"]
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def run_ours(base: Path, data: Path, output: Path, steps: int) -> dict:
+    from psoft_deploy.train import train
+
+    train(["--base_model_name_or_path", str(base), "--output_dir", str(output), "--data_path", str(data),
+           "--max_steps", str(steps), *COMMON])
+    summary = json.loads((output / "training_summary.json").read_text())
+    return {"seconds_per_step": summary["seconds"] / summary["steps"], "final_loss": summary["final_loss"]}
+
+
+def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
+    """The same Trainer run on PEFT's PSOFT layer (get_peft_model)."""
+    import time
+
+    from peft import PsoftConfig, get_peft_model
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+
+    from psoft_deploy.model import load_base_model
+    from psoft_deploy.train import load_text_dataset, parser
+
+    args = parser().parse_args(["--base_model_name_or_path", str(base), "--output_dir", str(output),
+                                "--data_path", str(data), "--max_steps", str(steps), *COMMON])
+    set_seed(args.seed)
+    data_set = load_text_dataset(args.data_path, args.dataset_split, args.dataset_text_field)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = get_peft_model(load_base_model(base), PsoftConfig(r=args.r, psoft_alpha=args.psoft_alpha,
+                                                              target_modules=args.target_modules))
+    tokenized = data_set.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
+                             batched=True, remove_columns=data_set.column_names)
+    trainer = Trainer(model=model, train_dataset=tokenized,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      args=TrainingArguments(output_dir=str(output), max_steps=steps, learning_rate=args.learning_rate,
+                                             per_device_train_batch_size=args.per_device_train_batch_size,
+                                             logging_steps=args.logging_steps, save_steps=args.save_steps,
+                                             seed=args.seed, report_to="none", remove_unused_columns=False))
+    start = time.perf_counter()
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"seconds_per_step": (time.perf_counter() - start) / trainer.state.global_step, "final_loss": losses[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--side", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        runner = run_ours if args.side == "ours" else run_peft
+        result = runner(args.work / "base", args.work / "data.txt", args.work / args.side, args.steps)
+        print("RESULT " + json.dumps(result | {"peak_rss": peak_rss()}))
+        return
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from psoft_deploy.tiny import build_tokenizer, bundled_text
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                     intermediate_size=INTERMEDIATE, vocab_size=VOCAB, pad_token_id=3,
+                                     tie_word_embeddings=False)).save_pretrained(work / "base")
+        build_tokenizer(work / "base", bundled_text(), vocab_size=VOCAB)
+        text = " ".join(bundled_text())
+        (work / "data.txt").write_text("\n".join(text[i:i + 400] for i in range(0, len(text) - 400, 40)) + "\n")
+        results = {}
+        for side in ("peft", "ours"):
+            process = subprocess.run([sys.executable, __file__, "--side", side, "--work", str(work), "--steps",
+                                      str(args.steps)], capture_output=True, text=True)
+            if process.returncode != 0:
+                raise SystemExit(process.stderr[-4000:])
+            line = next(l for l in process.stdout.splitlines() if l.startswith("RESULT "))
+            results[side] = json.loads(line.removeprefix("RESULT "))
+    peft, ours = results["peft"], results["ours"]
+    print(f"Llama {HIDDEN}×{LAYERS} (~100M), PSOFT r=32 on q_proj, v_proj, batch 4×128 tokens, {args.steps} steps, "
+          f"fp32, torch threads={torch.get_num_threads()}")
+    print(f"  PEFT PSOFT layer (anchor)   {peft['seconds_per_step']:6.3f} s/step   peak RSS "
+          f"{peft['peak_rss'] / 2**30:5.2f} GiB   final loss {peft['final_loss']:.4f}")
+    print(f"  psoft-deploy train          {ours['seconds_per_step']:6.3f} s/step   peak RSS "
+          f"{ours['peak_rss'] / 2**30:5.2f} GiB   final loss {ours['final_loss']:.4f}")
+    print(f"  ratio psoft-deploy / PEFT: {ours['seconds_per_step'] / peft['seconds_per_step']:.2f}x time per step, "
+          f"{ours['peak_rss'] / peft['peak_rss']:.2f}x peak RSS")
+
+
+if __name__ == "__main__":
+    main()
