@@ -91,18 +91,24 @@ def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch
 
 
 def verify_full(
-    base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, prompts=None, *, lora: bool = False
+    base: BaseCheckpoint, factors: AdapterFactors | None, candidate_dir: Path, prompts=None, *, kind: str = "merged"
 ) -> dict:
     """Run the fp32 reference and the candidate on the verification prompts.
 
-    The candidate is a merged model directory, or with ``lora`` a LoRA adapter loaded onto
-    the base through PEFT's own LoRA code (independent of ours). fp32 candidates must match
+    ``kind`` is ``merged`` (a model directory, run by transformers), ``lora`` (an adapter loaded
+    onto the base by PEFT's own LoRA code, independent of ours) or ``onnx`` (an exported graph,
+    run by onnxruntime). fp32 candidates must match
     within max |Δlogits| ≤ 1e-4 with 100 % top-1 agreement. A half-precision candidate is
     held to the dtype's own effect: the reference is also run in the candidate's dtype (the
     adapter unmerged, as PEFT would run it), and the candidate may deviate from fp32 by at
     most 4× that, with 100 % top-1 agreement at every position whose fp32 top-1 margin
     exceeds 2× that."""
-    dtype = lora_dtype(candidate_dir) if lora else candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
+    if kind == "lora":
+        dtype = lora_dtype(candidate_dir)
+    elif kind == "onnx":
+        dtype = onnx_dtype(candidate_dir)
+    else:
+        dtype = candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
     reference = reference_model(base.path, factors, torch.float32)
     inputs = verification_inputs([candidate_dir, base.path], prompts, reference.config.vocab_size)
     mask = inputs.get("attention_mask")
@@ -113,7 +119,15 @@ def verify_full(
 
     truth = logits(reference)
     del reference
-    actual = logits(load_lora_candidate(base.path, candidate_dir, dtype) if lora else load_base_model(candidate_dir, dtype))
+    if kind == "onnx":
+        from psoft_deploy.converters.onnx import onnx_logits
+
+        raw = onnx_logits(candidate_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy())
+        actual = real_positions(torch.from_numpy(raw), mask)
+    elif kind == "lora":
+        actual = logits(load_lora_candidate(base.path, candidate_dir, dtype))
+    else:
+        actual = logits(load_base_model(candidate_dir, dtype))
     metrics = compare_logits(truth, actual)
     if dtype == torch.float32:
         tolerance = f"max |Δlogits| ≤ {FP32_MAX_ABS_LOGITS:g}, top-1 agreement 100%"
@@ -140,6 +154,15 @@ def lora_dtype(candidate_dir: Path) -> torch.dtype:
     """The dtype of a LoRA adapter's weights."""
     with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
         return torch_dtype(handle.get_slice(next(iter(handle.keys()))).get_dtype())
+
+
+def onnx_dtype(candidate_dir: Path) -> torch.dtype:
+    """The floating dtype of an exported graph's logits."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(candidate_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = next(output for output in session.get_outputs() if output.name == "logits")
+    return {"tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}.get(logits.type, torch.float32)
 
 
 def load_lora_candidate(base_dir: Path, candidate_dir: Path, dtype: torch.dtype):
@@ -210,8 +233,8 @@ def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_di
 def verify_candidate(
     base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, *, mode: str = "auto", prompts=None
 ) -> dict:
-    """Verify a merged model directory (``mode``: full, layerwise, or auto by size) or a LoRA
-    adapter directory written by export-lora or any PEFT LoRA tool."""
+    """Verify a merged model directory (``mode``: full, layerwise, or auto by size), a LoRA
+    adapter directory (export-lora's or any PEFT LoRA), or an exported ONNX directory."""
     candidate_dir = Path(candidate_dir)
     if (candidate_dir / ADAPTER_CONFIG).is_file():
         config = read_json(candidate_dir / ADAPTER_CONFIG)
@@ -220,10 +243,12 @@ def verify_candidate(
                             "conversions (a merged model or a LoRA adapter)")
         if read_export_metadata(candidate_dir).get("exact") is False:
             return verify_truncated_lora(base, factors, candidate_dir)
-        return verify_full(base, factors, candidate_dir, prompts, lora=True)
+        return verify_full(base, factors, candidate_dir, prompts, kind="lora")
+    if (candidate_dir / "model.onnx").is_file():
+        return verify_full(base, factors, candidate_dir, prompts, kind="onnx")
     if not (candidate_dir / "config.json").is_file():
-        raise UserError(f"candidate {candidate_dir} is neither a model directory (config.json) nor a LoRA adapter "
-                        f"({ADAPTER_CONFIG})")
+        raise UserError(f"candidate {candidate_dir} is not a model directory (config.json), a LoRA adapter "
+                        f"({ADAPTER_CONFIG}) or an ONNX export (model.onnx)")
     if mode == "auto":
         size = sum(file.stat().st_size for file in set(BaseCheckpoint(str(candidate_dir)).files.values()))
         mode = "full" if size <= FULL_MODE_MAX_BYTES else "layerwise"

@@ -238,6 +238,81 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
         click.echo(f"serve with vLLM: --enable-lora --max-lora-rank {result.max_lora_rank}")
 
 
+@cli.command(name="export-onnx")
+@click.option("--base", required=True, help="Base model: a local directory or a hub id.")
+@click.option("--adapter", type=click.Path(), default=None, help="Adapter to merge in (any format); none: the base.")
+@click.option("--output", required=True, type=click.Path(), help="Directory for model.onnx and its weights.")
+@click.option("--with-past", is_flag=True, help="One graph for prefill and decode, with past/present key-values.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--no-verify", is_flag=True, help="Skip running onnxruntime against the reference.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@adapter_options
+def export_onnx_command(base, adapter, output, with_past, dtype, opset, no_verify, overwrite, **options):
+    """Export the merged model (base + adapter) as one ONNX causal-LM graph, verified in onnxruntime.
+
+    Inputs input_ids and attention_mask (with --with-past also position_ids and
+    past.{i}.key/value), outputs logits (and present.{i}.key/value), dynamic batch, sequence
+    and past lengths; weights as external data; tokenizer and config copied.
+
+    \b
+    Example:
+      psoft-deploy export-onnx --base ./llama --adapter ./psoft-adapter --output ./onnx --with-past
+      psoft-deploy generate --onnx ./onnx --prompt "Once upon a time"
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from psoft_deploy.converters.merge import merge_to_directory
+    from psoft_deploy.converters.onnx import export_graph
+    from psoft_deploy.converters.verify import format_verification, verify_full
+
+    from .base import BaseCheckpoint
+    from .factors import load_factors
+    from .outputs import atomic_output_dir
+
+    checkpoint = BaseCheckpoint(base)
+    factors = load_factors(adapter, checkpoint, **factor_kwargs(options)) if adapter else None
+    with atomic_output_dir(output, overwrite) as staging:
+        merged = Path(tempfile.mkdtemp(prefix=".merged-", dir=staging.parent))
+        try:
+            if factors is not None:
+                merge_to_directory(checkpoint, factors, merged, dtype="float32")
+            export_graph(merged if factors is not None else checkpoint.path, staging, with_past=with_past,
+                         dtype=getattr(torch, dtype), opset=opset)
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)
+        verification = "not run (--no-verify)"
+        if not no_verify:
+            report = verify_full(checkpoint, factors, staging, kind="onnx")
+            verification = format_verification(report)
+            (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
+            if not report["passed"]:
+                raise UserError(f"the ONNX export failed verification, nothing written: {verification}")
+    click.echo(f"verification: {verification}")
+    click.echo(f"exported {'base + adapter' if adapter else 'the base'} to {output}/model.onnx"
+               + (" (with past key-values)" if with_past else ""))
+
+
+@cli.command()
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="An export-onnx output directory.")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(onnx_dir, prompt, max_new_tokens, temperature, top_k, seed):
+    """Generate text with an exported graph through onnxruntime alone (no torch)."""
+    from .generate import generate as run_generation
+
+    text, _ = run_generation(onnx_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             seed=seed)
+    click.echo(prompt + text)
+
+
 @cli.command()
 @base_and_adapter
 @click.option("--candidate", required=True, type=click.Path(), help="The artifact to check: a merged model directory or a LoRA adapter.")

@@ -26,6 +26,7 @@ def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     return model.eval()
 
 
-def reference_model(base_path: str | Path, factors: AdapterFactors, dtype: torch.dtype = torch.float32):
-    """The base with the adapter applied through the one PSOFT implementation."""
-    return apply_factors(load_base_model(base_path, dtype), factors.modules, factors.replaced_tensors)
+def reference_model(base_path: str | Path, factors: AdapterFactors | None, dtype: torch.dtype = torch.float32):
+    """The base with the adapter applied through the one PSOFT implementation (the bare base for None)."""
+    model = load_base_model(base_path, dtype)
+    return model if factors is None else apply_factors(model, factors.modules, factors.replaced_tensors)
