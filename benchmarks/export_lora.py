@@ -22,31 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PsoftConfig
+from peft import PeftModel
 from peft.tuners.lora.conversion import convert_to_lora, save_as_lora
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from psoft_deploy.cli import cli
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model
-from psoft_deploy.tiny import build_tiny_model
+from psoft_deploy.tiny import build_tiny_model, llama_modules, write_psoft_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def write_adapter(directory: Path, layers: int, rank: int) -> None:
-    PsoftConfig(r=rank, psoft_alpha=rank, target_modules=TARGETS).save_pretrained(directory)
-    generator = torch.Generator().manual_seed(1)
-    tensors = {}
-    for layer in range(layers):
-        for target in TARGETS:
-            block = "self_attn" if target in TARGETS[:4] else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{target}.psoft_R"
-            tensors[f"{prefix}.weight"] = 0.05 * torch.randn(rank * (rank - 1) // 2, generator=generator)
-            tensors[f"{prefix}.vector_a"] = 1 + 0.05 * torch.randn(rank, generator=generator)
-            tensors[f"{prefix}.vector_b"] = 1 + 0.05 * torch.randn(rank, generator=generator)
-    save_file(tensors, directory / "adapter_model.safetensors")
 
 
 def lora_error(lora_tensors: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
@@ -79,7 +65,7 @@ def main() -> None:
         base_dir, adapter_dir = work / "base", work / "adapter"
         build_tiny_model(base_dir, "llama", hidden=args.hidden, layers=args.layers, vocab_size=1024,
                          with_tokenizer=False)
-        write_adapter(adapter_dir, args.layers, args.rank)
+        write_psoft_adapter(adapter_dir, llama_modules(args.layers, TARGETS), args.rank)
 
         peft_e2e, peft_model = timed(lambda: PeftModel.from_pretrained(load_base_model(base_dir), adapter_dir))
         save_seconds, _ = timed(lambda: save_as_lora(work / "peft-lora", peft_model, rank=args.rank))
@@ -89,7 +75,6 @@ def main() -> None:
                  if hasattr(module, "psoft_R") and "default" in module.psoft_R}
         peft_step, (_, peft_state) = timed(lambda: convert_to_lora(peft_model, rank=args.rank))
         peft_error = lora_error(load_file(work / "peft-lora" / "adapter_model.safetensors"), exact)
-        del peft_model
 
         ours_e2e, _ = timed(lambda: cli.main(["export-lora", "--base", str(base_dir), "--adapter", str(adapter_dir),
                                               "--output", str(work / "ours"), "--no-verify"], standalone_mode=False))
@@ -99,7 +84,6 @@ def main() -> None:
         step_error = lora_error({f"base_model.model.{name}.lora_{k}.weight": t for name, (a, b) in closed_form.items()
                                  for k, t in (("A", a), ("B", b))}, exact)
         assert step_error == ours_error or abs(step_error - ours_error) < 1e-6
-        del peft_state
 
     modules = args.layers * len(TARGETS)
     print(f"Llama {args.hidden} wide, {args.layers} layers, PSOFT r={args.rank} on {modules} modules "

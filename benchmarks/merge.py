@@ -63,20 +63,9 @@ def build_base(directory: Path, layers: int) -> None:
 
 def build_adapter(directory: Path, layers: int, rank: int) -> None:
     """A PEFT PSOFT adapter with trained-like R parameters (A and B are never saved by PEFT)."""
-    from peft import PsoftConfig
-    from safetensors.torch import save_file
+    from psoft_deploy.tiny import llama_modules, write_psoft_adapter
 
-    config = PsoftConfig(r=rank, psoft_alpha=rank, target_modules=TARGETS, task_type="CAUSAL_LM")
-    config.save_pretrained(directory)
-    generator = torch.Generator().manual_seed(1)
-    tensors = {}
-    for layer in range(layers):
-        for target in TARGETS:
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}.psoft_R"
-            tensors[f"{prefix}.weight"] = 0.05 * torch.randn(rank * (rank - 1) // 2, generator=generator)
-            tensors[f"{prefix}.vector_a"] = 1 + 0.05 * torch.randn(rank, generator=generator)
-            tensors[f"{prefix}.vector_b"] = 1 + 0.05 * torch.randn(rank, generator=generator)
-    save_file(tensors, directory / "adapter_model.safetensors")
+    write_psoft_adapter(directory, llama_modules(layers, TARGETS), rank)
 
 
 def step(name: str, work: Path) -> None:

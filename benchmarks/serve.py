@@ -53,11 +53,10 @@ print("RESULT " + json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in
 
 def build(work: Path, adapters: int) -> tuple[Path, list[Path]]:
     """The base model and ``adapters`` PSOFT adapters, each exported to its exact LoRA form."""
-    from peft import PsoftConfig
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from psoft_deploy.cli import cli
+    from psoft_deploy.tiny import llama_modules, write_psoft_adapter
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -66,17 +65,8 @@ def build(work: Path, adapters: int) -> tuple[Path, list[Path]]:
     LlamaForCausalLM(config).save_pretrained(work / "base")
     loras = []
     for index in range(adapters):
-        directory = work / f"psoft-{index}"
-        PsoftConfig(r=RANK, psoft_alpha=RANK, target_modules=TARGETS).save_pretrained(directory)
-        generator = torch.Generator().manual_seed(index + 1)
-        tensors = {}
-        for layer in range(LAYERS):
-            for target in TARGETS:
-                prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}.psoft_R"
-                tensors[f"{prefix}.weight"] = 0.1 * torch.randn(RANK * (RANK - 1) // 2, generator=generator)
-                tensors[f"{prefix}.vector_a"] = 1 + 0.1 * torch.randn(RANK, generator=generator)
-                tensors[f"{prefix}.vector_b"] = 1 + 0.1 * torch.randn(RANK, generator=generator)
-        save_file(tensors, directory / "adapter_model.safetensors")
+        directory = write_psoft_adapter(work / f"psoft-{index}", llama_modules(LAYERS, TARGETS), RANK, seed=index + 1,
+                                        std=0.1)
         cli.main(["export-lora", "--base", str(work / "base"), "--adapter", str(directory), "--output",
                   str(work / f"lora-{index}"), "--no-verify"], standalone_mode=False)
         loras.append(work / f"lora-{index}")

@@ -146,7 +146,7 @@ def write_model_card(staging: Path, *, base: str, adapter: str, factors: Adapter
         "tags: [psoft, merged]",
         "---",
         "",
-        f"# Merged PSOFT model",
+        "# Merged PSOFT model",
         "",
         f"- base model: `{base}`",
         f"- adapter: `{adapter}` ({factors.adapter.format}"

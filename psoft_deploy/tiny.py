@@ -87,3 +87,30 @@ def build_tiny_model(output: Path, kind: str = "llama", seed: int = 0, with_toke
     if with_tokenizer:
         build_tokenizer(output, bundled_text(), vocab_size=model.config.vocab_size)
     return model
+
+
+def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed: int = 1, std: float = 0.05) -> Path:
+    """A PEFT-format PSOFT adapter for ``modules`` (full module names) with trained-like R
+    parameters (generator ~ N(0, std²), magnitudes 1 ± std), written as PEFT saves it."""
+    from peft import PsoftConfig
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    PsoftConfig(r=rank, psoft_alpha=rank, target_modules=targets, task_type="CAUSAL_LM").save_pretrained(directory)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in modules:
+        prefix = f"base_model.model.{name}.psoft_R"
+        tensors[f"{prefix}.weight"] = std * torch.randn(rank * (rank - 1) // 2, generator=generator)
+        tensors[f"{prefix}.vector_a"] = 1 + std * torch.randn(rank, generator=generator)
+        tensors[f"{prefix}.vector_b"] = 1 + std * torch.randn(rank, generator=generator)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    return directory
+
+
+def llama_modules(layers: int, targets: list[str]) -> list[str]:
+    """Full module names of ``targets`` (q_proj … down_proj) in every layer of a Llama."""
+    blocks = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    return [f"model.layers.{layer}.{blocks[target]}.{target}" for layer in range(layers) for target in targets]

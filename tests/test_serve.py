@@ -6,7 +6,6 @@ transformers (+ PEFT's PSOFT layer, or the reference forward for the paper forma
 """
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -16,7 +15,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
