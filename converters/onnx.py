@@ -22,15 +22,36 @@ from psoft_deploy.model import load_base_model
 GRAPH = "model.onnx"
 
 
-class CausalLMForExport(nn.Module):
-    """A transformers causal LM with flat tensor inputs and outputs, as the graph exposes them."""
+class LoraInputLinear(nn.Module):
+    """A linear layer plus a LoRA update whose factors (A: r×in, B: out×r) are graph inputs."""
 
-    def __init__(self, model: nn.Module, with_past: bool):
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = self.factors
+        return self.base_layer(x) + (x @ lora_A.T) @ lora_B.T
+
+
+class CausalLMForExport(nn.Module):
+    """A transformers causal LM with flat tensor inputs and outputs, as the graph exposes them;
+    ``lora_modules`` become `LoraInputLinear` layers fed from the ``lora`` inputs."""
+
+    def __init__(self, model: nn.Module, with_past: bool, lora_modules: list[str] = ()):
         super().__init__()
         self.model, self.with_past = model, with_past
         self.layers = model.config.num_hidden_layers
+        self.lora_modules = list(lora_modules)
+        for name in self.lora_modules:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, LoraInputLinear(getattr(parent, child)))
 
-    def forward(self, input_ids, attention_mask, position_ids=None, *past):
+    def forward(self, input_ids, attention_mask, position_ids=None, past=(), lora=()):
+        for index, name in enumerate(self.lora_modules):
+            self.model.get_submodule(name).factors = (lora[2 * index], lora[2 * index + 1])
         if not self.with_past:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         from transformers import DynamicCache
@@ -49,64 +70,109 @@ def past_shape(config, batch: int, length: int) -> tuple[int, int, int, int]:
     return batch, heads, length, head_dim
 
 
-def io_names(layers: int, with_past: bool) -> tuple[list[str], list[str]]:
-    if not with_past:
-        return ["input_ids", "attention_mask"], ["logits"]
-    past = [f"past.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+def lora_input_names(module: str) -> tuple[str, str]:
+    """Graph input (and .onnx_adapter parameter) names of one module's LoRA factors."""
+    return f"lora.{module}.A", f"lora.{module}.B"
 
 
-def export_graph(model_dir: Path, staging: Path, *, with_past: bool, dtype: torch.dtype, opset: int) -> None:
-    """Export ``model_dir`` (a causal LM) to ``staging/model.onnx`` with external weights."""
+def io_names(layers: int, with_past: bool, lora_modules: list[str]) -> tuple[list[str], list[str]]:
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+    if with_past:
+        inputs += ["position_ids"] + [f"past.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+        outputs += [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return inputs + [name for module in lora_modules for name in lora_input_names(module)], outputs
+
+
+def export_graph(model_dir: Path, staging: Path, *, with_past: bool, dtype: torch.dtype, opset: int,
+                 lora_modules: list[str] = ()) -> None:
+    """Export ``model_dir`` (a causal LM) to ``staging/model.onnx`` with external weights; each of
+    ``lora_modules`` gets LoRA inputs with a dynamic rank and rank-0 zero defaults."""
     model = load_base_model(model_dir, dtype)
     if not model.__class__.__name__.endswith("ForCausalLM"):
         raise UserError(f"export-onnx exports causal language models; {model.__class__.__name__} is not one")
-    wrapper = CausalLMForExport(model, with_past).eval()
-    batch, seq, past_len = 2, 3, 2
-    input_ids = torch.randint(4, model.config.vocab_size, (batch, seq))
+    for name in lora_modules:
+        if not isinstance(model.get_submodule(name), nn.Linear):
+            raise UserError(f"{name} is not a linear layer of {model.__class__.__name__}")
+    wrapper = CausalLMForExport(model, with_past, lora_modules).eval()
+    batch, seq, past_len, example_rank = 2, 3, 2, 2  # lengths ≥ 2: 0 and 1 would be specialised
     total = seq + (past_len if with_past else 0)
     attention_mask = torch.ones(batch, total, dtype=torch.int64)
     attention_mask[1, -1] = 0  # a padded example keeps the mask an input of the graph
-    args: tuple = (input_ids, attention_mask)
-    if with_past:
-        position_ids = torch.arange(past_len, total).expand(batch, seq).contiguous()
-        past = [torch.randn(past_shape(model.config, batch, past_len), dtype=dtype)
-                for _ in range(2 * wrapper.layers)]
-        args = (input_ids, attention_mask, position_ids, *past)
+    position_ids = torch.arange(past_len, total).expand(batch, seq).contiguous() if with_past else None
+    past = tuple(torch.randn(past_shape(model.config, batch, past_len), dtype=dtype)
+                 for _ in range(2 * wrapper.layers)) if with_past else ()
+    lora = []
+    for name in lora_modules:
+        layer = model.get_submodule(name).base_layer
+        lora += [torch.zeros(example_rank, layer.in_features, dtype=dtype),
+                 torch.zeros(layer.out_features, example_rank, dtype=dtype)]
+    args = (torch.randint(4, model.config.vocab_size, (batch, seq)), attention_mask, position_ids, past, tuple(lora))
     auto = torch.export.Dim.AUTO
-    dynamic = [{0: auto, 1: auto}, {0: auto, 1: auto}]
-    if with_past:  # the past tensors arrive as one *args tuple
-        dynamic += [{0: auto, 1: auto}, tuple([{0: auto, 2: auto}] * (2 * wrapper.layers))]
-    inputs, outputs = io_names(wrapper.layers, with_past)
+    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto} if with_past else None,
+               tuple({0: auto, 2: auto} for _ in past), tuple({0: auto} if i % 2 == 0 else {1: auto}
+                                                             for i in range(len(lora))))
+    inputs, outputs = io_names(wrapper.layers, with_past, list(lora_modules))
     try:
-        program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=tuple(dynamic), opset_version=opset,
+        program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
                                     input_names=inputs, output_names=outputs, external_data=True)
         program.save(str(staging / GRAPH), external_data=True)
     except Exception as error:
         raise UserError(f"torch.onnx could not export {model.__class__.__name__}: {type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    if lora_modules:
+        _add_rank_zero_defaults(staging / GRAPH)
     for file in model_dir.iterdir():
         if file.is_file() and (file.suffix == ".json" and "safetensors" not in file.name or file.suffix in
                                (".txt", ".model", ".jinja")):
             shutil.copyfile(file, staging / file.name)
 
 
-def onnx_logits(onnx_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Logits of a full sequence from the exported graph (an empty past for with-past graphs)."""
+def _add_rank_zero_defaults(graph_file: Path) -> None:
+    """Give every LoRA input an empty (rank-0) initializer: no adapter means the base model."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph_file), load_external_data=False)
+    for graph_input in model.graph.input:
+        if not graph_input.name.startswith("lora."):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in graph_input.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(dims, dtype=dtype), graph_input.name))
+    onnx.save(model, str(graph_file))
+
+
+def write_onnx_adapter(factors, file: Path) -> None:
+    """One adapter as an onnxruntime ``.onnx_adapter`` file: exact LoRA factors, scale in B."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(onnx_dir / GRAPH), providers=["CPUExecutionProvider"])
+    arrays = {}
+    for name, module in factors.modules.items():
+        lora_A, lora_B = module.lora()
+        input_A, input_B = lora_input_names(name)
+        arrays[input_A] = lora_A.detach().float().numpy()
+        arrays[input_B] = lora_B.detach().float().numpy()
+    values = {name: onnxruntime.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+    adapter = onnxruntime.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(values)  # `values` (and `arrays`) stay referenced until the export below
+    adapter.export_adapter(str(file))
+
+
+def onnx_logits(onnx_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray,
+                adapter_file: Path | None = None) -> np.ndarray:
+    """Logits of a full sequence from the exported graph (an empty past for with-past graphs),
+    with one ``.onnx_adapter`` active if given."""
+    from psoft_deploy.generate import OnnxModel
+
+    model = OnnxModel(onnx_dir, adapter_file)
+    batch, seq = input_ids.shape
     feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-    names = {i.name: i for i in session.get_inputs()}
-    if "position_ids" in names:
-        batch, seq = input_ids.shape
+    if model.past_names:
         feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-        for name, meta in names.items():
-            if name.startswith("past."):
-                heads, head_dim = meta.shape[1], meta.shape[3]
-                feeds[name] = np.zeros((batch, heads, 0, head_dim), dtype=_numpy_dtype(meta.type))
-    return session.run(["logits"], feeds)[0]
+        feeds |= model.empty_past(batch)
+    return model.run(["logits"], feeds)[0]
 
 
 def _numpy_dtype(onnx_type: str):

@@ -91,13 +91,14 @@ def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch
 
 
 def verify_full(
-    base: BaseCheckpoint, factors: AdapterFactors | None, candidate_dir: Path, prompts=None, *, kind: str = "merged"
+    base: BaseCheckpoint, factors: AdapterFactors | None, candidate_dir: Path, prompts=None, *, kind: str = "merged",
+    adapter_file: Path | None = None,
 ) -> dict:
     """Run the fp32 reference and the candidate on the verification prompts.
 
     ``kind`` is ``merged`` (a model directory, run by transformers), ``lora`` (an adapter loaded
     onto the base by PEFT's own LoRA code, independent of ours) or ``onnx`` (an exported graph,
-    run by onnxruntime). fp32 candidates must match
+    run by onnxruntime, with ``adapter_file`` active when given). fp32 candidates must match
     within max |Δlogits| ≤ 1e-4 with 100 % top-1 agreement. A half-precision candidate is
     held to the dtype's own effect: the reference is also run in the candidate's dtype (the
     adapter unmerged, as PEFT would run it), and the candidate may deviate from fp32 by at
@@ -122,7 +123,7 @@ def verify_full(
     if kind == "onnx":
         from psoft_deploy.converters.onnx import onnx_logits
 
-        raw = onnx_logits(candidate_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy())
+        raw = onnx_logits(candidate_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), adapter_file)
         actual = real_positions(torch.from_numpy(raw), mask)
     elif kind == "lora":
         actual = logits(load_lora_candidate(base.path, candidate_dir, dtype))
@@ -234,8 +235,15 @@ def verify_candidate(
     base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, *, mode: str = "auto", prompts=None
 ) -> dict:
     """Verify a merged model directory (``mode``: full, layerwise, or auto by size), a LoRA
-    adapter directory (export-lora's or any PEFT LoRA), or an exported ONNX directory."""
+    adapter directory (export-lora's or any PEFT LoRA), an exported ONNX directory, or an
+    ``.onnx_adapter`` file (run on the graph beside it)."""
     candidate_dir = Path(candidate_dir)
+    if candidate_dir.suffix == ".onnx_adapter":
+        graph_dir = next((d for d in (candidate_dir.parent, candidate_dir.parent.parent) if (d / "model.onnx").is_file()),
+                         None)
+        if graph_dir is None:
+            raise UserError(f"found no model.onnx next to {candidate_dir} or one directory up")
+        return verify_full(base, factors, graph_dir, prompts, kind="onnx", adapter_file=candidate_dir)
     if (candidate_dir / ADAPTER_CONFIG).is_file():
         config = read_json(candidate_dir / ADAPTER_CONFIG)
         if str(config.get("peft_type", "")).upper() != "LORA":

@@ -240,7 +240,10 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
 
 @cli.command(name="export-onnx")
 @click.option("--base", required=True, help="Base model: a local directory or a hub id.")
-@click.option("--adapter", type=click.Path(), default=None, help="Adapter to merge in (any format); none: the base.")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Adapter to merge in (any format). With --adapters-as-inputs: NAME=PATH, repeatable.")
+@click.option("--adapters-as-inputs", is_flag=True,
+              help="Export the base once with LoRA inputs (rank-0 defaults) and one .onnx_adapter per adapter.")
 @click.option("--output", required=True, type=click.Path(), help="Directory for model.onnx and its weights.")
 @click.option("--with-past", is_flag=True, help="One graph for prefill and decode, with past/present key-values.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
@@ -248,17 +251,23 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
 @click.option("--no-verify", is_flag=True, help="Skip running onnxruntime against the reference.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @adapter_options
-def export_onnx_command(base, adapter, output, with_past, dtype, opset, no_verify, overwrite, **options):
-    """Export the merged model (base + adapter) as one ONNX causal-LM graph, verified in onnxruntime.
+def export_onnx_command(base, adapters, adapters_as_inputs, output, with_past, dtype, opset, no_verify, overwrite,
+                        **options):
+    """Export a causal LM as one ONNX graph, verified in onnxruntime against the reference.
 
-    Inputs input_ids and attention_mask (with --with-past also position_ids and
-    past.{i}.key/value), outputs logits (and present.{i}.key/value), dynamic batch, sequence
-    and past lengths; weights as external data; tokenizer and config copied.
+    With --adapter, the merged model (base + adapter). With --adapters-as-inputs, the base
+    once, with LoRA A and B inputs (dynamic rank, rank-0 defaults: no adapter = the base) for
+    every module the adapters adapt, and adapters/NAME.onnx_adapter per adapter (scale folded
+    into B); switching adapters is then a memory-mapped load. Inputs input_ids and
+    attention_mask (with --with-past also position_ids and past.{i}.key/value), outputs logits
+    (and present.{i}.key/value); dynamic batch, sequence and past lengths; weights as
+    external data; tokenizer and config copied.
 
     \b
-    Example:
+    Examples:
       psoft-deploy export-onnx --base ./llama --adapter ./psoft-adapter --output ./onnx --with-past
-      psoft-deploy generate --onnx ./onnx --prompt "Once upon a time"
+      psoft-deploy export-onnx --base ./llama --adapters-as-inputs --adapter math=./a --adapter code=./b --output ./o
+      psoft-deploy generate --onnx ./o --adapter-file ./o/adapters/math.onnx_adapter --prompt "2 + 2 ="
     """
     import shutil
     import tempfile
@@ -267,7 +276,7 @@ def export_onnx_command(base, adapter, output, with_past, dtype, opset, no_verif
     import torch
 
     from psoft_deploy.converters.merge import merge_to_directory
-    from psoft_deploy.converters.onnx import export_graph
+    from psoft_deploy.converters.onnx import export_graph, write_onnx_adapter
     from psoft_deploy.converters.verify import format_verification, verify_full
 
     from .base import BaseCheckpoint
@@ -275,41 +284,68 @@ def export_onnx_command(base, adapter, output, with_past, dtype, opset, no_verif
     from .outputs import atomic_output_dir
 
     checkpoint = BaseCheckpoint(base)
-    factors = load_factors(adapter, checkpoint, **factor_kwargs(options)) if adapter else None
+    named = parse_named_adapters(adapters) if adapters_as_inputs else {}
+    if not adapters_as_inputs and len(adapters) > 1:
+        raise UserError("a merged export takes one --adapter; pass --adapters-as-inputs for several")
+    factors = {name: load_factors(path, checkpoint, **factor_kwargs(options)) for name, path in named.items()}
+    merged_factors = load_factors(adapters[0], checkpoint, **factor_kwargs(options)) if adapters and not named else None
+    lora_modules = sorted({module for f in factors.values() for module in f.modules})
+    checks = []  # (label, factors or None for the base, adapter file)
     with atomic_output_dir(output, overwrite) as staging:
         merged = Path(tempfile.mkdtemp(prefix=".merged-", dir=staging.parent))
         try:
-            if factors is not None:
-                merge_to_directory(checkpoint, factors, merged, dtype="float32")
-            export_graph(merged if factors is not None else checkpoint.path, staging, with_past=with_past,
-                         dtype=getattr(torch, dtype), opset=opset)
+            if merged_factors is not None:
+                merge_to_directory(checkpoint, merged_factors, merged, dtype="float32")
+            export_graph(merged if merged_factors is not None else checkpoint.path, staging, with_past=with_past,
+                         dtype=getattr(torch, dtype), opset=opset, lora_modules=lora_modules)
         finally:
             shutil.rmtree(merged, ignore_errors=True)
-        verification = "not run (--no-verify)"
-        if not no_verify:
-            report = verify_full(checkpoint, factors, staging, kind="onnx")
-            verification = format_verification(report)
-            (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
+        checks.append(("merged model" if merged_factors is not None else "base", merged_factors, None))
+        if factors:
+            (staging / "adapters").mkdir()
+        for name, adapter_factors in factors.items():
+            write_onnx_adapter(adapter_factors, staging / "adapters" / f"{name}.onnx_adapter")
+            checks.append((f"adapter {name}", adapter_factors, staging / "adapters" / f"{name}.onnx_adapter"))
+        reports = {}
+        for label, reference, adapter_file in checks if not no_verify else []:
+            report = verify_full(checkpoint, reference, staging, kind="onnx", adapter_file=adapter_file)
+            reports[label] = report
+            click.echo(f"verification ({label}): {format_verification(report)}")
             if not report["passed"]:
-                raise UserError(f"the ONNX export failed verification, nothing written: {verification}")
-    click.echo(f"verification: {verification}")
-    click.echo(f"exported {'base + adapter' if adapter else 'the base'} to {output}/model.onnx"
-               + (" (with past key-values)" if with_past else ""))
+                raise UserError(f"the ONNX export failed verification ({label}), nothing written")
+        (staging / "psoft_verification.json").write_text(json.dumps(reports, indent=2) + "\n")
+    what = "the merged model" if merged_factors is not None else "the base" + (
+        f" with LoRA inputs and {len(factors)} adapter file(s)" if factors else "")
+    click.echo(f"exported {what} to {output}/model.onnx" + (" (with past key-values)" if with_past else ""))
+
+
+def parse_named_adapters(items) -> dict[str, str]:
+    """NAME=PATH pairs (a bare PATH is named after its directory)."""
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = item.rstrip("/").rsplit("/", 1)[-1], item
+        if not name or not path or name in named:
+            raise UserError(f"--adapter takes NAME=PATH with distinct names, got {item!r}")
+        named[name] = path
+    return named
 
 
 @cli.command()
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="An export-onnx output directory.")
+@click.option("--adapter-file", type=click.Path(), default=None, help="An .onnx_adapter to run the graph with.")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def generate(onnx_dir, prompt, max_new_tokens, temperature, top_k, seed):
+def generate(onnx_dir, adapter_file, prompt, max_new_tokens, temperature, top_k, seed):
     """Generate text with an exported graph through onnxruntime alone (no torch)."""
     from .generate import generate as run_generation
 
-    text, _ = run_generation(onnx_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             seed=seed)
+    text, _ = run_generation(onnx_dir, prompt, adapter_file=adapter_file, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, seed=seed)
     click.echo(prompt + text)
 
 
@@ -374,14 +410,7 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, vllm_args, **opti
     from psoft_deploy.serve.cache import default_cache_dir
     from psoft_deploy.serve.launcher import plan_serve, run_server
 
-    named = {}
-    for item in adapters:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"--adapter takes NAME=PATH, got {item!r}")
-        if name in named:
-            raise UserError(f"adapter name {name!r} is given twice")
-        named[name] = path
+    named = parse_named_adapters(adapters)
     if not named and not adapter_root:
         raise UserError("nothing to serve: pass --adapter NAME=PATH and/or --adapter-root DIR")
     kwargs = factor_kwargs(options)

@@ -23,20 +23,61 @@ def eos_token_ids(onnx_dir: Path) -> set[int]:
     return set()
 
 
-def generate(onnx_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int = 0, seed: int = 0) -> tuple[str, list[int]]:
+class OnnxModel:
+    """An exported graph in onnxruntime with at most one ``.onnx_adapter`` active. It keeps the
+    ``LoraAdapter`` referenced for its own lifetime (onnxruntime silently runs the base model once
+    the adapter object is collected) and refuses an adapter whose parameters the graph lacks."""
+
+    def __init__(self, onnx_dir: str | Path, adapter_file: str | Path | None = None):
+        import onnxruntime
+
+        onnx_dir = Path(onnx_dir)
+        if not (onnx_dir / "model.onnx").is_file():
+            raise UserError(f"{onnx_dir} holds no model.onnx (an export-onnx output directory)")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # LoRA inputs with defaults are intended; don't warn about each one
+        self.session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.inputs = {meta.name: meta for meta in self.session.get_inputs()}
+        self.lora_inputs = {meta.name for meta in self.session.get_overridable_initializers()}
+        self.past_names = [name for name in self.inputs if name.startswith("past.")]
+        self.present_names = [name.replace("past.", "present.", 1) for name in self.past_names]
+        self.adapter, self.run_options = None, None
+        if adapter_file is not None:
+            adapter_file = Path(adapter_file)
+            if not adapter_file.is_file():
+                raise UserError(f"adapter file {adapter_file} does not exist")
+            try:
+                parameters = onnxruntime.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
+            except Exception as error:
+                raise UserError(f"{adapter_file} is not a readable .onnx_adapter file ({error})") from None
+            unknown = sorted(set(parameters) - self.lora_inputs)
+            if not parameters or unknown:
+                raise UserError(f"{adapter_file} does not fit this graph (parameters it lacks inputs for: "
+                                f"{', '.join(unknown[:3]) or 'none given'}); export the adapter for this model")
+            self.adapter = onnxruntime.LoraAdapter()
+            self.adapter.Load(str(adapter_file))
+            self.run_options = onnxruntime.RunOptions()
+            self.run_options.add_active_adapter(self.adapter)
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros((batch, self.inputs[name].shape[1], 0, self.inputs[name].shape[3]),
+                               dtype=FLOAT_TYPES.get(self.inputs[name].type, np.float32)) for name in self.past_names}
+
+    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(output_names, feeds, self.run_options)
+
+
+def generate(onnx_dir: str | Path, prompt: str, *, adapter_file: str | Path | None = None, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> tuple[str, list[int]]:
     """Greedy (``temperature=0``) or sampled continuation of ``prompt``; returns text and new token ids."""
-    import onnxruntime
     from tokenizers import Tokenizer
 
     onnx_dir = Path(onnx_dir)
-    if not (onnx_dir / "model.onnx").is_file() or not (onnx_dir / "tokenizer.json").is_file():
-        raise UserError(f"{onnx_dir} needs model.onnx and tokenizer.json (an export-onnx output directory)")
+    if not (onnx_dir / "tokenizer.json").is_file():
+        raise UserError(f"{onnx_dir} holds no tokenizer.json (an export-onnx output directory)")
     tokenizer = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
-    session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    inputs = {meta.name: meta for meta in session.get_inputs()}
-    past_names = [name for name in inputs if name.startswith("past.")]
-    present_names = [name.replace("past.", "present.", 1) for name in past_names]
+    model = OnnxModel(onnx_dir, adapter_file)
     rng = np.random.default_rng(seed)
     stop = eos_token_ids(onnx_dir)
 
@@ -44,23 +85,22 @@ def generate(onnx_dir: str | Path, prompt: str, *, max_new_tokens: int = 32, tem
     if not sequence:
         raise UserError("the prompt encodes to no tokens")
     new_tokens: list[int] = []
-    past = {name: np.zeros((1, inputs[name].shape[1], 0, inputs[name].shape[3]),
-                           dtype=FLOAT_TYPES.get(inputs[name].type, np.float32)) for name in past_names}
+    past = model.empty_past(1)
     step_ids = sequence
     for _ in range(max_new_tokens):
         total = len(sequence) + len(new_tokens)
         feeds = {"input_ids": np.array([step_ids], dtype=np.int64),
-                 "attention_mask": np.ones((1, total if past_names else len(step_ids)), dtype=np.int64)}
-        if past_names:
+                 "attention_mask": np.ones((1, total if model.past_names else len(step_ids)), dtype=np.int64)}
+        if model.past_names:
             feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None, :]
             feeds |= past
-        outputs = session.run(["logits", *present_names], feeds)
+        outputs = model.run(["logits", *model.present_names], feeds)
         token = pick(outputs[0][0, -1].astype(np.float64), temperature, top_k, rng)
         new_tokens.append(token)
         if token in stop:
             break
-        if past_names:
-            past = dict(zip(past_names, outputs[1:]))
+        if model.past_names:
+            past = dict(zip(model.past_names, outputs[1:]))
             step_ids = [token]
         else:
             step_ids = sequence + new_tokens

@@ -28,7 +28,7 @@ def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_b
     result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
                  "--with-past")
     assert result.exit_code == 0, result.output
-    assert "verification: PASS (full, float32)" in result.output
+    assert "verification (merged model): PASS (full, float32)" in result.output
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"} <= {
         p.name for p in (tmp_path / "onnx").iterdir()}
 
@@ -85,3 +85,68 @@ def test_bad_input(tiny_base, tmp_path):
     result = run("export-onnx", "--base", tiny_base("llama"), "--output", tmp_path / "out")
     assert result.exit_code == 1 and "--overwrite" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"], "no partial output"
+
+
+def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
+    import gc
+
+    from test_paper_format import make_paper_checkpoint
+
+    from psoft_deploy.errors import UserError
+    from psoft_deploy.generate import OnnxModel
+
+    base = tiny_base("llama")
+    make_peft_adapter(base, tmp_path / "p4", r=4, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(base, tmp_path / "p16", r=16, psoft_alpha=16, seed=3, target_modules=["o_proj", "down_proj"])
+    make_paper_checkpoint(base, tmp_path / "paper", tmp_path / "residual", r=8)
+    result = run("export-onnx", "--base", base, "--adapters-as-inputs", "--adapter", f"p4={tmp_path / 'p4'}",
+                 "--adapter", f"p16={tmp_path / 'p16'}", "--adapter", f"paper={tmp_path / 'paper'}",
+                 "--output", tmp_path / "onnx", "--with-past")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("PASS (full, float32)") == 4  # the base and each adapter
+
+    ids = input_ids(batch=2, length=8)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    keep = mask.numpy().astype(bool)
+    from psoft_deploy.model import load_base_model
+
+    with torch.no_grad():
+        base_logits = load_base_model(base)(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert np.abs(onnx_logits(tmp_path / "onnx", ids.numpy(), mask.numpy())[keep] - base_logits[keep]).max() <= 1e-4
+    for name in ("p4", "p16", "paper"):
+        factors = load_factors(str(tmp_path / name), str(base))
+        with torch.no_grad():
+            expected = reference_model(base, factors)(input_ids=ids, attention_mask=mask).logits.numpy()
+        file = tmp_path / "onnx" / "adapters" / f"{name}.onnx_adapter"
+        model = OnnxModel(tmp_path / "onnx", file)
+        gc.collect()  # our API holds the LoraAdapter: a collected one would silently run the base
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                 "position_ids": np.broadcast_to(np.arange(8), (2, 8)).copy(), **model.empty_past(2)}
+        actual = model.run(["logits"], feeds)[0]
+        assert np.abs(actual[keep] - expected[keep]).max() <= 1e-4
+        assert np.abs(actual[keep] - base_logits[keep]).max() > 1e-3
+
+    # an adapter for modules this graph has no inputs for is refused, not silently ignored
+    make_peft_adapter(base, tmp_path / "other", target_modules=["k_proj"])
+    from psoft_deploy.converters.onnx import write_onnx_adapter
+
+    write_onnx_adapter(load_factors(str(tmp_path / "other"), str(base)), tmp_path / "other.onnx_adapter")
+    with pytest.raises(UserError, match="does not fit this graph"):
+        OnnxModel(tmp_path / "onnx", tmp_path / "other.onnx_adapter")
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    encoded = tokenizer("The river carries water", return_tensors="pt")
+    with torch.no_grad():
+        reference = load_peft(base, tmp_path / "p16").generate(**encoded, max_new_tokens=8, min_new_tokens=8,
+                                                                 do_sample=False)
+    _, tokens = generate(tmp_path / "onnx", "The river carries water", max_new_tokens=8,
+                         adapter_file=tmp_path / "onnx" / "adapters" / "p16.onnx_adapter")
+    assert tokens == reference[0, encoded["input_ids"].shape[1]:].tolist()
+
+    good = run("verify", "--base", base, "--adapter", tmp_path / "p4", "--candidate",
+               tmp_path / "onnx" / "adapters" / "p4.onnx_adapter")
+    assert good.exit_code == 0 and good.output.startswith("PASS"), good.output
+    crossed = run("verify", "--base", base, "--adapter", tmp_path / "p4", "--candidate",
+                  tmp_path / "onnx" / "adapters" / "p16.onnx_adapter")
+    assert crossed.exit_code == 1 and crossed.output.startswith("FAIL"), crossed.output
