@@ -13,6 +13,7 @@ adapters this equals PEFT's own forward; the tests pin it). Two modes:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -294,3 +295,13 @@ def format_verification(report: dict) -> str:
                    f"differing, {len(report['tensors_missing'])} missing")
     verdict = "PASS" if report["passed"] else "FAIL"
     return f"{verdict} ({report['mode']}, {report['dtype']}): {numbers}; tolerance: {report['tolerance']}"
+
+
+def record_verification(staging: Path, artifact: str, report: dict) -> str:
+    """Save ``report`` beside the artifact being written; unless it passed, fail so that nothing
+    is written. Returns the one-line verdict."""
+    line = format_verification(report)
+    (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not report["passed"]:
+        raise UserError(f"the {artifact} failed verification, nothing written: {line}")
+    return line

@@ -159,7 +159,7 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
       psoft-deploy merge --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./merged
     """
     from psoft_deploy.converters.merge import merge_to_directory, write_model_card
-    from psoft_deploy.converters.verify import format_verification, verify_candidate
+    from psoft_deploy.converters.verify import record_verification, verify_candidate
 
     from .base import BaseCheckpoint
     from .factors import load_factors
@@ -171,11 +171,8 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
         plan = merge_to_directory(checkpoint, factors, staging, dtype=dtype, max_shard_size=max_shard_size)
         verification = "not run (--no-verify)"
         if not no_verify:
-            report = verify_candidate(checkpoint, factors, staging, mode=verify_mode)
-            verification = format_verification(report)
-            (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
-            if not report["passed"]:
-                raise UserError(f"the merged model failed verification, nothing written: {verification}")
+            verification = record_verification(staging, "merged model",
+                                               verify_candidate(checkpoint, factors, staging, mode=verify_mode))
         write_model_card(staging, base=base, adapter=adapter, factors=factors, verification=verification)
     click.echo(f"verification: {verification}")
     click.echo(f"merged {len(factors.modules)} modules into {output} "
@@ -209,7 +206,7 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
     from pathlib import Path
 
     from psoft_deploy.converters.lora import export_lora
-    from psoft_deploy.converters.verify import format_verification, verify_candidate
+    from psoft_deploy.converters.verify import record_verification, verify_candidate
 
     from .base import BaseCheckpoint
     from .factors import load_factors
@@ -223,11 +220,7 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
                              target=None if target == "peft" else target)
         verification = "not run (--no-verify)"
         if not no_verify:
-            report = verify_candidate(checkpoint, factors, staging)
-            verification = format_verification(report)
-            (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
-            if not report["passed"]:
-                raise UserError(f"the exported adapter failed verification, nothing written: {verification}")
+            verification = record_verification(staging, "exported adapter", verify_candidate(checkpoint, factors, staging))
     ranks = sorted(set(result.ranks.values()))
     worst = max(result.errors, key=result.errors.get)
     click.echo(f"verification: {verification}")
