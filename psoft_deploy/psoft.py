@@ -9,6 +9,7 @@ verify and serve all call these functions; nothing else re-implements them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,9 +46,15 @@ class SubspaceSpec:
     init: Literal["psoft_init", "pissa_init"] = "psoft_init"
 
 
+@functools.lru_cache(maxsize=64)
+def _triangle(r: int, convention: str) -> torch.Tensor:
+    # PEFT packs the strict upper triangle, the paper the strict lower one (row-major both).
+    return torch.triu_indices(r, r, 1) if convention == "peft" else torch.tril_indices(r, r, -1)
+
+
 def skew_generator(params: torch.Tensor, r: int, convention: str) -> torch.Tensor:
     """The skew-symmetric generator (Q for PEFT, K for the paper) from its packed triangle."""
-    rows, cols = torch.triu_indices(r, r, 1) if convention == "peft" else torch.tril_indices(r, r, -1)
+    rows, cols = _triangle(r, convention)
     T = torch.zeros((r, r), dtype=params.dtype, device=params.device)
     T = T.index_put((rows.to(params.device), cols.to(params.device)), params)
     return T - T.T
