@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each runs both sides twice).")
     parser.add_argument("--side", choices=["ours", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,22 +100,22 @@ def main() -> None:
         text = " ".join(bundled_text())
         (work / "data.txt").write_text("\n".join(text[i:i + 400] for i in range(0, len(text) - 400, 40)) + "\n")
         runs: dict[str, list[dict]] = {"peft": [], "ours": []}
-        for side in ("peft", "ours", "ours", "peft"):  # ABBA: whichever runs later is a few % slower here
+        for side in ("peft", "ours", "ours", "peft") * args.rounds:  # ABBA: run order alone shifts times here
             process = subprocess.run([sys.executable, __file__, "--side", side, "--work", str(work), "--steps",
                                       str(args.steps)], capture_output=True, text=True)
             if process.returncode != 0:
                 raise SystemExit(process.stderr[-4000:])
             line = next(l for l in process.stdout.splitlines() if l.startswith("RESULT "))
             runs[side].append(json.loads(line.removeprefix("RESULT ")))
-    peft, ours = ({"seconds_per_step": sum(r["seconds_per_step"] for r in side) / len(side),
+    peft, ours = ({"seconds_per_step": statistics.mean(r["seconds_per_step"] for r in side),
+                   "spread": (max(r["seconds_per_step"] for r in side) - min(r["seconds_per_step"] for r in side)),
                    "peak_rss": max(r["peak_rss"] for r in side), "final_loss": side[0]["final_loss"]}
                   for side in (runs["peft"], runs["ours"]))
     print(f"Llama {HIDDEN}×{LAYERS} (~100M), PSOFT r=32 on q_proj, v_proj, batch 4×128 tokens, {args.steps} steps, "
-          f"fp32, torch threads={torch.get_num_threads()}, 2 runs per side (ABBA)")
-    print(f"  PEFT PSOFT layer (anchor)   {peft['seconds_per_step']:6.3f} s/step   peak RSS "
-          f"{peft['peak_rss'] / 2**30:5.2f} GiB   final loss {peft['final_loss']:.4f}")
-    print(f"  psoft-deploy train          {ours['seconds_per_step']:6.3f} s/step   peak RSS "
-          f"{ours['peak_rss'] / 2**30:5.2f} GiB   final loss {ours['final_loss']:.4f}")
+          f"fp32, torch threads={torch.get_num_threads()}, {2 * args.rounds} runs per side (ABBA)")
+    for label, side in (("PEFT PSOFT layer (anchor)", peft), ("psoft-deploy train", ours)):
+        print(f"  {label:<27} {side['seconds_per_step']:6.3f} s/step (runs spread {side['spread']:.3f})   peak RSS "
+              f"{side['peak_rss'] / 2**30:5.2f} GiB   final loss {side['final_loss']:.4f}")
     print(f"  ratio psoft-deploy / PEFT: {ours['seconds_per_step'] / peft['seconds_per_step']:.2f}x time per step, "
           f"{ours['peak_rss'] / peft['peak_rss']:.2f}x peak RSS")
 

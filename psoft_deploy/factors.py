@@ -55,6 +55,11 @@ def derive_factors(
         raise UserError("a PEFT PSOFT adapter stores only R; pass --base so A and B can be rebuilt from it")
     if svd_dtype is not None and svd_dtype not in DTYPES:
         raise UserError(f"--svd-dtype must be one of {', '.join(DTYPES)}, got {svd_dtype!r}")
+    if adapter.format == "peft":
+        try:
+            torch.empty(0, device=svd_device)
+        except (RuntimeError, AssertionError) as error:
+            raise UserError(f"--svd-device {svd_device!r} is not usable here ({str(error).splitlines()[0]})") from None
     modules: dict[str, ModuleFactors] = {}
     fingerprints: dict[str, dict] = {}
     stored = adapter.metadata.get("modules", {})

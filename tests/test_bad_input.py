@@ -131,3 +131,11 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert process.returncode == 1
     assert process.stderr.strip() == f"Error: adapter {tmp_path / 'missing'} does not exist"
     assert process.stdout == ""
+
+
+def test_unusable_svd_device(good, tmp_path):
+    base_dir, adapter_dir = good
+    result = run("materialize", "--base", base_dir, "--adapter", adapter_dir, "--output", tmp_path / "out",
+                 "--svd-device", "quantum")
+    assert_one_line_error(result, "--svd-device 'quantum' is not usable here")
+    assert not (tmp_path / "out").exists()
