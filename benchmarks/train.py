@@ -31,6 +31,26 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM")
 
 
+def record_training_peak() -> list[int]:
+    """Peak RSS when training ends (before psoft-deploy writes its outputs), for either side."""
+    import transformers
+
+    peak = [0]
+
+    class AtTrainEnd(transformers.TrainerCallback):
+        def on_train_end(self, *args, **kwargs):
+            peak[0] = peak_rss()
+
+    original = transformers.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(AtTrainEnd())
+
+    transformers.Trainer.__init__ = init
+    return peak
+
+
 def run_ours(base: Path, data: Path, output: Path, steps: int) -> dict:
     from psoft_deploy.train import train
 
@@ -79,10 +99,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
+        training_peak = record_training_peak()
         runner = run_ours if args.side == "ours" else run_peft
         output = Path(tempfile.mkdtemp(dir=args.work, prefix=args.side))
         result = runner(args.work / "base", args.work / "data.txt", output, args.steps)
-        print("RESULT " + json.dumps(result | {"peak_rss": peak_rss()}))
+        print("RESULT " + json.dumps(result | {"peak_rss": training_peak[0]}))
         return
 
     import torch
