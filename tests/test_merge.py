@@ -184,24 +184,26 @@ def test_truncated_base_shard(sharded, tmp_path):
     assert_clean_failure(result, tmp_path, "not a readable safetensors file")
 
 
-def test_index_pointing_to_a_missing_shard(sharded, tmp_path):
+def point_norm_to_a_missing_shard(weight_map):
+    weight_map["model.norm.weight"] = "model-00099-of-00099.safetensors"
+
+
+def drop_an_adapted_tensor(weight_map):
+    del weight_map["model.layers.1.self_attn.v_proj.weight"]
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (point_norm_to_a_missing_shard, "is missing"),
+    (drop_an_adapted_tensor, "has no tensor 'model.layers.1.self_attn.v_proj.weight'"),
+])
+def test_broken_index(edit, fragment, sharded, tmp_path):
     base_dir, adapter = sharded
     index_file = base_dir / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
-    index["weight_map"]["model.norm.weight"] = "model-00099-of-00099.safetensors"
-    index_file.write_text(json.dumps(index))
-    result = run("merge", "--base", base_dir, "--adapter", adapter, "--output", tmp_path / "out")
-    assert_clean_failure(result, tmp_path, "is missing")
-
-
-def test_index_missing_an_adapted_tensor(sharded, tmp_path):
-    base_dir, adapter = sharded
-    index_file = base_dir / "model.safetensors.index.json"
-    index = json.loads(index_file.read_text())
-    del index["weight_map"]["model.layers.1.self_attn.v_proj.weight"]
+    edit(index["weight_map"])
     index_file.write_text(json.dumps(index))
     result = run("merge", "--base", base_dir, "--adapter", adapter, "--output", tmp_path / "out", "--no-verify")
-    assert_clean_failure(result, tmp_path, "has no tensor 'model.layers.1.self_attn.v_proj.weight'")
+    assert_clean_failure(result, tmp_path, fragment)
 
 
 def test_adapter_for_another_architecture(tiny_base, tmp_path):
