@@ -57,9 +57,13 @@ class PsoftLinear(nn.Module):
         result = self.base_layer(x)
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         xa = self.dropout(x).to(compute_dtype) @ self.A.to(compute_dtype).T
-        xr = xa @ self.rotation().to(compute_dtype).T
-        delta = (xr - xa) @ self.B.to(compute_dtype).T
-        return result + (self.scale * delta).to(result.dtype)
+        rotated = xa @ self.rotation().to(compute_dtype).T - xa
+        scaled_B = self.scale * self.B.to(compute_dtype)  # out×r, cheaper than scaling the n×out update
+        if result.dtype != compute_dtype:
+            return result + (rotated @ scaled_B.T).to(result.dtype)
+        # One GEMM adds the update to the base output: no separate scale and add passes over n×out.
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), rotated.reshape(-1, rotated.shape[-1]), scaled_B.T)
+        return flat.view_as(result)
 
 
 def apply_factors(
