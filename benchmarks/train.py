@@ -2,8 +2,8 @@
 
 Same model (Llama 768×12, ~100M parameters, random weights, fp32), data, batch (4 × 128 tokens),
 optimizer and Trainer settings, PSOFT r = 32 on q_proj and v_proj; each side trains in its own
-process, which reports seconds per optimizer step (Trainer's train_runtime / steps, so model
-loading and the SVDs are excluded) and its peak RSS.
+process, which reports its median optimizer-step time after two warm-up steps (model loading and
+the SVDs excluded) and its peak RSS when training ends.
 
     python benchmarks/train.py [--steps 20]
 """
@@ -31,24 +31,34 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM")
 
 
-def record_training_peak() -> list[int]:
-    """Peak RSS when training ends (before psoft-deploy writes its outputs), for either side."""
+def record_training(steps_skipped: int = 2) -> dict:
+    """Install, on every Trainer this process creates, a callback that records the duration of each
+    optimizer step after the first ``steps_skipped`` (warm-up) and the peak RSS when training ends
+    (before psoft-deploy writes its outputs); the same for either side."""
+    import time
+
     import transformers
 
-    peak = [0]
+    record = {"step_seconds": [], "peak_rss": 0}
 
-    class AtTrainEnd(transformers.TrainerCallback):
+    class Recorder(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if state.global_step > steps_skipped:
+                record["step_seconds"].append(now - self.last)
+            self.last = now
+
         def on_train_end(self, *args, **kwargs):
-            peak[0] = peak_rss()
+            record["peak_rss"] = peak_rss()
 
     original = transformers.Trainer.__init__
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        self.add_callback(AtTrainEnd())
+        self.add_callback(Recorder())
 
     transformers.Trainer.__init__ = init
-    return peak
+    return record
 
 
 def run_ours(base: Path, data: Path, output: Path, steps: int) -> dict:
@@ -56,14 +66,11 @@ def run_ours(base: Path, data: Path, output: Path, steps: int) -> dict:
 
     train(["--base_model_name_or_path", str(base), "--output_dir", str(output), "--data_path", str(data),
            "--max_steps", str(steps), *COMMON])
-    summary = json.loads((output / "training_summary.json").read_text())
-    return {"seconds_per_step": summary["seconds"] / summary["steps"], "final_loss": summary["final_loss"]}
+    return {"final_loss": json.loads((output / "training_summary.json").read_text())["final_loss"]}
 
 
 def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
     """The same Trainer run on PEFT's PSOFT layer (get_peft_model)."""
-    import time
-
     from peft import PsoftConfig, get_peft_model
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
 
@@ -85,10 +92,8 @@ def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
                                              per_device_train_batch_size=args.per_device_train_batch_size,
                                              logging_steps=args.logging_steps, save_steps=args.save_steps,
                                              seed=args.seed, report_to="none", remove_unused_columns=False))
-    start = time.perf_counter()
     trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {"seconds_per_step": (time.perf_counter() - start) / trainer.state.global_step, "final_loss": losses[-1]}
+    return {"final_loss": [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]}
 
 
 def main() -> None:
@@ -99,11 +104,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        training_peak = record_training_peak()
+        record = record_training()
         runner = run_ours if args.side == "ours" else run_peft
         output = Path(tempfile.mkdtemp(dir=args.work, prefix=args.side))
         result = runner(args.work / "base", args.work / "data.txt", output, args.steps)
-        print("RESULT " + json.dumps(result | {"peak_rss": training_peak[0]}))
+        print("RESULT " + json.dumps(result | {"seconds_per_step": statistics.median(record["step_seconds"]),
+                                               "peak_rss": record["peak_rss"]}))
         return
 
     import torch
@@ -128,18 +134,19 @@ def main() -> None:
                 raise SystemExit(process.stderr[-4000:])
             line = next(l for l in process.stdout.splitlines() if l.startswith("RESULT "))
             runs[side].append(json.loads(line.removeprefix("RESULT ")))
-    peft, ours = ({"seconds_per_step": statistics.mean(r["seconds_per_step"] for r in side),
-                   "spread": (max(r["seconds_per_step"] for r in side) - min(r["seconds_per_step"] for r in side)),
-                   "peak_rss": max(r["peak_rss"] for r in side), "final_loss": side[0]["final_loss"]}
-                  for side in (runs["peft"], runs["ours"]))
+    # Each ABBA block gives one paired ratio, its two sides run back to back under the same conditions.
+    paired = [statistics.mean(r["seconds_per_step"] for r in runs["ours"][2 * i:2 * i + 2])
+              / statistics.mean(r["seconds_per_step"] for r in runs["peft"][2 * i:2 * i + 2])
+              for i in range(args.rounds)]
     print(f"Llama {HIDDEN}×{LAYERS} (~100M), PSOFT r=32 on q_proj, v_proj, batch 4×128 tokens, {args.steps} steps, "
           f"fp32, torch threads={torch.get_num_threads()}, {2 * args.rounds} runs per side (ABBA)")
-    for label, side in (("PEFT PSOFT layer (anchor)", peft), ("psoft-deploy train", ours)):
-        print(f"  {label:<27} {side['seconds_per_step']:6.3f} s/step (runs spread {side['spread']:.3f})   peak RSS "
-              f"{side['peak_rss'] / 2**30:5.2f} GiB   final loss {side['final_loss']:.4f}")
-    print(f"  ratio psoft-deploy / PEFT: {ours['seconds_per_step'] / peft['seconds_per_step']:.2f}x time per step, "
-          f"{ours['peak_rss'] / peft['peak_rss']:.2f}x peak RSS")
-
+    for label, side in (("PEFT PSOFT layer (anchor)", runs["peft"]), ("psoft-deploy train", runs["ours"])):
+        times = sorted(r["seconds_per_step"] for r in side)
+        print(f"  {label:<27} {statistics.median(times):6.3f} s/step (median run; runs {times[0]:.3f}–{times[-1]:.3f})"
+              f"   peak RSS {max(r['peak_rss'] for r in side) / 2**30:5.2f} GiB   final loss {side[0]['final_loss']:.4f}")
+    print(f"  ratio psoft-deploy / PEFT: {statistics.median(paired):.3f}x time per step (median of {args.rounds} ABBA "
+          f"blocks: {', '.join(f'{r:.3f}' for r in paired)}), "
+          f"{max(r['peak_rss'] for r in runs['ours']) / max(r['peak_rss'] for r in runs['peft']):.2f}x peak RSS")
 
 if __name__ == "__main__":
     main()

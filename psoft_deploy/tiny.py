@@ -78,15 +78,41 @@ MODEL_CLASSES = {
 }
 
 
-def build_tiny_model(output: Path, kind: str = "llama", seed: int = 0, with_tokenizer: bool = True, **sizes):
-    """Save a randomly initialised tiny model (safetensors) and, optionally, a tokenizer to ``output``."""
+def build_tiny_model(
+    output: Path, kind: str = "llama", seed: int = 0, with_tokenizer: bool = True, memorize: list[str] | None = None,
+    **sizes,
+):
+    """Save a tiny model (safetensors) and, optionally, a tokenizer to ``output``: randomly
+    initialised, or trained to memorize the texts in ``memorize`` (needs the tokenizer)."""
     torch.manual_seed(seed)
     model = getattr(transformers, MODEL_CLASSES[kind])(tiny_config(kind, **sizes)).eval()
     output = Path(output)
-    model.save_pretrained(output)
     if with_tokenizer:
-        build_tokenizer(output, bundled_text(), vocab_size=model.config.vocab_size)
+        tokenizer = build_tokenizer(output, bundled_text(), vocab_size=model.config.vocab_size)
+        if memorize:
+            memorize_texts(model, tokenizer, memorize)
+    model.save_pretrained(output)
     return model
+
+
+def memorize_texts(model, tokenizer, texts: list[str], steps: int = 300, learning_rate: float = 1e-2) -> None:
+    """Train every parameter of a tiny model until its choices on ``texts`` are decisive rather
+    than the near-ties of random weights: a causal LM learns each next token (and the EOS after
+    the last), a classifier learns label ``i % num_labels`` for text ``i``."""
+    causal_lm = type(model).__name__.endswith("ForCausalLM")
+    batch = tokenizer([text + tokenizer.eos_token if causal_lm else text for text in texts], padding=True,
+                      return_tensors="pt")
+    if causal_lm:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    else:
+        labels = torch.arange(len(texts)) % model.config.num_labels
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    model.eval()
 
 
 def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed: int = 1, std: float = 0.05) -> Path:

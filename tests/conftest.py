@@ -11,6 +11,7 @@ from peft import PeftModel, PsoftConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
+from psoft_deploy.converters.verify import DEFAULT_PROMPTS
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_tiny_model
 
@@ -28,22 +29,25 @@ TARGETS = {
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
-    """``tiny_base(kind, **sizes) -> Path``: a tiny model directory, built once per session."""
+    """``tiny_base(kind, trained=False, **sizes) -> Path``: a tiny model directory, built once per
+    session; ``trained`` ones have memorized verify's prompts, so their top-1 choices there are
+    decisive (as a real model's are) instead of random weights' near-ties."""
     built: dict[tuple, Path] = {}
 
-    def build(kind: str = "llama", **sizes) -> Path:
-        key = (kind, tuple(sorted(sizes.items())))
+    def build(kind: str = "llama", trained: bool = False, **sizes) -> Path:
+        key = (kind, trained, tuple(sorted(sizes.items())))
         if key not in built:
             path = tmp_path_factory.mktemp(f"base-{kind}")
-            build_tiny_model(path, kind, **sizes)
+            build_tiny_model(path, kind, memorize=DEFAULT_PROMPTS if trained else None, **sizes)
             built[key] = path
         return built[key]
 
     return build
 
 
-def perturb(peft_model, seed: int = 1) -> None:
-    """Give every PSOFT parameter a trained-like value (R's generator ~ N(0, 0.1²), magnitudes 1 ± 0.05)."""
+def perturb(peft_model, seed: int = 1, strength: float = 1.0) -> None:
+    """Give every PSOFT parameter a trained-like value (R's generator ~ N(0, (0.1·strength)²),
+    magnitudes 1 ± 0.05·strength)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -51,20 +55,22 @@ def perturb(peft_model, seed: int = 1) -> None:
                 continue
             noise = torch.randn(param.shape, generator=generator)
             if name.endswith(("vector_a", "vector_b")):
-                param.copy_(1 + 0.05 * noise)
+                param.copy_(1 + 0.05 * strength * noise)
             elif param.dim() == 2:  # free R
-                param.copy_(torch.eye(param.shape[0]) + 0.1 * noise)
+                param.copy_(torch.eye(param.shape[0]) + 0.1 * strength * noise)
             else:
-                param.copy_(0.1 * noise)
+                param.copy_(0.1 * strength * noise)
 
 
-def make_peft_adapter(base_dir: Path, out_dir: Path, kind: str = "llama", seed: int = 1, **config):
+def make_peft_adapter(
+    base_dir: Path, out_dir: Path, kind: str = "llama", seed: int = 1, strength: float = 1.0, **config
+):
     """A perturbed PEFT PSOFT adapter saved to ``out_dir``; returns the live PEFT model (eval mode)."""
     config.setdefault("target_modules", TARGETS[kind])
     config.setdefault("r", 4)
     config.setdefault("psoft_alpha", 8)
     peft_model = get_peft_model(load_base_model(base_dir), PsoftConfig(**config))
-    perturb(peft_model, seed)
+    perturb(peft_model, seed, strength)
     peft_model.eval()
     peft_model.save_pretrained(out_dir)
     return peft_model
