@@ -96,6 +96,60 @@ def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
     return {"final_loss": [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]}
 
 
+def compare_one_layer(reps: int = 30) -> dict:
+    """One adapted q_proj (768×768, r = 32) on 4 × 128 tokens, PEFT's layer and ours with the same
+    weights, timed forward + backward alternately; also the bytes autograd keeps for the backward
+    (every distinct tensor saved, weights included, the input excluded)."""
+    import time
+
+    import torch
+    from peft import PsoftConfig, get_peft_model
+    from torch import nn
+
+    from psoft_deploy.train import adapt, parser
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(HIDDEN, HIDDEN, bias=False)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    torch.manual_seed(0)
+    peft_block, our_block = Block(), Block()
+    our_block.load_state_dict(peft_block.state_dict())
+    peft_block = get_peft_model(peft_block, PsoftConfig(r=32, psoft_alpha=32, target_modules=["q_proj"]))
+    adapt(our_block, parser().parse_args(["--base_model_name_or_path", "-", "--output_dir", "-", "--data_path", "-",
+                                          *COMMON, "--target_modules", "q_proj"]))
+    x = torch.randn(4, 128, HIDDEN, requires_grad=True)
+    upstream = torch.randn(4, 128, HIDDEN)
+
+    def saved_bytes(block) -> int:
+        kept = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            block(x).backward(upstream)
+        return sum(kept.values())
+
+    def seconds(block) -> float:
+        start = time.perf_counter()
+        block(x).backward(upstream)
+        return time.perf_counter() - start
+
+    times = {"peft": [], "ours": []}
+    for _ in range(reps):
+        times["peft"].append(seconds(peft_block))
+        times["ours"].append(seconds(our_block))
+    return {side: {"seconds": statistics.median(times[side]), "saved_bytes": saved_bytes(block)}
+            for side, block in (("peft", peft_block), ("ours", our_block))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -147,6 +201,12 @@ def main() -> None:
     print(f"  ratio psoft-deploy / PEFT: {statistics.median(paired):.3f}x time per step (median of {args.rounds} ABBA "
           f"blocks: {', '.join(f'{r:.3f}' for r in paired)}), "
           f"{max(r['peak_rss'] for r in runs['ours']) / max(r['peak_rss'] for r in runs['peft']):.2f}x peak RSS")
+    layer = compare_one_layer()
+    print(f"one adapted q_proj ({HIDDEN}×{HIDDEN}, r=32), forward+backward on 4×128 tokens, median of 30 alternating:")
+    for label, side in (("PEFT PSOFT layer (anchor)", layer["peft"]), ("psoft-deploy PsoftLinear", layer["ours"])):
+        print(f"  {label:<27} {side['seconds'] * 1e3:6.2f} ms   kept for backward {side['saved_bytes'] / 2**20:6.3f} MiB")
+    print(f"  ratio psoft-deploy / PEFT: {layer['ours']['seconds'] / layer['peft']['seconds']:.3f}x time, "
+          f"{layer['ours']['saved_bytes'] / layer['peft']['saved_bytes']:.3f}x memory kept for backward")
 
 if __name__ == "__main__":
     main()

@@ -58,11 +58,13 @@ class PsoftLinear(nn.Module):
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         xa = self.dropout(x).to(compute_dtype) @ self.A.to(compute_dtype).T
         rotated = xa @ self.rotation().to(compute_dtype).T - xa
-        scaled_B = self.scale * self.B.to(compute_dtype)  # out×r, cheaper than scaling the n×out update
+        B = self.B.to(compute_dtype)
         if result.dtype != compute_dtype:
-            return result + (rotated @ scaled_B.T).to(result.dtype)
-        # One GEMM adds the update to the base output: no separate scale and add passes over n×out.
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), rotated.reshape(-1, rotated.shape[-1]), scaled_B.T)
+            return result + (self.scale * (rotated @ B.T)).to(result.dtype)
+        # One GEMM scales the update and adds it to the base output: no extra passes over n×out,
+        # and autograd keeps only B itself (no scaled copy) for the backward.
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), rotated.reshape(-1, rotated.shape[-1]), B.T,
+                           alpha=self.scale)
         return flat.view_as(result)
 
 

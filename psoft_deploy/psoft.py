@@ -47,16 +47,17 @@ class SubspaceSpec:
 
 
 @functools.lru_cache(maxsize=64)
-def _triangle(r: int, convention: str) -> torch.Tensor:
+def _triangle(r: int, convention: str, device: torch.device) -> torch.Tensor:
     # PEFT packs the strict upper triangle, the paper the strict lower one (row-major both).
-    return torch.triu_indices(r, r, 1) if convention == "peft" else torch.tril_indices(r, r, -1)
+    make = torch.triu_indices if convention == "peft" else torch.tril_indices
+    return make(r, r, 1 if convention == "peft" else -1, device=device)
 
 
 def skew_generator(params: torch.Tensor, r: int, convention: str) -> torch.Tensor:
     """The skew-symmetric generator (Q for PEFT, K for the paper) from its packed triangle."""
-    rows, cols = _triangle(r, convention)
+    rows, cols = _triangle(r, convention, params.device)
     T = torch.zeros((r, r), dtype=params.dtype, device=params.device)
-    T = T.index_put((rows.to(params.device), cols.to(params.device)), params)
+    T = T.index_put((rows, cols), params)
     return T - T.T
 
 
