@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import Trainer
 
 from . import __version__
 from .base import BaseCheckpoint, fingerprint
@@ -125,6 +126,24 @@ def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
     return layers
 
 
+def checkpoint_to_resume(requested: str | None, checkpoints: Path) -> str | None:
+    """The checkpoint directory that --resume_from_checkpoint names ('latest': the newest in
+    ``checkpoints``), checked to hold an adapter before anything is loaded."""
+    if requested is None:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    directory = requested
+    if requested == "latest":
+        directory = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if directory is None:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {checkpoints}")
+    if not (Path(directory) / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"--resume_from_checkpoint {directory} holds no {ADAPTER_WEIGHTS}; pass a checkpoint "
+                        "directory written by psoft-deploy train, or 'latest'")
+    return directory
+
+
 def subspace_spec(args) -> SubspaceSpec:
     return SubspaceSpec(svd=args.psoft_svd, niter=args.psoft_svd_lowrank_niter, seed=0, init=args.ab_svd_init)
 
@@ -137,7 +156,7 @@ def rotation_spec(args) -> RotationSpec:
 def train(argv: list[str]) -> Path:
     """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
     args = parser().parse_args(argv)
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments, set_seed
 
     from .model import load_base_model
 
@@ -146,6 +165,7 @@ def train(argv: list[str]) -> Path:
         raise UserError(f"{output} already holds an adapter; pass --overwrite_output_dir to replace it")
     if args.max_length < 2 or args.r < 1:
         raise UserError("--max_length must be at least 2 and --r at least 1")
+    resume = checkpoint_to_resume(args.resume_from_checkpoint, output / "checkpoints")
     data = load_text_dataset(args.data_path, args.dataset_split, args.dataset_text_field)
     set_seed(args.seed)
     base = BaseCheckpoint(args.base_model_name_or_path)
@@ -158,8 +178,8 @@ def train(argv: list[str]) -> Path:
     tokenized = data.map(lambda batch: tokenizer(batch[args.dataset_text_field], truncation=True,
                                                  max_length=args.max_length),
                          batched=True, remove_columns=data.column_names)
-    trainer = Trainer(
-        model=model,
+    trainer = AdapterCheckpointTrainer(
+        model=model, psoft_args=args, layers=layers,
         args=TrainingArguments(
             output_dir=str(output / "checkpoints"), num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
             per_device_train_batch_size=args.per_device_train_batch_size,
@@ -171,7 +191,6 @@ def train(argv: list[str]) -> Path:
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     start = time.perf_counter()
-    resume = True if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {
@@ -197,24 +216,10 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
                  *, svd_dtype: str, svd_device: str) -> None:
     """The PEFT adapter, the materialized factors (written last: their presence marks a complete
     output), the tokenizer and the training summary. Each file is staged and renamed into place."""
-    from peft import PsoftConfig
-    from safetensors.torch import save_file
-
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
     try:
-        config = PsoftConfig(
-            r=args.r, psoft_alpha=args.psoft_alpha, target_modules=list(args.target_modules),
-            psoft_dropout=args.psoft_dropout, ab_svd_init=args.ab_svd_init, psoft_svd=args.psoft_svd,
-            psoft_svd_lowrank_niter=args.psoft_svd_lowrank_niter, psoft_orth=args.psoft_orth,
-            psoft_mag_a=args.psoft_mag_a, psoft_mag_b=args.psoft_mag_b, use_cayley_neumann=args.use_cayley_neumann,
-            num_cayley_neumann_terms=args.num_cayley_neumann_terms, cayley_neumann_eps=args.cayley_neumann_eps,
-            base_model_name_or_path=args.base_model_name_or_path, task_type="CAUSAL_LM",
-        )
-        config.save_pretrained(staging)
-        tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
-                   for name, layer in layers.items() for key, value in layer.psoft_R.state_dict().items()}
-        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_peft_adapter(staging, args, layers)
         adapter = read_adapter(staging)  # exactly what PEFT and the converters will read
         with torch.no_grad():
             modules = {name: ModuleFactors(A=layer.A.cpu(), B=layer.B.cpu(), R=layer.rotation().cpu(),
@@ -230,3 +235,48 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
             file.replace(output / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_peft_adapter(directory: Path, args, layers: dict[str, PsoftLinear]) -> None:
+    """The trained layers as PEFT saves a PSOFT adapter: adapter_config.json and R's parameters."""
+    from peft import PsoftConfig
+    from safetensors.torch import save_file
+
+    PsoftConfig(
+        r=args.r, psoft_alpha=args.psoft_alpha, target_modules=list(args.target_modules),
+        psoft_dropout=args.psoft_dropout, ab_svd_init=args.ab_svd_init, psoft_svd=args.psoft_svd,
+        psoft_svd_lowrank_niter=args.psoft_svd_lowrank_niter, psoft_orth=args.psoft_orth,
+        psoft_mag_a=args.psoft_mag_a, psoft_mag_b=args.psoft_mag_b, use_cayley_neumann=args.use_cayley_neumann,
+        num_cayley_neumann_terms=args.num_cayley_neumann_terms, cayley_neumann_eps=args.cayley_neumann_eps,
+        base_model_name_or_path=args.base_model_name_or_path, task_type="CAUSAL_LM",
+    ).save_pretrained(directory)
+    tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
+               for name, layer in layers.items() for key, value in layer.psoft_R.state_dict().items()}
+    save_file(tensors, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
+class AdapterCheckpointTrainer(Trainer):
+    """transformers' Trainer whose checkpoints hold the adapter alone, in PEFT's format (as PEFT's
+    own training writes them), instead of a full copy of the base; resuming loads R's parameters."""
+
+    def __init__(self, *args, psoft_args, layers: dict[str, PsoftLinear], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.psoft_args, self.psoft_layers = psoft_args, layers
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        directory = Path(output_dir or self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_peft_adapter(directory, self.psoft_args, self.psoft_layers)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
+        for name, layer in self.psoft_layers.items():
+            prefix = f"{PEFT_PREFIX}{name}.psoft_R."
+            state = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+            try:
+                layer.psoft_R.load_state_dict(state)
+            except RuntimeError:
+                raise UserError(f"checkpoint {resume_from_checkpoint} does not match this run's adapter at {name} "
+                                "(other --r, --target_modules or PSOFT switches?)") from None

@@ -2,6 +2,7 @@
 every converter takes."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from conftest import assert_close_relative, input_ids, load_peft
 
 from psoft_deploy.cli import cli
@@ -54,14 +56,27 @@ def test_training_lowers_the_loss_and_peft_reproduces_the_adapter(tiny_base, tmp
         assert converted.exit_code == 0 and "verification: PASS" in converted.output, converted.output
 
 
-def test_resume_from_the_latest_checkpoint(tiny_base, tmp_path):
+def test_checkpoints_are_adapters_and_resuming_continues_the_same_run(tiny_base, tmp_path):
     base = tiny_base("llama")
-    assert run(*train_args(base, tmp_path / "out", "--max_steps", 4, "--save_steps", 2)).exit_code == 0
-    assert (tmp_path / "out" / "checkpoints" / "checkpoint-4").is_dir()
-    result = run(*train_args(base, tmp_path / "out", "--max_steps", 6, "--save_steps", 2,
-                             "--resume_from_checkpoint", "latest", "--overwrite_output_dir"))
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "out" / "training_summary.json").read_text())["steps"] == 6
+    straight = run(*train_args(base, tmp_path / "straight", "--max_steps", 6, "--save_steps", 2))
+    assert straight.exit_code == 0, straight.output
+    checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-4"
+    assert [f.name for f in checkpoint.glob("*.safetensors")] == ["adapter_model.safetensors"], "no copy of the base"
+    assert all(".psoft_R." in key for key in load_file(checkpoint / "adapter_model.safetensors"))
+    with torch.no_grad():  # a checkpoint is a PEFT adapter as it stands
+        mid_run = load_peft(base, checkpoint)(input_ids()).logits
+        reference = reference_model(base, load_factors(str(checkpoint), str(base)))(input_ids()).logits
+    assert_close_relative(mid_run, reference, 1e-5)
+
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoints" / "checkpoint-4")
+    resumed = run(*train_args(base, tmp_path / "resumed", "--max_steps", 6, "--save_steps", 2,
+                              "--resume_from_checkpoint", "latest"))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((tmp_path / "resumed" / "training_summary.json").read_text())["steps"] == 6
+    expected, actual = (load_file(tmp_path / side / "adapter_model.safetensors") for side in ("straight", "resumed"))
+    assert expected.keys() == actual.keys()
+    for key in expected:  # steps 5 and 6 redone from the checkpoint: the same adapter as the run that went on
+        assert torch.allclose(actual[key], expected[key], rtol=0, atol=1e-6), key
 
 
 def test_quick_start_command_line(tmp_path):
@@ -95,6 +110,8 @@ def test_quick_start_command_line(tmp_path):
         (["--r", "80"], None, "--r 80 exceeds the size of"),
         ([], "empty.txt", "holds no non-empty 'text' examples"),
         (["--dataset_text_field", "body"], None, "has no column 'body'"),
+        (["--resume_from_checkpoint", "latest"], None, "no checkpoint in"),
+        (["--resume_from_checkpoint", "no/such/checkpoint-9"], None, "holds no adapter_model.safetensors"),
         ([], "broken.parquet", "cannot read data"),
         ([], "missing.txt", "cannot read data"),
         ([], "notes.docx", "must be a .txt"),
