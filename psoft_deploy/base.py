@@ -56,6 +56,7 @@ class BaseCheckpoint:
         self.name = name_or_path
         self.path = resolve_model_dir(name_or_path, revision)
         self.files = self._weight_map()
+        self._fingerprints: dict[str, dict] = {}
 
     def _weight_map(self) -> dict[str, Path]:
         index = self.path / INDEX_FILE
@@ -89,6 +90,12 @@ class BaseCheckpoint:
             raise UserError(f"base {self.name} has no tensor {key!r}")
         with open_safetensors(self.files[key]) as handle:
             return handle.get_tensor(key)
+
+    def fingerprint(self, key: str, tensor: torch.Tensor | None = None) -> dict:
+        """`fingerprint` of tensor ``key`` (pass ``tensor`` if already read), hashed once per checkpoint object."""
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint(self.tensor(key) if tensor is None else tensor)
+        return self._fingerprints[key]
 
 
 def open_safetensors(file: Path):

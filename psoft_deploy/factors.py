@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .base import BaseCheckpoint, fingerprint
+from .base import BaseCheckpoint
 from .errors import UserError
 from .formats import PAPER_NEUMANN_TERMS, PsoftAdapter, read_adapter
 from .psoft import ModuleFactors, principal_subspace, rotation
@@ -67,7 +67,7 @@ def derive_factors(
         weight = base.tensor(base_tensor_key(name)) if base is not None else None
         if weight is not None:
             _check_base_shape(adapter, name, params, weight)
-            fingerprints[name] = fingerprint(weight)
+            fingerprints[name] = base.fingerprint(base_tensor_key(name), weight)
         elif name in stored:
             fingerprints[name] = stored[name]["fingerprint"]
         if adapter.format == "materialized" and weight is not None:

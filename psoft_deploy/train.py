@@ -20,7 +20,7 @@ from torch import nn
 from transformers import Trainer
 
 from . import __version__
-from .base import BaseCheckpoint, fingerprint
+from .base import BaseCheckpoint
 from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
 from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter
@@ -224,7 +224,7 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
         with torch.no_grad():
             modules = {name: ModuleFactors(A=layer.A.cpu(), B=layer.B.cpu(), R=layer.rotation().cpu(),
                                            scale=layer.scale) for name, layer in layers.items()}
-        fingerprints = {name: fingerprint(base.tensor(base_tensor_key(name))) for name in layers}
+        fingerprints = {name: base.fingerprint(base_tensor_key(name)) for name in layers}
         svd = {"backend": args.psoft_svd, "device": svd_device, "dtype": svd_dtype, "torch": torch.__version__}
         save_materialized_files(AdapterFactors(adapter, modules, fingerprints, svd), staging,
                                 args.base_model_name_or_path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from psoft_deploy.base import BaseCheckpoint, fingerprint, open_safetensors
+from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.converters.lora import EXPORT_META, export_lora
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import base_tensor_key, derive_factors
@@ -64,7 +64,7 @@ class LoraCache:
         for file in sorted(adapter.files):
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
         for name in sorted(adapter.modules):
-            digest.update(fingerprint(self.base.tensor(base_tensor_key(name)))["sha256"].encode())
+            digest.update(self.base.fingerprint(base_tensor_key(name))["sha256"].encode())
         digest.update(json.dumps(self.factor_options, sort_keys=True).encode())
         entry = self.root / digest.hexdigest()[:32]
         if not (entry / EXPORT_META).is_file():
@@ -100,9 +100,8 @@ class LoraCache:
         meta_file = adapter_path / EXPORT_META
         if meta_file.is_file():
             for module, record in json.loads(meta_file.read_text())["modules"].items():
-                if record.get("fingerprint") and record["fingerprint"] != fingerprint(
-                    self.base.tensor(base_tensor_key(module))
-                ):
+                expected = record.get("fingerprint")
+                if expected and expected != self.base.fingerprint(base_tensor_key(module)):
                     raise UserError(f"LoRA adapter {adapter_path} was exported for another base ({module} differs)")
         return max(ranks)
 
