@@ -148,7 +148,7 @@ def main() -> None:
     for name, label in labels.items():
         r = results[name]
         print(f"  {label:<48} {r['seconds']:7.1f} s ({r['seconds'] / copy['seconds']:5.2f}x copy)  "
-              f"peak RSS {r['peak_rss'] / 2**30:5.2f} GiB (largest shard + {(r['peak_rss'] - largest) / 2**30:+.2f})")
+              f"peak RSS {r['peak_rss'] / 2**30:5.2f} GiB (largest shard {(r['peak_rss'] - largest) / 2**30:+.2f} GiB)")
     print(f"  PEFT / psoft-deploy (materialized, verified): {results['peft']['seconds'] / results['merge-verify']['seconds']:.1f}x "
           f"time, {results['peft']['peak_rss'] / results['merge-verify']['peak_rss']:.1f}x peak RSS")
 
