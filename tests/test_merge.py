@@ -125,6 +125,17 @@ def test_half_precision_merge_keeps_every_top1(kind, dtype, tiny_base, tmp_path)
     assert report["max_abs_logits"] <= 4 * report["dtype_noise"]
 
 
+def test_half_precision_merge_of_random_weights_is_held_to_decisive_positions(tiny_base, tmp_path):
+    """Random weights put many next tokens at near-ties that bf16 rounding alone can flip: the
+    merge passes on the positions that rounding cannot decide, and says how many those are."""
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
+    merge_ok(base_dir, tmp_path / "adapter", tmp_path / "merged", "--dtype", "bfloat16")
+    report = json.loads((tmp_path / "merged" / "psoft_verification.json").read_text())
+    assert report["positions"] // 2 < report["decisive_positions"] < report["positions"]
+    assert report["decisive_top1_agreement"] == 1.0 and report["max_abs_logits"] <= 4 * report["dtype_noise"]
+
+
 def test_verify_catches_a_wrong_candidate_in_every_mode(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter")
