@@ -96,9 +96,10 @@ def build_tiny_model(
 
 
 def memorize_texts(model, tokenizer, texts: list[str], steps: int = 300, learning_rate: float = 1e-2) -> None:
-    """Train every parameter of a tiny model until its choices on ``texts`` are decisive rather
-    than the near-ties of random weights: a causal LM learns each next token (and the EOS after
-    the last), a classifier learns label ``i % num_labels`` for text ``i``."""
+    """Train every parameter of a tiny model on ``texts`` (full batch, ``steps`` AdamW steps) so
+    that its choices there are decisive rather than the near-ties of random weights: a causal LM
+    learns each next token (and the EOS after the last), a classifier label ``i % num_labels``
+    for text ``i``."""
     causal_lm = type(model).__name__.endswith("ForCausalLM")
     batch = tokenizer([text + tokenizer.eos_token if causal_lm else text for text in texts], padding=True,
                       return_tensors="pt")
