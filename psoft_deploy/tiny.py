@@ -84,6 +84,8 @@ def build_tiny_model(
 ):
     """Save a tiny model (safetensors) and, optionally, a tokenizer to ``output``: randomly
     initialised, or trained to memorize the texts in ``memorize`` (needs the tokenizer)."""
+    if memorize and not with_tokenizer:
+        raise ValueError("memorize needs the tokenizer (with_tokenizer=True)")
     torch.manual_seed(seed)
     model = getattr(transformers, MODEL_CLASSES[kind])(tiny_config(kind, **sizes)).eval()
     output = Path(output)

@@ -264,6 +264,8 @@ class AdapterCheckpointTrainer(Trainer):
         self.psoft_args, self.psoft_layers = psoft_args, layers
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:  # other ranks of a distributed run write nothing
+            return
         directory = Path(output_dir or self.args.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
         write_peft_adapter(directory, self.psoft_args, self.psoft_layers)
@@ -272,11 +274,14 @@ class AdapterCheckpointTrainer(Trainer):
         from safetensors.torch import load_file
 
         tensors = load_file(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
+        mismatch = UserError(f"checkpoint {resume_from_checkpoint} holds another adapter than this run's: resume "
+                             "with the --r, --target_modules and PSOFT switches it was trained with")
+        prefixes = {name: f"{PEFT_PREFIX}{name}.psoft_R." for name in self.psoft_layers}
+        if tensors.keys() != {prefixes[name] + key for name, layer in self.psoft_layers.items()
+                              for key in layer.psoft_R.state_dict()}:
+            raise mismatch
         for name, layer in self.psoft_layers.items():
-            prefix = f"{PEFT_PREFIX}{name}.psoft_R."
-            state = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
             try:
-                layer.psoft_R.load_state_dict(state)
-            except RuntimeError:
-                raise UserError(f"checkpoint {resume_from_checkpoint} does not match this run's adapter at {name} "
-                                "(other --r, --target_modules or PSOFT switches?)") from None
+                layer.psoft_R.load_state_dict({key: tensors[prefixes[name] + key] for key in layer.psoft_R.state_dict()})
+            except RuntimeError:  # a shape differs
+                raise mismatch from None

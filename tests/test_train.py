@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 from conftest import assert_close_relative, input_ids, load_peft
+from safetensors.torch import load_file
 
 from psoft_deploy.cli import cli
 from psoft_deploy.factors import load_factors
@@ -67,6 +67,12 @@ def test_checkpoints_are_adapters_and_resuming_continues_the_same_run(tiny_base,
         mid_run = load_peft(base, checkpoint)(input_ids()).logits
         reference = reference_model(base, load_factors(str(checkpoint), str(base)))(input_ids()).logits
     assert_close_relative(mid_run, reference, 1e-5)
+
+    for other_run in (["--target_modules", "q_proj", "v_proj"], ["--r", 4]):  # last option wins in argparse
+        refused = run(*train_args(base, tmp_path / "other", "--max_steps", 6, "--resume_from_checkpoint", checkpoint,
+                                  *other_run))
+        assert refused.exit_code == 1 and "holds another adapter than this run's" in refused.output, refused.output
+        assert "Traceback" not in refused.output and not (tmp_path / "other" / "adapter_model.safetensors").exists()
 
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoints" / "checkpoint-4")
     resumed = run(*train_args(base, tmp_path / "resumed", "--max_steps", 6, "--save_steps", 2,
