@@ -5,7 +5,7 @@ optimizer and Trainer settings, PSOFT r = 32 on q_proj and v_proj; each side tra
 process, which reports its median optimizer-step time after two warm-up steps (model loading and
 the SVDs excluded) and its peak RSS when training ends.
 
-    python benchmarks/train.py [--steps 20]
+    python benchmarks/train.py [--steps 20] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def record_training(steps_skipped: int = 2) -> dict:
     record = {"step_seconds": [], "peak_rss": 0}
 
     class Recorder(transformers.TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            self.last = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
             if state.global_step > steps_skipped:
@@ -153,7 +156,7 @@ def compare_one_layer(reps: int = 30) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each runs both sides twice).")
+    parser.add_argument("--rounds", type=int, default=3, help="ABBA rounds (each runs both sides twice).")
     parser.add_argument("--side", choices=["ours", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,6 +210,7 @@ def main() -> None:
         print(f"  {label:<27} {side['seconds'] * 1e3:6.2f} ms   kept for backward {side['saved_bytes'] / 2**20:6.3f} MiB")
     print(f"  ratio psoft-deploy / PEFT: {layer['ours']['seconds'] / layer['peft']['seconds']:.3f}x time, "
           f"{layer['ours']['saved_bytes'] / layer['peft']['saved_bytes']:.3f}x memory kept for backward")
+
 
 if __name__ == "__main__":
     main()

@@ -229,6 +229,15 @@ def test_adapter_for_another_architecture(tiny_base, tmp_path):
     assert_clean_failure(result, tmp_path, "has no tensor 'model.layers.0.")
 
 
+def test_adapter_for_a_base_of_other_shapes(tiny_base, tmp_path):
+    wide, narrow = tiny_base("llama"), tiny_base("llama", hidden=32)
+    make_peft_adapter(wide, tmp_path / "adapter")
+    assert run("materialize", "--base", wide, "--adapter", tmp_path / "adapter", "--output",
+               tmp_path / "materialized").exit_code == 0
+    result = run("merge", "--base", narrow, "--adapter", tmp_path / "materialized", "--output", tmp_path / "out")
+    assert_clean_failure(result, tmp_path, "another base", keep=("adapter", "materialized"))
+
+
 def test_nan_in_the_result(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter", target_modules=["q_proj"])
