@@ -13,6 +13,8 @@ from .errors import UserError
 from .tiny import build_tiny_model
 
 TRAIN_STEPS = 30
+# The tiny Llama's sizes: head size 128 / 2 = 64, which vLLM's CPU attention supports (16 is refused).
+MODEL_SIZES = {"hidden": 128, "heads": 2, "layers": 2}
 
 
 def run_demo(output: str | None = None) -> Path:
@@ -37,7 +39,7 @@ def run_demo(output: str | None = None) -> Path:
         cli.main([str(arg) for arg in args], standalone_mode=False)
 
     click.echo(f"[1/6] building a tiny Llama and its tokenizer in {base}")
-    build_tiny_model(base, "llama", hidden=64, layers=2)
+    build_tiny_model(base, "llama", **MODEL_SIZES)
 
     with as_file(files("psoft_deploy").joinpath("data/tiny_corpus.txt")) as corpus:
         step(f"[2/6] psoft-deploy train: {TRAIN_STEPS} steps on the bundled text -> {adapter}",
@@ -63,4 +65,5 @@ def run_demo(output: str | None = None) -> Path:
     step("[6/6] psoft-deploy export-lora --target vllm (verified)", "export-lora", "--base", base,
          "--adapter", adapter, "--output", work / "lora", "--target", "vllm")
     click.echo(f"done: artifacts in {work}")
+    click.echo(f"serve them: psoft-deploy serve --base {base} --adapter demo={adapter}")
     return work

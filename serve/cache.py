@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
-from psoft_deploy.converters.lora import EXPORT_META, export_lora
+from psoft_deploy.converters.lora import EXPORT_META, VLLM_MAX_LORA_RANKS, export_lora
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import base_tensor_key, derive_factors
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter, read_json
@@ -32,6 +32,15 @@ def default_cache_dir() -> Path:
     if os.environ.get("PSOFT_DEPLOY_CACHE"):
         return Path(os.environ["PSOFT_DEPLOY_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "psoft-deploy" / "lora"
+
+
+def check_rank(adapter_path: Path, rank: int) -> None:
+    """Refuse a rank vLLM cannot serve (before anything is converted)."""
+    if rank > VLLM_MAX_LORA_RANKS[-1]:
+        raise UserError(
+            f"adapter {adapter_path} has rank {rank}, above vLLM's largest LoRA rank {VLLM_MAX_LORA_RANKS[-1]}; "
+            f"serve a truncated LoRA of it instead (psoft-deploy export-lora --rank {VLLM_MAX_LORA_RANKS[-1]})"
+        )
 
 
 class LoraCache:
@@ -60,6 +69,7 @@ class LoraCache:
             force_unseeded=self.factor_options["force_unseeded"],
             paper_neumann_terms=self.factor_options["paper_neumann_terms"],
         )
+        check_rank(adapter_path, adapter.rank)
         digest = hashlib.sha256(CACHE_VERSION)
         for file in sorted(adapter.files):
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
@@ -97,6 +107,7 @@ class LoraCache:
             ranks.add(shape[0])
         if not ranks:
             raise UserError(f"LoRA adapter {adapter_path} holds no lora_A weights")
+        check_rank(adapter_path, max(ranks))
         meta_file = adapter_path / EXPORT_META
         if meta_file.is_file():
             for module, record in json.loads(meta_file.read_text())["modules"].items():

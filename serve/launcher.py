@@ -12,10 +12,14 @@ adapter and none takes that path; the engine's own name for the bare base is kep
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -28,11 +32,18 @@ from psoft_deploy.converters.lora import vllm_lora_target_modules, vllm_max_lora
 from psoft_deploy.errors import UserError
 from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.serve.cache import LoraCache
+from psoft_deploy.serve.preflight import check_base, cpu_memory_args, stored_dtype, vllm_flag
 from psoft_deploy.serve.resolver import SAFE_NAME
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
-HEALTH_TIMEOUT_S = 900
+HEALTH_TIMEOUT_S = 900  # for vLLM to start
+HEALTH_INTERVAL_S = 5  # between health checks while serving
+HEALTH_GRACE_S = 60  # without an answer to /health before serve gives up on vLLM
+# An exception line, after vLLM's "(EngineCore pid=N) ERROR 11-23 15:51:54 [core.py:1512] " prefix.
+ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \S+ \S+ \[[^\]]+\] )?(?:[A-Za-z_]\w*\.)*(\w+(?:Error|Exception): .+)$")
+# vLLM's follow-ups once its engine died; the cause, where there is one, was logged before them.
+GENERIC_ERRORS = ("EngineDeadError", "EngineGenerateError")
 
 
 @dataclass
@@ -43,6 +54,7 @@ class ServePlan:
     env: dict[str, str]
     served: dict[str, Path] = field(default_factory=dict)  # client-visible name -> LoRA directory
     base_name: str = ""
+    dtype: str = ""
 
 
 def on_cpu() -> bool:
@@ -62,9 +74,13 @@ def plan_serve(
     vllm_args: tuple[str, ...] = (),
     factor_options: dict | None = None,
     cpu: bool | None = None,
+    free_bytes: int | None = None,
 ) -> ServePlan:
-    """Convert the adapters (or find them in the cache) and lay out the vLLM invocation."""
+    """Check the base, convert the adapters (or find them in the cache) and lay out the vLLM
+    invocation; on CPU size the KV cache from ``free_bytes`` (default: the memory available now)."""
     checkpoint = BaseCheckpoint(base)
+    cpu = on_cpu() if cpu is None else cpu
+    check_base(checkpoint, cpu)
     cache = LoraCache(cache_dir, checkpoint, factor_options)
     for name in adapters:
         if not SAFE_NAME.fullmatch(name) or name == base:
@@ -74,12 +90,13 @@ def plan_serve(
         click.echo(f"psoft-deploy: preparing adapter {name} from {path}", err=True)
         served[name], rank = cache.prepare(Path(path))
         ranks.append(rank)
-    cpu = on_cpu() if cpu is None else cpu
     if cpu:
         served[base] = cache.zero_adapter(_zero_target(checkpoint, served))
-    explicit = " ".join(vllm_args)
     max_rank = vllm_max_lora_rank(max(ranks, default=1)) if adapter_root is None else max(
         vllm_max_lora_rank(max(ranks, default=1)), 64)
+    max_rank = int(vllm_flag(vllm_args, "--max-lora-rank") or max_rank)
+    max_loras = int(vllm_flag(vllm_args, "--max-loras") or len(served) + (RESOLVER_HEADROOM if adapter_root else 0))
+    dtype = vllm_flag(vllm_args, "--dtype") or stored_dtype(checkpoint)
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(checkpoint.path),
@@ -89,16 +106,22 @@ def plan_serve(
         "--lora-modules", *[f"{name}={path}" for name, path in served.items()],
     ]
     targets = vllm_lora_target_modules(_lora_modules(served))
-    if targets and not adapter_root and "--lora-target-modules" not in explicit:
+    if targets and not adapter_root and vllm_flag(vllm_args, "--lora-target-modules") is None:
         command += ["--lora-target-modules", *targets]
-    if "--max-lora-rank" not in explicit:
-        command += ["--max-lora-rank", str(max_rank)]
-    if "--max-loras" not in explicit:
-        command += ["--max-loras", str(len(served) + (RESOLVER_HEADROOM if adapter_root else 0))]
-    command += list(vllm_args)
+    for flag, value in (("--max-lora-rank", max_rank), ("--max-loras", max_loras), ("--dtype", dtype)):
+        if vllm_flag(vllm_args, flag) is None:
+            command += [flag, str(value)]
     env = dict(os.environ)
     if cpu:
-        env["VLLM_TARGET_DEVICE"] = "cpu"
+        command += cpu_memory_args(checkpoint, dtype, vllm_args, max_loras, max_rank, free_bytes)
+        command += ["--middleware", "psoft_deploy.serve.middleware.HideInternalName"]
+        env |= {
+            "VLLM_TARGET_DEVICE": "cpu",
+            "PSOFT_DEPLOY_INTERNAL_NAME": INTERNAL_BASE_NAME,
+            "PSOFT_DEPLOY_BASE_NAME": base,
+            "PSOFT_DEPLOY_SERVED_NAMES": json.dumps([base, *adapters]),
+        }
+    command += list(vllm_args)
     if adapter_root:
         root = Path(adapter_root)
         if not root.is_dir():
@@ -108,17 +131,24 @@ def plan_serve(
             "PSOFT_DEPLOY_ADAPTER_ROOT": str(root.absolute()),
             "PSOFT_DEPLOY_BASE": str(checkpoint.path),
             "PSOFT_DEPLOY_CACHE": str(Path(cache_dir).absolute()),
-            "PSOFT_DEPLOY_MAX_LORA_RANK": _max_rank_arg(vllm_args) or str(max_rank),
+            "PSOFT_DEPLOY_MAX_LORA_RANK": str(max_rank),
         }
         if env.get("VLLM_PLUGINS") is not None and "psoft_deploy" not in env["VLLM_PLUGINS"].split(","):
             env["VLLM_PLUGINS"] = ",".join(filter(None, [env["VLLM_PLUGINS"], "psoft_deploy"]))
-    return ServePlan(command=command, env=env, served=served, base_name=base)
+    return ServePlan(command=command, env=env, served=served, base_name=base, dtype=dtype)
 
 
-def run_server(plan: ServePlan, host: str, port: int) -> int:
-    """Start vLLM, wait for /health, print the endpoint; on Ctrl-C or SIGTERM stop vLLM's whole
-    process group (SIGTERM, then SIGKILL after 30 s) and return 0."""
-    process = subprocess.Popen(plan.command, env=plan.env, start_new_session=True)
+def run_server(plan: ServePlan, host: str, port: int, verbose: bool = False) -> int:
+    """Start vLLM with its output in a log file (also copied to stderr with ``verbose``), wait
+    for /health and print the endpoint. On Ctrl-C or SIGTERM stop vLLM's whole process group
+    (SIGTERM, then SIGKILL after 30 s) and return 0; if vLLM exits or stops answering /health
+    on its own, stop it and raise a `UserError` naming the cause (the last error in its log)."""
+    descriptor, log_name = tempfile.mkstemp(prefix="psoft-deploy-vllm-", suffix=".log")
+    log = Path(log_name)
+    click.echo(f"psoft-deploy: vLLM log: {log}", err=True)
+    with os.fdopen(descriptor, "wb") as output:
+        process = subprocess.Popen(plan.command, env=plan.env, start_new_session=True, stdin=subprocess.DEVNULL,
+                                   stdout=output, stderr=subprocess.STDOUT)
     stop_requested: list[float] = []
 
     def request_stop(signum, frame):
@@ -128,36 +158,80 @@ def run_server(plan: ServePlan, host: str, port: int) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    done = threading.Event()
+    follower = threading.Thread(target=_follow, args=(log, done), daemon=True) if verbose else None
+    if follower:
+        follower.start()
     health = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}/health"
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    announced = False
+    announced, unhealthy = False, False
+    last_healthy = last_check = time.monotonic()
     try:
         while process.poll() is None:
+            now = time.monotonic()
             if stop_requested:
-                if time.monotonic() - stop_requested[0] > 30:
+                if now - stop_requested[0] > 30:
                     _signal_group(process, signal.SIGKILL)
             elif not announced:
                 announced = _healthy(health)
                 if announced:
-                    names = ", ".join(plan.served)
-                    click.echo(f"psoft-deploy: serving on http://{host}:{port}/v1 — models: {names}", err=True)
-                elif time.monotonic() > deadline:
-                    raise UserError(f"vLLM did not become healthy within {HEALTH_TIMEOUT_S} s")
+                    last_healthy = time.monotonic()
+                    names = ", ".join(dict.fromkeys([plan.base_name, *plan.served]))
+                    click.echo(f"psoft-deploy: serving on http://{host}:{port}/v1 ({plan.dtype}) — models: {names}",
+                               err=True)
+                elif now > deadline:
+                    raise UserError(f"vLLM did not become healthy within {HEALTH_TIMEOUT_S} s (log: {log})")
+            elif now - last_check > HEALTH_INTERVAL_S:
+                last_check = now
+                if _healthy(health, timeout=HEALTH_INTERVAL_S):
+                    last_healthy = time.monotonic()
+                elif time.monotonic() - last_healthy > HEALTH_GRACE_S and not stop_requested:
+                    unhealthy = True
+                    break
             time.sleep(0.5)
     finally:
-        if process.poll() is None:
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+        done.set()
+        if follower:
+            follower.join()
     if stop_requested:
         return 0
-    if not announced:
-        raise UserError(f"vLLM exited with status {process.returncode} before it was ready (see its log above)")
-    return process.returncode
+    cause = last_error_line(log)
+    if unhealthy:
+        raise UserError(f"vLLM stopped answering /health for {HEALTH_GRACE_S} s and was stopped: {cause} (log: {log})")
+    status = (f"killed by {signal.Signals(-process.returncode).name}" if process.returncode < 0
+              else f"exit status {process.returncode}")
+    when = "while serving" if announced else "before it was ready"
+    raise UserError(f"vLLM stopped {when} ({status}): {cause} (log: {log})")
 
 
-def _healthy(url: str) -> bool:
+def last_error_line(log: Path) -> str:
+    """The cause vLLM logged last: its last exception line (``RuntimeError: ...``) that is not one
+    of its generic engine-died follow-ups, else its last exception line at all."""
+    lines = log.read_text(errors="replace").splitlines()
+    errors = [match.group(1) for line in lines if (match := ERROR_LINE.match(line.strip()))]
+    specific = [error for error in errors if not error.startswith(GENERIC_ERRORS)]
+    return (specific or errors or ["no error in its log"])[-1]
+
+
+def _follow(log: Path, done: threading.Event) -> None:
+    """Copy what vLLM writes to ``log`` onto stderr until ``done`` (and the rest after it)."""
+    with open(log, "rb") as handle:
+        while True:
+            chunk = handle.read()
+            if chunk:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+            elif done.is_set():
+                return
+            else:
+                time.sleep(0.2)
+
+
+def _healthy(url: str, timeout: float = 2) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status == 200
     except OSError:
         return False
@@ -189,12 +263,3 @@ def _zero_target(checkpoint: BaseCheckpoint, served: dict[str, Path]) -> str:
         if key.endswith(("q_proj.weight", "query.weight")):
             return key.removesuffix(".weight")
     raise UserError("found no linear layer for the base adapter; pass at least one --adapter")
-
-
-def _max_rank_arg(vllm_args: tuple[str, ...]) -> str | None:
-    for index, arg in enumerate(vllm_args):
-        if arg == "--max-lora-rank" and index + 1 < len(vllm_args):
-            return vllm_args[index + 1]
-        if arg.startswith("--max-lora-rank="):
-            return arg.split("=", 1)[1]
-    return None

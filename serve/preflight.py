@@ -1,0 +1,171 @@
+"""What vLLM would reject later, checked before it starts, and the resources it is given.
+
+vLLM-CPU reserves 92 % of the memory node for itself unless it is given a KV-cache size, and
+refuses to start when less is free; `kv_cache_bytes` sizes the cache from the memory actually
+available instead, and `max_model_len` picks a context length that cache holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+import psutil
+
+from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.errors import UserError
+
+# CPUAttentionBackend.get_supported_head_sizes() of vllm-cpu 0.32.0
+# (vllm/v1/attention/backends/cpu_attn.py). Other head sizes start, then fail at the first request
+# ("Unsupported CPU attention configuration"). Importing vLLM's list costs ~8 s at every start, so
+# tests/test_serve.py checks that this copy equals it.
+CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+CPU_BLOCK_SIZE = 128  # vLLM-CPU's default KV-cache block, in tokens
+CPU_MAX_NUM_SEQS = 128  # vLLM-CPU's default --max-num-seqs for the OpenAI server
+KV_MARGIN_BYTES = 2 << 30  # vLLM's two processes beyond the weights: Python, torch, activations
+KV_FRACTION = 0.8  # of the memory left after weights, LoRA slots and the margin
+MIN_KV_BYTES = 32 << 20
+DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def vllm_flag(vllm_args, name: str) -> str | None:
+    """The value the user gave vLLM's option ``name`` (``--name value`` or ``--name=value``), else None."""
+    for index, arg in enumerate(vllm_args):
+        if arg == name and index + 1 < len(vllm_args):
+            return vllm_args[index + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def text_config(checkpoint: BaseCheckpoint) -> dict:
+    """The base's language-model config (``text_config`` of multimodal models)."""
+    return checkpoint.config.get("text_config") or checkpoint.config
+
+
+def check_base(checkpoint: BaseCheckpoint, cpu: bool) -> None:
+    """Refuse bases vLLM cannot generate with, and (on CPU) attention heads its CPU backend cannot run."""
+    architectures = checkpoint.config.get("architectures") or []
+    if not any(arch.endswith(GENERATIVE_SUFFIXES) for arch in architectures):
+        raise UserError(
+            f"base {checkpoint.name} is a {', '.join(architectures) or 'model without architectures in config.json'}, "
+            "not a text-generation model; serve needs a ...ForCausalLM base (merge the adapter for other tasks)"
+        )
+    config = text_config(checkpoint)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if cpu and head_dim not in CPU_ATTENTION_HEAD_SIZES:
+        raise UserError(
+            f"base {checkpoint.name} has attention head size {head_dim}, which vLLM's CPU backend does not support "
+            f"(supported: {', '.join(map(str, CPU_ATTENTION_HEAD_SIZES))})"
+        )
+
+
+def stored_dtype(checkpoint: BaseCheckpoint) -> str:
+    """The base's dtype as stored: config.json's ``dtype``/``torch_dtype``, else its first floating tensor's."""
+    config = checkpoint.config
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) in DTYPE_BYTES:
+            return config[key]
+    for key, file in checkpoint.files.items():
+        with open_safetensors(file) as handle:
+            dtype = handle.get_slice(key).get_dtype()
+        if dtype in DTYPES:
+            return DTYPES[dtype]
+    raise UserError(f"base {checkpoint.name} has no float32, bfloat16 or float16 tensor")
+
+
+def tensor_shapes(checkpoint: BaseCheckpoint) -> list[tuple[int, ...]]:
+    """The shape of every tensor of the base (read from the safetensors headers)."""
+    shapes = []
+    for file in sorted(set(checkpoint.files.values())):
+        with open_safetensors(file) as handle:
+            shapes += [tuple(handle.get_slice(key).get_shape()) for key in handle.keys()]
+    return shapes
+
+
+def available_memory() -> int:
+    """Memory free for vLLM: the system's available memory, or less where vLLM-CPU counts its
+    memory node's (it checks its KV cache against node 0 on this kind of machine)."""
+    free = psutil.virtual_memory().available
+    try:
+        from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+        return min(free, get_memory_node_info(0).available_memory)
+    except (ImportError, OSError, ValueError):
+        return free
+
+
+def kv_cache_bytes(free_bytes: int, model_bytes: int, lora_bytes: int = 0, useful_bytes: int | None = None) -> int:
+    """A KV-cache size for vLLM on CPU: 80 % of what ``free_bytes`` leaves after the weights,
+    the LoRA slots and a 2 GiB margin for vLLM's processes, at most ``useful_bytes`` (what the
+    largest batch at full length can fill), in whole MiB."""
+    size = int((free_bytes - model_bytes - lora_bytes - KV_MARGIN_BYTES) * KV_FRACTION)
+    if useful_bytes is not None:
+        size = min(size, max(useful_bytes, MIN_KV_BYTES))
+    if size < MIN_KV_BYTES:
+        raise UserError(
+            f"only {free_bytes / 2**30:.1f} GiB of memory is available, too little for the model's "
+            f"{(model_bytes + lora_bytes) / 2**30:.1f} GiB, a KV cache and vLLM itself; free memory, or pass "
+            "-- --kv-cache-memory-bytes N --max-model-len L"
+        )
+    return size >> 20 << 20
+
+
+def max_model_len(kv_bytes: int, bytes_per_token: int, max_positions: int | None) -> int:
+    """The longest context a KV cache of ``kv_bytes`` holds (whole blocks, one spare), at most ``max_positions``."""
+    blocks = kv_bytes // (bytes_per_token * CPU_BLOCK_SIZE) - 1
+    if blocks < 1:
+        raise UserError(f"a KV cache of {kv_bytes} bytes holds no {CPU_BLOCK_SIZE}-token block of this model; "
+                        "pass a larger -- --kv-cache-memory-bytes")
+    return min(blocks * CPU_BLOCK_SIZE, max_positions or blocks * CPU_BLOCK_SIZE)
+
+
+def kv_bytes_per_token(checkpoint: BaseCheckpoint, dtype: str) -> int:
+    """KV-cache bytes per token: keys and values of every layer (full attention assumed)."""
+    config = text_config(checkpoint)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+def max_positions(checkpoint: BaseCheckpoint) -> int | None:
+    """The base's longest context (``max_position_embeddings`` or its other names), if it states one."""
+    config = text_config(checkpoint)
+    return next((config[key] for key in ("max_position_embeddings", "n_positions", "max_seq_len") if config.get(key)),
+                None)
+
+
+def cpu_memory_args(checkpoint: BaseCheckpoint, dtype: str, vllm_args, max_loras: int, max_rank: int,
+                     free_bytes: int | None) -> list[str]:
+    """--kv-cache-memory-bytes and --max-model-len where the user gave none, sized to the memory
+    available, with one line saying what was chosen."""
+    kv = vllm_flag(vllm_args, "--kv-cache-memory-bytes")
+    length = vllm_flag(vllm_args, "--max-model-len")
+    if vllm_flag(vllm_args, "--gpu-memory-utilization") is not None or (kv is not None and length is not None):
+        return []
+    dtype = dtype if dtype in DTYPE_BYTES else stored_dtype(checkpoint)
+    per_token = kv_bytes_per_token(checkpoint, dtype)
+    positions = max_positions(checkpoint)
+    args, chosen = [], []
+    if kv is None:
+        shapes = tensor_shapes(checkpoint)
+        vocab = text_config(checkpoint).get("vocab_size")
+        model_bytes = sum(math.prod(shape) for shape in shapes) * DTYPE_BYTES[dtype]
+        # vLLM keeps max_loras LoRA slots of max_rank on every linear layer, plus a CPU copy of each adapter
+        lora_bytes = 2 * max_loras * max_rank * DTYPE_BYTES[dtype] * sum(
+            sum(shape) for shape in shapes if len(shape) == 2 and vocab not in shape)
+        seqs = int(vllm_flag(vllm_args, "--max-num-seqs") or CPU_MAX_NUM_SEQS)
+        free = available_memory() if free_bytes is None else free_bytes
+        kv = str(kv_cache_bytes(free, model_bytes, lora_bytes, seqs * positions * per_token if positions else None))
+        args += ["--kv-cache-memory-bytes", kv]
+        chosen.append(f"KV cache {int(kv) >> 20} MiB of {free / 2**30:.1f} GiB available")
+    if length is None and kv.isdigit():
+        args += ["--max-model-len", str(max_model_len(int(kv), per_token, positions))]
+        chosen.append(f"max model length {args[-1]}")
+    if chosen:
+        click.echo(f"psoft-deploy: {', '.join(chosen)}; override with -- --kv-cache-memory-bytes N --max-model-len L",
+                   err=True)
+    return args
