@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from psoft_deploy.errors import UserError
+from psoft_deploy.layer import replace_module
 from psoft_deploy.model import load_base_model
 
 GRAPH = "model.onnx"
@@ -45,9 +46,7 @@ class CausalLMForExport(nn.Module):
         self.layers = model.config.num_hidden_layers
         self.lora_modules = list(lora_modules)
         for name in self.lora_modules:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoraInputLinear(getattr(parent, child)))
+            replace_module(model, name, LoraInputLinear(model.get_submodule(name)))
 
     def forward(self, input_ids, attention_mask, position_ids=None, past=(), lora=()):
         for index, name in enumerate(self.lora_modules):
@@ -174,7 +173,3 @@ def onnx_logits(onnx_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarra
         feeds |= model.empty_past(batch)
     return model.run(["logits"], feeds)[0]
 
-
-def _numpy_dtype(onnx_type: str):
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
-        onnx_type, np.float32)

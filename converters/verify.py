@@ -1,14 +1,21 @@
-"""`psoft-deploy verify`: compare a converted artifact (merged model, LoRA adapter) with the
-reference PSOFT forward.
+"""`psoft-deploy verify`: compare a converted artifact (merged model, LoRA adapter, ONNX export)
+with the reference PSOFT forward, against tolerances measured in the same run.
 
-The reference is the base with the adapter applied through `PsoftLinear` (for PEFT
-adapters this equals PEFT's own forward; the tests pin it). Two modes:
+The reference is the base with the adapter applied through `PsoftLinear` (for PEFT adapters
+this equals PEFT's own forward; the tests pin it). Two modes:
 
-* ``full``: both models run the verification prompts; max and mean |Δlogits|, top-1
-  agreement and KL divergence are checked against per-dtype tolerances.
-* ``layerwise``: for a model too large to hold twice, each merged weight is checked
-  against ``W + ΔW`` on random inputs while streaming, and every other tensor against
-  the base (or the adapter's ``modules_to_save``).
+* ``full``: the reference runs in float64 (the truth). What the candidate's precision does on
+  its own is measured by running the reference again in that dtype, and what rounding the
+  conversion adds by running the truth with each adapted weight replaced by ``W + ΔW`` rounded
+  to that dtype. The candidate's max and mean |Δlogits| and its KL divergence from the truth
+  may be at most `BOUND_FACTORS` times that noise, and its top-1 token must
+  agree at every position whose margin the noise cannot close. The bare base is held to the
+  same bounds as a control: where it would pass too, the check cannot tell the adapter apart
+  and fails as inconclusive.
+* ``layerwise``: for a model too large to run twice, each merged weight is checked on random
+  inputs against ``W + ΔW`` (float64), within `NOISE_FACTOR` times what rounding a correct
+  merge to the candidate's dtype costs that layer; every other tensor must equal the base's
+  (or the adapter's ``modules_to_save``).
 """
 
 from __future__ import annotations
@@ -17,71 +24,144 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.converters.lora import read_export_metadata
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
+from psoft_deploy.layer import PsoftLinear, replace_module
 from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.streaming import torch_dtype
 
+# Plain-text verification prompts, for tokenizers without a chat template.
 DEFAULT_PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
     "In the beginning the river carried water from the hills",
     "def fibonacci(n):\n    return n if n < 2 else",
     "Question: what is the capital of France? Answer:",
 ]
-FULL_MODE_MAX_BYTES = 2 * 2**30  # auto mode: larger models are verified layer by layer
-
-
-# fp32: the merged model must equal the reference forward.
-FP32_MAX_ABS_LOGITS = 1e-4
-# Half precision: the candidate may differ from the fp32 reference by at most this many times
-# the dtype's own effect (the unmerged adapter run in that dtype vs fp32, measured in the same
-# run), and must agree on the top-1 token wherever that effect cannot flip it.
-HALF_NOISE_FACTOR = 4.0
-DECISIVE_MARGIN_FACTOR = 2.0
+# Conversations rendered with the tokenizer's chat template where it has one: the template's
+# own tokens (turn markers, role names) are decisions a chat model makes with confidence.
+DEFAULT_CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."},
+     {"role": "user", "content": "And the capital of Italy?"}],
+    [{"role": "user", "content": "Write a short poem about the sea."}],
+    [{"role": "user", "content": "Complete the code: def fibonacci(n):\n    return n if n < 2 else"}],
+    [{"role": "user", "content": "Name three colours."},
+     {"role": "assistant", "content": "Red, green and blue."},
+     {"role": "user", "content": "Which one is the colour of the sky?"}],
+]
+# The float64 truth costs 8 bytes a parameter: auto mode verifies larger models layer by layer.
+FULL_MODE_MAX_PARAMETERS = 500_000_000
+# A candidate may deviate from the float64 truth by these multiples of the noise measured in the
+# same run (its precision's own effect plus the rounding of the converted weights): its largest
+# |Δlogit| by NOISE_FACTOR (a single extreme value fluctuates), its mean |Δlogit| by
+# MEAN_NOISE_FACTOR and its mean KL by the square of that (averages over every position and class
+# are stable; a correct candidate measures at 0.6–1.1× the noise).
+NOISE_FACTOR = 4.0
+MEAN_NOISE_FACTOR = 2.0
+BOUND_FACTORS = {"max_abs_logits": NOISE_FACTOR, "mean_abs_logits": MEAN_NOISE_FACTOR,
+                 "kl_divergence": MEAN_NOISE_FACTOR ** 2}
+# Top-1 agreement is judged where the truth's top-1 margin exceeds 2 × NOISE_FACTOR × the noise at
+# that position (more than a correct candidate's deviation can close), if there are this many.
+MIN_DECISIVE_POSITIONS = 8
 # Truncated LoRA exports: measured vs recorded optimal rank-k error, per layer.
 TRUNCATION_GAP = 1e-4
-# Layerwise mode: ‖W'x − (W + ΔW)x‖ / ‖(W + ΔW)x‖ on random x, per candidate dtype.
-LAYER_RELATIVE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+STATISTICS = tuple(BOUND_FACTORS)
 
 
-def verification_inputs(model_dirs: list[Path], prompts: list[str] | None, vocab_size: int) -> dict:
-    """Tokenized prompts (tokenizer of the first directory that has one), else fixed token ids."""
-    for directory in model_dirs:
-        if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+def read_prompts(file: Path) -> list[str | list[dict]]:
+    """Verification prompts from ``file``: JSON lines (``{"text": ...}`` or ``{"messages": [...]}``,
+    a chat rendered with the tokenizer's template) or one plain prompt per line."""
+    lines = [line for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"--prompts {file} holds no prompt")
+    if not all(line.lstrip().startswith("{") for line in lines):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise UserError(f"--prompts {file}: line {number} is not valid JSON") from None
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            prompts.append(record["messages"])
+        elif isinstance(record, dict) and isinstance(record.get("text"), str):
+            prompts.append(record["text"])
+        else:
+            raise UserError(f'--prompts {file}: line {number} has neither a "text" string nor a "messages" list')
+    return prompts
 
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-            return dict(tokenizer(prompts or DEFAULT_PROMPTS, padding=True, return_tensors="pt"))
+
+def verification_inputs(model_dirs: list[Path], prompts, vocab_size: int) -> tuple[dict, str]:
+    """Tokenized prompts (tokenizer of the first directory that has one) and what they are: the
+    given ones, else chat conversations where the tokenizer has a chat template, else plain text;
+    without a tokenizer, fixed token ids."""
+    directory = next((d for d in model_dirs if (d / "tokenizer.json").is_file()
+                      or (d / "tokenizer_config.json").is_file()), None)
+    if directory is None:
+        if prompts:
+            raise UserError("--prompts needs a tokenizer in the base or candidate directory")
+        ids = torch.randint(0, vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "fixed token ids (no tokenizer)"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if prompts:
-        raise UserError("--prompts needs a tokenizer in the base or candidate directory")
-    ids = torch.randint(0, vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        encoded, source = [_encode(tokenizer, prompt) for prompt in prompts], f"{len(prompts)} given prompts"
+    else:
+        encoded = []
+        if tokenizer.chat_template:
+            for conversation in DEFAULT_CONVERSATIONS:
+                try:
+                    encoded.append(_encode(tokenizer, conversation))
+                except Exception:  # a template that refuses a role or a turn order: use the others
+                    continue
+        source = f"{len(encoded)} chat conversations (the tokenizer's template)"
+        if not encoded:
+            encoded, source = [_encode(tokenizer, text) for text in DEFAULT_PROMPTS], "plain-text prompts"
+    batch = tokenizer.pad([{"input_ids": ids} for ids in encoded], padding=True, return_tensors="pt")
+    return dict(batch), source
+
+
+def _encode(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a plain prompt, or of a chat rendered with the tokenizer's template (a
+    generation prompt added when the last turn is not the assistant's)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if not tokenizer.chat_template:
+        raise UserError("a prompt is given as chat messages, but the tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(prompt, tokenize=False,
+                                         add_generation_prompt=prompt[-1].get("role") != "assistant")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def real_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Logits as (positions, classes) in float32, padding dropped."""
+    """Logits as (positions, classes) in float64, padding dropped."""
     if logits.dim() == 3 and mask is not None:
         logits = logits[mask.bool()]
-    return logits.float().reshape(-1, logits.shape[-1])
+    return logits.double().reshape(-1, logits.shape[-1])
 
 
-def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
-    """max/mean |Δ|, top-1 agreement and mean KL(reference ‖ candidate) of (positions, classes) logits."""
-    diff = (reference - candidate).abs()
-    kl = F.kl_div(F.log_softmax(candidate, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean")
+def compare_logits(truth: torch.Tensor, other: torch.Tensor) -> dict:
+    """Deviation of (positions, classes) logits from the truth: max/mean |Δ|, mean KL(truth ‖ other)
+    (computed in float64 from log-softmaxes, never negative), top-1 agreement; per position (tensors,
+    under ``per_position`` and ``agrees``) the max |Δ| and whether the top-1 tokens agree."""
+    truth, other = truth.double(), other.double()
+    diff = (truth - other).abs()
+    log_p, log_q = torch.log_softmax(truth, -1), torch.log_softmax(other, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
     return {
         "max_abs_logits": diff.max().item(),
         "mean_abs_logits": diff.mean().item(),
-        "top1_agreement": (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item(),
-        "kl_divergence": kl.item(),
-        "positions": reference.shape[0],
+        "kl_divergence": kl.mean().item(),
+        "top1_agreement": (truth.argmax(-1) == other.argmax(-1)).double().mean().item(),
+        "per_position": diff.amax(-1),
+        "agrees": truth.argmax(-1) == other.argmax(-1),
     }
 
 
@@ -91,65 +171,143 @@ def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch
     return candidate.tensor(first).dtype
 
 
+def reference_runs(base: BaseCheckpoint, factors: AdapterFactors | None, dtype: torch.dtype, forward) -> dict:
+    """The float64 truth, and deviations from it: the reference forward in ``dtype`` (what the
+    precision does alone), the truth with every adapted weight replaced by ``W + ΔW`` as a
+    correct merge to ``dtype`` stores it (what rounding the conversion adds), and the bare base
+    (``modules_to_save`` tensors included)."""
+    model = reference_model(base.path, factors, torch.float64)
+    truth = forward(model)
+    runs = {"truth": truth}
+    if factors is None:
+        runs["rounding"] = None
+        runs["bare_base"] = None
+    else:
+        weights, psoft_layers = {}, {}
+        for name in factors.modules:
+            psoft_layers[name] = model.get_submodule(name)
+            replace_module(model, name, psoft_layers[name].base_layer)
+            weights[name] = psoft_layers[name].base_layer.weight.data
+        for name, original in weights.items():
+            merged = _reference_merged_weight(psoft_layers[name])
+            model.get_submodule(name).weight.data = merged.float().to(dtype).double()
+        runs["rounding"] = compare_logits(truth, forward(model))
+        for name, original in weights.items():
+            model.get_submodule(name).weight.data = original
+        model.load_state_dict({key: base.tensor(key).double() for key in factors.replaced_tensors}, strict=False)
+        runs["bare_base"] = compare_logits(truth, forward(model))
+    del model
+    runs["precision"] = compare_logits(truth, forward(reference_model(base.path, factors, dtype)))
+    return runs
+
+
+def _reference_merged_weight(layer: PsoftLinear, chunk: int = 1024) -> torch.Tensor:
+    """``W + ΔW`` in float64 as the reference layer computes it (its forward on the identity,
+    ``chunk`` columns at a time), independently of the dense ΔW the converters build."""
+    columns = []
+    with torch.no_grad():
+        for start in range(0, layer.base_layer.in_features, chunk):
+            eye = torch.eye(layer.base_layer.in_features, dtype=torch.float64)[start:start + chunk]
+            bias = layer.base_layer.bias
+            columns.append((layer(eye) - (0 if bias is None else bias.double())).T)
+    return torch.cat(columns, dim=1)
+
+
 def verify_full(
     base: BaseCheckpoint, factors: AdapterFactors | None, candidate_dir: Path, prompts=None, *, kind: str = "merged",
     adapter_file: Path | None = None,
 ) -> dict:
-    """Run the fp32 reference and the candidate on the verification prompts.
+    """Run the candidate and the reference on the verification prompts and judge the candidate
+    by the noise measured in the same run (see the module docstring).
 
     ``kind`` is ``merged`` (a model directory, run by transformers), ``lora`` (an adapter loaded
     onto the base by PEFT's own LoRA code, independent of ours) or ``onnx`` (an exported graph,
-    run by onnxruntime, with ``adapter_file`` active when given). fp32 candidates must match
-    within max |Δlogits| ≤ 1e-4 with 100 % top-1 agreement. A half-precision candidate is
-    held to the dtype's own effect: the reference is also run in the candidate's dtype (the
-    adapter unmerged, as PEFT would run it), and the candidate may deviate from fp32 by at
-    most 4× that, with 100 % top-1 agreement at every position whose fp32 top-1 margin
-    exceeds 2× that."""
+    run by onnxruntime, with ``adapter_file`` active when given). ``factors`` None means the
+    candidate should be the bare base."""
     if kind == "lora":
         dtype = lora_dtype(candidate_dir)
     elif kind == "onnx":
         dtype = onnx_dtype(candidate_dir)
     else:
         dtype = candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
-    reference = reference_model(base.path, factors, torch.float32)
-    inputs = verification_inputs([candidate_dir, base.path], prompts, reference.config.vocab_size)
+    vocab_size = json.loads((base.path / "config.json").read_text()).get("vocab_size", 2)
+    inputs, prompt_source = verification_inputs([candidate_dir, base.path], prompts, vocab_size)
     mask = inputs.get("attention_mask")
 
-    def logits(model) -> torch.Tensor:
+    def forward(model) -> torch.Tensor:
         with torch.no_grad():
             return real_positions(model(**inputs).logits, mask)
 
-    truth = logits(reference)
-    del reference
+    runs = reference_runs(base, factors, dtype, forward)
     if kind == "onnx":
         from psoft_deploy.converters.onnx import onnx_logits
 
         raw = onnx_logits(candidate_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), adapter_file)
         actual = real_positions(torch.from_numpy(raw), mask)
     elif kind == "lora":
-        actual = logits(load_lora_candidate(base.path, candidate_dir, dtype))
+        actual = forward(load_lora_candidate(base.path, candidate_dir, dtype))
     else:
-        actual = logits(load_base_model(candidate_dir, dtype))
-    metrics = compare_logits(truth, actual)
-    if dtype == torch.float32:
-        tolerance = f"max |Δlogits| ≤ {FP32_MAX_ABS_LOGITS:g}, top-1 agreement 100%"
-        passed = metrics["max_abs_logits"] <= FP32_MAX_ABS_LOGITS and metrics["top1_agreement"] == 1.0
-        return _report("full", dtype, tolerance, passed, metrics)
-    noise = compare_logits(truth, logits(reference_model(base.path, factors, dtype)))["max_abs_logits"]
-    top2 = truth.topk(2, dim=-1).values
-    decisive = (top2[:, 0] - top2[:, 1]) > DECISIVE_MARGIN_FACTOR * noise
-    agree = truth.argmax(-1) == actual.argmax(-1)
-    metrics |= {
-        "dtype_noise": noise,
-        "decisive_positions": int(decisive.sum()),
-        "decisive_top1_agreement": agree[decisive].float().mean().item() if decisive.any() else 1.0,
+        actual = forward(load_base_model(candidate_dir, dtype))
+    return judge(runs, compare_logits(runs["truth"], actual), dtype, prompt_source)
+
+
+def judge(runs: dict, candidate: dict, dtype: torch.dtype, prompt_source: str) -> dict:
+    """The verdict on a candidate's deviation from the truth, given the reference runs."""
+    precision, rounding, bare = runs["precision"], runs["rounding"], runs["bare_base"]
+    noise = {stat: precision[stat] + (rounding[stat] if rounding else 0.0) for stat in STATISTICS}
+    bounds = {stat: BOUND_FACTORS[stat] * noise[stat] for stat in STATISTICS}
+    failed = [f"{stat} {candidate[stat]:.2e} > bound {bounds[stat]:.2e}" for stat in STATISTICS
+              if candidate[stat] > bounds[stat]]
+    truth = runs["truth"]
+    position_noise = precision["per_position"] + (rounding["per_position"] if rounding else 0.0)
+    decisive = torch.zeros_like(position_noise, dtype=torch.bool)
+    if truth.shape[-1] > 1:
+        top2 = truth.topk(2, dim=-1).values
+        decisive = (top2[:, 0] - top2[:, 1]) > 2 * NOISE_FACTOR * position_noise
+    decisive_count = int(decisive.sum())
+    decisive_agreement = None
+    if decisive_count >= MIN_DECISIVE_POSITIONS:
+        decisive_agreement = candidate["agrees"][decisive].double().mean().item()
+        if decisive_agreement < 1.0:
+            failed.append(f"top-1 {decisive_agreement:.1%} on the {decisive_count} decisive positions")
+    control = None
+    if bare is not None:
+        control = {stat: bare[stat] for stat in (*STATISTICS, "top1_agreement")}
+        control["passes_bounds"] = all(bare[stat] <= bounds[stat] for stat in STATISTICS)
+        if control["passes_bounds"]:
+            failed.append("inconclusive: the bare base is within these bounds too (the adapter's effect is below "
+                          f"{_name(dtype)}'s own noise on these prompts); verify a float32 artifact, with "
+                          "--verify-mode layerwise, or with prompts where the adapter matters (--prompts)")
+    name = _name(dtype)
+    tolerance = (f"max |Δlogits| ≤ {NOISE_FACTOR:g}×, mean |Δlogits| ≤ {MEAN_NOISE_FACTOR:g}× and KL ≤ "
+                 f"{MEAN_NOISE_FACTOR ** 2:g}× the noise measured in this run ({name} alone: the reference in {name} vs float64, plus the rounding of the converted "
+                 f"weights to {name}); top-1 agreement where the float64 margin exceeds "
+                 f"{2 * NOISE_FACTOR:g}× that noise (if ≥ {MIN_DECISIVE_POSITIONS} such positions); the bare base "
+                 "must fail these bounds")
+    return {
+        "mode": "full",
+        "dtype": name,
+        "tolerance": tolerance,
+        "passed": not failed,
+        "failed_checks": failed,
+        "prompts": prompt_source,
+        "positions": truth.shape[0],
+        **{stat: candidate[stat] for stat in (*STATISTICS, "top1_agreement")},
+        "bounds": bounds,
+        "noise": {"precision": _public(precision), "rounding": _public(rounding) if rounding else None},
+        "decisive_positions": decisive_count,
+        "decisive_top1_agreement": decisive_agreement,
+        "bare_base": control,
     }
-    tolerance = (f"max |Δlogits| ≤ {HALF_NOISE_FACTOR:g} × {noise:.2e} (the unmerged adapter in "
-                 f"{str(dtype).removeprefix('torch.')} vs fp32), top-1 agreement 100% where the fp32 margin "
-                 f"> {DECISIVE_MARGIN_FACTOR:g} × that")
-    passed = (metrics["max_abs_logits"] <= HALF_NOISE_FACTOR * noise + 1e-6
-              and metrics["decisive_top1_agreement"] == 1.0)
-    return _report("full", dtype, tolerance, passed, metrics)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _public(stats: dict) -> dict:
+    """The JSON-ready statistics of `compare_logits` (per-position tensors left out)."""
+    return {key: value for key, value in stats.items() if not isinstance(value, torch.Tensor)}
 
 
 def lora_dtype(candidate_dir: Path) -> torch.dtype:
@@ -188,48 +346,89 @@ def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candida
         gap = abs(error - recorded[name]["relative_error"])
         if gap >= worst_gap:
             worst_gap, worst_layer = gap, name
-    metrics = {
+    passed = worst_gap <= TRUNCATION_GAP
+    return {
+        "mode": "truncated-lora",
+        "dtype": "float32",
+        "tolerance": f"each layer's relative error within {TRUNCATION_GAP:g} of the optimal rank-k error recorded "
+                     "at export",
+        "passed": passed,
+        "failed_checks": [] if passed else [f"{worst_layer} is {worst_gap:.1e} off its recorded error"],
         "max_layer_relative_error": max(errors.values()),
         "max_gap_to_recorded_error": worst_gap,
         "worst_layer": worst_layer,
         "layers_checked": len(errors),
     }
-    tolerance = f"each layer's relative error within {TRUNCATION_GAP:g} of the optimal rank-k error recorded at export"
-    return _report("truncated-lora", torch.float32, tolerance, worst_gap <= TRUNCATION_GAP, metrics)
 
 
 def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> dict:
-    """Check every candidate tensor while streaming: adapted weights on random inputs, the rest exactly."""
+    """Check every candidate tensor while streaming. An adapted weight W' is run on random
+    inputs x against the float64 ``(W + ΔW) x`` (from the reference layer); its relative error
+    may be at most `NOISE_FACTOR` × that of ``W + ΔW`` rounded to the candidate's dtype (at
+    least the dtype's unit roundoff). The bare W is the control: if
+    every layer's W passed too, the check is inconclusive. Every other tensor must be exactly
+    the base's (or the adapter's replacement)."""
     candidate = BaseCheckpoint(str(candidate_dir))
     dtype = candidate_dtype(candidate, factors)
-    bound = LAYER_RELATIVE.get(dtype, LAYER_RELATIVE[torch.float32])
     deltas = {base_tensor_key(name): module for name, module in factors.modules.items()}
     generator = torch.Generator().manual_seed(0)
-    worst, worst_key, mismatched = 0.0, None, []
+    worst_ratio, worst_key, worst_error, indistinct, mismatched = 0.0, None, 0.0, 0, []
     missing = sorted(set(base.files) - set(candidate.files))
     for key in candidate.files:
         actual = candidate.tensor(key)
         if key in deltas:
-            expected = base.tensor(key).float() + deltas[key].delta_weight().float()
-            probe = torch.randn(expected.shape[1], 8, generator=generator)
-            reference_out = expected @ probe
-            error = (torch.linalg.norm(actual.float() @ probe - reference_out) / torch.linalg.norm(reference_out)).item()
-            if error > worst:
-                worst, worst_key = error, key
+            weight = base.tensor(key)
+            base_layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
+            base_layer.weight.data = weight.double()
+            merged = _reference_merged_weight(PsoftLinear(base_layer, deltas[key]))
+            probe = torch.randn(weight.shape[1], 8, generator=generator, dtype=torch.float64)
+            exact = merged @ probe
+
+            def error(candidate_weight: torch.Tensor) -> float:
+                return (torch.linalg.norm(candidate_weight.double() @ probe - exact) / torch.linalg.norm(exact)).item()
+
+            bound = NOISE_FACTOR * max(error(merged.to(dtype)), torch.finfo(dtype).eps / 2)
+            actual_error = error(actual)
+            indistinct += error(weight) <= bound
+            if actual_error / bound >= worst_ratio:
+                worst_ratio, worst_key, worst_error = actual_error / bound, key, actual_error
         else:
             source = factors.replaced_tensors[key] if key in factors.replaced_tensors else base.tensor(key)
             if not torch.equal(actual, source.to(actual.dtype)):
                 mismatched.append(key)
-    metrics = {
-        "max_layer_relative_error": worst,
+    failed = []
+    if worst_ratio > 1:
+        failed.append(f"{worst_key} is {worst_ratio:.3g}× its bound")
+    if indistinct == len(deltas):
+        failed.append(f"inconclusive: in {_name(dtype)} every adapted layer of the bare base is within its bound too")
+    if mismatched or missing:
+        failed.append(f"{len(mismatched)} other tensors differ from the base, {len(missing)} are missing")
+    return {
+        "mode": "layerwise",
+        "dtype": _name(dtype),
+        "tolerance": (f"per adapted layer, relative error on random inputs ≤ {NOISE_FACTOR:g}× that of a correct merge "
+                      f"rounded to {_name(dtype)} (measured per layer in this run); the bare base must fail; every "
+                      "other tensor exactly the base's"),
+        "passed": not failed,
+        "failed_checks": failed,
+        "max_layer_relative_error": worst_error,
         "worst_layer": worst_key,
+        "worst_ratio_to_bound": worst_ratio,
         "layers_checked": len(deltas),
+        "layers_where_the_bare_base_passes": indistinct,
         "tensors_differing_from_base": mismatched[:10],
         "tensors_missing": missing[:10],
     }
-    passed = worst <= bound and not mismatched and not missing
-    tolerance = f"relative error ≤ {bound:g} per adapted layer, every other tensor exactly the base's"
-    return _report("layerwise", dtype, tolerance, passed, metrics)
+
+
+def parameter_count(checkpoint: BaseCheckpoint) -> int:
+    """Number of stored parameters, from the safetensors headers alone."""
+    total = 0
+    for file in set(checkpoint.files.values()):
+        with open_safetensors(file) as handle:
+            for key in handle.keys():
+                total += torch.Size(handle.get_slice(key).get_shape()).numel()
+    return total
 
 
 def verify_candidate(
@@ -259,42 +458,41 @@ def verify_candidate(
         raise UserError(f"candidate {candidate_dir} is not a model directory (config.json), a LoRA adapter "
                         f"({ADAPTER_CONFIG}) or an ONNX export (model.onnx)")
     if mode == "auto":
-        size = sum(file.stat().st_size for file in set(BaseCheckpoint(str(candidate_dir)).files.values()))
-        mode = "full" if size <= FULL_MODE_MAX_BYTES else "layerwise"
+        mode = "full" if parameter_count(BaseCheckpoint(str(candidate_dir))) <= FULL_MODE_MAX_PARAMETERS else "layerwise"
     if mode == "full":
         return verify_full(base, factors, candidate_dir, prompts)
     return verify_layerwise(base, factors, candidate_dir)
 
 
-def _report(mode: str, dtype: torch.dtype, tolerance: str, passed: bool, metrics: dict) -> dict:
-    return {
-        "mode": mode,
-        "dtype": str(dtype).removeprefix("torch."),
-        "tolerance": tolerance,
-        "passed": passed,
-        **metrics,
-    }
-
-
 def format_verification(report: dict) -> str:
-    """One line: PASS/FAIL, the key numbers, and the tolerance they were held to."""
+    """One line: PASS/FAIL, the key numbers, what failed, and the rule they were held to."""
     if report["mode"] == "truncated-lora":
         numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} (optimal rank-k), "
                    f"largest gap to the recorded error {report['max_gap_to_recorded_error']:.1e} over "
                    f"{report['layers_checked']} layers")
     elif report["mode"] == "full":
-        numbers = (f"max |Δlogits| {report['max_abs_logits']:.2e}, mean {report['mean_abs_logits']:.2e}, "
-                   f"top-1 {report['top1_agreement']:.1%}, KL {report['kl_divergence']:.2e} "
-                   f"over {report['positions']} positions")
-        if "decisive_positions" in report:
-            numbers += (f", top-1 {report['decisive_top1_agreement']:.1%} on the {report['decisive_positions']} "
+        bounds = report["bounds"]
+        numbers = (f"max |Δlogits| {report['max_abs_logits']:.2e} (bound {bounds['max_abs_logits']:.2e}), "
+                   f"mean {report['mean_abs_logits']:.2e} (bound {bounds['mean_abs_logits']:.2e}), "
+                   f"KL {report['kl_divergence']:.2e} (bound {bounds['kl_divergence']:.2e}), "
+                   f"top-1 {report['top1_agreement']:.1%} over {report['positions']} positions of {report['prompts']}")
+        if report["decisive_top1_agreement"] is None:
+            numbers += (f"; top-1 not judged: {report['decisive_positions']} decisive positions "
+                        f"(< {MIN_DECISIVE_POSITIONS}), verdict from the bounds")
+        else:
+            numbers += (f"; top-1 {report['decisive_top1_agreement']:.1%} on the {report['decisive_positions']} "
                         "decisive ones")
+        if report["bare_base"] is not None:
+            numbers += (f"; the bare base (control) is {report['bare_base']['mean_abs_logits'] / bounds['mean_abs_logits']:.3g}× "
+                        "the mean bound")
     else:
-        numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} over "
-                   f"{report['layers_checked']} layers, {len(report['tensors_differing_from_base'])} other tensors "
-                   f"differing, {len(report['tensors_missing'])} missing")
+        numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} "
+                   f"({report['worst_ratio_to_bound']:.2g}× its bound) over {report['layers_checked']} layers, "
+                   f"{len(report['tensors_differing_from_base'])} other tensors differing, "
+                   f"{len(report['tensors_missing'])} missing")
     verdict = "PASS" if report["passed"] else "FAIL"
-    return f"{verdict} ({report['mode']}, {report['dtype']}): {numbers}; tolerance: {report['tolerance']}"
+    failed = f"; failed: {', '.join(report['failed_checks'])}" if report["failed_checks"] else ""
+    return f"{verdict} ({report['mode']}, {report['dtype']}): {numbers}{failed}; rule: {report['tolerance']}"
 
 
 def record_verification(staging: Path, artifact: str, report: dict) -> str:

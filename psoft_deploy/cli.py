@@ -66,8 +66,8 @@ def base_and_adapter(command):
 
 VERIFY_MODE = click.option(
     "--verify-mode", type=click.Choice(["auto", "full", "layerwise"]), default="auto", show_default=True,
-    help="full: run both models on prompts; layerwise: check each weight while streaming (for models too "
-         "large to hold twice); auto: full up to 2 GiB of weights.",
+    help="full: run the candidate and the reference (in float64) on prompts; layerwise: check each weight "
+         "while streaming (for models too large to run in float64); auto: full up to 0.5B parameters.",
 )
 
 
@@ -345,7 +345,10 @@ def generate(onnx_dir, adapter_file, prompt, max_new_tokens, temperature, top_k,
 @cli.command()
 @base_and_adapter
 @click.option("--candidate", required=True, type=click.Path(), help="The artifact to check: a merged model directory or a LoRA adapter.")
-@click.option("--prompts", type=click.File(), default=None, help="Text file, one verification prompt per line.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help='Verification prompts: JSON lines ({"text": ...} or {"messages": [...]}, rendered with the '
+                   "tokenizer's chat template) or one plain prompt per line. Default: chat conversations where "
+                   "the tokenizer has a template, else plain text.")
 @click.option("--json", "json_report", type=click.Path(), default=None, help="Also write the report to this file.")
 @VERIFY_MODE
 @adapter_options
@@ -358,15 +361,15 @@ def verify(base, adapter, candidate, prompts, json_report, verify_mode, **option
     """
     from pathlib import Path
 
-    from psoft_deploy.converters.verify import format_verification, verify_candidate
+    from psoft_deploy.converters.verify import format_verification, read_prompts, verify_candidate
 
     from .base import BaseCheckpoint
     from .factors import load_factors
 
     checkpoint = BaseCheckpoint(base)
     factors = load_factors(adapter, checkpoint, **factor_kwargs(options))
-    lines = [line for line in prompts.read().splitlines() if line.strip()] if prompts else None
-    report = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode, prompts=lines)
+    report = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode,
+                              prompts=read_prompts(prompts) if prompts else None)
     if json_report:
         Path(json_report).write_text(json.dumps(report, indent=2) + "\n")
     click.echo(format_verification(report))
@@ -384,19 +387,22 @@ def verify(base, adapter, candidate, prompts, json_report, verify_mode, **option
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--cache-dir", type=click.Path(), default=None,
               help="Where converted adapters are kept (default: $PSOFT_DEPLOY_CACHE or ~/.cache/psoft-deploy/lora).")
+@click.option("--verbose", is_flag=True, help="Also copy vLLM's own log to stderr (it always goes to a log file).")
 @adapter_options
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(base, adapters, adapter_root, host, port, cache_dir, vllm_args, **options):
+def serve(base, adapters, adapter_root, host, port, cache_dir, verbose, vllm_args, **options):
     """Serve many PSOFT adapters at once through vLLM's OpenAI-compatible server.
 
     Each adapter is converted once to its exact LoRA form (cached by content hash), then vLLM
     starts with --enable-lora and every adapter as a model name; the base keeps its own name.
-    Arguments after -- go to vLLM unchanged.
+    The base's stored dtype is served unless you pass --dtype; on CPU the KV cache and the
+    context length are sized to the memory available. Arguments after -- go to vLLM unchanged
+    and win over what serve chooses.
 
     \b
-    Example:
-      psoft-deploy serve --base meta-llama/Llama-3.2-1B --adapter math=./psoft-math \\
-          --adapter code=./psoft-code --adapter-root ./adapters -- --max-model-len 4096
+    Example (the demo's tiny model and its trained adapter):
+      psoft-deploy demo --output ./demo
+      psoft-deploy serve --base ./demo/base --adapter demo=./demo/psoft-adapter
     """
     from pathlib import Path
 
@@ -411,7 +417,7 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, vllm_args, **opti
     plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port,
                       cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), vllm_args=vllm_args,
                       factor_options=kwargs)
-    raise SystemExit(run_server(plan, host, port))
+    raise SystemExit(run_server(plan, host, port, verbose=verbose))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

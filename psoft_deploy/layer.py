@@ -90,7 +90,12 @@ def apply_factors(
         got = (module_factors.B.shape[0], module_factors.A.shape[1])
         if got != expected:
             raise UserError(f"adapter for {name!r} has shape {got}, the model's layer is {expected}")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PsoftLinear(target, module_factors))
+        replace_module(model, name, PsoftLinear(target, module_factors))
     return model
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -9,6 +9,12 @@ import torch
 import transformers
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# ChatML, as Qwen2 and SmolLM2 chat models use it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def bundled_text() -> list[str]:
@@ -17,8 +23,10 @@ def bundled_text() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def build_tokenizer(output: Path, texts: list[str], vocab_size: int = 256):
-    """A byte-level BPE tokenizer trained on ``texts``, saved in transformers' format."""
+def build_tokenizer(output: Path, texts: list[str], vocab_size: int = 256, chat: bool = False):
+    """A byte-level BPE tokenizer trained on ``texts``, saved in transformers' format; with
+    ``chat``, a ChatML template whose end-of-turn token ``<|im_end|>`` is both EOS and pad, as in
+    many chat models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -26,14 +34,20 @@ def build_tokenizer(output: Path, texts: list[str], vocab_size: int = 256):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + (CHAT_TOKENS if chat else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    if chat:
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+        )
+        fast.chat_template = CHAT_TEMPLATE
+    else:
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        )
     fast.save_pretrained(output)
     return fast
 
@@ -93,6 +107,26 @@ def build_tiny_model(
         tokenizer = build_tokenizer(output, bundled_text(), vocab_size=model.config.vocab_size)
         if memorize:
             memorize_texts(model, tokenizer, memorize)
+    model.save_pretrained(output)
+    return model
+
+
+def build_chat_model(output: Path, layers: int = 24, hidden: int = 64, logit_scale: float = 60.0, seed: int = 0):
+    """A tiny Llama shaped like a real chat model where verification is concerned: deep
+    (``layers``), tied embeddings, logits in the tens (the final norm scaled by ``logit_scale``),
+    a ChatML template, and pad == EOS == ``<|im_end|>``. Saved with its tokenizer to ``output``."""
+    output = Path(output)
+    tokenizer = build_tokenizer(output, bundled_text(), chat=True)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512, bos_token_id=None,
+        eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(logit_scale)
     model.save_pretrained(output)
     return model
 

@@ -24,7 +24,7 @@ from .base import BaseCheckpoint
 from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
 from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter
-from .layer import PsoftLinear, PsoftRotation
+from .layer import PsoftLinear, PsoftRotation, replace_module
 from .materialize import save_materialized_files
 from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
 
@@ -120,8 +120,7 @@ def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
         factors = ModuleFactors(A=A, B=B, R=torch.eye(args.r), scale=scale)
         rotation = PsoftRotation(args.r, spec, mag_a=args.psoft_mag_a, mag_b=args.psoft_mag_b)
         layer = PsoftLinear(module, factors, rotation=rotation, dropout=args.psoft_dropout)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, name, layer)
         layers[name] = layer
     return layers
 
