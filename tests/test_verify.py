@@ -1,0 +1,153 @@
+"""`psoft-deploy verify` on a model shaped like a real chat model (24 layers, tied embeddings,
+logits in the tens, a chat template, pad == EOS): tolerances come from the noise measured in the
+same run, correct artifacts pass, wrong ones fail, in float32 and bfloat16."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from conftest import make_peft_adapter
+from safetensors.torch import load_file, save_file
+
+from psoft_deploy.cli import cli
+from psoft_deploy.converters.verify import compare_logits, verification_inputs
+from psoft_deploy.tiny import build_chat_model
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def verify(base, adapter, candidate, *extra):
+    """Exit code and report of `psoft-deploy verify`."""
+    report_file = candidate.parent / f"{candidate.name}-report.json"
+    result = run("verify", "--base", base, "--adapter", adapter, "--candidate", candidate, "--json", report_file,
+                 *extra)
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, json.loads(report_file.read_text()), result.output
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """A deep chat-shaped base, a PSOFT adapter of a trained size on it, and wrong candidates."""
+    work = tmp_path_factory.mktemp("chat")
+    build_chat_model(work / "base", layers=24)
+    peft_model = make_peft_adapter(work / "base", work / "adapter", r=8, strength=0.2, target_modules=TARGETS)
+    peft_model.merge_and_unload().save_pretrained(work / "peft-merged")
+    make_peft_adapter(work / "base", work / "other-modules", r=8, strength=0.2, seed=2,
+                      target_modules=["k_proj", "o_proj", "up_proj"])
+    return work
+
+
+def save_in(model_dir, output, dtype):
+    """``model_dir`` re-saved in ``dtype`` (config and tokenizer kept)."""
+    shutil.copytree(model_dir, output)
+    transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).save_pretrained(output)
+    return output
+
+
+def revert(merged_dir, base_dir, output, fragment):
+    """A merged model with the adapted weights whose names hold ``fragment`` put back to the base's."""
+    shutil.copytree(merged_dir, output)
+    merged, base = load_file(output / "model.safetensors"), load_file(base_dir / "model.safetensors")
+    reverted = {key: base[key].to(value.dtype) if fragment in key else value for key, value in merged.items()}
+    save_file(reverted, output / "model.safetensors", metadata={"format": "pt"})
+    return output
+
+
+def test_correct_artifacts_pass_on_a_deep_chat_model(chat, tmp_path):
+    base, adapter = chat / "base", chat / "adapter"
+    for command, output, extra in (("merge", "merged", ()), ("export-lora", "lora", ()),
+                                   ("export-onnx", "onnx", ("--with-past",))):
+        result = run(command, "--base", base, "--adapter", adapter, "--output", tmp_path / output, *extra)
+        assert result.exit_code == 0 and "PASS (full, float32)" in result.output, result.output
+    report = json.loads((tmp_path / "merged" / "psoft_verification.json").read_text())
+    assert report["prompts"].endswith("chat conversations (the tokenizer's template)")
+    assert report["decisive_positions"] == report["positions"] > 200, "fp32 noise decides no top-1 here"
+    assert report["bare_base"]["mean_abs_logits"] > 1000 * report["bounds"]["mean_abs_logits"]
+    code, report, output = verify(base, adapter, chat / "peft-merged")
+    assert code == 0 and report["passed"], "PEFT's own merge_and_unload is a correct candidate"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrong_candidates_fail_on_a_deep_chat_model(dtype, chat, tmp_path):
+    base, adapter = chat / "base", chat / "adapter"
+    name = str(dtype).removeprefix("torch.")
+    merged = tmp_path / "merged"
+    assert run("merge", "--base", base, "--adapter", adapter, "--output", merged, "--dtype", name).exit_code == 0
+    code, report, _ = verify(base, adapter, merged)
+    assert code == 0 and report["dtype"] == name and not report["bare_base"]["passes_bounds"]
+    assert run("merge", "--base", base, "--adapter", chat / "other-modules", "--output", tmp_path / "other",
+               "--dtype", name).exit_code == 0
+    wrong = {
+        "the bare base": save_in(base, tmp_path / "bare", dtype),
+        "half the adapter reverted": revert(merged, base, tmp_path / "half", "v_proj"),
+        "an adapter for other modules": tmp_path / "other",
+    }
+    for label, candidate in wrong.items():
+        code, report, output = verify(base, adapter, candidate)
+        assert code == 1 and output.startswith(f"FAIL (full, {name})"), f"{label} must fail: {output}"
+        assert any("bound" in check for check in report["failed_checks"]), label
+
+
+def test_the_float32_bound_follows_the_measured_noise(tiny_base, tmp_path):
+    """Logits in the hundreds put float32 rounding above the old fixed 1e-4: a correct merge still
+    passes, because the bound is measured; on a tiny model the bound stays below that constant."""
+    build_chat_model(tmp_path / "loud", layers=24, logit_scale=600.0)
+    make_peft_adapter(tmp_path / "loud", tmp_path / "adapter", r=8, strength=0.2, target_modules=TARGETS)
+    result = run("merge", "--base", tmp_path / "loud", "--adapter", tmp_path / "adapter", "--output", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m" / "psoft_verification.json").read_text())
+    assert report["max_abs_logits"] > 1e-4 and report["passed"]
+
+    quiet = tiny_base("llama")
+    make_peft_adapter(quiet, tmp_path / "tiny-adapter", r=8)
+    assert run("merge", "--base", quiet, "--adapter", tmp_path / "tiny-adapter", "--output",
+               tmp_path / "tiny-merged").exit_code == 0
+    report = json.loads((tmp_path / "tiny-merged" / "psoft_verification.json").read_text())
+    assert report["bounds"]["max_abs_logits"] < 1e-5, "no loosening where the fixed bound was right"
+
+
+def test_chat_template_prompts_and_json_lines(chat, tmp_path):
+    base, adapter = chat / "base", chat / "adapter"
+    inputs, source = verification_inputs([base], None, 0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    first = tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0].bool()])
+    assert "chat conversations" in source
+    assert first.startswith("<|im_start|>user\n") and first.endswith("<|im_start|>assistant\n")
+
+    prompts = tmp_path / "prompts.jsonl"
+    conversation = [{"role": "user", "content": "Line one.\nLine two."}]
+    prompts.write_text(json.dumps({"messages": conversation}) + "\n" + json.dumps({"text": "A plain prompt"}) + "\n")
+    assert run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--no-verify").exit_code == 0
+    code, report, _ = verify(base, adapter, tmp_path / "m", "--prompts", prompts)
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    expected = len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) + len(tokenizer("A plain prompt")["input_ids"])
+    assert code == 0 and report["prompts"] == "2 given prompts" and report["positions"] == expected
+
+    prompts.write_text('{"prompt": "no such field"}\n')
+    result = run("verify", "--base", base, "--adapter", adapter, "--candidate", tmp_path / "m", "--prompts", prompts)
+    assert result.exit_code == 1 and 'neither a "text" string nor a "messages" list' in result.output
+
+
+def test_too_few_decisive_positions_are_reported(tiny_base, tmp_path):
+    """A sequence classifier gives one position per prompt: too few for the top-1 rule, and the
+    report says so instead of "100 % of 0"."""
+    base = tiny_base("bert")
+    make_peft_adapter(base, tmp_path / "adapter", kind="bert", r=8, modules_to_save=["classifier"])
+    assert run("merge", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "m").exit_code == 0
+    code, report, output = verify(base, tmp_path / "adapter", tmp_path / "m")
+    assert code == 0 and report["decisive_top1_agreement"] is None and report["positions"] == 4
+    assert "top-1 not judged: 4 decisive positions (< 8), verdict from the bounds" in output
+
+
+def test_kl_is_never_negative():
+    logits = 30 * torch.randn(64, 500, generator=torch.Generator().manual_seed(0))
+    assert compare_logits(logits, logits)["kl_divergence"] == 0.0
+    nearby = logits + 1e-6 * torch.randn(64, 500, generator=torch.Generator().manual_seed(1))
+    assert compare_logits(logits.float(), nearby.float())["kl_divergence"] >= 0.0
