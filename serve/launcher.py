@@ -42,6 +42,7 @@ HEALTH_INTERVAL_S = 5  # between health checks while serving
 HEALTH_GRACE_S = 60  # without an answer to /health before serve gives up on vLLM
 # An exception line, after vLLM's "(EngineCore pid=N) ERROR 11-23 15:51:54 [core.py:1512] " prefix.
 ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \S+ \S+ \[[^\]]+\] )?(?:[A-Za-z_]\w*\.)*(\w+(?:Error|Exception): .+)$")
+NOTICE_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:DEBUG|INFO|WARNING)\b")
 # vLLM's follow-ups once its engine died; the cause, where there is one, was logged before them.
 GENERIC_ERRORS = ("EngineDeadError", "EngineGenerateError")
 
@@ -85,6 +86,8 @@ def plan_serve(
     for name in adapters:
         if not SAFE_NAME.fullmatch(name) or name == base:
             raise UserError(f"adapter name {name!r} must be letters, digits, '.', '_', '-' and differ from the base")
+    if adapter_root and not Path(adapter_root).is_dir():
+        raise UserError(f"--adapter-root {adapter_root} is not a directory")
     served, ranks = {}, []
     for name, path in adapters.items():
         click.echo(f"psoft-deploy: preparing adapter {name} from {path}", err=True)
@@ -123,12 +126,9 @@ def plan_serve(
         }
     command += list(vllm_args)
     if adapter_root:
-        root = Path(adapter_root)
-        if not root.is_dir():
-            raise UserError(f"--adapter-root {root} is not a directory")
         env |= {
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "PSOFT_DEPLOY_ADAPTER_ROOT": str(root.absolute()),
+            "PSOFT_DEPLOY_ADAPTER_ROOT": str(Path(adapter_root).absolute()),
             "PSOFT_DEPLOY_BASE": str(checkpoint.path),
             "PSOFT_DEPLOY_CACHE": str(Path(cache_dir).absolute()),
             "PSOFT_DEPLOY_MAX_LORA_RANK": str(max_rank),
@@ -185,7 +185,7 @@ def run_server(plan: ServePlan, host: str, port: int, verbose: bool = False) -> 
                 last_check = now
                 if _healthy(health, timeout=HEALTH_INTERVAL_S):
                     last_healthy = time.monotonic()
-                elif time.monotonic() - last_healthy > HEALTH_GRACE_S and not stop_requested:
+                elif time.monotonic() - last_healthy > HEALTH_GRACE_S:
                     unhealthy = True
                     break
             time.sleep(0.5)
@@ -208,11 +208,13 @@ def run_server(plan: ServePlan, host: str, port: int, verbose: bool = False) -> 
 
 def last_error_line(log: Path) -> str:
     """The cause vLLM logged last: its last exception line (``RuntimeError: ...``) that is not one
-    of its generic engine-died follow-ups, else its last exception line at all."""
-    lines = log.read_text(errors="replace").splitlines()
-    errors = [match.group(1) for line in lines if (match := ERROR_LINE.match(line.strip()))]
+    of its generic engine-died follow-ups, else its last exception line at all, else its last
+    other line that names an error (``api_server.py: error: unrecognized arguments: ...``)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    errors = [match.group(1) for line in lines if (match := ERROR_LINE.match(line))]
     specific = [error for error in errors if not error.startswith(GENERIC_ERRORS)]
-    return (specific or errors or ["no error in its log"])[-1]
+    others = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE) and not NOTICE_LINE.match(line)]
+    return (specific or errors or others or ["no error in its log"])[-1]
 
 
 def _follow(log: Path, done: threading.Event) -> None:

@@ -385,5 +385,44 @@ def test_the_cause_is_the_last_specific_error_in_vllms_log(tmp_path):
         'INFO:     127.0.0.1:47536 - "POST /v1/completions HTTP/1.1" 500 Internal Server Error',
     ]))
     assert last_error_line(log) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=2 kv_cache_idx=0"
+    log.write_text(warning + "\napi_server.py: error: unrecognized arguments: --bogus\n")
+    assert last_error_line(log) == "api_server.py: error: unrecognized arguments: --bogus"
     log.write_text(warning + "\nINFO:     Shutting down\n")
     assert last_error_line(log) == "no error in its log"
+
+
+HUNG_SERVER = """
+import http.server, sys, time
+
+class Health(http.server.BaseHTTPRequestHandler):
+    answered = 0
+
+    def do_GET(self):
+        if Health.answered == 3:
+            print("RuntimeError: the engine hung", flush=True)
+            time.sleep(3600)
+        Health.answered += 1
+        self.send_response(200)
+        self.end_headers()
+
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_a_server_that_stops_answering_health_is_stopped_with_its_cause(tmp_path, monkeypatch):
+    from psoft_deploy.serve import launcher
+
+    monkeypatch.setattr(launcher, "HEALTH_INTERVAL_S", 0.2)
+    monkeypatch.setattr(launcher, "HEALTH_GRACE_S", 2)
+    port = free_port()
+    plan = launcher.ServePlan(command=[sys.executable, "-c", HUNG_SERVER, str(port)], env=dict(os.environ),
+                              base_name="base", dtype="float32")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(UserError, match=r"vLLM stopped answering /health for 2 s and was stopped: "
+                                            r"RuntimeError: the engine hung \(log: .+\)$"):
+            launcher.run_server(plan, "127.0.0.1", port)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert not healthy(f"http://127.0.0.1:{port}")
