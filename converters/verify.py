@@ -29,7 +29,7 @@ from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.converters.lora import read_export_metadata
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
+from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
 from psoft_deploy.layer import PsoftLinear, replace_module
 from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.streaming import torch_dtype
@@ -361,64 +361,106 @@ def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candida
     }
 
 
+class LayerChecks:
+    """Adapted weights checked one layer at a time (the layerwise modes). A candidate weight W'
+    is run on random inputs x against the float64 ``(W + ΔW) x`` from the reference layer; its
+    relative error may be at most `NOISE_FACTOR` × that of ``W + ΔW`` rounded to the candidate's
+    dtype (at least the dtype's unit roundoff), measured per layer. The bare W is the control:
+    if it passed in every layer, the check is inconclusive."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.generator = torch.Generator().manual_seed(0)
+        self.layers = self.indistinct = 0
+        self.worst_ratio, self.worst_layer, self.worst_error = 0.0, None, 0.0
+
+    def check(self, name: str, weight: torch.Tensor, factors, candidate: torch.Tensor) -> None:
+        """Check ``candidate`` (W' as stored, (out, in)) for the module with base ``weight``."""
+        base_layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
+        base_layer.weight.data = weight.double()
+        merged = _reference_merged_weight(PsoftLinear(base_layer, factors))
+        probe = torch.randn(weight.shape[1], 8, generator=self.generator, dtype=torch.float64)
+        exact = merged @ probe
+
+        def error(candidate_weight: torch.Tensor) -> float:
+            return (torch.linalg.norm(candidate_weight.double() @ probe - exact) / torch.linalg.norm(exact)).item()
+
+        bound = NOISE_FACTOR * max(error(merged.to(self.dtype)), torch.finfo(self.dtype).eps / 2)
+        actual = error(candidate)
+        self.layers += 1
+        self.indistinct += error(weight) <= bound
+        if actual / bound >= self.worst_ratio:
+            self.worst_ratio, self.worst_layer, self.worst_error = actual / bound, name, actual
+
+    def report(self, failed: list[str], **metrics) -> dict:
+        """The layerwise report, with ``failed`` checks of the caller's own added."""
+        name = _name(self.dtype)
+        if self.worst_ratio > 1:
+            failed.insert(0, f"{self.worst_layer} is {self.worst_ratio:.3g}× its bound")
+        if self.layers and self.indistinct == self.layers:
+            failed.append(f"inconclusive: in {name} every adapted layer of the bare base is within its bound too")
+        return {
+            "mode": "layerwise",
+            "dtype": name,
+            "tolerance": (f"per adapted layer, relative error on random inputs ≤ {NOISE_FACTOR:g}× that of W + ΔW "
+                          f"rounded to {name} (measured per layer in this run); the bare base must fail"),
+            "passed": not failed,
+            "failed_checks": failed,
+            "max_layer_relative_error": self.worst_error,
+            "worst_layer": self.worst_layer,
+            "worst_ratio_to_bound": self.worst_ratio,
+            "layers_checked": self.layers,
+            "layers_where_the_bare_base_passes": self.indistinct,
+            **metrics,
+        }
+
+
 def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> dict:
-    """Check every candidate tensor while streaming. An adapted weight W' is run on random
-    inputs x against the float64 ``(W + ΔW) x`` (from the reference layer); its relative error
-    may be at most `NOISE_FACTOR` × that of ``W + ΔW`` rounded to the candidate's dtype (at
-    least the dtype's unit roundoff). The bare W is the control: if
-    every layer's W passed too, the check is inconclusive. Every other tensor must be exactly
-    the base's (or the adapter's replacement)."""
+    """Check a merged model while streaming: each adapted weight by `LayerChecks`, every other
+    tensor equal to the base's (or the adapter's ``modules_to_save`` replacement)."""
     candidate = BaseCheckpoint(str(candidate_dir))
-    dtype = candidate_dtype(candidate, factors)
+    checks = LayerChecks(candidate_dtype(candidate, factors))
     deltas = {base_tensor_key(name): module for name, module in factors.modules.items()}
-    generator = torch.Generator().manual_seed(0)
-    worst_ratio, worst_key, worst_error, indistinct, mismatched = 0.0, None, 0.0, 0, []
+    mismatched = []
     missing = sorted(set(base.files) - set(candidate.files))
     for key in candidate.files:
         actual = candidate.tensor(key)
         if key in deltas:
-            weight = base.tensor(key)
-            base_layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
-            base_layer.weight.data = weight.double()
-            merged = _reference_merged_weight(PsoftLinear(base_layer, deltas[key]))
-            probe = torch.randn(weight.shape[1], 8, generator=generator, dtype=torch.float64)
-            exact = merged @ probe
-
-            def error(candidate_weight: torch.Tensor) -> float:
-                return (torch.linalg.norm(candidate_weight.double() @ probe - exact) / torch.linalg.norm(exact)).item()
-
-            bound = NOISE_FACTOR * max(error(merged.to(dtype)), torch.finfo(dtype).eps / 2)
-            actual_error = error(actual)
-            indistinct += error(weight) <= bound
-            if actual_error / bound >= worst_ratio:
-                worst_ratio, worst_key, worst_error = actual_error / bound, key, actual_error
+            checks.check(key, base.tensor(key), deltas[key], actual)
         else:
             source = factors.replaced_tensors[key] if key in factors.replaced_tensors else base.tensor(key)
             if not torch.equal(actual, source.to(actual.dtype)):
                 mismatched.append(key)
-    failed = []
-    if worst_ratio > 1:
-        failed.append(f"{worst_key} is {worst_ratio:.3g}× its bound")
-    if indistinct == len(deltas):
-        failed.append(f"inconclusive: in {_name(dtype)} every adapted layer of the bare base is within its bound too")
-    if mismatched or missing:
-        failed.append(f"{len(mismatched)} other tensors differ from the base, {len(missing)} are missing")
-    return {
-        "mode": "layerwise",
-        "dtype": _name(dtype),
-        "tolerance": (f"per adapted layer, relative error on random inputs ≤ {NOISE_FACTOR:g}× that of a correct merge "
-                      f"rounded to {_name(dtype)} (measured per layer in this run); the bare base must fail; every "
-                      "other tensor exactly the base's"),
-        "passed": not failed,
-        "failed_checks": failed,
-        "max_layer_relative_error": worst_error,
-        "worst_layer": worst_key,
-        "worst_ratio_to_bound": worst_ratio,
-        "layers_checked": len(deltas),
-        "layers_where_the_bare_base_passes": indistinct,
-        "tensors_differing_from_base": mismatched[:10],
-        "tensors_missing": missing[:10],
-    }
+    failed = [f"{len(mismatched)} other tensors differ from the base, {len(missing)} are missing"] if (
+        mismatched or missing) else []
+    return checks.report(failed, tensors_differing_from_base=mismatched[:10], tensors_missing=missing[:10])
+
+
+def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> dict:
+    """Check a LoRA adapter layer by layer: ``W + scaling · lora_B lora_A`` (PEFT's scaling,
+    ``rank_pattern`` and ``alpha_pattern`` included) by `LayerChecks`, for every module the PSOFT
+    adapter adapts; a LoRA module the adapter does not adapt, or one it lacks, fails."""
+    from peft.utils.other import get_pattern_key
+
+    config = read_json(candidate_dir / ADAPTER_CONFIG)
+    with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
+        tensors = {key.removeprefix(PEFT_PREFIX): handle.get_tensor(key) for key in handle.keys()}
+    lora_modules = {key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}
+    checks = LayerChecks(lora_dtype(candidate_dir))
+    for name, module in factors.modules.items():
+        if name not in lora_modules:
+            continue
+        lora_A, lora_B = tensors[f"{name}.lora_A.weight"].double(), tensors[f"{name}.lora_B.weight"].double()
+        rank = config.get("rank_pattern", {}).get(get_pattern_key(config.get("rank_pattern", {}), name), config["r"])
+        alpha = config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}), name),
+                                                     config.get("lora_alpha", rank))
+        scaling = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+        delta = scaling * (lora_B @ lora_A)
+        weight = base.tensor(base_tensor_key(name))
+        checks.check(name, weight, module, weight.double() + (delta.T if config.get("fan_in_fan_out") else delta))
+    missing, extra = sorted(set(factors.modules) - lora_modules), sorted(lora_modules - set(factors.modules))
+    failed = [f"{len(missing)} adapted modules missing from the LoRA, {len(extra)} extra"] if missing or extra else []
+    return checks.report(failed, candidate="lora", modules_missing=missing[:10], modules_extra=extra[:10])
 
 
 def parameter_count(checkpoint: BaseCheckpoint) -> int:
@@ -434,8 +476,8 @@ def parameter_count(checkpoint: BaseCheckpoint) -> int:
 def verify_candidate(
     base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, *, mode: str = "auto", prompts=None
 ) -> dict:
-    """Verify a merged model directory (``mode``: full, layerwise, or auto by size), a LoRA
-    adapter directory (export-lora's or any PEFT LoRA), an exported ONNX directory, or an
+    """Verify a merged model directory or a LoRA adapter directory (export-lora's or any PEFT
+    LoRA; ``mode``: full, layerwise, or auto by size), an exported ONNX directory, or an
     ``.onnx_adapter`` file (run on the graph beside it)."""
     candidate_dir = Path(candidate_dir)
     if candidate_dir.suffix == ".onnx_adapter":
@@ -451,17 +493,24 @@ def verify_candidate(
                             "conversions (a merged model or a LoRA adapter)")
         if read_export_metadata(candidate_dir).get("exact") is False:
             return verify_truncated_lora(base, factors, candidate_dir)
+        if _resolve_mode(mode, base) == "layerwise":
+            return verify_lora_layerwise(base, factors, candidate_dir)
         return verify_full(base, factors, candidate_dir, prompts, kind="lora")
     if (candidate_dir / "model.onnx").is_file():
         return verify_full(base, factors, candidate_dir, prompts, kind="onnx")
     if not (candidate_dir / "config.json").is_file():
         raise UserError(f"candidate {candidate_dir} is not a model directory (config.json), a LoRA adapter "
                         f"({ADAPTER_CONFIG}) or an ONNX export (model.onnx)")
-    if mode == "auto":
-        mode = "full" if parameter_count(BaseCheckpoint(str(candidate_dir))) <= FULL_MODE_MAX_PARAMETERS else "layerwise"
-    if mode == "full":
+    if _resolve_mode(mode, BaseCheckpoint(str(candidate_dir))) == "full":
         return verify_full(base, factors, candidate_dir, prompts)
     return verify_layerwise(base, factors, candidate_dir)
+
+
+def _resolve_mode(mode: str, model: BaseCheckpoint) -> str:
+    """``auto``: full up to `FULL_MODE_MAX_PARAMETERS`, layerwise above."""
+    if mode != "auto":
+        return mode
+    return "full" if parameter_count(model) <= FULL_MODE_MAX_PARAMETERS else "layerwise"
 
 
 def format_verification(report: dict) -> str:
@@ -487,9 +536,7 @@ def format_verification(report: dict) -> str:
                         "the mean bound")
     else:
         numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} "
-                   f"({report['worst_ratio_to_bound']:.2g}× its bound) over {report['layers_checked']} layers, "
-                   f"{len(report['tensors_differing_from_base'])} other tensors differing, "
-                   f"{len(report['tensors_missing'])} missing")
+                   f"({report['worst_ratio_to_bound']:.2g}× its bound) over {report['layers_checked']} layers")
     verdict = "PASS" if report["passed"] else "FAIL"
     failed = f"; failed: {', '.join(report['failed_checks'])}" if report["failed_checks"] else ""
     return f"{verdict} ({report['mode']}, {report['dtype']}): {numbers}{failed}; rule: {report['tolerance']}"

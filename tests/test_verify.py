@@ -151,3 +151,21 @@ def test_kl_is_never_negative():
     assert compare_logits(logits, logits)["kl_divergence"] == 0.0
     nearby = logits + 1e-6 * torch.randn(64, 500, generator=torch.Generator().manual_seed(1))
     assert compare_logits(logits.float(), nearby.float())["kl_divergence"] >= 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_candidates_are_checked_layer_by_layer(dtype, tiny_base, tmp_path):
+    """For bases too large for a float64 forward, a LoRA candidate is checked per layer with
+    PEFT's scaling: the exact export passes, another adapter's export fails."""
+    base = tiny_base("llama")
+    make_peft_adapter(base, tmp_path / "adapter", r=8)
+    make_peft_adapter(base, tmp_path / "other", r=8, seed=3)
+    for name in ("adapter", "other"):
+        result = run("export-lora", "--base", base, "--adapter", tmp_path / name, "--output", tmp_path / f"lora-{name}",
+                     "--dtype", dtype, "--no-verify")
+        assert result.exit_code == 0, result.output
+    code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-adapter", "--verify-mode", "layerwise")
+    assert code == 0 and report["candidate"] == "lora" and report["layers_checked"] == 6, output
+    assert report["layers_where_the_bare_base_passes"] == 0
+    code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-other", "--verify-mode", "layerwise")
+    assert code == 1 and output.startswith(f"FAIL (layerwise, {dtype})"), output
