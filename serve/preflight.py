@@ -53,9 +53,9 @@ def check_base(checkpoint: BaseCheckpoint, cpu: bool) -> None:
             f"base {checkpoint.name} is a {', '.join(architectures) or 'model without architectures in config.json'}, "
             "not a text-generation model; serve needs a ...ForCausalLM base (merge the adapter for other tasks)"
         )
-    config = text_config(checkpoint)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if cpu and head_dim not in CPU_ATTENTION_HEAD_SIZES:
+    shape = attention_shape(checkpoint)
+    head_dim = shape[2] if shape else None
+    if cpu and head_dim is not None and head_dim not in CPU_ATTENTION_HEAD_SIZES:
         raise UserError(
             f"base {checkpoint.name} has attention head size {head_dim}, which vLLM's CPU backend does not support "
             f"(supported: {', '.join(map(str, CPU_ATTENTION_HEAD_SIZES))})"
@@ -122,13 +122,24 @@ def max_model_len(kv_bytes: int, bytes_per_token: int, max_positions: int | None
     return min(blocks * CPU_BLOCK_SIZE, max_positions or blocks * CPU_BLOCK_SIZE)
 
 
-def kv_bytes_per_token(checkpoint: BaseCheckpoint, dtype: str) -> int:
-    """KV-cache bytes per token: keys and values of every layer (full attention assumed)."""
+def attention_shape(checkpoint: BaseCheckpoint) -> tuple[int, int, int] | None:
+    """Layers, key/value heads and head size of the base's attention, where its config states them."""
     config = text_config(checkpoint)
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+    def first(*keys):
+        return next((config[key] for key in keys if isinstance(config.get(key), int)), None)
+
+    layers, heads = first("num_hidden_layers", "n_layer", "num_layers"), first("num_attention_heads", "n_head")
+    hidden = first("hidden_size", "n_embd", "d_model")
+    if not (layers and heads and (hidden or first("head_dim"))):
+        return None
+    return layers, first("num_key_value_heads") or heads, first("head_dim") or hidden // heads
+
+
+def kv_bytes_per_token(shape: tuple[int, int, int], dtype: str) -> int:
+    """KV-cache bytes per token for an attention ``shape``: keys and values of every layer (full attention assumed)."""
+    layers, kv_heads, head_dim = shape
+    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
 
 
 def max_positions(checkpoint: BaseCheckpoint) -> int | None:
@@ -147,22 +158,24 @@ def cpu_memory_args(checkpoint: BaseCheckpoint, dtype: str, vllm_args, max_loras
     if vllm_flag(vllm_args, "--gpu-memory-utilization") is not None or (kv is not None and length is not None):
         return []
     dtype = dtype if dtype in DTYPE_BYTES else stored_dtype(checkpoint)
-    per_token = kv_bytes_per_token(checkpoint, dtype)
+    shape = attention_shape(checkpoint)
+    per_token = kv_bytes_per_token(shape, dtype) if shape else None
     positions = max_positions(checkpoint)
     args, chosen = [], []
     if kv is None:
         shapes = tensor_shapes(checkpoint)
         vocab = text_config(checkpoint).get("vocab_size")
-        model_bytes = sum(math.prod(shape) for shape in shapes) * DTYPE_BYTES[dtype]
+        model_bytes = sum(math.prod(dims) for dims in shapes) * DTYPE_BYTES[dtype]
         # vLLM keeps max_loras LoRA slots of max_rank on every linear layer, plus a CPU copy of each adapter
         lora_bytes = 2 * max_loras * max_rank * DTYPE_BYTES[dtype] * sum(
-            sum(shape) for shape in shapes if len(shape) == 2 and vocab not in shape)
+            sum(dims) for dims in shapes if len(dims) == 2 and vocab not in dims)
         seqs = int(vllm_flag(vllm_args, "--max-num-seqs") or CPU_MAX_NUM_SEQS)
         free = available_memory() if free_bytes is None else free_bytes
-        kv = str(kv_cache_bytes(free, model_bytes, lora_bytes, seqs * positions * per_token if positions else None))
+        useful = seqs * positions * per_token if positions and per_token else None
+        kv = str(kv_cache_bytes(free, model_bytes, lora_bytes, useful))
         args += ["--kv-cache-memory-bytes", kv]
         chosen.append(f"KV cache {int(kv) >> 20} MiB of {free / 2**30:.1f} GiB available")
-    if length is None and kv.isdigit():
+    if length is None and kv.isdigit() and per_token:
         args += ["--max-model-len", str(max_model_len(int(kv), per_token, positions))]
         chosen.append(f"max model length {args[-1]}")
     if chosen:
