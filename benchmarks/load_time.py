@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.factors import load_factors
-from psoft_deploy.materialize import write_materialized
+from psoft_deploy.converters.pipeline import materialize
 from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.tiny import build_tiny_model
 
@@ -58,7 +58,7 @@ def main() -> None:
 
         start = time.perf_counter()
         factors = load_factors(str(adapter_dir), BaseCheckpoint(str(base_dir)))
-        write_materialized(factors, materialized_dir, base_name=str(base_dir))
+        materialize(factors, materialized_dir, base_name=str(base_dir))
         materialize_seconds = time.perf_counter() - start
 
         peft_seconds, peft_model = best_time(

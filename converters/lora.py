@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from psoft_deploy import __version__
 from psoft_deploy.errors import UserError
-from psoft_deploy.factors import DTYPES, AdapterFactors
+from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.psoft import rank_for_energy
+from psoft_deploy.streaming import DTYPES
 
 EXPORT_META = "psoft_lora_export.json"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -78,7 +79,7 @@ def export_lora(
     base_name: str,
     rank: int | None = None,
     energy: float | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     target: str | None = None,
 ) -> LoraExport:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) into ``staging``.
@@ -93,8 +94,11 @@ def export_lora(
         raise UserError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise UserError(f"--energy must be in (0, 1], got {energy}")
+    if dtype == "auto":  # the base's own dtype for its adapted weights
+        dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
+        dtype = dtype if dtype in DTYPES else "float32"
     if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UserError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     psoft_rank = factors.adapter.rank
     pairs, errors = {}, {}
     for name, module in tqdm(factors.modules.items(), desc="export-lora", unit="module", disable=None):

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from psoft_deploy import __version__
 from psoft_deploy.base import INDEX_FILE, BaseCheckpoint, open_safetensors
 from psoft_deploy.errors import UserError
-from psoft_deploy.factors import DTYPES, AdapterFactors, base_tensor_key
-from psoft_deploy.streaming import torch_dtype, write_streaming
+from psoft_deploy.factors import AdapterFactors, base_tensor_key
+from psoft_deploy.streaming import DTYPES, torch_dtype, write_streaming
 
 # Files of the base directory that are not copied: its weights and its model card.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -137,18 +137,21 @@ def _copy_side_files(base_dir: Path, staging: Path, dtype: str) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_model_card(staging: Path, *, base: str, adapter: str, factors: AdapterFactors, verification: str) -> None:
-    """A short README.md saying how the merged model was made and whether it verified."""
+def write_model_card(staging: Path, *, base: BaseCheckpoint, adapter: str, factors: AdapterFactors,
+                     verification: str) -> None:
+    """A short README.md saying how the merged model was made and whether it verified. The hub's
+    ``base_model`` field names hub ids only; a local base is described in the text."""
     source = factors.adapter.source
+    local = Path(base.name).expanduser().is_dir()
     lines = [
         "---",
-        f"base_model: {base}",
+        *([] if local else [f"base_model: {base.name}"]),
         "tags: [psoft, merged]",
         "---",
         "",
         "# Merged PSOFT model",
         "",
-        f"- base model: `{base}`",
+        f"- base model: {f'local directory `{base.path}`' if local else f'`{base.name}`'}",
         f"- adapter: `{adapter}` ({factors.adapter.format}"
         + (f", from {source.get('format')}" if source.get("format") != factors.adapter.format else "")
         + (f", PEFT {source['peft_version']}" if source.get("peft_version") else "")

@@ -24,9 +24,9 @@ import json
 from pathlib import Path
 
 import torch
+from psoft_deploy.converters.lora import read_export_metadata
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
-from psoft_deploy.converters.lora import read_export_metadata
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
@@ -202,15 +202,13 @@ def reference_runs(base: BaseCheckpoint, factors: AdapterFactors | None, dtype: 
 
 
 def _reference_merged_weight(layer: PsoftLinear, chunk: int = 1024) -> torch.Tensor:
-    """``W + ΔW`` in float64 as the reference layer computes it (its forward on the identity,
-    ``chunk`` columns at a time), independently of the dense ΔW the converters build."""
-    columns = []
+    """``W + ΔW`` in float64, ΔW as the reference layer computes it (its update applied to the
+    identity, ``chunk`` columns at a time), independently of the dense ΔW the converters build."""
+    size = layer.base_layer.in_features
     with torch.no_grad():
-        for start in range(0, layer.base_layer.in_features, chunk):
-            eye = torch.eye(layer.base_layer.in_features, dtype=torch.float64)[start:start + chunk]
-            bias = layer.base_layer.bias
-            columns.append((layer(eye) - (0 if bias is None else bias.double())).T)
-    return torch.cat(columns, dim=1)
+        delta = torch.cat([layer.update(torch.eye(size, dtype=torch.float64)[start:start + chunk]).T
+                           for start in range(0, size, chunk)], dim=1)
+    return layer.base_layer.weight.double() + delta
 
 
 def verify_full(
@@ -318,11 +316,14 @@ def lora_dtype(candidate_dir: Path) -> torch.dtype:
 
 def onnx_dtype(candidate_dir: Path) -> torch.dtype:
     """The floating dtype of an exported graph's logits."""
+    import numpy as np
     import onnxruntime
+
+    from psoft_deploy.generate import FLOAT_TYPES
 
     session = onnxruntime.InferenceSession(str(candidate_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = next(output for output in session.get_outputs() if output.name == "logits")
-    return {"tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}.get(logits.type, torch.float32)
+    return torch.from_numpy(np.empty(0, FLOAT_TYPES.get(logits.type, np.float32))).dtype
 
 
 def load_lora_candidate(base_dir: Path, candidate_dir: Path, dtype: torch.dtype):
@@ -534,19 +535,11 @@ def format_verification(report: dict) -> str:
         if report["bare_base"] is not None:
             numbers += (f"; the bare base (control) is {report['bare_base']['mean_abs_logits'] / bounds['mean_abs_logits']:.3g}× "
                         "the mean bound")
-    else:
+    elif report["mode"] == "layerwise":
         numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} "
                    f"({report['worst_ratio_to_bound']:.2g}× its bound) over {report['layers_checked']} layers")
+    else:
+        numbers = f"{report['modules_checked']} modules"
     verdict = "PASS" if report["passed"] else "FAIL"
     failed = f"; failed: {', '.join(report['failed_checks'])}" if report["failed_checks"] else ""
     return f"{verdict} ({report['mode']}, {report['dtype']}): {numbers}{failed}; rule: {report['tolerance']}"
-
-
-def record_verification(staging: Path, artifact: str, report: dict) -> str:
-    """Save ``report`` beside the artifact being written; unless it passed, fail so that nothing
-    is written. Returns the one-line verdict."""
-    line = format_verification(report)
-    (staging / "psoft_verification.json").write_text(json.dumps(report, indent=2) + "\n")
-    if not report["passed"]:
-        raise UserError(f"the {artifact} failed verification, nothing written: {line}")
-    return line

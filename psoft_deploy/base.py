@@ -82,9 +82,6 @@ class BaseCheckpoint:
         config_file = self.path / "config.json"
         return json.loads(config_file.read_text()) if config_file.is_file() else {}
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.files
-
     def tensor(self, key: str) -> torch.Tensor:
         if key not in self.files:
             raise UserError(f"base {self.name} has no tensor {key!r}")

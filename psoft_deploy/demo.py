@@ -23,9 +23,12 @@ def run_demo(output: str | None = None) -> Path:
     from peft import PeftModel
     from transformers.utils import logging as hf_logging
 
-    from .cli import cli
+    from .base import BaseCheckpoint
+    from .converters import pipeline
     from .factors import load_factors
     from .model import load_base_model, reference_model
+    from .report import format_report, inspect_adapter
+    from .train import train
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -34,19 +37,16 @@ def run_demo(output: str | None = None) -> Path:
         raise UserError(f"demo output {work} is not empty; pass a new directory")
     base, adapter = work / "base", work / "psoft-adapter"
 
-    def step(title: str, *args) -> None:
-        click.echo(title)
-        cli.main([str(arg) for arg in args], standalone_mode=False)
-
     click.echo(f"[1/6] building a tiny Llama and its tokenizer in {base}")
     build_tiny_model(base, "llama", **MODEL_SIZES)
 
     with as_file(files("psoft_deploy").joinpath("data/tiny_corpus.txt")) as corpus:
-        step(f"[2/6] psoft-deploy train: {TRAIN_STEPS} steps on the bundled text -> {adapter}",
-             "train", "--base_model_name_or_path", base, "--output_dir", adapter, "--data_path", corpus,
+        click.echo(f"[2/6] psoft-deploy train: {TRAIN_STEPS} steps on the bundled text -> {adapter}")
+        train([str(arg) for arg in (
+             "--base_model_name_or_path", base, "--output_dir", adapter, "--data_path", corpus,
              "--max_length", 32, "--per_device_train_batch_size", 8, "--learning_rate", 2e-2, "--r", 8,
              "--psoft_alpha", 8, "--target_modules", "q_proj", "v_proj", "o_proj", "--max_steps", TRAIN_STEPS,
-             "--logging_steps", 5, "--save_steps", 1000)
+             "--logging_steps", 5, "--save_steps", 1000)])
 
     click.echo("[3/6] checking that PEFT, loading the saved adapter (with its SVD), reproduces it")
     factors = load_factors(str(adapter), str(base))
@@ -59,11 +59,15 @@ def run_demo(output: str | None = None) -> Path:
     if diff > 1e-4:
         raise UserError("PEFT does not reproduce the trained adapter")
 
-    step("[4/6] psoft-deploy inspect", "inspect", adapter, "--base", base)
-    step("[5/6] psoft-deploy merge (verified)", "merge", "--base", base, "--adapter", adapter,
-         "--output", work / "merged")
-    step("[6/6] psoft-deploy export-lora --target vllm (verified)", "export-lora", "--base", base,
-         "--adapter", adapter, "--output", work / "lora", "--target", "vllm")
+    click.echo("[4/6] psoft-deploy inspect")
+    checkpoint = BaseCheckpoint(str(base))
+    click.echo(format_report(inspect_adapter(factors.adapter, factors, checkpoint)))
+    click.echo("[5/6] psoft-deploy merge (verified)")
+    merged = pipeline.merge(checkpoint, factors, work / "merged", adapter_name=str(adapter))
+    click.echo(f"      verification: {merged.verification}")
+    click.echo("[6/6] psoft-deploy export-lora --target vllm (verified)")
+    lora = pipeline.export_lora(checkpoint, factors, work / "lora", target="vllm")
+    click.echo(f"      verification: {lora.verification}")
     click.echo(f"done: artifacts in {work}")
     click.echo(f"serve them: psoft-deploy serve --base {base} --adapter demo={adapter}")
     return work

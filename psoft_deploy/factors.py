@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 
 from .base import BaseCheckpoint
 from .errors import UserError
-from .formats import PAPER_NEUMANN_TERMS, PsoftAdapter, read_adapter
+from .formats import PsoftAdapter, read_adapter
+from .options import DEFAULTS, ReadOptions
 from .psoft import ModuleFactors, principal_subspace, rotation
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .streaming import DTYPES
 
 
 @dataclass
@@ -35,22 +35,16 @@ def base_tensor_key(module_name: str) -> str:
     return f"{module_name}.weight"
 
 
-def derive_factors(
-    adapter: PsoftAdapter,
-    base: BaseCheckpoint | None,
-    *,
-    svd_device: str = "cpu",
-    svd_dtype: str | None = None,
-    allow_base_mismatch: bool = False,
-) -> AdapterFactors:
+def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: ReadOptions = DEFAULTS) -> AdapterFactors:
     """Factors for ``adapter`` on ``base``.
 
     PEFT adapters rebuild A and B by PEFT's SVD of each base weight, first cast to
-    ``svd_dtype`` (the dtype the base was loaded in for training; default: as stored) on
-    ``svd_device``. Paper and materialized adapters carry A and B: no SVD runs. A
-    materialized adapter's base fingerprints must match ``base`` (a warning instead
-    with ``allow_base_mismatch``).
+    ``options.svd_dtype`` (the dtype the base was loaded in for training; default: as stored)
+    on ``options.svd_device``. Paper and materialized adapters carry A and B: no SVD runs. A
+    materialized adapter's base fingerprints must match ``base`` (a warning instead with
+    ``options.allow_base_mismatch``).
     """
+    svd_device, svd_dtype = options.svd_device, options.svd_dtype
     if adapter.format == "peft" and base is None:
         raise UserError("a PEFT PSOFT adapter stores only R; pass --base so A and B can be rebuilt from it")
     if svd_dtype is not None and svd_dtype not in DTYPES:
@@ -71,7 +65,7 @@ def derive_factors(
         elif name in stored:
             fingerprints[name] = stored[name]["fingerprint"]
         if adapter.format == "materialized" and weight is not None:
-            _check_fingerprint(name, stored[name]["fingerprint"], fingerprints[name], allow_base_mismatch)
+            _check_fingerprint(name, stored[name]["fingerprint"], fingerprints[name], options.allow_base_mismatch)
         if params.A is not None:
             A, B = params.A, params.B
         else:
@@ -131,20 +125,8 @@ def _check_fingerprint(name: str, expected: dict, actual: dict, allow_mismatch: 
     warnings.warn(message + "; proceeding because --allow-base-mismatch was given", stacklevel=3)
 
 
-def load_factors(
-    adapter_path: str,
-    base: str | BaseCheckpoint | None,
-    *,
-    svd_device: str = "cpu",
-    svd_dtype: str | None = None,
-    allow_base_mismatch: bool = False,
-    force_unseeded: bool = False,
-    paper_neumann_terms: int | None = PAPER_NEUMANN_TERMS,
-) -> AdapterFactors:
+def load_factors(adapter_path: str, base: str | BaseCheckpoint | None, options: ReadOptions = DEFAULTS) -> AdapterFactors:
     """Read an adapter in any format and derive its factors on ``base`` (a path, hub id or checkpoint)."""
-    adapter = read_adapter(adapter_path, force_unseeded=force_unseeded, paper_neumann_terms=paper_neumann_terms)
     if isinstance(base, str):
         base = BaseCheckpoint(base)
-    return derive_factors(
-        adapter, base, svd_device=svd_device, svd_dtype=svd_dtype, allow_base_mismatch=allow_base_mismatch
-    )
+    return derive_factors(read_adapter(adapter_path, options), base, options)

@@ -22,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 
 from .base import open_safetensors
 from .errors import UserError
+from .options import DEFAULTS, ReadOptions
 from .psoft import RotationSpec, SubspaceSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -30,7 +31,9 @@ MATERIALIZED_META = "psoft_deploy.json"
 MATERIALIZED_WEIGHTS = "psoft_factors.safetensors"
 PEFT_PREFIX = "base_model.model."
 FIRST_SEEDED_PEFT = Version("0.20.0")
-PAPER_NEUMANN_TERMS = 5  # the paper repository's default (use_cayley_neumann=True, t=5)
+MATERIALIZED_FORMAT = "psoft-deploy/materialized"
+MATERIALIZED_FORMAT_VERSION = 1
+REPLACED_PREFIX = "replaced."
 
 
 @dataclass
@@ -82,41 +85,45 @@ class PsoftAdapter:
         return count
 
 
-def read_adapter(
-    path: str | Path,
-    *,
-    force_unseeded: bool = False,
-    paper_neumann_terms: int | None = PAPER_NEUMANN_TERMS,
-) -> PsoftAdapter:
-    """Read an adapter directory in any supported format.
-
-    ``force_unseeded`` accepts PEFT 0.19 low-rank adapters, whose A and B cannot be
-    reproduced. ``paper_neumann_terms`` is the Cayley–Neumann term count a paper
-    checkpoint was trained with (``None`` for the exact Cayley transform).
-    """
+def adapter_format(path: str | Path) -> str:
+    """Which format the adapter directory ``path`` holds: ``materialized``, ``peft``, ``paper``,
+    or ``lora`` (a plain LoRA adapter, not PSOFT); anything else is a `UserError`."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"adapter {path} does not exist")
     if not path.is_dir():
         raise UserError(f"adapter {path} is a file; pass the directory that holds {ADAPTER_CONFIG}")
     if (path / MATERIALIZED_META).is_file():
-        from .materialize import read_materialized
-
-        return read_materialized(path)
+        return "materialized"
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
         raise UserError(f"{path} holds no {ADAPTER_CONFIG} or {MATERIALIZED_META}; is it an adapter directory?")
     config = read_json(config_file)
-    tensors = read_safetensors(_adapter_weights(path))
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type == "PSOFT":
-        adapter = _read_peft(path, config, tensors, force_unseeded)
-    elif peft_type == "LORA" and any(".lora_orth." in key for key in tensors):
-        adapter = _read_paper(path, config, tensors, paper_neumann_terms)
-    elif peft_type == "LORA":
+        return "peft"
+    if peft_type == "LORA":
+        with open_safetensors(_adapter_weights(path)) as handle:
+            return "paper" if any(".lora_orth." in key for key in handle.keys()) else "lora"
+    raise UserError(f"{config_file} has peft_type {config.get('peft_type')!r}; psoft-deploy reads PSOFT adapters")
+
+
+def read_adapter(path: str | Path, options: ReadOptions = DEFAULTS, format: str | None = None) -> PsoftAdapter:
+    """Read an adapter directory in any supported format (``format``: as `adapter_format` found
+    it, if already known). ``options.force_unseeded`` and ``options.paper_neumann_terms`` apply to
+    PEFT 0.19 low-rank and paper checkpoints."""
+    path = Path(path).expanduser()
+    format = format or adapter_format(path)
+    if format == "materialized":
+        return read_materialized(path)
+    if format == "lora":
         raise UserError(f"{path} is a plain LoRA adapter, not PSOFT; load it with PEFT directly")
+    config_file = path / ADAPTER_CONFIG
+    config, tensors = read_json(config_file), read_safetensors(_adapter_weights(path))
+    if format == "peft":
+        adapter = _read_peft(path, config, tensors, options.force_unseeded)
     else:
-        raise UserError(f"{config_file} has peft_type {config.get('peft_type')!r}; psoft-deploy reads PSOFT adapters")
+        adapter = _read_paper(path, config, tensors, options.paper_neumann_terms)
     adapter.files = [config_file, path / ADAPTER_WEIGHTS]
     check_finite(adapter)
     return adapter
@@ -290,3 +297,47 @@ def _positive_int(config: dict, key: str, path: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise UserError(f"{path / ADAPTER_CONFIG}: {key!r} must be a positive integer, got {value!r}")
     return value
+
+
+def read_materialized(path: Path) -> PsoftAdapter:
+    """Read a materialized adapter directory (no SVD, no base needed)."""
+    meta_file = path / MATERIALIZED_META
+    metadata = read_json(meta_file)
+    if metadata.get("format") != MATERIALIZED_FORMAT or metadata.get("format_version") != MATERIALIZED_FORMAT_VERSION:
+        raise UserError(
+            f"{meta_file} is not a {MATERIALIZED_FORMAT} v{MATERIALIZED_FORMAT_VERSION} file "
+            f"(format {metadata.get('format')!r}, version {metadata.get('format_version')!r}); "
+            "re-materialize the adapter with this psoft-deploy"
+        )
+    tensors = read_safetensors(path / MATERIALIZED_WEIGHTS)
+    try:
+        modules = {}
+        for name in metadata["modules"]:
+            parts = {
+                kind: tensors[f"{name}.{kind}"]
+                for kind in ("A", "B", "R", "generator", "vector_a", "vector_b")
+                if f"{name}.{kind}" in tensors
+            }
+            modules[name] = ModuleParams(**parts)
+            if modules[name].A is None or modules[name].B is None or modules[name].R is None:
+                raise KeyError(f"{name}.A/B/R")
+        replaced = {key: tensors[REPLACED_PREFIX + key] for key in metadata["replaced_tensors"]}
+        subspace = metadata["subspace"]
+        adapter = PsoftAdapter(
+            path=path,
+            format="materialized",
+            rank=int(metadata["rank"]),
+            scale=float(metadata["scale"]),
+            rotation_spec=RotationSpec(**metadata["rotation"]),
+            subspace_spec=SubspaceSpec(**subspace) if subspace else None,
+            modules=modules,
+            replaced_tensors=replaced,
+            fan_in_fan_out=bool(metadata["fan_in_fan_out"]),
+            source=metadata["source"],
+            metadata=metadata,
+            files=[meta_file, path / MATERIALIZED_WEIGHTS],
+        )
+    except (KeyError, TypeError) as error:
+        raise UserError(f"{path} is an incomplete materialized adapter (missing {error}); re-materialize it") from None
+    check_finite(adapter)
+    return adapter

@@ -53,13 +53,21 @@ class PsoftLinear(nn.Module):
     def rotation(self) -> torch.Tensor:
         return self.psoft_R() if hasattr(self, "psoft_R") else self.R
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+    def _rotated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``R (A x) − A x`` and B, in float32 (float64 for float64 inputs)."""
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         xa = self.dropout(x).to(compute_dtype) @ self.A.to(compute_dtype).T
-        rotated = xa @ self.rotation().to(compute_dtype).T - xa
-        B = self.B.to(compute_dtype)
-        if result.dtype != compute_dtype:
+        return xa @ self.rotation().to(compute_dtype).T - xa, self.B.to(compute_dtype)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution alone, ``s · B (R (A x) − A x)``."""
+        rotated, B = self._rotated(x)
+        return self.scale * (rotated @ B.T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        rotated, B = self._rotated(x)
+        if result.dtype != B.dtype:
             return result + (self.scale * (rotated @ B.T)).to(result.dtype)
         # One GEMM scales the update and adds it to the base output: no extra passes over n×out,
         # and autograd keeps only B itself (no scaled copy) for the backward.

@@ -15,33 +15,18 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from . import __version__
-from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
 from .formats import (
+    MATERIALIZED_FORMAT,
+    MATERIALIZED_FORMAT_VERSION,
     MATERIALIZED_META,
     MATERIALIZED_WEIGHTS,
-    ModuleParams,
-    PsoftAdapter,
-    check_finite,
-    read_json,
-    read_safetensors,
+    REPLACED_PREFIX,
 )
-from .outputs import atomic_output_dir
-from .psoft import RotationSpec, SubspaceSpec
-
-FORMAT = "psoft-deploy/materialized"
-FORMAT_VERSION = 1
-REPLACED_PREFIX = "replaced."
-
-
-def write_materialized(factors: AdapterFactors, output: str | Path, *, base_name: str, overwrite: bool = False) -> Path:
-    """Write ``factors`` as a self-contained materialized adapter directory (complete or not at all)."""
-    with atomic_output_dir(output, overwrite) as staging:
-        save_materialized_files(factors, staging, base_name)
-    return Path(output)
 
 
 def save_materialized_files(factors: AdapterFactors, directory: Path, base_name: str) -> None:
@@ -56,8 +41,8 @@ def save_materialized_files(factors: AdapterFactors, directory: Path, base_name:
     for key, tensor in factors.replaced_tensors.items():
         tensors[REPLACED_PREFIX + key] = tensor
     metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": MATERIALIZED_FORMAT,
+        "format_version": MATERIALIZED_FORMAT_VERSION,
         "tool": {"name": "psoft-deploy", "version": __version__},
         "source": adapter.source,
         "base": {"name_or_path": base_name},
@@ -74,49 +59,27 @@ def save_materialized_files(factors: AdapterFactors, directory: Path, base_name:
         "replaced_tensors": sorted(factors.replaced_tensors),
     }
     tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-    save_file(tensors, directory / MATERIALIZED_WEIGHTS, metadata={"format": FORMAT})
+    save_file(tensors, directory / MATERIALIZED_WEIGHTS, metadata={"format": MATERIALIZED_FORMAT})
     (directory / MATERIALIZED_META).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
-def read_materialized(path: Path) -> PsoftAdapter:
-    """Read a materialized adapter directory (no SVD, no base needed)."""
-    meta_file = path / MATERIALIZED_META
-    metadata = read_json(meta_file)
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{meta_file} is not a {FORMAT} v{FORMAT_VERSION} file "
-            f"(format {metadata.get('format')!r}, version {metadata.get('format_version')!r}); "
-            "re-materialize the adapter with this psoft-deploy"
-        )
-    tensors = read_safetensors(path / MATERIALIZED_WEIGHTS)
-    try:
-        modules = {}
-        for name in metadata["modules"]:
-            parts = {
-                kind: tensors[f"{name}.{kind}"]
-                for kind in ("A", "B", "R", "generator", "vector_a", "vector_b")
-                if f"{name}.{kind}" in tensors
-            }
-            modules[name] = ModuleParams(**parts)
-            if modules[name].A is None or modules[name].B is None or modules[name].R is None:
-                raise KeyError(f"{name}.A/B/R")
-        replaced = {key: tensors[REPLACED_PREFIX + key] for key in metadata["replaced_tensors"]}
-        subspace = metadata["subspace"]
-        adapter = PsoftAdapter(
-            path=path,
-            format="materialized",
-            rank=int(metadata["rank"]),
-            scale=float(metadata["scale"]),
-            rotation_spec=RotationSpec(**metadata["rotation"]),
-            subspace_spec=SubspaceSpec(**subspace) if subspace else None,
-            modules=modules,
-            replaced_tensors=replaced,
-            fan_in_fan_out=bool(metadata["fan_in_fan_out"]),
-            source=metadata["source"],
-            metadata=metadata,
-            files=[meta_file, path / MATERIALIZED_WEIGHTS],
-        )
-    except (KeyError, TypeError) as error:
-        raise UserError(f"{path} is an incomplete materialized adapter (missing {error}); re-materialize it") from None
-    check_finite(adapter)
-    return adapter
+def reread_matches(factors: AdapterFactors, directory: Path) -> dict:
+    """A verification report: the materialized adapter in ``directory``, read back, holds
+    exactly ``factors`` (A, B, R and replaced tensors bit-identical)."""
+    from .factors import derive_factors
+    from .formats import read_materialized
+
+    reread = derive_factors(read_materialized(directory), None)
+    differing = [name for name, module in factors.modules.items()
+                 if not all(torch.equal(getattr(module, part), getattr(reread.modules[name], part))
+                            for part in ("A", "B", "R"))]
+    differing += [key for key, tensor in factors.replaced_tensors.items()
+                  if not torch.equal(tensor, reread.replaced_tensors[key])]
+    return {
+        "mode": "reread",
+        "dtype": str(next(iter(factors.modules.values())).A.dtype).removeprefix("torch."),
+        "tolerance": "every factor and replaced tensor read back bit-identical",
+        "passed": not differing and reread.modules.keys() == factors.modules.keys(),
+        "failed_checks": [f"{len(differing)} modules or tensors differ"] if differing else [],
+        "modules_checked": len(factors.modules),
+    }

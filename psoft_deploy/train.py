@@ -155,7 +155,12 @@ def rotation_spec(args) -> RotationSpec:
 def train(argv: list[str]) -> Path:
     """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
     args = parser().parse_args(argv)
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments, set_seed
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        TrainingArguments,
+        set_seed,
+    )
 
     from .model import load_base_model
 

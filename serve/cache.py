@@ -1,7 +1,7 @@
 """Exact LoRA forms of PSOFT adapters, converted once and kept by content hash.
 
-The key covers the adapter's files, the fingerprints of the base tensors it adapts and the
-options that change the factors, so a restart converts nothing twice and a changed base or
+Each conversion goes through the shared pipeline (verified layer by layer). The key covers the
+adapter's files, the fingerprints of the base tensors it adapts and the reading options, so a restart converts nothing twice and a changed base or
 adapter never reuses a stale conversion.
 """
 
@@ -10,21 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from psoft_deploy.converters.lora import EXPORT_META, VLLM_MAX_LORA_RANKS
+from psoft_deploy.converters.pipeline import export_lora
 from safetensors.torch import save_file
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
-from psoft_deploy.converters.lora import EXPORT_META, VLLM_MAX_LORA_RANKS, export_lora
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import base_tensor_key, derive_factors
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter, read_json
+from psoft_deploy.formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    adapter_format,
+    read_adapter,
+)
+from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import atomic_output_dir
 
-CACHE_VERSION = b"psoft-deploy/lora-cache/v1"
-# Options that change the factors, with their defaults (part of the cache key).
-DEFAULT_FACTOR_OPTIONS = {"svd_device": "cpu", "svd_dtype": None, "force_unseeded": False, "paper_neumann_terms": 5}
+CACHE_VERSION = b"psoft-deploy/lora-cache/v2"  # v2: entries carry a layerwise verification report
 
 
 def default_cache_dir() -> Path:
@@ -46,44 +53,36 @@ def check_rank(adapter_path: Path, rank: int) -> None:
 class LoraCache:
     """Converts adapters for one base into vLLM-ready exact LoRA directories under ``root``."""
 
-    def __init__(self, root: Path, base: BaseCheckpoint, factor_options: dict | None = None):
+    def __init__(self, root: Path, base: BaseCheckpoint, options: ReadOptions = DEFAULTS):
         self.root = Path(root)
         self.base = base
-        self.factor_options = DEFAULT_FACTOR_OPTIONS | (factor_options or {})
+        self.options = options
 
     def prepare(self, adapter_path: Path) -> tuple[Path, int]:
         """A LoRA directory vLLM can load for ``adapter_path`` (PSOFT in any format, or LoRA),
         and its rank. PSOFT adapters are converted (or found in the cache); LoRA adapters are
         checked against the base and used in place."""
         adapter_path = Path(adapter_path)
-        config_file = adapter_path / ADAPTER_CONFIG
-        if config_file.is_file() and str(read_json(config_file).get("peft_type", "")).upper() == "LORA":
-            with open_safetensors(adapter_path / ADAPTER_WEIGHTS) as handle:
-                if not any(".lora_orth." in key for key in handle.keys()):
-                    return adapter_path, self._check_lora(adapter_path)
-        return self._convert(adapter_path)
+        format = adapter_format(adapter_path)
+        if format == "lora":
+            return adapter_path, self._check_lora(adapter_path)
+        return self._convert(adapter_path, format)
 
-    def _convert(self, adapter_path: Path) -> tuple[Path, int]:
-        adapter = read_adapter(
-            adapter_path,
-            force_unseeded=self.factor_options["force_unseeded"],
-            paper_neumann_terms=self.factor_options["paper_neumann_terms"],
-        )
+    def _convert(self, adapter_path: Path, format: str) -> tuple[Path, int]:
+        adapter = read_adapter(adapter_path, self.options, format)
         check_rank(adapter_path, adapter.rank)
         digest = hashlib.sha256(CACHE_VERSION)
         for file in sorted(adapter.files):
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
         for name in sorted(adapter.modules):
             digest.update(self.base.fingerprint(base_tensor_key(name))["sha256"].encode())
-        digest.update(json.dumps(self.factor_options, sort_keys=True).encode())
+        digest.update(json.dumps(asdict(self.options), sort_keys=True).encode())
         entry = self.root / digest.hexdigest()[:32]
         if not (entry / EXPORT_META).is_file():
-            options = self.factor_options
-            factors = derive_factors(adapter, self.base, svd_device=options["svd_device"], svd_dtype=options["svd_dtype"])
+            factors = derive_factors(adapter, self.base, self.options)
             self.root.mkdir(parents=True, exist_ok=True)
             try:
-                with atomic_output_dir(entry) as staging:
-                    export_lora(factors, staging, base_name=str(self.base.path), target="vllm")
+                export_lora(self.base, factors, entry, target="vllm", verify_mode="layerwise")
             except UserError:
                 if not (entry / EXPORT_META).is_file():  # not a concurrent conversion of the same adapter
                     raise

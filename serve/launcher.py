@@ -26,14 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+from psoft_deploy.converters.lora import vllm_lora_target_modules, vllm_max_lora_rank
+from psoft_deploy.serve.cache import LoraCache
+from psoft_deploy.serve.preflight import (
+    check_base,
+    cpu_memory_args,
+    stored_dtype,
+    vllm_flag,
+)
+from psoft_deploy.serve.resolver import SAFE_NAME
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
-from psoft_deploy.converters.lora import vllm_lora_target_modules, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
 from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
-from psoft_deploy.serve.cache import LoraCache
-from psoft_deploy.serve.preflight import check_base, cpu_memory_args, stored_dtype, vllm_flag
-from psoft_deploy.serve.resolver import SAFE_NAME
+from psoft_deploy.options import DEFAULTS, ReadOptions
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
@@ -73,7 +79,7 @@ def plan_serve(
     port: int,
     cache_dir: Path,
     vllm_args: tuple[str, ...] = (),
-    factor_options: dict | None = None,
+    read_options: ReadOptions = DEFAULTS,
     cpu: bool | None = None,
     free_bytes: int | None = None,
 ) -> ServePlan:
@@ -82,7 +88,7 @@ def plan_serve(
     checkpoint = BaseCheckpoint(base)
     cpu = on_cpu() if cpu is None else cpu
     check_base(checkpoint, cpu)
-    cache = LoraCache(cache_dir, checkpoint, factor_options)
+    cache = LoraCache(cache_dir, checkpoint, read_options)
     for name in adapters:
         if not SAFE_NAME.fullmatch(name) or name == base:
             raise UserError(f"adapter name {name!r} must be letters, digits, '.', '_', '-' and differ from the base")
@@ -132,7 +138,7 @@ def plan_serve(
             "PSOFT_DEPLOY_BASE": str(checkpoint.path),
             "PSOFT_DEPLOY_CACHE": str(Path(cache_dir).absolute()),
             "PSOFT_DEPLOY_MAX_LORA_RANK": str(max_rank),
-        }
+        } | read_options.to_env()
         if env.get("VLLM_PLUGINS") is not None and "psoft_deploy" not in env["VLLM_PLUGINS"].split(","):
             env["VLLM_PLUGINS"] = ",".join(filter(None, [env["VLLM_PLUGINS"], "psoft_deploy"]))
     return ServePlan(command=command, env=env, served=served, base_name=base, dtype=dtype)

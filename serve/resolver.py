@@ -3,7 +3,8 @@
 
 Registered through the ``vllm.general_plugins`` entry point ``psoft_deploy``; configured by
 the environment `psoft-deploy serve` sets (``PSOFT_DEPLOY_ADAPTER_ROOT``, ``PSOFT_DEPLOY_BASE``,
-``PSOFT_DEPLOY_CACHE``, ``PSOFT_DEPLOY_MAX_LORA_RANK``). vLLM consults it only with
+``PSOFT_DEPLOY_CACHE``, ``PSOFT_DEPLOY_MAX_LORA_RANK``, and the adapter-reading options as
+``PSOFT_DEPLOY_READ_OPTIONS``). vLLM consults it only with
 ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
 """
 
@@ -48,10 +49,12 @@ class PsoftResolver(LoRAResolver):
 
     def _prepare(self, directory: Path) -> tuple[Path, int]:
         if self._cache is None:
-            from psoft_deploy.base import BaseCheckpoint
             from psoft_deploy.serve.cache import LoraCache
 
-            self._cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base))
+            from psoft_deploy.base import BaseCheckpoint
+            from psoft_deploy.options import ReadOptions
+
+            self._cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base), ReadOptions.from_env(os.environ))
         return self._cache.prepare(directory)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:

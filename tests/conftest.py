@@ -99,6 +99,16 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
     assert error <= rtol, f"relative error {error:.3e} > {rtol:.0e}"
 
 
+def verification_report(directory: Path, label: str | None = None) -> dict:
+    """The one check (or the check named ``label``) of a published artifact's verification record."""
+    from psoft_deploy.converters.pipeline import read_report
+
+    record = read_report(directory)
+    checks = {check["label"]: check for check in record["checks"]}
+    assert record["passed"] == all(check["passed"] for check in checks.values())
+    return checks[label] if label else record["checks"][0]
+
+
 def write_adapter(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """Write an adapter directory by hand (adapter_config.json + adapter_model.safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_close_relative, input_ids, load_peft, make_peft_adapter
+from conftest import assert_close_relative, input_ids, load_peft, make_peft_adapter, verification_report
 from test_peft_adapters import VARIANTS
 
 from psoft_deploy.cli import cli
 from psoft_deploy.converters.lora import vllm_max_lora_rank
 from psoft_deploy.errors import UserError
+from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
 
@@ -48,7 +49,7 @@ def test_exact_export_of_every_variant_loads_in_peft(variant, tiny_base, tmp_pat
     assert_lora_equals_reference(base_dir, tmp_path / "adapter", tmp_path / "lora")
     meta = json.loads((tmp_path / "lora" / "psoft_lora_export.json").read_text())
     assert meta["exact"] and all(m["fingerprint"]["sha256"] for m in meta["modules"].values())
-    assert json.loads((tmp_path / "lora" / "psoft_verification.json").read_text())["passed"]
+    assert verification_report(tmp_path / "lora")["passed"]
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "opt", "mistral"])
@@ -81,7 +82,7 @@ def test_paper_checkpoint_export(terms, tiny_base, tmp_path):
     make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")
     extra = ["--paper-cayley", "exact"] if terms is None else []
     export_ok(base_dir, tmp_path / "paper", tmp_path / "lora", *extra)
-    factors = load_factors(str(tmp_path / "paper"), str(base_dir), paper_neumann_terms=terms)
+    factors = load_factors(str(tmp_path / "paper"), str(base_dir), ReadOptions(paper_neumann_terms=terms))
     ids = input_ids()
     with torch.no_grad():
         expected = reference_model(base_dir, factors)(ids).logits
@@ -184,5 +185,5 @@ def test_half_precision_lora(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
     export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--dtype", "bfloat16")
-    report = json.loads((tmp_path / "lora" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "lora")
     assert report["dtype"] == "bfloat16" and report["decisive_top1_agreement"] == 1.0

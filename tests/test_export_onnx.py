@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import input_ids, load_peft, make_peft_adapter
+from conftest import input_ids, load_peft, make_peft_adapter, verification_report
 from transformers import AutoTokenizer
 
 from psoft_deploy.cli import cli
@@ -153,14 +153,13 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
 
 
 def test_float16_export_with_past_generates(tiny_base, tmp_path):
-    import json
 
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter", r=8)
     result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
                  "--with-past", "--dtype", "float16")
     assert result.exit_code == 0 and "PASS (full, float16)" in result.output, result.output
-    report = json.loads((tmp_path / "onnx" / "psoft_verification.json").read_text())["merged model"]
+    report = verification_report(tmp_path / "onnx", "merged model")
     assert report["dtype"] == "float16" and report["decisive_top1_agreement"] == 1.0
     text, tokens = generate(tmp_path / "onnx", "The river carries water", max_new_tokens=6)
     assert len(tokens) == 6

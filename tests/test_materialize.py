@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
 from psoft_deploy.errors import UserError
+from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
 
@@ -79,7 +80,7 @@ def test_materialized_adapter_refuses_another_base_unless_allowed(tiny_base, tmp
     with pytest.raises(UserError, match="model.layers.1.self_attn.v_proj.weight differs"):
         load_factors(str(tmp_path / "m"), str(changed))
     with pytest.warns(UserWarning, match="allow-base-mismatch"):
-        load_factors(str(tmp_path / "m"), str(changed), allow_base_mismatch=True)
+        load_factors(str(tmp_path / "m"), str(changed), ReadOptions(allow_base_mismatch=True))
 
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "m"), "--base", str(changed)])
     assert result.exit_code == 1
@@ -95,7 +96,8 @@ def test_existing_output_is_kept_unless_overwrite(tiny_base, tmp_path):
     assert result.exit_code == 1 and "--overwrite" in result.output
     assert (tmp_path / "m" / "keep.txt").exists()
     assert materialize(base_dir, tmp_path / "adapter", tmp_path / "m", "--overwrite").exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["psoft_deploy.json", "psoft_factors.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["psoft_deploy.json", "psoft_factors.safetensors",
+                                                              "psoft_verification.json"]
 
 
 def test_materializing_a_paper_checkpoint_keeps_its_factors(tiny_base, tmp_path):

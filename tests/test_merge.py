@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from conftest import input_ids, make_peft_adapter
+from conftest import input_ids, make_peft_adapter, verification_report
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
@@ -56,10 +56,11 @@ def test_merged_causal_lm_equals_the_reference(kind, tiny_base, tmp_path):
             assert torch.equal(out[key], tensor), f"{key} must be bit-identical"
     for file in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / file).read_bytes() == (base_dir / file).read_bytes()
-    report = json.loads((tmp_path / "merged" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "merged")
     assert report["passed"] and report["mode"] == "full" and report["max_abs_logits"] <= 1e-4
     card = (tmp_path / "merged" / "README.md").read_text()
     assert str(base_dir) in card and "verification: PASS" in card and "psoft-deploy" in card
+    assert "base_model:" not in card, "the hub's base_model field is for hub ids, not local paths"
 
 
 def test_tied_embeddings_stay_tied(tiny_base, tmp_path):
@@ -118,7 +119,7 @@ def test_half_precision_merge_keeps_every_top1(kind, dtype, tiny_base, tmp_path)
     merge_ok(base_dir, tmp_path / "adapter", tmp_path / "merged", "--dtype", dtype)
     assert {str(t.dtype) for t in all_tensors(tmp_path / "merged").values()} == {f"torch.{dtype}"}
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == dtype
-    report = json.loads((tmp_path / "merged" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "merged")
     assert report["top1_agreement"] == 1.0, "every verification prompt position, not only the decisive ones"
     assert report["positions"] >= 40 and report["decisive_top1_agreement"] == 1.0
     assert not report["bare_base"]["passes_bounds"]
@@ -135,7 +136,7 @@ def test_half_precision_classifier_merge_is_inconclusive_on_logits_and_verified_
                  "--dtype", dtype)
     assert result.exit_code == 1 and "inconclusive: the bare base is within these bounds too" in result.output
     merge_ok(base_dir, tmp_path / "adapter", tmp_path / "merged", "--dtype", dtype, "--verify-mode", "layerwise")
-    report = json.loads((tmp_path / "merged" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "merged")
     assert report["mode"] == "layerwise" and report["layers_where_the_bare_base_passes"] == 0
 
 
@@ -145,7 +146,7 @@ def test_half_precision_merge_of_random_weights_is_held_to_decisive_positions(ti
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
     merge_ok(base_dir, tmp_path / "adapter", tmp_path / "merged", "--dtype", "bfloat16")
-    report = json.loads((tmp_path / "merged" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "merged")
     assert report["positions"] // 2 < report["decisive_positions"] < report["positions"]
     assert report["decisive_top1_agreement"] == 1.0
 
@@ -156,7 +157,7 @@ def test_verify_catches_a_wrong_candidate_in_every_mode(tiny_base, tmp_path):
     merge_ok(base_dir, tmp_path / "adapter", tmp_path / "merged")
     for mode in ("full", "layerwise"):
         result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate",
-                     tmp_path / "merged", "--verify-mode", mode, "--json", tmp_path / f"{mode}.json")
+                     tmp_path / "merged", "--verify-mode", mode, "--report", tmp_path / f"{mode}.json")
         assert result.exit_code == 0 and result.output.startswith(f"PASS ({mode}, float32)"), result.output
         assert json.loads((tmp_path / f"{mode}.json").read_text())["passed"]
         # the base itself is not the merged model
@@ -177,7 +178,7 @@ def test_verify_with_prompts_file(tiny_base, tmp_path):
     assert "verification: not run" in (tmp_path / "merged" / "README.md").read_text()
     (tmp_path / "prompts.txt").write_text("The baker opens his shop.\n\nA cat sleeps on the sill.\n")
     result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "merged",
-                 "--prompts", tmp_path / "prompts.txt", "--json", tmp_path / "r.json")
+                 "--prompts", tmp_path / "prompts.txt", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     ids = transformers.AutoTokenizer.from_pretrained(base_dir)(["The baker opens his shop.", "A cat sleeps on the sill."])

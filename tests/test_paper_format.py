@@ -13,6 +13,7 @@ from conftest import assert_close_relative, input_ids, paper_rotation_from_spec,
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.errors import UserError
+from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
 
@@ -86,7 +87,7 @@ def test_paper_checkpoint_equals_its_reference_forward(terms, orth, magnitudes, 
     scale, parts = make_paper_checkpoint(
         base_dir, tmp_path / "paper", tmp_path / "residual", r=r, alpha=8, orth=orth, magnitudes=magnitudes
     )
-    factors = load_factors(str(tmp_path / "paper"), str(base_dir), paper_neumann_terms=terms)
+    factors = load_factors(str(tmp_path / "paper"), str(base_dir), ReadOptions(paper_neumann_terms=terms))
     assert factors.adapter.format == "paper" and factors.svd is None
     ids = input_ids()
     expected = paper_forward(tmp_path / "residual", parts, scale, r, terms, ids)

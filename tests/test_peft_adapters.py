@@ -13,6 +13,7 @@ from conftest import (
 )
 
 from psoft_deploy.errors import UserError
+from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
 
@@ -86,7 +87,7 @@ def test_svd_dtype_reproduces_an_adapter_trained_on_a_bf16_loaded_base(tiny_base
     make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
     bf16_model = PeftModel.from_pretrained(load_base_model(base_dir, torch.bfloat16), tmp_path / "adapter")
     as_stored = load_factors(str(tmp_path / "adapter"), str(base_dir))
-    as_trained = load_factors(str(tmp_path / "adapter"), str(base_dir), svd_dtype="bfloat16")
+    as_trained = load_factors(str(tmp_path / "adapter"), str(base_dir), ReadOptions(svd_dtype="bfloat16"))
     assert as_trained.svd["dtype"] == "bfloat16"
     for name, module in bf16_model.named_modules():
         if not hasattr(module, "_psoft_A_cache") or "default" not in module._psoft_A_cache:
@@ -108,6 +109,6 @@ def test_peft_019_lowrank_adapter_is_refused_unless_forced(tiny_base, tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(UserError, match="unseeded"):
         load_factors(str(tmp_path / "adapter"), str(base_dir))
-    forced = load_factors(str(tmp_path / "adapter"), str(base_dir), force_unseeded=True)
+    forced = load_factors(str(tmp_path / "adapter"), str(base_dir), ReadOptions(force_unseeded=True))
     assert forced.adapter.subspace_spec.seed is None
     assert forced.adapter.source["peft_version"] == "0.19.0"

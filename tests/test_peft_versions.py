@@ -8,6 +8,7 @@ from conftest import assert_close_relative
 from safetensors.torch import load_file
 
 from psoft_deploy.errors import UserError
+from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
 
@@ -38,7 +39,7 @@ def test_peft_019_lowrank_adapter_is_refused_and_forcing_it_gives_another_model(
     adapter = DATA / "0.19.0" / "lowrank_psoft"
     with pytest.raises(UserError, match=r"PEFT 0\.19\.0 with psoft_svd='lowrank'.*--force-unseeded"):
         load_factors(str(adapter), str(BASE))
-    forced = load_factors(str(adapter), str(BASE), force_unseeded=True)
+    forced = load_factors(str(adapter), str(BASE), ReadOptions(force_unseeded=True))
     expected = load_file(adapter / "expected.safetensors")
     name = next(iter(forced.modules))
     error = torch.linalg.norm(forced.modules[name].delta_weight() - expected[f"delta.{name}"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from conftest import make_peft_adapter
+from conftest import make_peft_adapter, verification_report
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
@@ -26,7 +26,7 @@ def run(*args):
 def verify(base, adapter, candidate, *extra):
     """Exit code and report of `psoft-deploy verify`."""
     report_file = candidate.parent / f"{candidate.name}-report.json"
-    result = run("verify", "--base", base, "--adapter", adapter, "--candidate", candidate, "--json", report_file,
+    result = run("verify", "--base", base, "--adapter", adapter, "--candidate", candidate, "--report", report_file,
                  *extra)
     assert "Traceback" not in result.output, result.output
     return result.exit_code, json.loads(report_file.read_text()), result.output
@@ -66,7 +66,7 @@ def test_correct_artifacts_pass_on_a_deep_chat_model(chat, tmp_path):
                                    ("export-onnx", "onnx", ("--with-past",))):
         result = run(command, "--base", base, "--adapter", adapter, "--output", tmp_path / output, *extra)
         assert result.exit_code == 0 and "PASS (full, float32)" in result.output, result.output
-    report = json.loads((tmp_path / "merged" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "merged")
     assert report["prompts"].endswith("chat conversations (the tokenizer's template)")
     assert report["decisive_positions"] == report["positions"] > 200, "fp32 noise decides no top-1 here"
     assert report["bare_base"]["mean_abs_logits"] > 1000 * report["bounds"]["mean_abs_logits"]
@@ -102,14 +102,14 @@ def test_the_float32_bound_follows_the_measured_noise(tiny_base, tmp_path):
     make_peft_adapter(tmp_path / "loud", tmp_path / "adapter", r=8, strength=0.2, target_modules=TARGETS)
     result = run("merge", "--base", tmp_path / "loud", "--adapter", tmp_path / "adapter", "--output", tmp_path / "m")
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "m" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "m")
     assert report["max_abs_logits"] > 1e-4 and report["passed"]
 
     quiet = tiny_base("llama")
     make_peft_adapter(quiet, tmp_path / "tiny-adapter", r=8)
     assert run("merge", "--base", quiet, "--adapter", tmp_path / "tiny-adapter", "--output",
                tmp_path / "tiny-merged").exit_code == 0
-    report = json.loads((tmp_path / "tiny-merged" / "psoft_verification.json").read_text())
+    report = verification_report(tmp_path / "tiny-merged")
     assert report["bounds"]["max_abs_logits"] < 1e-5, "no loosening where the fixed bound was right"
 
 

@@ -1,0 +1,175 @@
+"""The one step between an adapter's factors and a published artifact.
+
+Every artifact (materialize, merge, export-lora, export-onnx, and the server's LoRA cache) is
+made by one of the functions below, and each goes through `publish`: stage in a temporary
+sibling of the output, write, verify, record one report (``psoft_verification.json``, one
+schema), write the model card, publish by rename. A failed verification leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from psoft_deploy.converters.verify import (
+    format_verification,
+    verify_candidate,
+    verify_full,
+    verify_lora_layerwise,
+)
+
+from psoft_deploy import __version__
+from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import AdapterFactors
+from psoft_deploy.outputs import atomic_output_dir
+
+REPORT_FILE = "psoft_verification.json"
+NOT_VERIFIED = "not run (--no-verify)"
+Written = TypeVar("Written")
+
+
+@dataclass
+class Check:
+    """One verification of the staged artifact: ``run(staging)`` returns a report whose
+    ``passed`` decides (see `psoft_deploy.converters.verify`)."""
+
+    label: str
+    run: Callable[[Path], dict]
+
+
+@dataclass
+class Published:
+    """What `publish` wrote: the writer's own result and one verdict line per check."""
+
+    written: object
+    verdicts: dict[str, str]
+
+    @property
+    def verification(self) -> str:
+        """The verdicts as one line (for model cards), or that none ran."""
+        if len(self.verdicts) == 1:
+            return next(iter(self.verdicts.values()))
+        return "; ".join(f"{label}: {line}" for label, line in self.verdicts.items()) or NOT_VERIFIED
+
+
+def publish(
+    output: str | Path,
+    artifact: str,
+    write: Callable[[Path], Written],
+    checks: list[Check] | None,
+    *,
+    overwrite: bool = False,
+    model_card: Callable[[Path, str], None] | None = None,
+) -> Published:
+    """Write ``artifact`` with ``write(staging)``, run ``checks`` on it (None: not verified, and
+    no report is written), record the reports, add the model card, and rename the staging
+    directory to ``output``. Raises `UserError` (and publishes nothing) if a check fails."""
+    with atomic_output_dir(output, overwrite) as staging:
+        published = Published(write(staging), {})
+        if checks is not None:
+            reports = [{"label": check.label, **check.run(staging)} for check in checks]
+            published.verdicts = {report["label"]: format_verification(report) for report in reports}
+            record = {
+                "tool": {"name": "psoft-deploy", "version": __version__},
+                "artifact": artifact,
+                "passed": all(report["passed"] for report in reports),
+                "checks": reports,
+            }
+            (staging / REPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            for report in reports:
+                if not report["passed"]:
+                    which = "" if report["label"] == artifact else f" ({report['label']})"
+                    raise UserError(f"the {artifact} failed verification{which}, nothing written: "
+                                    f"{published.verdicts[report['label']]}")
+        if model_card is not None:
+            model_card(staging, published.verification)
+    return published
+
+
+def read_report(directory: Path) -> dict:
+    """The verification record a published artifact carries."""
+    return json.loads((Path(directory) / REPORT_FILE).read_text())
+
+
+def materialize(factors: AdapterFactors, output: str | Path, *, base_name: str, overwrite: bool = False) -> Published:
+    """A self-contained materialized adapter; verified by reading it back (factors bit-identical)."""
+    from psoft_deploy.materialize import reread_matches, save_materialized_files
+
+    return publish(output, "materialized adapter", lambda staging: save_materialized_files(factors, staging, base_name),
+                   [Check("materialized adapter", lambda staging: reread_matches(factors, staging))],
+                   overwrite=overwrite)
+
+
+def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, adapter_name: str,
+          dtype: str = "auto", max_shard_size="5GB", verify_mode: str | None = "auto",
+          overwrite: bool = False) -> Published:
+    """A dense merged model directory (``verify_mode`` None: not verified)."""
+    from psoft_deploy.converters.merge import merge_to_directory, write_model_card
+
+    checks = None if verify_mode is None else [
+        Check("merged model", lambda staging: verify_candidate(base, factors, staging, mode=verify_mode))]
+    return publish(
+        output, "merged model",
+        lambda staging: merge_to_directory(base, factors, staging, dtype=dtype, max_shard_size=max_shard_size),
+        checks, overwrite=overwrite,
+        model_card=lambda staging, verification: write_model_card(staging, base=base, adapter=adapter_name,
+                                                                  factors=factors, verification=verification))
+
+
+def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, verify_mode: str | None = "auto",
+                overwrite: bool = False, **export_options) -> Published:
+    """A PEFT LoRA adapter (``export_options``: rank, energy, dtype, target, as
+    `psoft_deploy.converters.lora.export_lora` takes them)."""
+    from psoft_deploy.converters.lora import export_lora as write_lora
+
+    base_name = base.name if not Path(base.name).expanduser().is_dir() else str(base.path.absolute())
+    checks = None if verify_mode is None else [Check("LoRA adapter", lambda staging: (
+        verify_lora_layerwise(base, factors, staging) if verify_mode == "layerwise"
+        else verify_candidate(base, factors, staging, mode=verify_mode)))]
+    return publish(output, "LoRA adapter", lambda staging: write_lora(factors, staging, base_name=base_name,
+                                                                      **export_options),
+                   checks, overwrite=overwrite)
+
+
+def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None = None,
+                adapters: dict[str, AdapterFactors] | None = None, verify: bool = True, overwrite: bool = False,
+                **graph_options) -> Published:
+    """An ONNX causal-LM graph: of the base with ``merged`` folded in, or of the base with LoRA
+    inputs and one ``adapters/NAME.onnx_adapter`` per entry of ``adapters``. The graph and each
+    adapter file are verified in onnxruntime (``graph_options``: with_past, dtype, opset)."""
+    import shutil
+    import tempfile
+
+    from psoft_deploy.converters.merge import merge_to_directory
+    from psoft_deploy.converters.onnx import export_graph, write_onnx_adapter
+
+    adapters = adapters or {}
+    lora_modules = sorted({module for factors in adapters.values() for module in factors.modules})
+
+    def write(staging: Path) -> None:
+        source = base.path
+        if merged is not None:
+            source = Path(tempfile.mkdtemp(prefix=".merged-", dir=staging.parent))
+        try:
+            if merged is not None:
+                merge_to_directory(base, merged, source, dtype="float32")
+            export_graph(source, staging, lora_modules=lora_modules, **graph_options)
+        finally:
+            if merged is not None:
+                shutil.rmtree(source, ignore_errors=True)
+        if adapters:
+            (staging / "adapters").mkdir()
+        for name, factors in adapters.items():
+            write_onnx_adapter(factors, staging / "adapters" / f"{name}.onnx_adapter")
+
+    def check(factors: AdapterFactors | None, name: str | None = None) -> Check:
+        label = f"adapter {name}" if name else ("merged model" if factors is not None else "base")
+        return Check(label, lambda staging: verify_full(
+            base, factors, staging, kind="onnx",
+            adapter_file=staging / "adapters" / f"{name}.onnx_adapter" if name else None))
+
+    checks = [check(merged)] + [check(factors, name) for name, factors in adapters.items()]
+    return publish(output, "ONNX export", write, checks if verify else None, overwrite=overwrite)
