@@ -363,7 +363,7 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
 @click.option("--adapter-root", type=click.Path(), default=None,
               help="Also serve any adapter later placed in DIR/NAME, on the first request for NAME.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--cache-dir", type=click.Path(), default=None,
               help="Where converted adapters are kept (default: $PSOFT_DEPLOY_CACHE or ~/.cache/psoft-deploy/lora).")
 @click.option("--verbose", is_flag=True, help="Also copy vLLM's own log to stderr (it always goes to a log file).")
@@ -406,6 +406,11 @@ def train(arguments):
     --base_model_name_or_path, --data_path, --r, --target_modules q_proj v_proj); see
     `psoft-deploy train --help`. Writes a PEFT adapter and its materialized factors, which
     every psoft-deploy command accepts.
+
+    \b
+    Example:
+      psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B --data_path ./data.jsonl \\
+          --output_dir ./psoft-adapter --r 128 --psoft_alpha 128 --target_modules q_proj v_proj
     """
     from .train import train as run_training
 
@@ -419,6 +424,10 @@ def demo(output):
     """Build a tiny local model, train a PSOFT adapter, then inspect, merge and export it (verified).
 
     Nothing is downloaded.
+
+    \b
+    Example:
+      psoft-deploy demo --output ./demo
     """
     from .demo import run_demo
 

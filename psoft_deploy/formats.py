@@ -227,23 +227,17 @@ def _read_peft(path: Path, config: dict, tensors: dict, force_unseeded: bool) ->
         neumann_terms=int(config.get("num_cayley_neumann_terms", 5)),
         neumann_eps=config.get("cayley_neumann_eps"),
     )
-    return PsoftAdapter(
-        path=path,
-        format="peft",
-        rank=rank,
-        scale=float(config.get("psoft_alpha", rank)) / rank,
-        rotation_spec=rotation,
-        subspace_spec=subspace,
-        modules=modules,
-        replaced_tensors=replaced,
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        source={
-            "format": "peft",
-            "peft_version": str(version) if version else None,
-            "base_model_name_or_path": config.get("base_model_name_or_path"),
-            "adapter_config": config,
-        },
-    )
+    return _adapter(path, "peft", config, str(version) if version else None, rank=rank,
+                    scale=float(config.get("psoft_alpha", rank)) / rank, rotation_spec=rotation,
+                    subspace_spec=subspace, modules=modules, replaced_tensors=replaced)
+
+
+def _adapter(path: Path, format: str, config: dict, peft_version: str | None, **fields) -> PsoftAdapter:
+    """A `PsoftAdapter` read from an ``adapter_config.json`` (its source recorded as read)."""
+    source = {"format": format, "peft_version": peft_version,
+              "base_model_name_or_path": config.get("base_model_name_or_path"), "adapter_config": config}
+    return PsoftAdapter(path=path, format=format, fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+                        source=source, **fields)
 
 
 def _read_paper(path: Path, config: dict, tensors: dict, neumann_terms: int | None) -> PsoftAdapter:
@@ -271,25 +265,11 @@ def _read_paper(path: Path, config: dict, tensors: dict, neumann_terms: int | No
     terms = config.get("num_cayley_neumann_terms", neumann_terms)
     use_neumann = bool(config.get("use_cayley_neumann", terms is not None))
     alpha = float(config.get("lora_alpha", rank))
-    return PsoftAdapter(
-        path=path,
-        format="paper",
-        rank=rank,
-        scale=alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank,
-        rotation_spec=RotationSpec(
-            convention="paper", orth=orth, cayley_neumann=use_neumann, neumann_terms=int(terms or 0)
-        ),
-        subspace_spec=None,
-        modules=modules,
-        replaced_tensors=replaced,
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        source={
-            "format": "paper",
-            "peft_version": config.get("peft_version"),
-            "base_model_name_or_path": config.get("base_model_name_or_path"),
-            "adapter_config": config,
-        },
-    )
+    return _adapter(path, "paper", config, config.get("peft_version"), rank=rank,
+                    scale=alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank,
+                    rotation_spec=RotationSpec(convention="paper", orth=orth, cayley_neumann=use_neumann,
+                                               neumann_terms=int(terms or 0)),
+                    subspace_spec=None, modules=modules, replaced_tensors=replaced)
 
 
 def _positive_int(config: dict, key: str, path: Path) -> int:
