@@ -1,8 +1,9 @@
-"""`psoft-deploy train`: PSOFT fine-tuning with transformers' Trainer on `PsoftLinear`, the layer every
+"""`psoft-deploy train`: PSOFT fine-tuning with TRL's SFTTrainer on `PsoftLinear`, the layer every
 converter uses, saving a PEFT adapter *and* the materialized factors it was trained with.
 
 The command line is the method's published quick start (``psoft_finetuning.py``) with
-``psoft-deploy train`` in place of the script.
+``psoft-deploy train`` in place of the script. Data-parallel runs: ``torchrun --nproc_per_node N -m
+psoft_deploy train ...`` or ``accelerate launch -m psoft_deploy train ...``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer
+from trl import SFTTrainer
 
 from . import __version__
 from .base import BaseCheckpoint
@@ -33,16 +35,29 @@ DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv
 BITS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "32": torch.float32}
 
 
+def number(text: str) -> int | float:
+    """A number as the user wrote it: an int when it is integral (so ``--psoft_alpha 32`` is saved as 32)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def parser() -> argparse.ArgumentParser:
-    """The quick-start script's options plus PSOFT's own, with the script's names."""
+    """The quick-start script's options plus PSOFT's own and TRL's data options, with their names."""
     p = argparse.ArgumentParser(prog="psoft-deploy train", description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--base_model_name_or_path", required=True, help="Base model: local directory or hub id.")
     add("--output_dir", required=True, help="Where the adapter, materialized factors and checkpoints go.")
-    add("--data_path", required=True, help="datasets hub name, or a local .txt/.json/.jsonl/.csv/.parquet file.")
+    add("--data_path", required=True, help="datasets hub name, or a local .txt/.json/.jsonl/.csv/.parquet file: "
+                                           "a text column, chat 'messages', or 'prompt' and 'completion'.")
     add("--dataset_split", default="train", help="e.g. 'train[:1%%]'.")
-    add("--dataset_text_field", default="text", help="Column holding the text.")
-    add("--max_length", type=int, default=512, help="Truncate examples to this many tokens.")
+    add("--dataset_text_field", default="text", help="Column holding the text (plain-text data).")
+    add("--max_length", type=int, default=512, help="Truncate examples (with --packing: the packed length) to this "
+                                                    "many tokens.")
+    add("--packing", action="store_true", help="Pack several examples into each sequence of --max_length tokens.")
+    add("--assistant_only_loss", action="store_true",
+        help="Train on the assistant turns only ('messages' data; the chat template needs {%% generation %%} marks).")
+    add("--completion_only_loss", action=argparse.BooleanOptionalAction, default=None,
+        help="Train on the completion only ('prompt'/'completion' data, where it is the default).")
     add("--num_train_epochs", type=float, default=1.0)
     add("--max_steps", type=int, default=-1, help="Stop after this many optimizer steps (overrides epochs).")
     add("--per_device_train_batch_size", type=int, default=1)
@@ -55,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     add("--resume_from_checkpoint", default=None, help="A checkpoint directory, or 'latest'.")
     add("--overwrite_output_dir", action="store_true", help="Replace an adapter already in OUTPUT_DIR.")
     add("--r", type=int, default=32, help="PSOFT rank.")
-    add("--psoft_alpha", type=float, default=32, help="Scale s = psoft_alpha / r.")
+    add("--psoft_alpha", type=number, default=32, help="Scale s = psoft_alpha / r.")
     add("--target_modules", nargs="+", default=["q_proj", "v_proj"], help="Module names (or name suffixes).")
     add("--psoft_dropout", type=float, default=0.0)
     add("--psoft_svd", choices=["full", "lowrank"], default="full")
@@ -70,30 +85,98 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_text_dataset(path: str, split: str, text_field: str):
-    """A datasets.Dataset from a hub name or a local file; its text column is checked."""
+def psoft_config(args):
+    """PEFT's `PsoftConfig` for these options, checked before anything is trained: PEFT's own rules (its errors,
+    and its warnings about options that would be ignored) and the ranges PEFT leaves unchecked."""
+    from peft import PsoftConfig
+
+    checks = [
+        (args.r >= 1, f"--r must be at least 1 (got {args.r})"),
+        (math.isfinite(args.psoft_alpha) and args.psoft_alpha > 0,
+         f"--psoft_alpha must be a positive number (got {args.psoft_alpha})"),
+        (0 <= args.psoft_dropout < 1, f"--psoft_dropout must be in [0, 1) (got {args.psoft_dropout})"),
+        (args.psoft_svd_lowrank_niter >= 0,
+         f"--psoft_svd_lowrank_niter must be at least 0 (got {args.psoft_svd_lowrank_niter})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            return PsoftConfig(
+                r=args.r, psoft_alpha=args.psoft_alpha, target_modules=list(args.target_modules),
+                psoft_dropout=args.psoft_dropout, ab_svd_init=args.ab_svd_init, psoft_svd=args.psoft_svd,
+                psoft_svd_lowrank_niter=args.psoft_svd_lowrank_niter, psoft_orth=args.psoft_orth,
+                psoft_mag_a=args.psoft_mag_a, psoft_mag_b=args.psoft_mag_b,
+                use_cayley_neumann=args.use_cayley_neumann, num_cayley_neumann_terms=args.num_cayley_neumann_terms,
+                cayley_neumann_eps=args.cayley_neumann_eps, base_model_name_or_path=args.base_model_name_or_path,
+                task_type="CAUSAL_LM",
+            )
+    except (ValueError, UserWarning) as error:
+        raise UserError(f"PSOFT options (PEFT's rules): {error}") from None
+
+
+def load_data(path: str, split: str):
+    """A datasets.Dataset from a hub name or a local file."""
     import datasets
 
     local = Path(path).expanduser()
+    if not local.exists() and local.suffix.lower() in DATA_BUILDERS:
+        raise UserError(f"--data_path {path}: no such file (and it is not a datasets name)")
     try:
         if local.exists():
             builder = DATA_BUILDERS.get(local.suffix.lower())
             if builder is None or not local.is_file():
                 raise UserError(f"--data_path {local} must be a {', '.join(DATA_BUILDERS)} file or a datasets name")
-            data = datasets.load_dataset(builder, data_files={"train": str(local)}, split=split)
-        else:
-            data = datasets.load_dataset(path, split=split)
+            return datasets.load_dataset(builder, data_files={"train": str(local)}, split=split)
+        return datasets.load_dataset(path, split=split)
     except UserError:
         raise
     except Exception as error:
         raise UserError(f"cannot read data {path!r} (split {split!r}): {type(error).__name__}: {error}") from None
-    if text_field not in data.column_names:
-        raise UserError(f"data {path!r} has no column {text_field!r} (columns: {', '.join(data.column_names)}); "
-                        "pass --dataset_text_field")
-    data = data.filter(lambda row: isinstance(row[text_field], str) and row[text_field].strip() != "")
+
+
+def check_data(data, args, tokenizer):
+    """The data in a form TRL trains on ('messages' chat data, 'prompt'/'completion', or a text column; empty texts
+    dropped), checked against the loss options and the tokenizer's chat template; returns (data, format)."""
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
+    from trl.data_utils import is_conversational, is_conversational_from_value
+
     if len(data) == 0:
-        raise UserError(f"data {path!r} (split {split!r}) holds no non-empty {text_field!r} examples")
-    return data
+        raise UserError(f"data {args.data_path!r} (split {args.dataset_split!r}) holds no examples")
+    first = data[0]
+    if is_conversational(first) or is_conversational_from_value(first):
+        kind = "messages"
+        if tokenizer.chat_template is None:
+            raise UserError(f"data {args.data_path!r} is chat data, but the tokenizer of "
+                            f"{args.base_model_name_or_path} has no chat template")
+    elif {"prompt", "completion"} <= set(data.column_names):
+        kind = "prompt-completion"
+    elif args.dataset_text_field in data.column_names:
+        kind = "text"
+        field = args.dataset_text_field
+        data = data.filter(lambda row: isinstance(row[field], str) and row[field].strip() != "")
+        if len(data) == 0:
+            raise UserError(f"data {args.data_path!r} (split {args.dataset_split!r}) holds no non-empty "
+                            f"{field!r} examples")
+    else:
+        raise UserError(f"data {args.data_path!r} has no column {args.dataset_text_field!r}, no 'messages' and no "
+                        f"'prompt'/'completion' (columns: {', '.join(data.column_names)}); pass --dataset_text_field")
+    if args.assistant_only_loss:
+        if not is_conversational(first):
+            raise UserError("--assistant_only_loss needs chat data ('messages' with roles)")
+        try:
+            template = get_training_chat_template(tokenizer)
+        except ValueError:
+            raise UserError("--assistant_only_loss needs a chat template that marks the assistant's turns with "
+                            "{% generation %} ... {% endgeneration %}; the tokenizer's has no such marks") from None
+        if not is_chat_template_stop_token_trained(tokenizer, chat_template=template):
+            raise UserError("--assistant_only_loss: the chat template leaves the assistant's end-of-turn token out "
+                            "of its {% generation %} marks, so the model would never learn to stop")
+    if args.completion_only_loss and kind != "prompt-completion":
+        raise UserError("--completion_only_loss needs 'prompt'/'completion' data")
+    return data, kind
 
 
 def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
@@ -152,57 +235,74 @@ def rotation_spec(args) -> RotationSpec:
                         neumann_terms=args.num_cayley_neumann_terms, neumann_eps=args.cayley_neumann_eps)
 
 
+def check_ranks_agree(layers: dict[str, PsoftLinear], tolerance: float = 1e-5) -> None:
+    """In a distributed run every process derives A and B by its own SVD: refuse to train unless all derived the
+    same ones (checksums: per-row sums of each A, per-column sums of each B, their minimum and maximum over ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    checksum = torch.cat([torch.cat([layer.A.double().sum(1), layer.B.double().sum(0)]) for layer in layers.values()])
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if (high - low).abs().max() > tolerance * checksum.abs().max():
+        raise UserError("the processes of this run derived different A, B (the SVD of the base differs between "
+                        "devices); run on identical devices or pass --psoft_svd full")
+
+
 def train(argv: list[str]) -> Path:
     """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
     args = parser().parse_args(argv)
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
 
     from .model import load_base_model
 
     output = Path(args.output_dir)
     if (output / ADAPTER_WEIGHTS).exists() and not args.overwrite_output_dir:
         raise UserError(f"{output} already holds an adapter; pass --overwrite_output_dir to replace it")
-    if args.max_length < 2 or args.r < 1:
-        raise UserError("--max_length must be at least 2 and --r at least 1")
+    least = {"max_length": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "save_steps": 1,
+             "logging_steps": 1}
+    for name, minimum in least.items():
+        if getattr(args, name) < minimum:
+            raise UserError(f"--{name} must be at least {minimum}")
+    psoft_config(args)
     resume = checkpoint_to_resume(args.resume_from_checkpoint, output / "checkpoints")
-    data = load_text_dataset(args.data_path, args.dataset_split, args.dataset_text_field)
-    set_seed(args.seed)
-    base = BaseCheckpoint(args.base_model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_base_model(base.path, BITS[args.bits]).to(device)
-    layers = adapt(model, args)
-    tokenized = data.map(lambda batch: tokenizer(batch[args.dataset_text_field], truncation=True,
-                                                 max_length=args.max_length),
-                         batched=True, remove_columns=data.column_names)
-    trainer = AdapterCheckpointTrainer(
-        model=model, psoft_args=args, layers=layers,
-        args=TrainingArguments(
-            output_dir=str(output / "checkpoints"), num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-            save_steps=args.save_steps, logging_steps=args.logging_steps, seed=args.seed, report_to="none",
-            remove_unused_columns=False,
-        ),
-        train_dataset=tokenized,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    config = SFTConfig(  # TRL's data handling (chat templates, EOS kept in the loss, packing); no mixed precision
+        output_dir=str(output / "checkpoints"), num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        save_steps=args.save_steps, logging_steps=args.logging_steps, seed=args.seed, report_to="none",
+        max_length=args.max_length, packing=args.packing, dataset_text_field=args.dataset_text_field,
+        assistant_only_loss=args.assistant_only_loss, completion_only_loss=args.completion_only_loss,
+        gradient_checkpointing=False, bf16=False, fp16=False, ddp_broadcast_buffers=False,
     )
+    with config.main_process_first(desc="loading the data and the base"):
+        data = load_data(args.data_path, args.dataset_split)
+        base = BaseCheckpoint(args.base_model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(base.path)
+    data, data_format = check_data(data, args, tokenizer)
+    if config.process_index == 0 and (tokenizer.pad_token or tokenizer.eos_token) == tokenizer.eos_token:
+        warnings.warn(f"the pad token is the EOS token {tokenizer.eos_token!r}; it is still trained (padding is "
+                      "left out of the loss by position, not by token)", stacklevel=2)
+    model = load_base_model(base.path, BITS[args.bits]).to(config.device)
+    layers = adapt(model, args)
+    check_ranks_agree(layers)
+    trainer = AdapterCheckpointTrainer(model=model, psoft_args=args, layers=layers, args=config, train_dataset=data,
+                                       processing_class=tokenizer)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {
         "tool": {"name": "psoft-deploy", "version": __version__},
         "arguments": vars(args),
-        "device": device,
+        "device": config.device.type,
+        "processes": config.world_size,
+        "data_format": data_format,
         "steps": trainer.state.global_step,
-        "examples": len(tokenized),
+        "examples": len(data),
+        "sequences": len(trainer.train_dataset),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else result.training_loss,
         "mean_loss": result.training_loss,
@@ -211,8 +311,10 @@ def train(argv: list[str]) -> Path:
     }
     if not math.isfinite(summary["final_loss"]):
         raise UserError("training diverged (the loss is not finite); lower --learning_rate")
-    save_outputs(output, args, base, layers, tokenizer, summary, svd_dtype=str(BITS[args.bits]).removeprefix("torch."),
-                 svd_device=device)
+    if trainer.is_world_process_zero():
+        save_outputs(output, args, base, layers, tokenizer, summary,
+                     svd_dtype=str(BITS[args.bits]).removeprefix("torch."), svd_device=config.device.type)
+    trainer.accelerator.wait_for_everyone()
     return output
 
 
@@ -243,25 +345,17 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
 
 def write_peft_adapter(directory: Path, args, layers: dict[str, PsoftLinear]) -> None:
     """The trained layers as PEFT saves a PSOFT adapter: adapter_config.json and R's parameters."""
-    from peft import PsoftConfig
     from safetensors.torch import save_file
 
-    PsoftConfig(
-        r=args.r, psoft_alpha=args.psoft_alpha, target_modules=list(args.target_modules),
-        psoft_dropout=args.psoft_dropout, ab_svd_init=args.ab_svd_init, psoft_svd=args.psoft_svd,
-        psoft_svd_lowrank_niter=args.psoft_svd_lowrank_niter, psoft_orth=args.psoft_orth,
-        psoft_mag_a=args.psoft_mag_a, psoft_mag_b=args.psoft_mag_b, use_cayley_neumann=args.use_cayley_neumann,
-        num_cayley_neumann_terms=args.num_cayley_neumann_terms, cayley_neumann_eps=args.cayley_neumann_eps,
-        base_model_name_or_path=args.base_model_name_or_path, task_type="CAUSAL_LM",
-    ).save_pretrained(directory)
+    psoft_config(args).save_pretrained(directory)
     tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
                for name, layer in layers.items() for key, value in layer.psoft_R.state_dict().items()}
     save_file(tensors, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
 
-class AdapterCheckpointTrainer(Trainer):
-    """transformers' Trainer whose checkpoints hold the adapter alone, in PEFT's format (as PEFT's
-    own training writes them), instead of a full copy of the base; resuming loads R's parameters."""
+class AdapterCheckpointTrainer(SFTTrainer):
+    """TRL's SFTTrainer whose checkpoints hold the adapter alone, in PEFT's format (as PEFT's own
+    training writes them), instead of a full copy of the base; resuming loads R's parameters."""
 
     def __init__(self, *args, psoft_args, layers: dict[str, PsoftLinear], **kwargs):
         super().__init__(*args, **kwargs)
