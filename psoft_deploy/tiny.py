@@ -15,6 +15,12 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# The same ChatML with the assistant's turns, their <|im_end|> included, marked for assistant-only loss (TRL).
+CHAT_TEMPLATE_WITH_GENERATION = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ message['content'] }}"
+    "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def bundled_text() -> list[str]:
@@ -23,10 +29,12 @@ def bundled_text() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def build_tokenizer(output: Path, texts: list[str], vocab_size: int = 256, chat: bool = False):
+def build_tokenizer(
+    output: Path, texts: list[str], vocab_size: int = 256, chat: bool = False, chat_template: str = CHAT_TEMPLATE
+):
     """A byte-level BPE tokenizer trained on ``texts``, saved in transformers' format; with
-    ``chat``, a ChatML template whose end-of-turn token ``<|im_end|>`` is both EOS and pad, as in
-    many chat models."""
+    ``chat``, a ChatML template (``chat_template``) whose end-of-turn token ``<|im_end|>`` is both
+    EOS and pad, as in many chat models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -43,7 +51,7 @@ def build_tokenizer(output: Path, texts: list[str], vocab_size: int = 256, chat:
         fast = transformers.PreTrainedTokenizerFast(
             tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|im_end|>"
         )
-        fast.chat_template = CHAT_TEMPLATE
+        fast.chat_template = chat_template
     else:
         fast = transformers.PreTrainedTokenizerFast(
             tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
@@ -111,12 +119,15 @@ def build_tiny_model(
     return model
 
 
-def build_chat_model(output: Path, layers: int = 24, hidden: int = 64, logit_scale: float = 60.0, seed: int = 0):
+def build_chat_model(
+    output: Path, layers: int = 24, hidden: int = 64, logit_scale: float = 60.0, seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
+):
     """A tiny Llama shaped like a real chat model where verification is concerned: deep
     (``layers``), tied embeddings, logits in the tens (the final norm scaled by ``logit_scale``),
     a ChatML template, and pad == EOS == ``<|im_end|>``. Saved with its tokenizer to ``output``."""
     output = Path(output)
-    tokenizer = build_tokenizer(output, bundled_text(), chat=True)
+    tokenizer = build_tokenizer(output, bundled_text(), chat=True, chat_template=chat_template)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -131,14 +142,16 @@ def build_chat_model(output: Path, layers: int = 24, hidden: int = 64, logit_sca
     return model
 
 
-def memorize_texts(model, tokenizer, texts: list[str], steps: int = 300, learning_rate: float = 1e-2) -> None:
+def memorize_texts(
+    model, tokenizer, texts: list[str], steps: int = 300, learning_rate: float = 1e-2, add_eos: bool = True
+) -> None:
     """Train every parameter of a tiny model on ``texts`` (full batch, ``steps`` AdamW steps) so
     that its choices there are decisive rather than the near-ties of random weights: a causal LM
-    learns each next token (and the EOS after the last), a classifier label ``i % num_labels``
-    for text ``i``."""
+    learns each next token (and, with ``add_eos``, an EOS after the last), a classifier label
+    ``i % num_labels`` for text ``i``."""
     causal_lm = type(model).__name__.endswith("ForCausalLM")
-    batch = tokenizer([text + tokenizer.eos_token if causal_lm else text for text in texts], padding=True,
-                      return_tensors="pt")
+    eos = tokenizer.eos_token if causal_lm and add_eos else ""
+    batch = tokenizer([text + eos for text in texts], padding=True, return_tensors="pt")
     if causal_lm:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     else:

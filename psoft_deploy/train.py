@@ -247,8 +247,8 @@ def check_ranks_agree(layers: dict[str, PsoftLinear], tolerance: float = 1e-5) -
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if (high - low).abs().max() > tolerance * checksum.abs().max():
-        raise UserError("the processes of this run derived different A, B (the SVD of the base differs between "
-                        "devices); run on identical devices or pass --psoft_svd full")
+        raise UserError("the processes of this run derived different A, B (each takes the SVD of the base on its "
+                        "own device, and these differ); run every process on the same kind of device")
 
 
 def train(argv: list[str]) -> Path:
@@ -277,6 +277,7 @@ def train(argv: list[str]) -> Path:
         max_length=args.max_length, packing=args.packing, dataset_text_field=args.dataset_text_field,
         assistant_only_loss=args.assistant_only_loss, completion_only_loss=args.completion_only_loss,
         gradient_checkpointing=False, bf16=False, fp16=False, ddp_broadcast_buffers=False,
+        use_cpu=not torch.cuda.is_available(),  # without it, torchrun on CPUs starts N separate runs (accelerate)
     )
     with config.main_process_first(desc="loading the data and the base"):
         data = load_data(args.data_path, args.dataset_split)
