@@ -139,7 +139,7 @@ def export_lora(
         "use_dora": False,
         "fan_in_fan_out": factors.adapter.fan_in_fan_out,
         "init_lora_weights": True,
-        "modules_to_save": sorted({key.rsplit(".", 1)[0] for key in factors.replaced_tensors}) or None,
+        "modules_to_save": factors.adapter.modules_to_save,
         "inference_mode": True,
     }
     (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -36,6 +36,7 @@ class MergePlan:
     """Which output tensor comes from where, in which dtype, in which shard."""
 
     sources: dict[str, Path]  # key -> base shard
+    stored_as: dict[str, str]  # key -> the base tensor it is read from (itself, or an untied partner)
     dtypes: dict[str, torch.dtype]
     shapes: dict[str, tuple[int, ...]]
     shards: dict[str, list[str]]  # output file -> keys
@@ -53,8 +54,10 @@ def output_dtype(name: str) -> torch.dtype | None:
 
 def plan_merge(base: BaseCheckpoint, factors: AdapterFactors, dtype: torch.dtype | None, max_shard_size) -> MergePlan:
     """Lay out the output from the base's headers alone (no tensor data is read)."""
-    targets = {base_tensor_key(name) for name in factors.modules}
-    missing = sorted(targets - set(base.files)) + sorted(set(factors.replaced_tensors) - set(base.files))
+    targets = set(stored_deltas(base, factors))
+    untied = untied_partners(base, factors.replaced_tensors)
+    replaced = stored_replacements(base, factors)
+    missing = sorted(targets - set(base.files)) + sorted(set(replaced) - set(base.files) - set(untied))
     if missing:
         raise UserError(f"base {base.name} has no tensor {missing[0]!r} that the adapter changes")
     sources, dtypes, shapes, meta = {}, {}, {}, {}
@@ -67,9 +70,38 @@ def plan_merge(base: BaseCheckpoint, factors: AdapterFactors, dtype: torch.dtype
                 stored = torch_dtype(slice_.get_dtype())
                 out = dtype if dtype is not None and stored.is_floating_point else stored
                 sources[key], dtypes[key], shapes[key] = file, out, tuple(slice_.get_shape())
-                meta[key] = torch.empty(shapes[key], dtype=out, device="meta")
+    stored_as = {key: key for key in sources}
+    for key, partner in untied.items():
+        sources[key], dtypes[key], shapes[key], stored_as[key] = sources[partner], dtypes[partner], shapes[partner], partner
+    meta = {key: torch.empty(shapes[key], dtype=dtypes[key], device="meta") for key in sources}
     split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
-    return MergePlan(sources, dtypes, shapes, split.filename_to_tensors, split.metadata["total_size"])
+    return MergePlan(sources, stored_as, dtypes, shapes, split.filename_to_tensors, split.metadata["total_size"])
+
+
+def stored_deltas(base: BaseCheckpoint, factors: AdapterFactors) -> dict:
+    """Each adapted module's factors, keyed by its weight's name in the base checkpoint."""
+    return {base.stored_key(base_tensor_key(name)): module for name, module in factors.modules.items()}
+
+
+def stored_replacements(base: BaseCheckpoint, factors: AdapterFactors) -> dict[str, torch.Tensor]:
+    """The ``modules_to_save`` tensors, keyed by their names in the base checkpoint."""
+    return {base.stored_key(key): tensor for key, tensor in factors.replaced_tensors.items()}
+
+
+def untied_partners(base: BaseCheckpoint, replaced: dict) -> dict[str, str]:
+    """Tensors the merged model must store although the base does not: the tied partners of
+    ``modules_to_save`` tensors (PEFT unties them, see `psoft_deploy.layer.untie_replaced`), each
+    mapped to the stored base tensor it shares. Empty when nothing tied is replaced."""
+    if not replaced or not base.config:
+        return {}
+    from psoft_deploy.model import tied_parameter_groups
+
+    partners = {}
+    for names in tied_parameter_groups(base.path):
+        stored = [name for name in names if name in base.files]
+        if stored and names & replaced.keys() and not names <= replaced.keys():
+            partners |= {name: stored[0] for name in names if name not in base.files}
+    return partners
 
 
 def merge_to_directory(
@@ -83,12 +115,12 @@ def merge_to_directory(
             f"not enough disk space in {staging.parent}: the merged model needs {plan.total_size / 2**30:.2f} GiB, "
             f"{free / 2**30:.2f} GiB are free"
         )
-    deltas = {base_tensor_key(name): module for name, module in factors.modules.items()}
+    deltas, replaced = stored_deltas(base, factors), stored_replacements(base, factors)
     progress = tqdm(total=sum(len(keys) for keys in plan.shards.values()), desc="merge", unit="tensor", disable=None)
 
     def produce(key: str) -> torch.Tensor:
         progress.update()
-        return _merged_tensor(key, plan, deltas, factors.replaced_tensors)
+        return _merged_tensor(key, plan, deltas, replaced)
 
     for filename, keys in plan.shards.items():
         entries = [(key, plan.dtypes[key], plan.shapes[key]) for key in keys]
@@ -103,7 +135,7 @@ def merge_to_directory(
         weight_map = {key: filename for filename, keys in plan.shards.items() for key in keys}
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": weight_map}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _copy_side_files(base.path, staging, dtype)
+    _copy_side_files(base.path, staging, dtype, untied=len(plan.sources) > len(base.files))
     return plan
 
 
@@ -111,7 +143,7 @@ def _merged_tensor(key, plan: MergePlan, deltas: dict, replaced: dict) -> torch.
     if key in replaced:
         return replaced[key].to(plan.dtypes[key]).contiguous()
     with open_safetensors(plan.sources[key]) as handle:
-        tensor = handle.get_tensor(key)
+        tensor = handle.get_tensor(plan.stored_as[key])
     if key in deltas:
         merged = tensor.to(torch.float32) + deltas[key].delta_weight().to(torch.float32)
         tensor = merged.to(plan.dtypes[key])
@@ -124,16 +156,18 @@ def _merged_tensor(key, plan: MergePlan, deltas: dict, replaced: dict) -> torch.
     return tensor.to(plan.dtypes[key])
 
 
-def _copy_side_files(base_dir: Path, staging: Path, dtype: str) -> None:
+def _copy_side_files(base_dir: Path, staging: Path, dtype: str, untied: bool) -> None:
     for file in sorted(base_dir.iterdir()):
         if file.is_file() and file.name not in NOT_COPIED and not file.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(file, staging / file.name)
     config_file = staging / "config.json"
-    if dtype != "auto" and config_file.is_file():
+    if (dtype != "auto" or untied) and config_file.is_file():
         config = json.loads(config_file.read_text())
         for key in ("dtype", "torch_dtype"):
-            if key in config:
+            if key in config and dtype != "auto":
                 config[key] = dtype
+        if untied:
+            config["tie_word_embeddings"] = False
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

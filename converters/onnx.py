@@ -159,17 +159,26 @@ def write_onnx_adapter(factors, file: Path) -> None:
     adapter.export_adapter(str(file))
 
 
-def onnx_logits(onnx_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray,
-                adapter_file: Path | None = None) -> np.ndarray:
-    """Logits of a full sequence from the exported graph (an empty past for with-past graphs),
-    with one ``.onnx_adapter`` active if given."""
-    from psoft_deploy.generate import OnnxModel
+def onnx_outputs(onnx_dir: Path, inputs: dict[str, np.ndarray], names: tuple[str, ...] = ("logits",),
+                 adapter_file: Path | None = None) -> dict[str, np.ndarray]:
+    """The graph's ``names`` outputs (those it has) for a full run on ``inputs`` (an empty past and
+    positions from 0 for with-past graphs), with one ``.onnx_adapter`` active if given."""
+    from psoft_deploy.generate import FLOAT_TYPES, OnnxModel
 
     model = OnnxModel(onnx_dir, adapter_file)
-    batch, seq = input_ids.shape
-    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+
+    feeds = {name: value.astype(np.int64 if value.dtype.kind in "iu" else FLOAT_TYPES[model.inputs[name].type])
+             for name, value in inputs.items() if name in model.inputs}
     if model.past_names:
+        batch, seq = inputs["input_ids"].shape
         feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
         feeds |= model.empty_past(batch)
-    return model.run(["logits"], feeds)[0]
+    available = [name for name in names if name in {output.name for output in model.session.get_outputs()}]
+    return dict(zip(available, model.run(available, feeds)))
 
+
+def onnx_logits(onnx_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray,
+                adapter_file: Path | None = None) -> np.ndarray:
+    """Logits of a full sequence from an exported causal LM."""
+    return onnx_outputs(onnx_dir, {"input_ids": input_ids, "attention_mask": attention_mask}, ("logits",),
+                        adapter_file)["logits"]

@@ -8,7 +8,7 @@ this equals PEFT's own forward; the tests pin it). Two modes:
   its own is measured by running the reference again in that dtype, and what rounding the
   conversion adds by running the truth with each adapted weight replaced by ``W + ΔW`` rounded
   to that dtype. The candidate's max and mean |Δlogits| and its KL divergence from the truth
-  may be at most `BOUND_FACTORS` times that noise, and its top-1 token must
+  may be at most `bound_factors` times that noise, and its top-1 token must
   agree at every position whose margin the noise cannot close. The bare base is held to the
   same bounds as a control: where it would pass too, the check cannot tell the adapter apart
   and fails as inconclusive.
@@ -21,10 +21,12 @@ this equals PEFT's own forward; the tests pin it). Two modes:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from psoft_deploy.converters.lora import read_export_metadata
+from psoft_deploy.converters.merge import stored_deltas, stored_replacements
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.errors import UserError
@@ -59,17 +61,62 @@ FULL_MODE_MAX_PARAMETERS = 500_000_000
 # same run (its precision's own effect plus the rounding of the converted weights): its largest
 # |Δlogit| by NOISE_FACTOR (a single extreme value fluctuates), its mean |Δlogit| by
 # MEAN_NOISE_FACTOR and its mean KL by the square of that (averages over every position and class
-# are stable; a correct candidate measures at 0.6–1.1× the noise).
+# are stable; a correct candidate measures at 0.6–1.1× the noise). Averages over fewer than
+# STABLE_AVERAGE_VALUES values (a classifier's few logits) are held to NOISE_FACTOR like the max.
 NOISE_FACTOR = 4.0
 MEAN_NOISE_FACTOR = 2.0
-BOUND_FACTORS = {"max_abs_logits": NOISE_FACTOR, "mean_abs_logits": MEAN_NOISE_FACTOR,
-                 "kl_divergence": MEAN_NOISE_FACTOR ** 2}
+STABLE_AVERAGE_VALUES = 1000
 # Top-1 agreement is judged where the truth's top-1 margin exceeds 2 × NOISE_FACTOR × the noise at
 # that position (more than a correct candidate's deviation can close), if there are this many.
 MIN_DECISIVE_POSITIONS = 8
 # Truncated LoRA exports: measured vs recorded optimal rank-k error, per layer.
 TRUNCATION_GAP = 1e-4
-STATISTICS = tuple(BOUND_FACTORS)
+STATISTICS = ("max_abs_logits", "mean_abs_logits", "kl_divergence")
+
+
+def bound_factors(values: int) -> dict[str, float]:
+    """The multiple of the measured noise each statistic may reach, over ``values`` compared values."""
+    mean = MEAN_NOISE_FACTOR if values >= STABLE_AVERAGE_VALUES else NOISE_FACTOR
+    return {"max_abs_logits": NOISE_FACTOR, "mean_abs_logits": mean, "kl_divergence": mean ** 2}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a kind of model is run and compared: the outputs compared (``logits`` are
+    distributions: KL and top-1 apply; hidden states are compared by |Δ| alone) and which mask
+    marks their real positions."""
+
+    name: str
+    outputs: tuple[str, ...] = ("logits",)
+    mask: str | None = "attention_mask"
+
+    @property
+    def distribution(self) -> bool:
+        return self.outputs == ("logits",)
+
+
+FAMILIES = {
+    "causal-lm": Family("causal-lm"),
+    "seq2seq": Family("seq2seq", mask="decoder_attention_mask"),
+    "classifier": Family("classifier"),
+    "image-classifier": Family("image-classifier", mask=None),
+    "encoder": Family("encoder", outputs=("last_hidden_state", "pooler_output")),
+}
+
+
+def model_family(config: dict) -> Family:
+    """The family of a transformers model, from its ``config.json``: causal LM, seq2seq (T5,
+    BART), sequence/token classifier, image classifier (ViT) or encoder (feature extraction)."""
+    architecture = (config.get("architectures") or [""])[0]
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return FAMILIES["causal-lm"]
+    if config.get("is_encoder_decoder"):
+        return FAMILIES["seq2seq"]
+    if architecture.endswith("ForImageClassification"):
+        return FAMILIES["image-classifier"]
+    if architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return FAMILIES["classifier"]
+    return FAMILIES["encoder"]
 
 
 def read_prompts(file: Path) -> list[str | list[dict]]:
@@ -95,16 +142,35 @@ def read_prompts(file: Path) -> list[str | list[dict]]:
     return prompts
 
 
-def verification_inputs(model_dirs: list[Path], prompts, vocab_size: int) -> tuple[dict, str]:
-    """Tokenized prompts (tokenizer of the first directory that has one) and what they are: the
-    given ones, else chat conversations where the tokenizer has a chat template, else plain text;
-    without a tokenizer, fixed token ids."""
+def verification_inputs(model_dirs: list[Path], prompts, config: dict) -> tuple[dict, str]:
+    """The model inputs verification runs on (``config``: the base's) and what they are:
+    deterministic images for image classifiers; else tokenized prompts (tokenizer of the first
+    directory that has one): the given ones, else chat conversations where the tokenizer has a
+    chat template, else plain text; without a tokenizer, fixed token ids. Seq2seq models get the
+    prompts shifted right as decoder inputs."""
+    family = model_family(config)
+    generator = torch.Generator().manual_seed(0)
+    if family.name == "image-classifier":
+        if prompts:
+            raise UserError("--prompts does not apply to an image classifier (it is verified on fixed images)")
+        size = config.get("image_size", 224)
+        images = torch.randn(4, config.get("num_channels", 3), size, size, generator=generator)
+        return {"pixel_values": images}, "4 fixed random images"
+    inputs, source = _text_inputs(model_dirs, prompts, config.get("vocab_size", 2), generator)
+    if family.name == "seq2seq":
+        start = torch.full_like(inputs["input_ids"][:, :1], config.get("decoder_start_token_id") or 0)
+        inputs["decoder_input_ids"] = torch.cat([start, inputs["input_ids"][:, :-1]], dim=1)
+        inputs["decoder_attention_mask"] = torch.cat([torch.ones_like(start), inputs["attention_mask"][:, :-1]], 1)
+    return inputs, source
+
+
+def _text_inputs(model_dirs: list[Path], prompts, vocab_size: int, generator) -> tuple[dict, str]:
     directory = next((d for d in model_dirs if (d / "tokenizer.json").is_file()
                       or (d / "tokenizer_config.json").is_file()), None)
     if directory is None:
         if prompts:
             raise UserError("--prompts needs a tokenizer in the base or candidate directory")
-        ids = torch.randint(0, vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, vocab_size, (4, 16), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "fixed token ids (no tokenizer)"
     from transformers import AutoTokenizer
 
@@ -141,10 +207,17 @@ def _encode(tokenizer, prompt: str | list[dict]) -> list[int]:
 
 
 def real_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Logits as (positions, classes) in float64, padding dropped."""
+    """Outputs as (positions, classes or features) in float64, padding dropped."""
     if logits.dim() == 3 and mask is not None:
         logits = logits[mask.bool()]
     return logits.double().reshape(-1, logits.shape[-1])
+
+
+def family_outputs(outputs, family: Family, inputs: dict) -> torch.Tensor:
+    """The outputs ``family`` compares, as one (positions, classes or features) float64 tensor."""
+    mask = inputs.get(family.mask) if family.mask else None
+    parts = [real_positions(outputs[name], mask) for name in family.outputs if outputs.get(name) is not None]
+    return torch.cat(parts)
 
 
 def compare_logits(truth: torch.Tensor, other: torch.Tensor) -> dict:
@@ -228,38 +301,42 @@ def verify_full(
         dtype = onnx_dtype(candidate_dir)
     else:
         dtype = candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
-    vocab_size = json.loads((base.path / "config.json").read_text()).get("vocab_size", 2)
-    inputs, prompt_source = verification_inputs([candidate_dir, base.path], prompts, vocab_size)
-    mask = inputs.get("attention_mask")
+    family = model_family(base.config)
+    inputs, prompt_source = verification_inputs([candidate_dir, base.path], prompts, base.config)
 
     def forward(model) -> torch.Tensor:
         with torch.no_grad():
-            return real_positions(model(**inputs).logits, mask)
+            return family_outputs(model(**inputs), family, inputs)
 
     runs = reference_runs(base, factors, dtype, forward)
     if kind == "onnx":
-        from psoft_deploy.converters.onnx import onnx_logits
+        from psoft_deploy.converters.onnx import onnx_outputs
 
-        raw = onnx_logits(candidate_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), adapter_file)
-        actual = real_positions(torch.from_numpy(raw), mask)
+        raw = onnx_outputs(candidate_dir, {key: value.numpy() for key, value in inputs.items()}, family.outputs,
+                           adapter_file)
+        actual = family_outputs({name: torch.from_numpy(value) for name, value in raw.items()}, family, inputs)
     elif kind == "lora":
         actual = forward(load_lora_candidate(base.path, candidate_dir, dtype))
     else:
         actual = forward(load_base_model(candidate_dir, dtype))
-    return judge(runs, compare_logits(runs["truth"], actual), dtype, prompt_source)
+    return judge(runs, compare_logits(runs["truth"], actual), dtype, prompt_source, family)
 
 
-def judge(runs: dict, candidate: dict, dtype: torch.dtype, prompt_source: str) -> dict:
-    """The verdict on a candidate's deviation from the truth, given the reference runs."""
+def judge(runs: dict, candidate: dict, dtype: torch.dtype, prompt_source: str,
+          family: Family = FAMILIES["causal-lm"]) -> dict:
+    """The verdict on a candidate's deviation from the truth, given the reference runs (KL and
+    top-1 only where ``family`` compares logits)."""
+    statistics = STATISTICS if family.distribution else STATISTICS[:2]
     precision, rounding, bare = runs["precision"], runs["rounding"], runs["bare_base"]
-    noise = {stat: precision[stat] + (rounding[stat] if rounding else 0.0) for stat in STATISTICS}
-    bounds = {stat: BOUND_FACTORS[stat] * noise[stat] for stat in STATISTICS}
-    failed = [f"{stat} {candidate[stat]:.2e} > bound {bounds[stat]:.2e}" for stat in STATISTICS
+    noise = {stat: precision[stat] + (rounding[stat] if rounding else 0.0) for stat in statistics}
+    factors = bound_factors(runs["truth"].numel())
+    bounds = {stat: factors[stat] * noise[stat] for stat in statistics}
+    failed = [f"{stat} {candidate[stat]:.2e} > bound {bounds[stat]:.2e}" for stat in statistics
               if candidate[stat] > bounds[stat]]
     truth = runs["truth"]
     position_noise = precision["per_position"] + (rounding["per_position"] if rounding else 0.0)
     decisive = torch.zeros_like(position_noise, dtype=torch.bool)
-    if truth.shape[-1] > 1:
+    if family.distribution and truth.shape[-1] > 1:
         top2 = truth.topk(2, dim=-1).values
         decisive = (top2[:, 0] - top2[:, 1]) > 2 * NOISE_FACTOR * position_noise
     decisive_count = int(decisive.sum())
@@ -271,19 +348,22 @@ def judge(runs: dict, candidate: dict, dtype: torch.dtype, prompt_source: str) -
     control = None
     if bare is not None:
         control = {stat: bare[stat] for stat in (*STATISTICS, "top1_agreement")}
-        control["passes_bounds"] = all(bare[stat] <= bounds[stat] for stat in STATISTICS)
+        control["passes_bounds"] = all(bare[stat] <= bounds[stat] for stat in statistics)
         if control["passes_bounds"]:
             failed.append("inconclusive: the bare base is within these bounds too (the adapter's effect is below "
                           f"{_name(dtype)}'s own noise on these prompts); verify a float32 artifact, with "
                           "--verify-mode layerwise, or with prompts where the adapter matters (--prompts)")
     name = _name(dtype)
-    tolerance = (f"max |Δlogits| ≤ {NOISE_FACTOR:g}×, mean |Δlogits| ≤ {MEAN_NOISE_FACTOR:g}× and KL ≤ "
-                 f"{MEAN_NOISE_FACTOR ** 2:g}× the noise measured in this run ({name} alone: the reference in {name} vs float64, plus the rounding of the converted "
-                 f"weights to {name}); top-1 agreement where the float64 margin exceeds "
-                 f"{2 * NOISE_FACTOR:g}× that noise (if ≥ {MIN_DECISIVE_POSITIONS} such positions); the bare base "
-                 "must fail these bounds")
+    kl = f" and KL ≤ {factors['kl_divergence']:g}×" if family.distribution else ""
+    top1 = (f"; top-1 agreement where the float64 margin exceeds {2 * NOISE_FACTOR:g}× that noise (if ≥ "
+            f"{MIN_DECISIVE_POSITIONS} such positions)" if family.distribution else "")
+    tolerance = (f"max |Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {factors['mean_abs_logits']:g}×{kl} the noise measured in this "
+                 f"run ({name} alone: the reference in {name} vs float64, plus the rounding of the converted weights "
+                 f"to {name}){top1}; the bare base must fail these bounds")
     return {
         "mode": "full",
+        "family": family.name,
+        "compared": list(family.outputs),
         "dtype": name,
         "tolerance": tolerance,
         "passed": not failed,
@@ -421,7 +501,7 @@ def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_di
     tensor equal to the base's (or the adapter's ``modules_to_save`` replacement)."""
     candidate = BaseCheckpoint(str(candidate_dir))
     checks = LayerChecks(candidate_dtype(candidate, factors))
-    deltas = {base_tensor_key(name): module for name, module in factors.modules.items()}
+    deltas, replaced = stored_deltas(base, factors), stored_replacements(base, factors)
     mismatched = []
     missing = sorted(set(base.files) - set(candidate.files))
     for key in candidate.files:
@@ -429,7 +509,7 @@ def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_di
         if key in deltas:
             checks.check(key, base.tensor(key), deltas[key], actual)
         else:
-            source = factors.replaced_tensors[key] if key in factors.replaced_tensors else base.tensor(key)
+            source = replaced[key] if key in replaced else base.tensor(key)
             if not torch.equal(actual, source.to(actual.dtype)):
                 mismatched.append(key)
     failed = [f"{len(mismatched)} other tensors differ from the base, {len(missing)} are missing"] if (
@@ -494,11 +574,13 @@ def verify_candidate(
                             "conversions (a merged model or a LoRA adapter)")
         if read_export_metadata(candidate_dir).get("exact") is False:
             return verify_truncated_lora(base, factors, candidate_dir)
-        if _resolve_mode(mode, base) == "layerwise":
+        if not base.config or _resolve_mode(mode, base) == "layerwise":
             return verify_lora_layerwise(base, factors, candidate_dir)
         return verify_full(base, factors, candidate_dir, prompts, kind="lora")
     if (candidate_dir / "model.onnx").is_file():
         return verify_full(base, factors, candidate_dir, prompts, kind="onnx")
+    if not base.config:  # not a transformers model: no forward to run, each weight is checked instead
+        return verify_layerwise(base, factors, candidate_dir)
     if not (candidate_dir / "config.json").is_file():
         raise UserError(f"candidate {candidate_dir} is not a model directory (config.json), a LoRA adapter "
                         f"({ADAPTER_CONFIG}) or an ONNX export (model.onnx)")
@@ -522,11 +604,16 @@ def format_verification(report: dict) -> str:
                    f"{report['layers_checked']} layers")
     elif report["mode"] == "full":
         bounds = report["bounds"]
-        numbers = (f"max |Δlogits| {report['max_abs_logits']:.2e} (bound {bounds['max_abs_logits']:.2e}), "
-                   f"mean {report['mean_abs_logits']:.2e} (bound {bounds['mean_abs_logits']:.2e}), "
-                   f"KL {report['kl_divergence']:.2e} (bound {bounds['kl_divergence']:.2e}), "
-                   f"top-1 {report['top1_agreement']:.1%} over {report['positions']} positions of {report['prompts']}")
-        if report["decisive_top1_agreement"] is None:
+        numbers = (f"{report['family']} {'/'.join(report['compared'])}: max |Δ| {report['max_abs_logits']:.2e} "
+                   f"(bound {bounds['max_abs_logits']:.2e}), mean {report['mean_abs_logits']:.2e} "
+                   f"(bound {bounds['mean_abs_logits']:.2e})")
+        if "kl_divergence" in bounds:
+            numbers += (f", KL {report['kl_divergence']:.2e} (bound {bounds['kl_divergence']:.2e}), "
+                        f"top-1 {report['top1_agreement']:.1%}")
+        numbers += f" over {report['positions']} positions of {report['prompts']}"
+        if "kl_divergence" not in bounds:
+            numbers += " (hidden states: no KL or top-1)"
+        elif report["decisive_top1_agreement"] is None:
             numbers += (f"; top-1 not judged: {report['decisive_positions']} decisive positions "
                         f"(< {MIN_DECISIVE_POSITIONS}), verdict from the bounds")
         else:

@@ -83,16 +83,70 @@ class BaseCheckpoint:
         return json.loads(config_file.read_text()) if config_file.is_file() else {}
 
     def tensor(self, key: str) -> torch.Tensor:
+        key = self.stored_key(key)
+        with open_safetensors(self._file(key)) as handle:
+            return handle.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor ``key``, from its file's header (no data read)."""
+        key = self.stored_key(key)
+        with open_safetensors(self._file(key)) as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
+    def stored_key(self, key: str) -> str:
+        """The name the model's parameter ``key`` has in the checkpoint: itself, or the name
+        transformers renames on load (e.g. ViT's ``encoder.layer.N.attention.attention.query``)."""
+        return key if key in self.files else self._renamed.get(key, key)
+
+    @cached_property
+    def _renamed(self) -> dict[str, str]:
+        """Model key → stored key, for the keys transformers' conversion mapping renames."""
+        if not self.config:
+            return {}
+        from transformers.conversion_mapping import (
+            WeightRenaming,
+            get_model_conversion_mapping,
+        )
+
+        renamings = [rule for rule in get_model_conversion_mapping(meta_model(self.path))
+                     if isinstance(rule, WeightRenaming)]
+        renamed = {}
+        for stored in self.files:
+            key = stored
+            for rule in renamings:
+                key = rule.rename_source_key(key)[0]
+            if key != stored:
+                renamed[key] = stored
+        return renamed
+
+    def _file(self, key: str) -> Path:
         if key not in self.files:
             raise UserError(f"base {self.name} has no tensor {key!r}")
-        with open_safetensors(self.files[key]) as handle:
-            return handle.get_tensor(key)
+        return self.files[key]
 
     def fingerprint(self, key: str, tensor: torch.Tensor | None = None) -> dict:
         """`fingerprint` of tensor ``key`` (pass ``tensor`` if already read), hashed once per checkpoint object."""
         if key not in self._fingerprints:
             self._fingerprints[key] = fingerprint(self.tensor(key) if tensor is None else tensor)
         return self._fingerprints[key]
+
+
+def model_class(config):
+    """The transformers class ``config.architectures`` names (a causal LM if it names none)."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    return (getattr(transformers, architectures[0], None) if architectures else None) or transformers.AutoModelForCausalLM
+
+
+def meta_model(path: Path):
+    """The transformers model at ``path``, built from its config on the meta device (no weights)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    cls = model_class(config)
+    with torch.device("meta"):
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 
 def open_safetensors(file: Path):

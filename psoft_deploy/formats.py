@@ -73,6 +73,13 @@ class PsoftAdapter:
         return self.source.get("base_model_name_or_path")
 
     @property
+    def modules_to_save(self) -> list[str] | None:
+        """``modules_to_save`` as the adapter declares it (PEFT's names, e.g. ``classifier``), else
+        the modules its replaced tensors belong to."""
+        declared = self.source.get("adapter_config", {}).get("modules_to_save")
+        return declared or sorted({key.rsplit(".", 1)[0] for key in self.replaced_tensors}) or None
+
+    @property
     def file_size(self) -> int:
         return sum(file.stat().st_size for file in self.files)
 

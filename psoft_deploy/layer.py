@@ -86,6 +86,7 @@ def apply_factors(
         missing = [key for key in replaced_tensors if key not in known]
         if missing:
             raise UserError(f"the model has no tensor {missing[0]!r} that the adapter replaces (modules_to_save)")
+        untie_replaced(model, replaced_tensors)
         model.load_state_dict(replaced_tensors, strict=False)
     for name, module_factors in factors.items():
         try:
@@ -100,6 +101,32 @@ def apply_factors(
             raise UserError(f"adapter for {name!r} has shape {got}, the model's layer is {expected}")
         replace_module(model, name, PsoftLinear(target, module_factors))
     return model
+
+
+def tied_groups(model: nn.Module) -> list[set[str]]:
+    """Names of the parameters that share one tensor (e.g. a tied input embedding and LM head)."""
+    groups: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), set()).add(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def untie_replaced(model: nn.Module, replaced_tensors: dict[str, torch.Tensor]) -> list[set[str]]:
+    """PEFT's ``modules_to_save`` replaces one module by a trained copy; a module tied to it keeps
+    the original weight (PEFT's forward, and its ``merge_and_unload``, untie the pair). Give each
+    tied partner of a replaced tensor its own copy of the original, mark the model untied, and
+    return the groups untied."""
+    untied = []
+    for names in tied_groups(model):
+        if not names & replaced_tensors.keys() or names <= replaced_tensors.keys():
+            continue
+        for name in names - replaced_tensors.keys():
+            module_name, _, attribute = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, attribute, nn.Parameter(getattr(module, attribute).detach().clone()))
+        model.config.tie_word_embeddings = False
+        untied.append(names)
+    return untied
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

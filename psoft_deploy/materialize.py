@@ -58,7 +58,9 @@ def save_materialized_files(factors: AdapterFactors, directory: Path, base_name:
         },
         "replaced_tensors": sorted(factors.replaced_tensors),
     }
-    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+    # Own copies: R of a non-orthogonal adapter is its stored parameter itself, and safetensors
+    # refuses tensors that share memory.
+    tensors = {key: value.detach().cpu().clone().contiguous() for key, value in tensors.items()}
     save_file(tensors, directory / MATERIALIZED_WEIGHTS, metadata={"format": MATERIALIZED_FORMAT})
     (directory / MATERIALIZED_META).write_text(json.dumps(metadata, indent=2) + "\n")
 

@@ -7,20 +7,22 @@ from pathlib import Path
 import torch
 import transformers
 
+from .base import meta_model, model_class
 from .errors import UserError
 from .factors import AdapterFactors
-from .layer import apply_factors
+from .layer import apply_factors, tied_groups
+
+
+def tied_parameter_groups(path: str | Path) -> list[set[str]]:
+    """Names of the parameters that share one tensor in the model at ``path`` (no weights read)."""
+    return tied_groups(meta_model(Path(path)))
 
 
 def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The model class named in ``config.json`` (e.g. LlamaForCausalLM), loaded in ``dtype``, in eval mode."""
     config = transformers.AutoConfig.from_pretrained(path)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None:
-        model_class = transformers.AutoModelForCausalLM
     try:
-        model = model_class.from_pretrained(path, dtype=dtype)
+        model = model_class(config).from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as error:
         raise UserError(f"transformers cannot load the base model at {path}: {error}") from None
     return model.eval()

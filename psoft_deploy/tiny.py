@@ -61,8 +61,35 @@ def build_tokenizer(
 
 
 def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int = 2, heads: int = 4):
-    """A small config of a given architecture: llama, qwen2 (attention biases), mistral, opt, bert (classifier)."""
+    """A small config of one of `MODEL_CLASSES`' kinds (``-cls`` and ``-model`` variants share their
+    architecture's config): decoders, seq2seq models, encoders and a ViT."""
+    kind = kind.removesuffix("-cls").removesuffix("-model")
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads)
+    tokens = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    encoder = dict(**common, intermediate_size=2 * hidden, max_position_embeddings=260, pad_token_id=3, num_labels=3)
+    if kind == "gptj":
+        return transformers.GPTJConfig(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads,
+                                       rotary_dim=8, n_positions=256, tie_word_embeddings=False, **tokens)
+    if kind == "gemma3":
+        return transformers.Gemma3TextConfig(**common, intermediate_size=2 * hidden, num_key_value_heads=2,
+                                             head_dim=hidden // heads, max_position_embeddings=256, **tokens)
+    if kind == "t5":
+        return transformers.T5Config(vocab_size=vocab_size, d_model=hidden, d_ff=2 * hidden, d_kv=hidden // heads,
+                                     num_layers=layers, num_heads=heads, pad_token_id=3, eos_token_id=2,
+                                     decoder_start_token_id=3)
+    if kind == "bart":
+        return transformers.BartConfig(vocab_size=vocab_size, d_model=hidden, encoder_layers=layers,
+                                       decoder_layers=layers, encoder_attention_heads=heads,
+                                       decoder_attention_heads=heads, encoder_ffn_dim=2 * hidden,
+                                       decoder_ffn_dim=2 * hidden, max_position_embeddings=256,
+                                       decoder_start_token_id=2, **tokens)
+    if kind in ("roberta", "deberta", "deberta-v2"):
+        config_class = {"roberta": transformers.RobertaConfig, "deberta": transformers.DebertaConfig,
+                        "deberta-v2": transformers.DebertaV2Config}[kind]
+        return config_class(**encoder)
+    if kind == "vit":
+        return transformers.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                      intermediate_size=2 * hidden, image_size=32, patch_size=8, num_labels=3)
     if kind == "llama":
         return transformers.LlamaConfig(
             **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
@@ -97,6 +124,18 @@ MODEL_CLASSES = {
     "mistral": "MistralForCausalLM",
     "opt": "OPTForCausalLM",
     "bert": "BertForSequenceClassification",
+    "llama-cls": "LlamaForSequenceClassification",
+    "gptj": "GPTJForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "t5": "T5ForConditionalGeneration",
+    "bart": "BartForConditionalGeneration",
+    "bert-model": "BertModel",
+    "roberta": "RobertaModel",
+    "roberta-cls": "RobertaForSequenceClassification",
+    "deberta": "DebertaModel",
+    "deberta-v2": "DebertaV2Model",
+    "deberta-v2-cls": "DebertaV2ForSequenceClassification",
+    "vit": "ViTForImageClassification",
 }
 
 
@@ -111,7 +150,7 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = getattr(transformers, MODEL_CLASSES[kind])(tiny_config(kind, **sizes)).eval()
     output = Path(output)
-    if with_tokenizer:
+    if with_tokenizer and hasattr(model.config, "vocab_size"):  # not for image models
         tokenizer = build_tokenizer(output, bundled_text(), vocab_size=model.config.vocab_size)
         if memorize:
             memorize_texts(model, tokenizer, memorize)

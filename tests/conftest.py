@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, PsoftConfig, get_peft_model
+from psoft_deploy.converters.verify import DEFAULT_PROMPTS
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
-from psoft_deploy.converters.verify import DEFAULT_PROMPTS
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_tiny_model
 
@@ -66,7 +66,7 @@ def make_peft_adapter(
     base_dir: Path, out_dir: Path, kind: str = "llama", seed: int = 1, strength: float = 1.0, **config
 ):
     """A perturbed PEFT PSOFT adapter saved to ``out_dir``; returns the live PEFT model (eval mode)."""
-    config.setdefault("target_modules", TARGETS[kind])
+    config.setdefault("target_modules", TARGETS.get(kind))  # None: PEFT's default targets for the architecture
     config.setdefault("r", 4)
     config.setdefault("psoft_alpha", 8)
     peft_model = get_peft_model(load_base_model(base_dir), PsoftConfig(**config))

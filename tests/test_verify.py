@@ -10,10 +10,10 @@ import torch
 import transformers
 from click.testing import CliRunner
 from conftest import make_peft_adapter, verification_report
+from psoft_deploy.converters.verify import compare_logits, verification_inputs
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
-from psoft_deploy.converters.verify import compare_logits, verification_inputs
 from psoft_deploy.tiny import build_chat_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -115,7 +115,7 @@ def test_the_float32_bound_follows_the_measured_noise(tiny_base, tmp_path):
 
 def test_chat_template_prompts_and_json_lines(chat, tmp_path):
     base, adapter = chat / "base", chat / "adapter"
-    inputs, source = verification_inputs([base], None, 0)
+    inputs, source = verification_inputs([base], None, json.loads((base / "config.json").read_text()))
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     first = tokenizer.decode(inputs["input_ids"][0][inputs["attention_mask"][0].bool()])
     assert "chat conversations" in source
