@@ -1,9 +1,10 @@
-"""Training speed and memory: `psoft-deploy train` (PsoftLinear) vs PEFT's own PSOFT layer, one run.
+"""Training speed and memory: `psoft-deploy train` (PsoftLinear) vs PEFT's own PSOFT layer trained by TRL's
+SFTTrainer, one run.
 
 Same model (Llama 768×12, ~100M parameters, random weights, fp32), data, batch (4 × 128 tokens),
-optimizer and Trainer settings, PSOFT r = 32 on q_proj and v_proj; each side trains in its own
-process, which reports its median optimizer-step time after two warm-up steps (model loading and
-the SVDs excluded) and its peak RSS when training ends.
+optimizer and SFTConfig (psoft-deploy's own), PSOFT r = 32 on q_proj and v_proj; each side trains in
+its own process, which reports its median optimizer-step time after two warm-up steps (model loading,
+data preparation and the SVDs excluded), its peak RSS when training ends and its final loss.
 
     python benchmarks/train.py [--steps 20] [--rounds 3]
 """
@@ -73,28 +74,21 @@ def run_ours(base: Path, data: Path, output: Path, steps: int) -> dict:
 
 
 def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
-    """The same Trainer run on PEFT's PSOFT layer (get_peft_model)."""
+    """PEFT's PSOFT layer (get_peft_model) trained by TRL's SFTTrainer with the SFTConfig psoft-deploy uses."""
+    from datasets import load_dataset
     from peft import PsoftConfig, get_peft_model
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
 
     from psoft_deploy.model import load_base_model
-    from psoft_deploy.train import load_text_dataset, parser
+    from psoft_deploy.train import parser, sft_config
 
     args = parser().parse_args(["--base_model_name_or_path", str(base), "--output_dir", str(output),
                                 "--data_path", str(data), "--max_steps", str(steps), *COMMON])
-    set_seed(args.seed)
-    data_set = load_text_dataset(args.data_path, args.dataset_split, args.dataset_text_field)
-    tokenizer = AutoTokenizer.from_pretrained(base)
     model = get_peft_model(load_base_model(base), PsoftConfig(r=args.r, psoft_alpha=args.psoft_alpha,
                                                               target_modules=args.target_modules))
-    tokenized = data_set.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
-                             batched=True, remove_columns=data_set.column_names)
-    trainer = Trainer(model=model, train_dataset=tokenized,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      args=TrainingArguments(output_dir=str(output), max_steps=steps, learning_rate=args.learning_rate,
-                                             per_device_train_batch_size=args.per_device_train_batch_size,
-                                             logging_steps=args.logging_steps, save_steps=args.save_steps,
-                                             seed=args.seed, report_to="none", remove_unused_columns=False))
+    trainer = SFTTrainer(model=model, args=sft_config(args), processing_class=AutoTokenizer.from_pretrained(base),
+                         train_dataset=load_dataset("text", data_files=str(data), split="train"))
     trainer.train()
     return {"final_loss": [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]}
 
@@ -197,7 +191,7 @@ def main() -> None:
               for i in range(args.rounds)]
     print(f"Llama {HIDDEN}×{LAYERS} (~100M), PSOFT r=32 on q_proj, v_proj, batch 4×128 tokens, {args.steps} steps, "
           f"fp32, torch threads={torch.get_num_threads()}, {2 * args.rounds} runs per side (ABBA)")
-    for label, side in (("PEFT PSOFT layer (anchor)", runs["peft"]), ("psoft-deploy train", runs["ours"])):
+    for label, side in (("PEFT + SFTTrainer (anchor)", runs["peft"]), ("psoft-deploy train", runs["ours"])):
         times = sorted(r["seconds_per_step"] for r in side)
         print(f"  {label:<27} {statistics.median(times):6.3f} s/step (median run; runs {times[0]:.3f}–{times[-1]:.3f})"
               f"   peak RSS {max(r['peak_rss'] for r in side) / 2**30:5.2f} GiB   final loss {side[0]['final_loss']:.4f}")

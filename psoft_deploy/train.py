@@ -140,7 +140,10 @@ def load_data(path: str, split: str):
 def check_data(data, args, tokenizer):
     """The data in a form TRL trains on ('messages' chat data, 'prompt'/'completion', or a text column; empty texts
     dropped), checked against the loss options and the tokenizer's chat template; returns (data, format)."""
-    from trl.chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        is_chat_template_stop_token_trained,
+    )
     from trl.data_utils import is_conversational, is_conversational_from_value
 
     if len(data) == 0:
@@ -251,11 +254,27 @@ def check_ranks_agree(layers: dict[str, PsoftLinear], tolerance: float = 1e-5) -
                         "own device, and these differ); run every process on the same kind of device")
 
 
+def sft_config(args):
+    """TRL's SFTConfig for these options: its data handling (chat templates, EOS kept in the loss, packing), no
+    mixed precision (the base is trained in --bits), checkpoints in OUTPUT_DIR/checkpoints."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(Path(args.output_dir) / "checkpoints"), num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        save_steps=args.save_steps, logging_steps=args.logging_steps, seed=args.seed, report_to="none",
+        max_length=args.max_length, packing=args.packing, dataset_text_field=args.dataset_text_field,
+        assistant_only_loss=args.assistant_only_loss, completion_only_loss=args.completion_only_loss,
+        gradient_checkpointing=False, bf16=False, fp16=False, ddp_broadcast_buffers=False,
+        use_cpu=not torch.cuda.is_available(),  # without it, torchrun on CPUs starts N separate runs (accelerate)
+    )
+
+
 def train(argv: list[str]) -> Path:
     """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
     args = parser().parse_args(argv)
     from transformers import AutoTokenizer
-    from trl import SFTConfig
 
     from .model import load_base_model
 
@@ -269,22 +288,13 @@ def train(argv: list[str]) -> Path:
             raise UserError(f"--{name} must be at least {minimum}")
     psoft_config(args)
     resume = checkpoint_to_resume(args.resume_from_checkpoint, output / "checkpoints")
-    config = SFTConfig(  # TRL's data handling (chat templates, EOS kept in the loss, packing); no mixed precision
-        output_dir=str(output / "checkpoints"), num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        save_steps=args.save_steps, logging_steps=args.logging_steps, seed=args.seed, report_to="none",
-        max_length=args.max_length, packing=args.packing, dataset_text_field=args.dataset_text_field,
-        assistant_only_loss=args.assistant_only_loss, completion_only_loss=args.completion_only_loss,
-        gradient_checkpointing=False, bf16=False, fp16=False, ddp_broadcast_buffers=False,
-        use_cpu=not torch.cuda.is_available(),  # without it, torchrun on CPUs starts N separate runs (accelerate)
-    )
+    config = sft_config(args)
     with config.main_process_first(desc="loading the data and the base"):
         data = load_data(args.data_path, args.dataset_split)
         base = BaseCheckpoint(args.base_model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(base.path)
     data, data_format = check_data(data, args, tokenizer)
-    if config.process_index == 0 and (tokenizer.pad_token or tokenizer.eos_token) == tokenizer.eos_token:
+    if config.process_index == 0 and tokenizer.eos_token and tokenizer.pad_token in (None, tokenizer.eos_token):
         warnings.warn(f"the pad token is the EOS token {tokenizer.eos_token!r}; it is still trained (padding is "
                       "left out of the loss by position, not by token)", stacklevel=2)
     model = load_base_model(base.path, BITS[args.bits]).to(config.device)
