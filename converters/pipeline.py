@@ -25,6 +25,7 @@ from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.outputs import atomic_output_dir
+from psoft_deploy.progress import stage, third_party_output
 
 REPORT_FILE = "psoft_verification.json"
 NOT_VERIFIED = "not run (--no-verify)"
@@ -68,9 +69,13 @@ def publish(
     no report is written), record the reports, add the model card, and rename the staging
     directory to ``output``. Raises `UserError` (and publishes nothing) if a check fails."""
     with atomic_output_dir(output, overwrite) as staging:
+        stage(f"writing the {artifact}")
         published = Published(write(staging), {})
         if checks is not None:
-            reports = [{"label": check.label, **check.run(staging)} for check in checks]
+            reports = []
+            for check in checks:
+                stage(f"verifying the {check.label}")
+                reports.append({"label": check.label, **check.run(staging)})
             published.verdicts = {report["label"]: format_verification(report) for report in reports}
             record = {
                 "tool": {"name": "psoft-deploy", "version": __version__},
@@ -156,7 +161,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
         try:
             if merged is not None:
                 merge_to_directory(base, merged, source, dtype="float32")
-            export_graph(source, staging, lora_modules=lora_modules, **graph_options)
+            with third_party_output():
+                export_graph(source, staging, lora_modules=lora_modules, **graph_options)
         finally:
             if merged is not None:
                 shutil.rmtree(source, ignore_errors=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import click
 
 from . import __version__
 from .errors import UserError
 from .options import read_options
+from .outputs import check_output, check_writable
 
 
 class PsoftGroup(click.Group):
@@ -23,7 +25,12 @@ class PsoftGroup(click.Group):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"Warning: {message}", err=True)
+    """Warnings from psoft-deploy's own code as one line; other libraries' only with --verbose."""
+    from . import converters, progress, serve
+
+    ours = {Path(package.__file__).parent for package in (converters, progress, serve)}
+    if progress.verbose() or ours & set(Path(filename).parents):
+        click.echo(f"Warning: {message}", err=True)
 
 
 def base_and_adapter(command):
@@ -66,13 +73,21 @@ VERIFY_MODE = click.option(
 
 @click.group(cls=PsoftGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="psoft-deploy")
-def cli():
+@click.option("--verbose", is_flag=True,
+              help="Also show other libraries' output (transformers' warnings and progress bars, torch.onnx's "
+                   "progress, onnxruntime's and Python warnings). `serve --verbose` shows vLLM's log.")
+@click.pass_context
+def cli(ctx, verbose):
     """Take trained PSOFT adapters to production: exact, fast, verified.
 
     Every command reads PEFT PSOFT adapters, paper-repository checkpoints and
     psoft-deploy's own materialized adapters alike (the format is detected).
     """
+    from . import progress
+
     warnings.showwarning = _show_warning
+    if ctx.invoked_subcommand != "serve":  # vLLM's log (a file) stays as vLLM writes it
+        progress.quiet_third_party(verbose)
 
 
 @cli.command()
@@ -92,6 +107,7 @@ def materialize(base, adapter, output, overwrite, read_options):
     """
     from psoft_deploy.converters import pipeline
 
+    check_output(output, overwrite)
     checkpoint, factors = _load(base, adapter, read_options)
     published = pipeline.materialize(factors, output, base_name=base, overwrite=overwrite)
     svd = factors.svd or {}
@@ -158,6 +174,7 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
     """
     from psoft_deploy.converters import pipeline
 
+    check_output(output, overwrite)
     checkpoint, factors = _load(base, adapter, read_options)
     published = pipeline.merge(checkpoint, factors, output, adapter_name=adapter, dtype=dtype,
                                max_shard_size=max_shard_size, verify_mode=None if no_verify else verify_mode,
@@ -197,7 +214,12 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
     """
     from psoft_deploy.converters import pipeline
 
+    check_output(output, overwrite)
     checkpoint, factors = _load(base, adapter, read_options)
+    if rank is not None and rank > factors.adapter.rank:
+        warnings.warn(f"--rank {rank} is above the adapter's rank r={factors.adapter.rank}: writing the exact "
+                      f"export at r={factors.adapter.rank}")
+        rank = None
     published = pipeline.export_lora(checkpoint, factors, output, verify_mode=None if no_verify else verify_mode,
                                      overwrite=overwrite, rank=rank, energy=energy, dtype=dtype,
                                      target=None if target == "peft" else target)
@@ -253,6 +275,7 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, with_past, d
 
     if not adapters_as_inputs and len(adapters) > 1:
         raise UserError("a merged export takes one --adapter; pass --adapters-as-inputs for several")
+    check_output(output, overwrite)
     checkpoint = BaseCheckpoint(base)
     named = {name: load_factors(path, checkpoint, read_options)
              for name, path in parse_named_adapters(adapters).items()} if adapters_as_inputs else {}
@@ -314,14 +337,20 @@ def generate(onnx_dir, adapter_file, prompt, max_new_tokens, temperature, top_k,
     """
     from .generate import generate as run_generation
 
-    text, _ = run_generation(onnx_dir, prompt, adapter_file=adapter_file, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, seed=seed)
-    click.echo(prompt + text)
+    unshown = [prompt]  # the prompt goes out with the first new text (nothing is printed before an error)
+
+    def show(text: str) -> None:
+        click.echo("".join(unshown) + text, nl=False)
+        unshown.clear()
+
+    run_generation(onnx_dir, prompt, adapter_file=adapter_file, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, seed=seed, on_text=show)
+    click.echo("".join(unshown))
 
 
 @cli.command()
 @base_and_adapter
-@click.option("--candidate", required=True, type=click.Path(),
+@click.option("--candidate", required=True, type=click.Path(exists=True),
               help="The artifact to check: a merged model, a LoRA adapter, an ONNX export or an .onnx_adapter.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
               help='Verification prompts: JSON lines ({"text": ...} or {"messages": [...]}, rendered with the '
@@ -346,11 +375,14 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
         verify_candidate,
     )
 
+    if report:
+        check_writable(report, "report")
     checkpoint, factors = _load(base, adapter, read_options)
     result = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode,
                               prompts=read_prompts(prompts) if prompts else None)
     if report:
-        Path(report).write_text(json.dumps(result, indent=2) + "\n")
+        Path(report).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(report).expanduser().write_text(json.dumps(result, indent=2) + "\n")
     click.echo(json.dumps(result, indent=2) if as_json else format_verification(result))
     if not result["passed"]:
         raise click.exceptions.Exit(1)
@@ -435,4 +467,7 @@ def demo(output):
 
 
 def main():
+    from .progress import log_to_stderr
+
+    log_to_stderr()
     cli(prog_name="psoft-deploy")

@@ -10,6 +10,7 @@ import click
 import torch
 
 from .errors import UserError
+from .outputs import check_writable
 from .tiny import build_tiny_model
 
 TRAIN_STEPS = 30
@@ -35,6 +36,7 @@ def run_demo(output: str | None = None) -> Path:
     work = Path(output) if output else Path(tempfile.mkdtemp(prefix="psoft-demo-"))
     if work.is_dir() and any(work.iterdir()):
         raise UserError(f"demo output {work} is not empty; pass a new directory")
+    check_writable(work / "base", "demo output")
     base, adapter = work / "base", work / "psoft-adapter"
 
     click.echo(f"[1/6] building a tiny Llama and its tokenizer in {base}")

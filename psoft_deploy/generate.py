@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .errors import UserError
+from .progress import verbose
+
+INCOMPLETE = "\ufffd"  # what a byte-level decoder gives for a character whose bytes have not all arrived
 
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -31,6 +35,8 @@ class OnnxModel:
     def __init__(self, onnx_dir: str | Path, adapter_file: str | Path | None = None):
         import onnxruntime
 
+        if not verbose():
+            onnxruntime.set_default_logger_severity(3)
         onnx_dir = Path(onnx_dir)
         if not (onnx_dir / "model.onnx").is_file():
             raise UserError(f"{onnx_dir} holds no model.onnx (an export-onnx output directory)")
@@ -69,8 +75,10 @@ class OnnxModel:
 
 
 def generate(onnx_dir: str | Path, prompt: str, *, adapter_file: str | Path | None = None, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> tuple[str, list[int]]:
-    """Greedy (``temperature=0``) or sampled continuation of ``prompt``; returns text and new token ids."""
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+             on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
+    """Greedy (``temperature=0``) or sampled continuation of ``prompt``; returns text and new token ids.
+    ``on_text`` receives the text as it grows, whole characters only (see `TextStream`)."""
     from tokenizers import Tokenizer
 
     onnx_dir = Path(onnx_dir)
@@ -85,6 +93,7 @@ def generate(onnx_dir: str | Path, prompt: str, *, adapter_file: str | Path | No
     if not sequence:
         raise UserError("the prompt encodes to no tokens")
     new_tokens: list[int] = []
+    stream = TextStream(tokenizer, on_text or (lambda text: None))
     past = model.empty_past(1)
     step_ids = sequence
     for _ in range(max_new_tokens):
@@ -99,12 +108,36 @@ def generate(onnx_dir: str | Path, prompt: str, *, adapter_file: str | Path | No
         new_tokens.append(token)
         if token in stop:
             break
+        stream.update(new_tokens)
         if model.past_names:
             past = dict(zip(model.past_names, outputs[1:]))
             step_ids = [token]
         else:
             step_ids = sequence + new_tokens
-    return tokenizer.decode(new_tokens), new_tokens
+    return stream.finish(new_tokens), new_tokens
+
+
+class TextStream:
+    """Generated text passed on as it grows without broken characters: a byte-level BPE token can
+    hold part of a character's bytes, so the whole sequence is decoded each time and only complete
+    text is passed on (a trailing U+FFFD is held back until the rest of its bytes arrive)."""
+
+    def __init__(self, tokenizer, emit: Callable[[str], None]):
+        self.tokenizer, self.emit, self.sent = tokenizer, emit, ""
+
+    def update(self, tokens: list[int]) -> None:
+        self._send(self.tokenizer.decode(tokens).rstrip(INCOMPLETE))
+
+    def finish(self, tokens: list[int]) -> str:
+        """The whole text, less a character left incomplete when generation stopped."""
+        text = self.tokenizer.decode(tokens).rstrip(INCOMPLETE)
+        self._send(text)
+        return text
+
+    def _send(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.emit(text[len(self.sent):])
+            self.sent = text
 
 
 def pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:

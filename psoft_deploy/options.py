@@ -19,7 +19,9 @@ class ReadOptions:
     accept PEFT 0.19 low-rank adapters although A and B cannot be reproduced.
     ``paper_neumann_terms``: Cayley–Neumann terms of a paper-repository checkpoint (``None``:
     the exact Cayley transform; 5 is that repository's default). ``allow_base_mismatch``: warn
-    instead of failing when the base differs from the one a materialized adapter was made for."""
+    instead of failing when the base differs from the one the adapter was made for (a materialized
+    adapter's fingerprints; a PEFT or paper adapter's ``base_model_name_or_path``, compared by
+    architecture, layer shapes and weights where that base is on this machine, else by hub id)."""
 
     svd_device: str = "cpu"
     svd_dtype: str | None = None
@@ -67,6 +69,9 @@ def read_options(command):
         click.option("--paper-neumann-terms", type=click.IntRange(min=0), default=DEFAULTS.paper_neumann_terms,
                      show_default=True, help="Cayley–Neumann terms of a paper-repository checkpoint."),
         click.option("--allow-base-mismatch", is_flag=True,
-                     help="Warn instead of failing when a materialized adapter's base fingerprint differs."),
+                     help="Warn instead of failing when the base is not the one the adapter was made for: a "
+                          "materialized adapter's base fingerprints differ, or a PEFT or paper adapter's "
+                          "base_model_name_or_path names another model (other architecture, layer shapes or "
+                          "weights where that model is on this machine, else another hub id)."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), wrapper)

@@ -29,7 +29,7 @@ from psoft_deploy.formats import (
     read_adapter,
 )
 from psoft_deploy.options import DEFAULTS, ReadOptions
-from psoft_deploy.outputs import atomic_output_dir
+from psoft_deploy.outputs import atomic_output_dir, check_writable
 
 CACHE_VERSION = b"psoft-deploy/lora-cache/v2"  # v2: entries carry a layerwise verification report
 
@@ -79,8 +79,8 @@ class LoraCache:
         digest.update(json.dumps(asdict(self.options), sort_keys=True).encode())
         entry = self.root / digest.hexdigest()[:32]
         if not (entry / EXPORT_META).is_file():
+            check_writable(entry, "converted adapter")
             factors = derive_factors(adapter, self.base, self.options)
-            self.root.mkdir(parents=True, exist_ok=True)
             try:
                 export_lora(self.base, factors, entry, target="vllm", verify_mode="layerwise")
             except UserError:
@@ -120,7 +120,6 @@ class LoraCache:
         out_features, in_features = self.base.tensor(base_tensor_key(module)).shape
         entry = self.root / f"zero-{hashlib.sha256(f'{module}:{out_features}x{in_features}'.encode()).hexdigest()[:16]}"
         if not (entry / ADAPTER_WEIGHTS).is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
             with atomic_output_dir(entry, overwrite=True) as staging:
                 save_file(
                     {
