@@ -1,4 +1,7 @@
-"""`psoft-deploy export-onnx`: a merged causal LM as one ONNX graph, verified in onnxruntime.
+"""`psoft-deploy export-onnx`: a merged model as one ONNX graph, verified in onnxruntime.
+
+Causal LMs and, without past or LoRA inputs, encoders, sequence classifiers and image classifiers
+(their family's outputs, as verify compares them).
 
 The adapter is folded in by the streaming merge, and the merged model is exported with
 torch's dynamo exporter: inputs ``input_ids`` and ``attention_mask`` (plus ``position_ids`` and
@@ -9,6 +12,7 @@ data next to the graph.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from psoft_deploy.converters.verify import model_family
 from psoft_deploy.errors import UserError
 from psoft_deploy.layer import replace_module
 from psoft_deploy.model import load_base_model
@@ -84,11 +89,37 @@ def io_names(layers: int, with_past: bool, lora_modules: list[str]) -> tuple[lis
 
 def export_graph(model_dir: Path, staging: Path, *, with_past: bool, dtype: torch.dtype, opset: int,
                  lora_modules: list[str] = ()) -> None:
-    """Export ``model_dir`` (a causal LM) to ``staging/model.onnx`` with external weights; each of
-    ``lora_modules`` gets LoRA inputs with a dynamic rank and rank-0 zero defaults."""
+    """Export ``model_dir`` to ``staging/model.onnx`` with external weights: a causal LM (each of
+    ``lora_modules`` with LoRA inputs of a dynamic rank and rank-0 zero defaults), or an encoder,
+    sequence classifier or image classifier with its family's outputs."""
     model = load_base_model(model_dir, dtype)
-    if not model.__class__.__name__.endswith("ForCausalLM"):
-        raise UserError(f"export-onnx exports causal language models; {model.__class__.__name__} is not one")
+    family = model_family(json.loads((model_dir / "config.json").read_text()))
+    if family.name == "causal-lm":
+        wrapper, args, dynamic, inputs, outputs = _causal_lm_export(model, with_past, dtype, lora_modules)
+    elif family.name in ("classifier", "encoder", "image-classifier") and not (with_past or lora_modules):
+        wrapper, args, dynamic, inputs, outputs = _outputs_export(model, family, dtype)
+    else:
+        raise UserError(
+            f"export-onnx exports causal LMs (with --with-past and --adapters-as-inputs), encoders, sequence "
+            f"classifiers and image classifiers; {model.__class__.__name__} ({family.name}"
+            f"{', with those options' if family.name != 'seq2seq' else ''}) is not supported")
+    try:
+        program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                                    input_names=inputs, output_names=outputs, external_data=True)
+        program.save(str(staging / GRAPH), external_data=True)
+    except Exception as error:
+        raise UserError(f"torch.onnx could not export {model.__class__.__name__}: {type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    if lora_modules:
+        _add_rank_zero_defaults(staging / GRAPH)
+    for file in model_dir.iterdir():
+        if file.is_file() and (file.suffix == ".json" and "safetensors" not in file.name or file.suffix in
+                               (".txt", ".model", ".jinja")):
+            shutil.copyfile(file, staging / file.name)
+
+
+def _causal_lm_export(model, with_past: bool, dtype: torch.dtype, lora_modules: list[str]):
+    """Wrapper, example inputs, dynamic shapes and input/output names of a causal LM's graph."""
     for name in lora_modules:
         if not isinstance(model.get_submodule(name), nn.Linear):
             raise UserError(f"{name} is not a linear layer of {model.__class__.__name__}")
@@ -110,20 +141,41 @@ def export_graph(model_dir: Path, staging: Path, *, with_past: bool, dtype: torc
     dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto} if with_past else None,
                tuple({0: auto, 2: auto} for _ in past), tuple({0: auto} if i % 2 == 0 else {1: auto}
                                                              for i in range(len(lora))))
-    inputs, outputs = io_names(wrapper.layers, with_past, list(lora_modules))
-    try:
-        program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-                                    input_names=inputs, output_names=outputs, external_data=True)
-        program.save(str(staging / GRAPH), external_data=True)
-    except Exception as error:
-        raise UserError(f"torch.onnx could not export {model.__class__.__name__}: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}") from None
-    if lora_modules:
-        _add_rank_zero_defaults(staging / GRAPH)
-    for file in model_dir.iterdir():
-        if file.is_file() and (file.suffix == ".json" and "safetensors" not in file.name or file.suffix in
-                               (".txt", ".model", ".jinja")):
-            shutil.copyfile(file, staging / file.name)
+    return (wrapper, args, dynamic, *io_names(wrapper.layers, with_past, list(lora_modules)))
+
+
+class OutputsForExport(nn.Module):
+    """A transformers model with positional tensor inputs and named outputs returned as a tuple."""
+
+    def __init__(self, model: nn.Module, input_names: list[str], output_names: list[str]):
+        super().__init__()
+        self.model, self.input_names, self.output_names = model, input_names, output_names
+
+    def forward(self, *tensors):
+        outputs = self.model(**dict(zip(self.input_names, tensors)))
+        return tuple(outputs[name] for name in self.output_names)
+
+
+def _outputs_export(model, family, dtype: torch.dtype):
+    """Wrapper, example inputs, dynamic shapes and names of an encoder's or classifier's graph:
+    ``input_ids`` and ``attention_mask`` (dynamic batch and length) or ``pixel_values`` (dynamic
+    batch) in, the family's outputs (those the model returns) out."""
+    auto = torch.export.Dim.AUTO
+    config = model.config
+    if family.name == "image-classifier":
+        size = config.image_size
+        args = (torch.randn(2, config.num_channels, size, size, dtype=dtype),)
+        input_names, dynamic = ["pixel_values"], ({0: auto},)
+    else:
+        attention_mask = torch.ones(2, 3, dtype=torch.int64)
+        attention_mask[1, -1] = 0  # a padded example keeps the mask an input of the graph
+        args = (torch.randint(4, config.vocab_size, (2, 3)), attention_mask)
+        input_names, dynamic = ["input_ids", "attention_mask"], ({0: auto, 1: auto}, {0: auto, 1: auto})
+    with torch.no_grad():
+        example = model(**dict(zip(input_names, args)))
+    output_names = [name for name in family.outputs if example.get(name) is not None]
+    # forward(*tensors) takes the inputs as one variadic argument: its dynamic shapes nest once more
+    return OutputsForExport(model, input_names, output_names).eval(), args, (dynamic,), input_names, output_names
 
 
 def _add_rank_zero_defaults(graph_file: Path) -> None:

@@ -395,15 +395,15 @@ def lora_dtype(candidate_dir: Path) -> torch.dtype:
 
 
 def onnx_dtype(candidate_dir: Path) -> torch.dtype:
-    """The floating dtype of an exported graph's logits."""
+    """The floating dtype of an exported graph's (first) output."""
     import numpy as np
     import onnxruntime
 
     from psoft_deploy.generate import FLOAT_TYPES
 
     session = onnxruntime.InferenceSession(str(candidate_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = next(output for output in session.get_outputs() if output.name == "logits")
-    return torch.from_numpy(np.empty(0, FLOAT_TYPES.get(logits.type, np.float32))).dtype
+    first = session.get_outputs()[0]
+    return torch.from_numpy(np.empty(0, FLOAT_TYPES.get(first.type, np.float32))).dtype
 
 
 def load_lora_candidate(base_dir: Path, candidate_dir: Path, dtype: torch.dtype):

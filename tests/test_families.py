@@ -164,3 +164,42 @@ def test_the_family_is_read_from_the_config():
     assert model_family({"architectures": ["DebertaV2Model"]}).name == "encoder"
     assert model_family({"architectures": ["GPTJForCausalLM"]}).name == "causal-lm"
     assert model_family({"architectures": ["RobertaForSequenceClassification"]}).name == "classifier"
+
+
+@pytest.mark.parametrize("kind", ["bert", "deberta-v2-cls", "vit", "roberta"])
+def test_export_onnx_of_encoders_classifiers_and_vit(kind, tmp_path):
+    """Merged and verified in onnxruntime; then run at other batch sizes (and lengths) than the
+    export saw, against PEFT's forward."""
+    from psoft_deploy.converters.onnx import onnx_outputs
+    from psoft_deploy.converters.verify import FAMILIES
+
+    base = tmp_path / "base"
+    build_tiny_model(base, kind)
+    targets = ["q_proj", "v_proj"] if kind == "vit" else None
+    make_peft_adapter(base, tmp_path / "adapter", kind=kind, r=4, target_modules=targets,
+                      modules_to_save=None if kind == "roberta" else ["classifier"])
+    result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx")
+    assert result.exit_code == 0 and "verification: PASS (full, float32)" in result.output, result.output
+    peft = load_peft(base, tmp_path / "adapter")
+    generator = torch.Generator().manual_seed(1)
+    if kind == "vit":
+        inputs = {"pixel_values": torch.randn(5, 3, 32, 32, generator=generator)}
+    else:
+        ids = torch.randint(4, 256, (3, 11), generator=generator)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    family = FAMILIES["encoder" if kind == "roberta" else "image-classifier" if kind == "vit" else "classifier"]
+    with torch.no_grad():
+        expected = peft(**inputs)
+    actual = onnx_outputs(tmp_path / "onnx", {key: value.numpy() for key, value in inputs.items()}, family.outputs)
+    assert actual.keys() and all(
+        (torch.from_numpy(value) - expected[name]).abs().max() <= 1e-4 for name, value in actual.items())
+
+
+def test_export_onnx_refuses_seq2seq_in_one_line(tmp_path):
+    build_tiny_model(tmp_path / "base", "t5")
+    make_peft_adapter(tmp_path / "base", tmp_path / "adapter", kind="t5", r=4, target_modules=None)
+    result = run("export-onnx", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "--output",
+                 tmp_path / "onnx")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: export-onnx exports causal LMs")
+    assert not (tmp_path / "onnx").exists()
