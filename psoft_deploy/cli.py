@@ -105,9 +105,9 @@ def materialize(base, adapter, output, overwrite, read_options):
     Example:
       psoft-deploy materialize --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./materialized
     """
+    check_output(output, overwrite)
     from psoft_deploy.converters import pipeline
 
-    check_output(output, overwrite)
     checkpoint, factors = _load(base, adapter, read_options)
     published = pipeline.materialize(factors, output, base_name=base, overwrite=overwrite)
     svd = factors.svd or {}
@@ -172,9 +172,9 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
     Example:
       psoft-deploy merge --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./merged
     """
+    check_output(output, overwrite)
     from psoft_deploy.converters import pipeline
 
-    check_output(output, overwrite)
     checkpoint, factors = _load(base, adapter, read_options)
     published = pipeline.merge(checkpoint, factors, output, adapter_name=adapter, dtype=dtype,
                                max_shard_size=max_shard_size, verify_mode=None if no_verify else verify_mode,
@@ -212,9 +212,9 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
       psoft-deploy export-lora --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./lora
       psoft-deploy export-lora --base ... --adapter ... --output ./lora-99 --energy 0.99 --target vllm
     """
+    check_output(output, overwrite)
     from psoft_deploy.converters import pipeline
 
-    check_output(output, overwrite)
     checkpoint, factors = _load(base, adapter, read_options)
     if rank is not None and rank > factors.adapter.rank:
         warnings.warn(f"--rank {rank} is above the adapter's rank r={factors.adapter.rank}: writing the exact "
