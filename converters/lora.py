@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from psoft_deploy import __version__
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.psoft import rank_for_energy
+from psoft_deploy.progress import track
 from psoft_deploy.streaming import DTYPES
 
 EXPORT_META = "psoft_lora_export.json"
@@ -101,7 +101,7 @@ def export_lora(
         raise UserError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     psoft_rank = factors.adapter.rank
     pairs, errors = {}, {}
-    for name, module in tqdm(factors.modules.items(), desc="export-lora", unit="module", disable=None):
+    for name, module in track(factors.modules.items(), desc="export-lora"):
         if rank is None and energy is None:
             pairs[name], errors[name] = module.lora(), 0.0
         else:

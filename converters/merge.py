@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from tqdm.auto import tqdm
 
 from psoft_deploy import __version__
 from psoft_deploy.base import INDEX_FILE, BaseCheckpoint, open_safetensors
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
+from psoft_deploy.progress import track
 from psoft_deploy.streaming import DTYPES, torch_dtype, write_streaming
 
 # Files of the base directory that are not copied: its weights and its model card.
@@ -116,7 +116,7 @@ def merge_to_directory(
             f"{free / 2**30:.2f} GiB are free"
         )
     deltas, replaced = stored_deltas(base, factors), stored_replacements(base, factors)
-    progress = tqdm(total=sum(len(keys) for keys in plan.shards.values()), desc="merge", unit="tensor", disable=None)
+    progress = track(total=sum(len(keys) for keys in plan.shards.values()), desc="merge", unit="tensor")
 
     def produce(key: str) -> torch.Tensor:
         progress.update()

@@ -13,7 +13,7 @@ from .base import BaseCheckpoint
 from .errors import UserError
 from .formats import PsoftAdapter, read_adapter
 from .options import DEFAULTS, ReadOptions
-from .progress import progress
+from .progress import track
 from .psoft import ModuleFactors, principal_subspace, rotation
 from .streaming import DTYPES
 
@@ -64,7 +64,7 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
     modules: dict[str, ModuleFactors] = {}
     fingerprints: dict[str, dict] = {}
     stored = adapter.metadata.get("modules", {})
-    for name, params in progress(adapter.modules.items(), desc="factors"):
+    for name, params in track(adapter.modules.items(), desc="factors"):
         weight = base.tensor(base_tensor_key(name)) if base is not None else None
         if weight is not None:
             fingerprints[name] = base.fingerprint(base_tensor_key(name), weight)

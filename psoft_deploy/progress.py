@@ -68,7 +68,7 @@ def stage(message: str) -> None:
     logger.info(message)
 
 
-def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "module"):
+def track(iterable=None, *, desc: str, total: int | None = None, unit: str = "module"):
     """``iterable`` (or ``total`` steps counted by ``update()``) with progress: a tqdm bar on a
     terminal, elsewhere a ``desc: k/n units`` line at every 10 %."""
     total = len(iterable) if total is None else total
@@ -80,7 +80,7 @@ def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = 
 
 
 class LogProgress:
-    """The non-terminal form of `progress`: a log line whenever another 10 % is done."""
+    """The non-terminal form of `track`: a log line whenever another 10 % is done."""
 
     def __init__(self, iterable, desc: str, total: int, unit: str):
         self.iterable, self.desc, self.total, self.unit = iterable, desc, total, unit
