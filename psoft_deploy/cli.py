@@ -86,8 +86,8 @@ def cli(ctx, verbose):
     from . import progress
 
     warnings.showwarning = _show_warning
-    if ctx.invoked_subcommand != "serve":  # vLLM's log (a file) stays as vLLM writes it
-        progress.quiet_third_party(verbose)
+    # serve keeps every library's output as it was: vLLM's log (a file) stays as vLLM writes it
+    progress.quiet_third_party(verbose or ctx.invoked_subcommand == "serve")
 
 
 @cli.command()
