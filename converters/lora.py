@@ -20,8 +20,8 @@ from psoft_deploy import __version__
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from psoft_deploy.psoft import rank_for_energy
 from psoft_deploy.progress import track
+from psoft_deploy.psoft import rank_for_energy
 from psoft_deploy.streaming import DTYPES
 
 EXPORT_META = "psoft_lora_export.json"

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from psoft_deploy import __version__
+from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.verify import (
     format_verification,
     verify_candidate,
     verify_full,
     verify_lora_layerwise,
 )
-
-from psoft_deploy import __version__
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.outputs import atomic_output_dir

@@ -2,7 +2,9 @@
 with the reference PSOFT forward, against tolerances measured in the same run.
 
 The reference is the base with the adapter applied through `PsoftLinear` (for PEFT adapters
-this equals PEFT's own forward; the tests pin it). Two modes:
+this equals PEFT's own forward; the tests pin it). What is compared depends on the model's
+family (`model_family`): logits of causal LMs, seq2seq decoders, classifiers and image
+classifiers; hidden states of encoders. Two modes:
 
 * ``full``: the reference runs in float64 (the truth). What the candidate's precision does on
   its own is measured by running the reference again in that dtype, and what rounding the
@@ -12,7 +14,8 @@ this equals PEFT's own forward; the tests pin it). Two modes:
   agree at every position whose margin the noise cannot close. The bare base is held to the
   same bounds as a control: where it would pass too, the check cannot tell the adapter apart
   and fails as inconclusive.
-* ``layerwise``: for a model too large to run twice, each merged weight is checked on random
+* ``layerwise``: for a model too large for a float64 forward, or a base without a transformers
+  config, each merged weight (or LoRA pair) is checked on random
   inputs against ``W + ΔW`` (float64), within `NOISE_FACTOR` times what rounding a correct
   merge to the candidate's dtype costs that layer; every other tensor must equal the base's
   (or the adapter's ``modules_to_save``).
@@ -25,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from psoft_deploy.converters.lora import read_export_metadata
-from psoft_deploy.converters.merge import stored_deltas, stored_replacements
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.converters.lora import read_export_metadata
+from psoft_deploy.converters.merge import stored_deltas, stored_replacements
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json

@@ -14,11 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from psoft_deploy.converters.lora import EXPORT_META, VLLM_MAX_LORA_RANKS
-from psoft_deploy.converters.pipeline import export_lora
 from safetensors.torch import save_file
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.converters.lora import EXPORT_META, VLLM_MAX_LORA_RANKS
+from psoft_deploy.converters.pipeline import export_lora
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import base_tensor_key, derive_factors
 from psoft_deploy.formats import (

@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+
+from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.converters.lora import vllm_lora_target_modules, vllm_max_lora_rank
+from psoft_deploy.errors import UserError
+from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
+from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.preflight import (
     check_base,
@@ -35,11 +40,6 @@ from psoft_deploy.serve.preflight import (
     vllm_flag,
 )
 from psoft_deploy.serve.resolver import SAFE_NAME
-
-from psoft_deploy.base import BaseCheckpoint, open_safetensors
-from psoft_deploy.errors import UserError
-from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
-from psoft_deploy.options import DEFAULTS, ReadOptions
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root

@@ -49,10 +49,9 @@ class PsoftResolver(LoRAResolver):
 
     def _prepare(self, directory: Path) -> tuple[Path, int]:
         if self._cache is None:
-            from psoft_deploy.serve.cache import LoraCache
-
             from psoft_deploy.base import BaseCheckpoint
             from psoft_deploy.options import ReadOptions
+            from psoft_deploy.serve.cache import LoraCache
 
             self._cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base), ReadOptions.from_env(os.environ))
         return self._cache.prepare(directory)

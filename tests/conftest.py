@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, PsoftConfig, get_peft_model
-from psoft_deploy.converters.verify import DEFAULT_PROMPTS
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
+from psoft_deploy.converters.verify import DEFAULT_PROMPTS
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_tiny_model
 

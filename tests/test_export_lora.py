@@ -12,10 +12,10 @@ from conftest import (
     make_peft_adapter,
     verification_report,
 )
-from psoft_deploy.converters.lora import vllm_max_lora_rank
 from test_peft_adapters import VARIANTS
 
 from psoft_deploy.cli import cli
+from psoft_deploy.converters.lora import vllm_max_lora_rank
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model

@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import input_ids, load_peft, make_peft_adapter, verification_report
-from psoft_deploy.converters.onnx import onnx_logits
 from transformers import AutoTokenizer
 
 from psoft_deploy.cli import cli
+from psoft_deploy.converters.onnx import onnx_logits
 from psoft_deploy.factors import load_factors
 from psoft_deploy.generate import generate
 from psoft_deploy.model import reference_model

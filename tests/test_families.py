@@ -10,16 +10,16 @@ import torch
 from click.testing import CliRunner
 from conftest import load_peft, make_peft_adapter
 from peft import PeftModel, PsoftConfig, get_peft_model
-from psoft_deploy.converters.verify import (
-    family_outputs,
-    model_family,
-    verification_inputs,
-)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.cli import cli
+from psoft_deploy.converters.verify import (
+    family_outputs,
+    model_family,
+    verification_inputs,
+)
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_tiny_model

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
 from psoft_deploy.errors import UserError
-from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
+from psoft_deploy.options import ReadOptions
 
 
 def materialize(base_dir, adapter_dir, output, *extra):

@@ -13,9 +13,9 @@ from conftest import (
 )
 
 from psoft_deploy.errors import UserError
-from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.options import ReadOptions
 
 VARIANTS = {
     "default": {},

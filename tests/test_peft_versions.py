@@ -8,9 +8,9 @@ from conftest import assert_close_relative
 from safetensors.torch import load_file
 
 from psoft_deploy.errors import UserError
-from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
+from psoft_deploy.options import ReadOptions
 
 DATA = Path(__file__).parent / "data" / "peft_versions"
 BASE = DATA / "base"
