@@ -185,7 +185,7 @@ def _weights_difference(adapter: PsoftAdapter, other: BaseCheckpoint, base: Base
         return f"architecture {architectures[0][0]} there, {architectures[1][0]} here"
     keys = [base_tensor_key(name) for name in adapter.modules]
     for key in keys:
-        if key not in other.files:
+        if other.stored_key(key) not in other.files:
             return f"{other.name} has no tensor {key}"
         if other.shape(key) != base.shape(key):
             shapes = ["×".join(map(str, checkpoint.shape(key))) for checkpoint in (other, base)]
