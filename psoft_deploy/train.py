@@ -3,7 +3,7 @@ converter uses, saving a PEFT adapter *and* the materialized factors it was trai
 
 The command line is the method's published quick start (``psoft_finetuning.py``) with
 ``psoft-deploy train`` in place of the script. Data-parallel runs: ``torchrun --nproc_per_node N -m
-psoft_deploy train ...`` or ``accelerate launch -m psoft_deploy train ...``.
+psoft_deploy -- train ...`` (without ``--``, torchrun's own parser takes ``--r`` for one of its options).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def load_data(path: str, split: str):
     import datasets
 
     local = Path(path).expanduser()
-    if not local.exists() and local.suffix.lower() in DATA_BUILDERS:
+    if not local.exists() and (local.suffix.lower() in DATA_BUILDERS or path.startswith(("/", ".", "~"))):
         raise UserError(f"--data_path {path}: no such file (and it is not a datasets name)")
     try:
         if local.exists():

@@ -18,7 +18,12 @@ from transformers import AutoTokenizer
 from psoft_deploy.cli import cli
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
-from psoft_deploy.tiny import CHAT_TEMPLATE_WITH_GENERATION, build_chat_model, bundled_text, memorize_texts
+from psoft_deploy.tiny import (
+    CHAT_TEMPLATE_WITH_GENERATION,
+    build_chat_model,
+    bundled_text,
+    memorize_texts,
+)
 
 DATA = Path(__file__).parent / "data" / "tiny_text.txt"
 SHORTEST = sorted(bundled_text(), key=len)
