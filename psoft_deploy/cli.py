@@ -432,7 +432,7 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, verbose, vllm_arg
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
 def train(arguments):
-    """Fine-tune a PSOFT adapter with transformers' Trainer on psoft-deploy's own layer.
+    """Fine-tune a PSOFT adapter with TRL's SFTTrainer on psoft-deploy's own layer.
 
     Takes the method's quick-start command line (psoft_finetuning.py's options, e.g.
     --base_model_name_or_path, --data_path, --r, --target_modules q_proj v_proj); see

@@ -136,6 +136,17 @@ def read_adapter(path: str | Path, options: ReadOptions = DEFAULTS, format: str 
     return adapter
 
 
+def write_peft_adapter(directory: str | Path, config, parameters: dict[str, dict[str, torch.Tensor]]) -> None:
+    """A PSOFT adapter as PEFT saves it: ``config`` (a `PsoftConfig`) as adapter_config.json and,
+    per module, R's parameters (``weight``, ``vector_a``, ``vector_b``) under PEFT's keys."""
+    from safetensors.torch import save_file
+
+    config.save_pretrained(directory)
+    tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
+               for name, params in parameters.items() for key, value in params.items()}
+    save_file(tensors, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
 def read_json(file: Path) -> dict:
     try:
         value = json.loads(file.read_text())

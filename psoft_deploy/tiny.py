@@ -208,19 +208,17 @@ def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed:
     """A PEFT-format PSOFT adapter for ``modules`` (full module names) with trained-like R
     parameters (generator ~ N(0, std²), magnitudes 1 ± std), written as PEFT saves it."""
     from peft import PsoftConfig
-    from safetensors.torch import save_file
+
+    from .formats import write_peft_adapter
 
     directory = Path(directory)
     targets = sorted({name.rsplit(".", 1)[-1] for name in modules})
-    PsoftConfig(r=rank, psoft_alpha=rank, target_modules=targets, task_type="CAUSAL_LM").save_pretrained(directory)
     generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name in modules:
-        prefix = f"base_model.model.{name}.psoft_R"
-        tensors[f"{prefix}.weight"] = std * torch.randn(rank * (rank - 1) // 2, generator=generator)
-        tensors[f"{prefix}.vector_a"] = 1 + std * torch.randn(rank, generator=generator)
-        tensors[f"{prefix}.vector_b"] = 1 + std * torch.randn(rank, generator=generator)
-    save_file(tensors, directory / "adapter_model.safetensors")
+    parameters = {name: {"weight": std * torch.randn(rank * (rank - 1) // 2, generator=generator),
+                         "vector_a": 1 + std * torch.randn(rank, generator=generator),
+                         "vector_b": 1 + std * torch.randn(rank, generator=generator)} for name in modules}
+    config = PsoftConfig(r=rank, psoft_alpha=rank, target_modules=targets, task_type="CAUSAL_LM")
+    write_peft_adapter(directory, config, parameters)
     return directory
 
 

@@ -25,7 +25,7 @@ from . import __version__
 from .base import BaseCheckpoint
 from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
-from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter
+from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
 from .layer import PsoftLinear, PsoftRotation, replace_module
 from .materialize import save_materialized_files
 from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
@@ -43,7 +43,11 @@ def number(text: str) -> int | float:
 
 def parser() -> argparse.ArgumentParser:
     """The quick-start script's options plus PSOFT's own and TRL's data options, with their names."""
-    p = argparse.ArgumentParser(prog="psoft-deploy train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="psoft-deploy train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B --data_path ./chat.jsonl "
+               "\\\n      --output_dir ./psoft-adapter --r 128 --psoft_alpha 128 --target_modules q_proj v_proj")
     add = p.add_argument
     add("--base_model_name_or_path", required=True, help="Base model: local directory or hub id.")
     add("--output_dir", required=True, help="Where the adapter, materialized factors and checkpoints go.")
@@ -58,27 +62,27 @@ def parser() -> argparse.ArgumentParser:
         help="Train on the assistant turns only ('messages' data; the chat template needs {%% generation %%} marks).")
     add("--completion_only_loss", action=argparse.BooleanOptionalAction, default=None,
         help="Train on the completion only ('prompt'/'completion' data, where it is the default).")
-    add("--num_train_epochs", type=float, default=1.0)
+    add("--num_train_epochs", type=float, default=1.0, help="Passes over the data (unless --max_steps).")
     add("--max_steps", type=int, default=-1, help="Stop after this many optimizer steps (overrides epochs).")
-    add("--per_device_train_batch_size", type=int, default=1)
-    add("--gradient_accumulation_steps", type=int, default=1)
-    add("--learning_rate", type=float, default=5e-4)
+    add("--per_device_train_batch_size", type=int, default=1, help="Sequences per step and process.")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Steps whose gradients add up to one update.")
+    add("--learning_rate", type=float, default=5e-4, help="AdamW learning rate.")
     add("--bits", default="fp32", choices=sorted(BITS), help="dtype the base is loaded (and trained) in.")
-    add("--seed", type=int, default=42)
+    add("--seed", type=int, default=42, help="Seed for data order, dropout and initialisation.")
     add("--save_steps", type=int, default=500, help="Checkpoint every N steps (in OUTPUT_DIR/checkpoints).")
-    add("--logging_steps", type=int, default=10)
+    add("--logging_steps", type=int, default=10, help="Log the loss every N steps.")
     add("--resume_from_checkpoint", default=None, help="A checkpoint directory, or 'latest'.")
     add("--overwrite_output_dir", action="store_true", help="Replace an adapter already in OUTPUT_DIR.")
     add("--r", type=int, default=32, help="PSOFT rank.")
     add("--psoft_alpha", type=number, default=32, help="Scale s = psoft_alpha / r.")
     add("--target_modules", nargs="+", default=["q_proj", "v_proj"], help="Module names (or name suffixes).")
-    add("--psoft_dropout", type=float, default=0.0)
-    add("--psoft_svd", choices=["full", "lowrank"], default="full")
-    add("--psoft_svd_lowrank_niter", type=int, default=10)
-    add("--ab_svd_init", choices=["psoft_init", "pissa_init"], default="psoft_init")
-    add("--use_cayley_neumann", action="store_true")
-    add("--num_cayley_neumann_terms", type=int, default=5)
-    add("--cayley_neumann_eps", type=float, default=None)
+    add("--psoft_dropout", type=float, default=0.0, help="Dropout on the adapter path's input.")
+    add("--psoft_svd", choices=["full", "lowrank"], default="full", help="SVD that builds the principal subspace.")
+    add("--psoft_svd_lowrank_niter", type=int, default=10, help="Power iterations of the low-rank SVD.")
+    add("--ab_svd_init", choices=["psoft_init", "pissa_init"], default="psoft_init", help="How A and B take S.")
+    add("--use_cayley_neumann", action="store_true", help="R by a Cayley–Neumann series instead of an inverse.")
+    add("--num_cayley_neumann_terms", type=int, default=5, help="Terms of that series.")
+    add("--cayley_neumann_eps", type=float, default=None, help="Scale Q down to this Frobenius norm first.")
     for name, help_text in (("psoft_orth", "orthogonal R (Cayley)"), ("psoft_mag_a", "input-side magnitude vector"),
                             ("psoft_mag_b", "output-side magnitude vector")):
         add(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=help_text)
@@ -336,7 +340,7 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
     try:
-        write_peft_adapter(staging, args, layers)
+        write_trained_adapter(staging, args, layers)
         adapter = read_adapter(staging)  # exactly what PEFT and the converters will read
         with torch.no_grad():
             modules = {name: ModuleFactors(A=layer.A.cpu(), B=layer.B.cpu(), R=layer.rotation().cpu(),
@@ -354,14 +358,10 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_peft_adapter(directory: Path, args, layers: dict[str, PsoftLinear]) -> None:
+def write_trained_adapter(directory: Path, args, layers: dict[str, PsoftLinear]) -> None:
     """The trained layers as PEFT saves a PSOFT adapter: adapter_config.json and R's parameters."""
-    from safetensors.torch import save_file
-
-    psoft_config(args).save_pretrained(directory)
-    tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
-               for name, layer in layers.items() for key, value in layer.psoft_R.state_dict().items()}
-    save_file(tensors, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_peft_adapter(directory, psoft_config(args),
+                       {name: layer.psoft_R.state_dict() for name, layer in layers.items()})
 
 
 class AdapterCheckpointTrainer(SFTTrainer):
@@ -377,7 +377,7 @@ class AdapterCheckpointTrainer(SFTTrainer):
             return
         directory = Path(output_dir or self.args.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        write_peft_adapter(directory, self.psoft_args, self.psoft_layers)
+        write_trained_adapter(directory, self.psoft_args, self.psoft_layers)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file

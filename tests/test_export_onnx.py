@@ -73,9 +73,10 @@ def test_generate_needs_no_torch_and_verify_takes_onnx(tiny_base, tmp_path):
 
 
 def test_bad_input(tiny_base, tmp_path):
-    bert = tiny_base("bert")
-    result = run("export-onnx", "--base", bert, "--output", tmp_path / "out")
-    assert result.exit_code == 1 and "exports causal language models" in result.output.strip().splitlines()[-1]
+    result = run("export-onnx", "--base", tiny_base("t5"), "--output", tmp_path / "out")
+    assert result.exit_code == 1 and "export-onnx exports causal LMs" in result.output.strip().splitlines()[-1]
+    result = run("export-onnx", "--base", tiny_base("bert"), "--output", tmp_path / "out", "--with-past")
+    assert result.exit_code == 1 and "with those options" in result.output.strip().splitlines()[-1]
     make_peft_adapter(tiny_base("llama"), tmp_path / "adapter")
     result = run("export-onnx", "--base", tiny_base("opt"), "--adapter", tmp_path / "adapter", "--output",
                  tmp_path / "out")

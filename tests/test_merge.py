@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from conftest import input_ids, make_peft_adapter, verification_report
+from conftest import assert_close_relative, input_ids, make_peft_adapter, verification_report
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
@@ -47,6 +47,7 @@ def test_merged_causal_lm_equals_the_reference(kind, tiny_base, tmp_path):
     with torch.no_grad():
         expected = reference_model(base_dir, factors)(ids).logits
         assert (merged(ids).logits - expected).abs().max() <= 1e-4
+        assert_close_relative(merged(ids).logits, expected, rtol=1e-5)
 
     base, out = all_tensors(base_dir), all_tensors(tmp_path / "merged")
     assert out.keys() == base.keys(), "same tensors, tied ones still stored once"

@@ -101,11 +101,16 @@ def test_the_resolver_honours_the_read_options(tiny_base, tmp_path, monkeypatch)
 
 
 def test_every_option_has_help_and_every_command_an_example():
+    from psoft_deploy.train import parser
+
     for name, command in cli.commands.items():
         assert "Example" in (command.help or ""), f"{name} --help shows no example"
         for param in command.params:
             if isinstance(param, click.Option):
                 assert param.help, f"{name} {param.opts[0]} has no help"
+    train = parser()  # `psoft-deploy train --help` is the quick-start script's own argparse help
+    assert "example:" in train.format_help()
+    assert all(action.help for action in train._actions), "every train option has help"
 
 
 def test_inspect_takes_the_adapter_as_an_option_or_an_argument(tiny_base, tmp_path):
