@@ -28,6 +28,7 @@ from .factors import AdapterFactors, base_tensor_key
 from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
 from .layer import PsoftLinear, PsoftRotation, replace_module
 from .materialize import save_materialized_files
+from .outputs import apply_umask
 from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
 
 SUMMARY_FILE = "training_summary.json"
@@ -46,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="psoft-deploy train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B --data_path ./chat.jsonl "
-               "\\\n      --output_dir ./psoft-adapter --r 128 --psoft_alpha 128 --target_modules q_proj v_proj")
+        epilog="example:\n  psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B "
+               "--data_path ./chat.jsonl \\\n      --output_dir ./psoft-adapter --r 128 --psoft_alpha 128 "
+               "--target_modules q_proj v_proj")
     add = p.add_argument
     add("--base_model_name_or_path", required=True, help="Base model: local directory or hub id.")
     add("--output_dir", required=True, help="Where the adapter, materialized factors and checkpoints go.")
@@ -352,6 +354,7 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
         tokenizer.save_pretrained(staging)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (output / MATERIALIZED_META).unlink(missing_ok=True)
+        apply_umask(staging)
         for file in sorted(staging.iterdir(), key=lambda f: f.name == MATERIALIZED_META):
             file.replace(output / file.name)
     finally:
@@ -378,6 +381,7 @@ class AdapterCheckpointTrainer(SFTTrainer):
         directory = Path(output_dir or self.args.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
         write_trained_adapter(directory, self.psoft_args, self.psoft_layers)
+        apply_umask(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file

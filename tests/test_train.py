@@ -107,7 +107,8 @@ def test_quick_start_command_line(tmp_path):
                '--dataset_split "train[:1%]" --max_length 128 --num_train_epochs 1 '
                "--per_device_train_batch_size 1 --gradient_accumulation_steps 8 --learning_rate 5e-4 "
                "--bits bf16 --r 128 --psoft_alpha 128 --target_modules q_proj v_proj")
-    process = subprocess.run(["bash", "-c", command.replace("psoft-deploy", f"{sys.executable} -m psoft_deploy", 1)],
+    command = "umask 022; " + command.replace("psoft-deploy", f"{sys.executable} -m psoft_deploy", 1)
+    process = subprocess.run(["bash", "-c", command],
                              capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stderr[-3000:]
     output = tmp_path / "outputs/psoft-llama3.2-3b-imdb"
@@ -118,6 +119,8 @@ def test_quick_start_command_line(tmp_path):
     assert isinstance(config["psoft_alpha"], int), "saved as the user gave it"
     meta = json.loads((output / "psoft_deploy.json").read_text())
     assert meta["svd"]["dtype"] == "bfloat16"
+    written = [path for path in output.rglob("*") if path.is_file()]
+    assert written and all(path.stat().st_mode & 0o044 == 0o044 for path in written), "readable by other accounts"
 
 
 def conversation(question: str, answer: str) -> list[dict]:
