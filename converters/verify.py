@@ -527,6 +527,9 @@ def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candida
     from peft.utils.other import get_pattern_key
 
     config = read_json(candidate_dir / ADAPTER_CONFIG)
+    if config.get("use_dora"):
+        raise UserError(f"{candidate_dir} is a DoRA adapter; its layers are not W + scaling·BA: verify it with "
+                        "--verify-mode full")
     with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
         tensors = {key.removeprefix(PEFT_PREFIX): handle.get_tensor(key) for key in handle.keys()}
     lora_modules = {key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}

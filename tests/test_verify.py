@@ -169,3 +169,8 @@ def test_lora_candidates_are_checked_layer_by_layer(dtype, tiny_base, tmp_path):
     assert report["layers_where_the_bare_base_passes"] == 0
     code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-other", "--verify-mode", "layerwise")
     assert code == 1 and output.startswith(f"FAIL (layerwise, {dtype})"), output
+    config_file = tmp_path / "lora-other" / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"use_dora": True}))
+    result = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "lora-other",
+                 "--verify-mode", "layerwise")
+    assert result.exit_code == 1 and "is a DoRA adapter" in result.output and "Traceback" not in result.output
