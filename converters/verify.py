@@ -264,9 +264,8 @@ def reference_runs(base: BaseCheckpoint, factors: AdapterFactors | None, dtype: 
             psoft_layers[name] = model.get_submodule(name)
             replace_module(model, name, psoft_layers[name].base_layer)
             weights[name] = psoft_layers[name].base_layer.weight.data
-        for name, original in weights.items():
-            merged = _reference_merged_weight(psoft_layers[name])
-            model.get_submodule(name).weight.data = merged.float().to(dtype).double()
+        for name, layer in psoft_layers.items():
+            model.get_submodule(name).weight.data = _reference_merged_weight(layer).float().to(dtype).double()
         runs["rounding"] = compare_logits(truth, forward(model))
         for name, original in weights.items():
             model.get_submodule(name).weight.data = original
