@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
+
 from psoft_deploy import __version__
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.verify import (
     format_verification,
     verify_candidate,
     verify_full,
+    verify_genai,
     verify_lora_layerwise,
 )
 from psoft_deploy.errors import UserError
@@ -139,19 +142,94 @@ def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Pat
 
 
 def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None = None,
-                adapters: dict[str, AdapterFactors] | None = None, verify: bool = True, overwrite: bool = False,
+                adapters: dict[str, AdapterFactors] | None = None, exporter: str = "auto", precision: str = "fp32",
+                execution_provider: str = "cpu", verify_mode: str | None = "auto", overwrite: bool = False,
                 **graph_options) -> Published:
-    """An ONNX causal-LM graph: of the base with ``merged`` folded in, or of the base with LoRA
-    inputs and one ``adapters/NAME.onnx_adapter`` per entry of ``adapters``. The graph and each
-    adapter file are verified in onnxruntime (``graph_options``: with_past, dtype, opset)."""
+    """An ONNX graph of the base with ``merged`` folded in, or of the base with LoRA inputs and one
+    ``adapters/NAME.onnx_adapter`` per entry of ``adapters``; each verified in onnxruntime
+    (``verify_mode`` None: not). ``exporter``: ``genai`` (onnxruntime-genai's model builder, see
+    `psoft_deploy.converters.genai`), ``torch`` (torch.onnx; ``graph_options``: with_past,
+    opset), or ``auto``: genai for the decoders the builder converts, else torch."""
+    from psoft_deploy.converters import genai
+
+    exporter = resolve_exporter(base, exporter, [merged, *(adapters or {}).values()])
+    if exporter == "torch":
+        if precision == "int4" or execution_provider != "cpu":
+            raise UserError("--precision int4 and --execution-provider cuda need the onnxruntime-genai exporter, "
+                            f"which does not convert {base.config.get('architectures', ['this model'])[0]}")
+        return _export_torch_onnx(base, output, merged=merged, adapters=adapters or {}, verify=verify_mode is not None,
+                                  overwrite=overwrite, dtype=precision, **graph_options)
+    if graph_options.get("with_past") or graph_options.get("opset", 18) != 18:
+        raise UserError("--with-past and --opset are torch.onnx options (onnxruntime-genai graphs always carry their "
+                        "KV cache); pass --exporter torch for them")
+    adapters = adapters or {}
+
+    def write(staging: Path) -> None:
+        if adapters:  # the graph gets a LoRA input pair for every module any adapter adapts
+            shapes = {name: (module.A.shape[1], module.B.shape[0])
+                      for factors in adapters.values() for name, module in factors.modules.items()}
+            pairs = {name: (torch.zeros(1, size_in), torch.zeros(size_out, 1)) for name, (size_in, size_out) in
+                     shapes.items()}
+        else:
+            pairs = {name: module.lora() for name, module in merged.modules.items()} if merged is not None else {}
+        dtype = genai.build(base.path, staging, pairs, precision=precision, execution_provider=execution_provider,
+                            as_inputs=bool(adapters))
+        if adapters:
+            (staging / "adapters").mkdir()
+        for name, factors in adapters.items():
+            arrays = genai.lora_arrays({module: module_factors.lora() for module, module_factors in
+                                        factors.modules.items()}, dtype)
+            genai.write_adapter_file(arrays, genai.adapter_file(staging, name))
+        record = {"exporter": "onnxruntime-genai", "precision": precision, "execution_provider": execution_provider,
+                  "adapters": sorted(adapters), "merged": merged is not None}
+        (staging / genai.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+    def check(factors: AdapterFactors, name: str | None = None) -> Check:
+        return Check(f"adapter {name}" if name else "merged model", lambda staging: verify_genai(
+            base, factors, staging, adapter_file=genai.adapter_file(staging, name) if name else None,
+            mode=verify_mode))
+
+    checks = [check(factors, name) for name, factors in adapters.items()] or (
+        [check(merged)] if merged is not None else [])
+    if verify_mode is not None and not checks:
+        raise UserError("an onnxruntime-genai export of the base alone has no adapter to verify; pass --adapter, "
+                        "or --no-verify")
+    return publish(output, "ONNX export", write, checks if verify_mode is not None else None, overwrite=overwrite)
+
+
+def resolve_exporter(base: BaseCheckpoint, exporter: str, factors: list[AdapterFactors | None]) -> str:
+    """``auto``: onnxruntime-genai's model builder for the decoders it converts (and adapters that
+    replace no whole module), torch.onnx otherwise, with a one-line note."""
+    from psoft_deploy.converters.genai import builder_supports
+
+    replaces = any(f is not None and f.replaced_tensors for f in factors)
+    supported = base.config and builder_supports(base.config) and not replaces
+    if exporter == "genai" and not supported:
+        raise UserError("onnxruntime-genai's model builder does not convert " + (
+            "adapters with modules_to_save" if replaces else
+            f"{(base.config.get('architectures') or ['this model'])[0]}") + "; pass --exporter torch")
+    if exporter == "auto":
+        exporter = "genai" if supported else "torch"
+        if not supported:
+            stage("note: onnxruntime-genai's model builder does not convert " + (
+                "adapters with modules_to_save" if replaces else
+                f"{(base.config.get('architectures') or ['this model'])[0]}") + "; exporting with torch.onnx")
+    return exporter
+
+
+def _export_torch_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None,
+                       adapters: dict[str, AdapterFactors], verify: bool, overwrite: bool, dtype: str,
+                       **graph_options) -> Published:
+    """The torch.onnx export (`psoft_deploy.converters.onnx`): the merged model through the
+    streaming merge, or the base with LoRA inputs; verified by `verify_full` in onnxruntime."""
     import shutil
     import tempfile
 
     from psoft_deploy.converters.merge import merge_to_directory
     from psoft_deploy.converters.onnx import export_graph, write_onnx_adapter
 
-    adapters = adapters or {}
     lora_modules = sorted({module for factors in adapters.values() for module in factors.modules})
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
 
     def write(staging: Path) -> None:
         source = base.path
@@ -161,7 +239,7 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
             if merged is not None:
                 merge_to_directory(base, merged, source, dtype="float32")
             with third_party_output():
-                export_graph(source, staging, lora_modules=lora_modules, **graph_options)
+                export_graph(source, staging, lora_modules=lora_modules, dtype=torch_dtype, **graph_options)
         finally:
             if merged is not None:
                 shutil.rmtree(source, ignore_errors=True)

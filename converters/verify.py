@@ -24,6 +24,7 @@ classifiers; hidden states of encoders. Two modes:
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,10 +325,11 @@ def verify_full(
     return judge(runs, compare_logits(runs["truth"], actual), dtype, prompt_source, family)
 
 
-def judge(runs: dict, candidate: dict, dtype: torch.dtype, prompt_source: str,
-          family: Family = FAMILIES["causal-lm"]) -> dict:
+def judge(runs: dict, candidate: dict, dtype: torch.dtype | str, prompt_source: str,
+          family: Family = FAMILIES["causal-lm"], noise_source: str | None = None) -> dict:
     """The verdict on a candidate's deviation from the truth, given the reference runs (KL and
-    top-1 only where ``family`` compares logits)."""
+    top-1 only where ``family`` compares logits; ``noise_source`` says what the noise run was, if
+    not the reference in ``dtype`` plus the rounding of the converted weights)."""
     statistics = STATISTICS if family.distribution else STATISTICS[:2]
     precision, rounding, bare = runs["precision"], runs["rounding"], runs["bare_base"]
     noise = {stat: precision[stat] + (rounding[stat] if rounding else 0.0) for stat in statistics}
@@ -355,13 +357,14 @@ def judge(runs: dict, candidate: dict, dtype: torch.dtype, prompt_source: str,
             failed.append("inconclusive: the bare base is within these bounds too (the adapter's effect is below "
                           f"{_name(dtype)}'s own noise on these prompts); verify a float32 artifact, with "
                           "--verify-mode layerwise, or with prompts where the adapter matters (--prompts)")
-    name = _name(dtype)
+    name = dtype if isinstance(dtype, str) else _name(dtype)
+    noise_source = noise_source or (f"{name} alone: the reference in {name} vs float64, plus the rounding of the "
+                                    f"converted weights to {name}")
     kl = f" and KL ≤ {factors['kl_divergence']:g}×" if family.distribution else ""
     top1 = (f"; top-1 agreement where the float64 margin exceeds {2 * NOISE_FACTOR:g}× that noise (if ≥ "
             f"{MIN_DECISIVE_POSITIONS} such positions)" if family.distribution else "")
     tolerance = (f"max |Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {factors['mean_abs_logits']:g}×{kl} the noise measured in this "
-                 f"run ({name} alone: the reference in {name} vs float64, plus the rounding of the converted weights "
-                 f"to {name}){top1}; the bare base must fail these bounds")
+                 f"run ({noise_source}){top1}; the bare base must fail these bounds")
     return {
         "mode": "full",
         "family": family.name,
@@ -388,6 +391,108 @@ def _name(dtype: torch.dtype) -> str:
 def _public(stats: dict) -> dict:
     """The JSON-ready statistics of `compare_logits` (per-position tensors left out)."""
     return {key: value for key, value in stats.items() if not isinstance(value, torch.Tensor)}
+
+
+def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path, prompts=None, *,
+                 adapter_file: Path | None = None, mode: str = "auto") -> dict:
+    """Verify an onnxruntime-genai export with its own adapter, or with ``adapter_file`` active.
+
+    ``full``: as `verify_full`, except that the noise is what the export's precision does to the
+    base: the same graph with every LoRA input at rank 0, against the base in float64 (for int4,
+    the quantized base). ``layerwise`` (auto above `FULL_MODE_MAX_PARAMETERS`): each module's LoRA
+    factors in the export against the exact ΔW, within `NOISE_FACTOR` times what rounding them to
+    the graph's float type costs."""
+    from psoft_deploy.converters import genai
+
+    precision = genai.export_record(export_dir).get("precision", "onnxruntime-genai")
+    arrays = genai.read_adapter_file(adapter_file) if adapter_file else genai.graph_lora_arrays(export_dir)
+    if _resolve_mode(mode, base) == "layerwise":
+        return _verify_lora_arrays(factors, arrays, precision)
+    family = FAMILIES["causal-lm"]
+    inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
+    sequences = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    inputs = _right_padded(sequences)  # the graph runs each sequence alone: positions from 0
+
+    def forward(model) -> torch.Tensor:
+        with torch.no_grad():
+            return family_outputs(model(**inputs), family, inputs)
+
+    model = reference_model(base.path, factors, torch.float64)
+    truth = forward(model)
+    for name in factors.modules:
+        replace_module(model, name, model.get_submodule(name).base_layer)
+    model.load_state_dict({key: base.tensor(key).double() for key in factors.replaced_tensors}, strict=False)
+    base_truth = forward(model)
+    del model
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {"base": Path(scratch) / "rank0.onnx_adapter"}
+        genai.write_adapter_file({name: genai.rank_zero(name, array) for name, array in arrays.items()},
+                                 files["base"])
+        if adapter_file:
+            files["candidate"] = adapter_file
+        graph = genai.GenaiModel(export_dir, files)
+
+        def graph_outputs(adapter: str | None) -> torch.Tensor:
+            return torch.cat([torch.from_numpy(graph.logits(tokens, adapter)) for tokens in sequences])
+
+        candidate, graph_base = graph_outputs("candidate" if adapter_file else None), graph_outputs("base")
+    # The precision's deviation on the base, carried onto the adapted truth (KL depends on the
+    # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
+    # update: the reference in the graph's float type.
+    float_type = torch.from_numpy(next(iter(arrays.values()))[:0]).dtype
+    runs = {"truth": truth, "precision": compare_logits(truth, truth + (graph_base - base_truth)),
+            "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
+            "bare_base": compare_logits(truth, graph_base)}
+    return judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
+                 noise_source=f"{precision} alone: this graph with every LoRA input at rank 0 (the base at "
+                              f"{precision}) minus the base in float64, carried onto the float64 truth, plus the "
+                              f"reference in {_name(float_type)} vs float64")
+
+
+def _right_padded(sequences: list[list[int]]) -> dict:
+    length = max(len(tokens) for tokens in sequences)
+    ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(sequences):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str) -> dict:
+    """Each module's LoRA factors as an export holds them (builder layout: transposed) against the
+    exact ΔW, within `NOISE_FACTOR` times the error of rounding the exact factors to their type."""
+    from psoft_deploy.converters.genai import lora_input
+
+    failed, errors, ratios = [], {}, {}
+    for module, module_factors in factors.modules.items():
+        names = [lora_input(module, factor) for factor in ("lora_A", "lora_B")]
+        if any(name not in arrays or 0 in arrays[name].shape for name in names):
+            failed.append(f"{module}: no LoRA factors in the export")
+            continue
+        lora_A, lora_B = (factor.double() for factor in module_factors.lora())
+        stored = torch.from_numpy(arrays[names[1]]).double().T @ torch.from_numpy(arrays[names[0]]).double().T
+        dtype = torch.from_numpy(arrays[names[0]][:0]).dtype
+        exact = lora_B @ lora_A
+        scale = torch.linalg.norm(exact).clamp_min(torch.finfo(torch.float64).tiny)
+        rounded = lora_B.to(dtype).double() @ lora_A.to(dtype).double()
+        bound = NOISE_FACTOR * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(dtype).eps)
+        errors[module] = (torch.linalg.norm(stored - exact) / scale).item()
+        ratios[module] = errors[module] / bound
+        if errors[module] > bound:
+            failed.append(f"{module}: relative error {errors[module]:.2e} > bound {bound:.2e}")
+    return {
+        "mode": "layerwise",
+        "family": "causal-lm",
+        "dtype": precision,
+        "tolerance": f"each module's LoRA factors in the export reproduce the exact ΔW within {NOISE_FACTOR:g}× what "
+                     "rounding them to the graph's float type costs (the base weights are the model builder's)",
+        "passed": not failed,
+        "failed_checks": failed,
+        "layers_checked": len(errors),
+        "max_layer_relative_error": max(errors.values(), default=0.0),
+        "worst_ratio_to_bound": max(ratios.values(), default=0.0),
+    }
 
 
 def lora_dtype(candidate_dir: Path) -> torch.dtype:
@@ -565,13 +670,19 @@ def verify_candidate(
     """Verify a merged model directory or a LoRA adapter directory (export-lora's or any PEFT
     LoRA; ``mode``: full, layerwise, or auto by size), an exported ONNX directory, or an
     ``.onnx_adapter`` file (run on the graph beside it)."""
+    from psoft_deploy.converters.genai import is_genai_export
+
     candidate_dir = Path(candidate_dir)
     if candidate_dir.suffix == ".onnx_adapter":
         graph_dir = next((d for d in (candidate_dir.parent, candidate_dir.parent.parent) if (d / "model.onnx").is_file()),
                          None)
         if graph_dir is None:
             raise UserError(f"found no model.onnx next to {candidate_dir} or one directory up")
+        if is_genai_export(graph_dir):
+            return verify_genai(base, factors, graph_dir, prompts, adapter_file=candidate_dir, mode=mode)
         return verify_full(base, factors, graph_dir, prompts, kind="onnx", adapter_file=candidate_dir)
+    if is_genai_export(candidate_dir):
+        return verify_genai(base, factors, candidate_dir, prompts, mode=mode)
     if (candidate_dir / ADAPTER_CONFIG).is_file():
         config = read_json(candidate_dir / ADAPTER_CONFIG)
         if str(config.get("peft_type", "")).upper() != "LORA":

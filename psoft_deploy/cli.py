@@ -237,37 +237,45 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
 @cli.command(name="export-onnx")
 @BASE
 @click.option("--adapter", "adapters", multiple=True,
-              help="Adapter to merge in (any format). With --adapters-as-inputs: NAME=PATH, repeatable.")
+              help="Adapter to build in (any format). With --adapters-as-inputs: NAME=PATH, repeatable.")
 @click.option("--adapters-as-inputs", is_flag=True,
-              help="Export the base once with LoRA inputs (rank-0 defaults) and one .onnx_adapter per adapter.")
-@output_option("model.onnx and its weights")
-@click.option("--with-past", is_flag=True, help="One graph for prefill and decode, with past/present key-values.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="dtype of the graph's weights and activations.")
+              help="Export the base once with LoRA inputs (rank-0 defaults: the base) and one "
+                   "adapters/NAME.onnx_adapter per adapter, switchable per request.")
+@output_option("the ONNX model")
+@click.option("--exporter", type=click.Choice(["auto", "genai", "torch"]), default="auto", show_default=True,
+              help="genai: onnxruntime-genai's model builder (decoder LLMs it converts: Llama, Mistral, Qwen, Gemma, "
+                   "Phi…); torch: torch.onnx (any causal LM, encoders, classifiers, ViT); auto: genai where it "
+                   "applies.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int4"]), default="fp32", show_default=True,
+              help="Weights and activations; int4: weight-only block quantization (MatMulNBits) of the base, "
+                   "the adapter kept in floating point (genai only).")
+@click.option("--execution-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the model will run (genai only; verification runs on CPU exports).")
+@click.option("--with-past", is_flag=True,
+              help="torch only: one graph for prefill and decode, with past/present key-values.")
 @click.option("--opset", type=click.IntRange(min=18), default=18, show_default=True,
-              help="ONNX opset version of the graph.")
+              help="torch only: ONNX opset version of the graph.")
 @click.option("--no-verify", is_flag=True, help="Skip running onnxruntime against the reference.")
+@VERIFY_MODE
 @OVERWRITE
 @read_options
-def export_onnx_command(base, adapters, adapters_as_inputs, output, with_past, dtype, opset, no_verify, overwrite,
-                        read_options):
-    """Export a causal LM as one ONNX graph, verified in onnxruntime against the reference.
+def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, precision, execution_provider, with_past,
+                        opset, no_verify, verify_mode, overwrite, read_options):
+    """Export a causal LM (or an encoder, classifier or ViT) to ONNX, verified against the reference.
 
-    With --adapter, the merged model (base + adapter). With --adapters-as-inputs, the base
-    once, with LoRA A and B inputs (dynamic rank, rank-0 defaults: no adapter = the base) for
-    every module the adapters adapt, and adapters/NAME.onnx_adapter per adapter (scale folded
-    into B); switching adapters is then a memory-mapped load. Inputs input_ids and
-    attention_mask (with --with-past also position_ids and past.{i}.key/value), outputs logits
-    (and present.{i}.key/value); dynamic batch, sequence and past lengths; weights as
-    external data; tokenizer and config copied.
+    Decoder LLMs go through onnxruntime-genai's model builder: the output is a directory og.Model
+    loads (genai_config.json, tokenizer) and `psoft-deploy generate` runs. The adapter is built in
+    as its exact LoRA form, out of int4 quantization. With --adapters-as-inputs, the base is built
+    once and each adapter becomes adapters/NAME.onnx_adapter for og.Adapters. Other models go
+    through torch.onnx (inputs input_ids and attention_mask, with --with-past also position_ids
+    and past.{i}.key/value; outputs logits and present.{i}.key/value; weights as external data).
 
     \b
     Examples:
-      psoft-deploy export-onnx --base ./llama --adapter ./psoft-adapter --output ./onnx --with-past
+      psoft-deploy export-onnx --base ./llama --adapter ./psoft-adapter --output ./onnx --precision int4
       psoft-deploy export-onnx --base ./llama --adapters-as-inputs --adapter math=./a --adapter code=./b --output ./o
+      psoft-deploy export-onnx --base ./bert --adapter ./psoft-adapter --output ./onnx
     """
-    import torch
-
     from psoft_deploy.converters import pipeline
 
     from .base import BaseCheckpoint
@@ -280,13 +288,14 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, with_past, d
     named = {name: load_factors(path, checkpoint, read_options)
              for name, path in parse_named_adapters(adapters).items()} if adapters_as_inputs else {}
     merged = load_factors(adapters[0], checkpoint, read_options) if adapters and not adapters_as_inputs else None
-    published = pipeline.export_onnx(checkpoint, output, merged=merged, adapters=named, verify=not no_verify,
-                                     overwrite=overwrite, with_past=with_past, dtype=getattr(torch, dtype),
-                                     opset=opset)
+    published = pipeline.export_onnx(checkpoint, output, merged=merged, adapters=named, exporter=exporter,
+                                     precision=precision, execution_provider=execution_provider,
+                                     verify_mode=None if no_verify else verify_mode, overwrite=overwrite,
+                                     with_past=with_past, opset=opset)
     _echo_verdicts(published)
     what = "the merged model" if merged is not None else "the base" + (
         f" with LoRA inputs and {len(named)} adapter file(s)" if named else "")
-    click.echo(f"exported {what} to {output}/model.onnx" + (" (with past key-values)" if with_past else ""))
+    click.echo(f"exported {what} to {output} ({precision})" + (" with past key-values" if with_past else ""))
 
 
 def parse_named_adapters(items) -> dict[str, str]:
@@ -320,31 +329,56 @@ def _echo_verdicts(published) -> None:
 
 @cli.command()
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(), help="An export-onnx output directory.")
-@click.option("--adapter-file", type=click.Path(), default=None, help="An .onnx_adapter to run the graph with.")
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--adapter", default=None,
+              help="Run with the export's adapters/NAME.onnx_adapter (exported with --adapters-as-inputs).")
+@click.option("--adapter-file", type=click.Path(), default=None, help="An .onnx_adapter file to run the graph with.")
+@click.option("--prompt", required=True, help="The user's message (or, with --no-chat-template, text to continue).")
+@click.option("--no-chat-template", is_flag=True,
+              help="Send the prompt as raw text, not as a user turn through the tokenizer's chat template.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Stop after this many new tokens (or at an end-of-sequence token).")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample among the k likeliest (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling.")
-def generate(onnx_dir, adapter_file, prompt, max_new_tokens, temperature, top_k, seed):
-    """Generate text with an exported graph through onnxruntime alone (no torch).
+def generate(onnx_dir, adapter, adapter_file, prompt, no_chat_template, max_new_tokens, temperature, top_k, seed):
+    """Generate text with an exported model, without torch: onnxruntime-genai's og.Generator for
+    its exports (chat template applied where the tokenizer has one), onnxruntime for torch.onnx
+    graphs (raw text). Text is printed as it is produced.
 
     \b
-    Example:
-      psoft-deploy generate --onnx ./o --adapter-file ./o/adapters/math.onnx_adapter --prompt "2 + 2 ="
+    Examples:
+      psoft-deploy generate --onnx ./onnx --prompt "What is 2 + 2?"
+      psoft-deploy generate --onnx ./o --adapter math --prompt "What is 2 + 2?"
     """
+    from .converters.genai import adapter_file as named_adapter_file
+    from .converters.genai import genai_generate, has_chat_template, is_genai_export
     from .generate import generate as run_generation
 
-    unshown = [prompt]  # the prompt goes out with the first new text (nothing is printed before an error)
+    if adapter and adapter_file:
+        raise UserError("pass --adapter NAME or --adapter-file FILE, not both")
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    unshown = [prompt]  # raw text: the prompt goes out with the first new text (nothing before an error)
 
-    def show(text: str) -> None:
+    def show_continuation(text: str) -> None:
         click.echo("".join(unshown) + text, nl=False)
         unshown.clear()
 
-    run_generation(onnx_dir, prompt, adapter_file=adapter_file, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, seed=seed, on_text=show)
+    if is_genai_export(Path(onnx_dir)):
+        if adapter_file:
+            raise UserError("an onnxruntime-genai export takes its adapters by name: --adapter NAME")
+        if adapter and not named_adapter_file(Path(onnx_dir), adapter).is_file():
+            raise UserError(f"{onnx_dir} has no adapter {adapter!r} (adapters/{adapter}.onnx_adapter)")
+        if not no_chat_template and has_chat_template(Path(onnx_dir)):
+            unshown.clear()  # a chat answer is shown alone
+        genai_generate(onnx_dir, prompt, adapter=adapter, chat_template=not no_chat_template,
+                       on_text=show_continuation, **options)
+        click.echo("".join(unshown))
+        return
+
+    if adapter:
+        adapter_file = named_adapter_file(Path(onnx_dir), adapter)
+    run_generation(onnx_dir, prompt, adapter_file=adapter_file, on_text=show_continuation, **options)
     click.echo("".join(unshown))
 
 

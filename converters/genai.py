@@ -1,0 +1,300 @@
+"""`psoft-deploy export-onnx` for decoder LLMs, through onnxruntime-genai's model builder.
+
+The builder converts the base as ORT's own LLM runtime wants it (fused attention, a managed KV
+cache, int4 weight-only quantization) and takes the PSOFT adapter in its exact LoRA form
+(``lora_A = A``, ``lora_B = s·B(R − I)``, scaling 1), kept out of weight quantization: the graph
+computes ``W x + lora_B (lora_A x)`` with ``W`` at the export's precision and the update in the
+graph's float type. No merged copy of the model is made, so the export needs what the builder
+needs for the base.
+
+Every LoRA factor then becomes a graph input with a symbolic rank whose default is the adapter's
+factor (or, with adapters as inputs, an empty rank-0 tensor: the base). An ``.onnx_adapter`` file
+(`og.Adapters`) replaces them per request, and verification runs the same graph at rank 0 to
+measure what the precision alone does to the base. This module imports neither torch nor
+transformers outside `build`, so `generate` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from psoft_deploy.errors import UserError
+from psoft_deploy.progress import verbose
+
+GENAI_CONFIG = "genai_config.json"
+GRAPH = "model.onnx"
+EXPORT_RECORD = "psoft_onnx_export.json"
+PRECISIONS = ("fp32", "fp16", "int4")
+PROVIDERS = ("cpu", "cuda")
+# Text decoders the builder converts (onnxruntime_genai/models/builder.py, create_model).
+BUILDER_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
+    "OlmoForCausalLM", "NemotronForCausalLM", "SmolLM3ForCausalLM",
+})
+FACTORS = ("lora_A", "lora_B")
+FLOAT_ONNX_TYPES = {1: np.float32, 10: np.float16}
+
+
+def builder_supports(config: dict) -> bool:
+    """Whether onnxruntime-genai's model builder converts this architecture."""
+    return bool(set(config.get("architectures") or []) & BUILDER_ARCHITECTURES)
+
+
+def is_genai_export(directory: Path) -> bool:
+    return (Path(directory) / GENAI_CONFIG).is_file()
+
+
+def builder_node(module: str, factor: str) -> str:
+    """The builder's name for the MatMul of one LoRA factor of ``module``
+    (``model.layers.3.self_attn.q_proj`` → ``/model/layers.3/attn/q_proj/lora_A/MatMul``)."""
+    path = re.sub(r"layers\.(\d+)", r"layers#\1", module.replace(".self_attn.", ".attn."))
+    return f"/{path.replace('.', '/').replace('#', '.')}/{factor}/MatMul"
+
+
+def lora_input(module: str, factor: str) -> str:
+    """The graph input (and ``.onnx_adapter`` parameter) holding one LoRA factor of ``module``."""
+    return builder_node(module, factor)[1:].replace("/", ".") + ".weight"
+
+
+def lora_arrays(pairs: dict, dtype) -> dict[str, np.ndarray]:
+    """``{input name: array}`` for LoRA pairs ``{module: (lora_A r×in, lora_B out×r)}``, laid out
+    as the builder's MatMul weights (transposed) in ``dtype``."""
+    arrays = {}
+    for module, (lora_A, lora_B) in pairs.items():
+        arrays[lora_input(module, "lora_A")] = lora_A.detach().double().T.numpy().astype(dtype)
+        arrays[lora_input(module, "lora_B")] = lora_B.detach().double().T.numpy().astype(dtype)
+    return arrays
+
+
+def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, execution_provider: str,
+          as_inputs: bool) -> np.dtype | None:
+    """Run the model builder on ``base_dir`` into ``staging`` with the LoRA ``pairs``
+    (``{module: (lora_A, lora_B)}`` tensors) and turn every factor into a graph input: defaulting
+    to the pair (``as_inputs`` False) or to rank 0. Returns the float type of the LoRA inputs (None
+    without pairs: the base alone)."""
+    with tempfile.TemporaryDirectory(prefix=".builder-", dir=staging.parent) as work:
+        work = Path(work)
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base_dir), "-o", str(staging),
+                   "-p", precision, "-e", execution_provider, "-c", str(work / "cache")]
+        if pairs:
+            lora_dir = work / "lora"
+            _write_lora(lora_dir, pairs)
+            excluded = ",".join(builder_node(module, factor) for module in pairs for factor in FACTORS)
+            command += ["--extra_options", f"adapter_path={lora_dir}", f"nodes_to_exclude={excluded}"]
+        log = work / "builder.log"
+        with open(log, "w") as handle:
+            output = None if verbose() else handle
+            returncode = subprocess.run(command, stdout=output, stderr=output and subprocess.STDOUT, check=False).returncode
+        if returncode != 0:
+            lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            raise UserError(f"onnxruntime-genai's model builder failed on {base_dir} ({precision}, "
+                            f"{execution_provider}): {lines[-1] if lines else f'exit status {returncode}'}")
+    if not pairs:
+        return None
+    return expose_lora_inputs(staging / GRAPH, pairs, rank_zero=as_inputs)
+
+
+def _write_lora(directory: Path, pairs: dict) -> None:
+    """``pairs`` as a PEFT LoRA adapter the builder reads: every module by its full name, scaling 1."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
+
+    ranks = {module: lora_A.shape[0] for module, (lora_A, _) in pairs.items()}
+    LoraConfig(r=1, lora_alpha=1, target_modules=sorted(pairs), rank_pattern=ranks,
+               alpha_pattern=ranks).save_pretrained(directory)
+    save_file({f"{PEFT_PREFIX}{module}.{factor}.weight": tensor.float().contiguous()
+               for module, pair in pairs.items() for factor, tensor in zip(FACTORS, pair)},
+              directory / ADAPTER_WEIGHTS)
+
+
+def expose_lora_inputs(graph_file: Path, pairs: dict, *, rank_zero: bool) -> np.dtype:
+    """Make each LoRA factor the builder baked in a graph input with a symbolic rank, keeping the
+    initializer as its default (``rank_zero``: an empty rank-0 one instead). Refuses a graph where
+    the builder left out a module or quantized a factor."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph_file), load_external_data=False)
+    wanted = {lora_input(module, factor): (module, factor) for module in pairs for factor in FACTORS}
+    found = {init.name: init for init in model.graph.initializer if init.name in wanted}
+    missing = sorted({wanted[name][0] for name in set(wanted) - set(found)})
+    if missing:
+        raise UserError(f"onnxruntime-genai's model builder did not apply the adapter to {', '.join(missing[:3])}"
+                        f"{' …' if len(missing) > 3 else ''}; export with --exporter torch")
+    types = {init.data_type for init in found.values()}
+    if not types <= FLOAT_ONNX_TYPES.keys() or len(types) != 1:
+        raise UserError("onnxruntime-genai's model builder quantized the adapter's LoRA factors; export with "
+                        "--precision fp32 or fp16")
+    for name, init in found.items():
+        module, factor = wanted[name]
+        rank = f"rank.{module}"
+        shape = [init.dims[0], rank] if factor == "lora_A" else [rank, init.dims[1]]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, shape))
+        if rank_zero:
+            empty = [init.dims[0], 0] if factor == "lora_A" else [0, init.dims[1]]
+            init.CopyFrom(numpy_helper.from_array(np.zeros(empty, FLOAT_ONNX_TYPES[init.data_type]), name))
+    # The builder declared the LoRA intermediates at the template's rank: leave their shapes to the runtime.
+    kept = [info for info in model.graph.value_info if "/lora_A/" not in info.name]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    onnx.save(model, str(graph_file))
+    return np.dtype(FLOAT_ONNX_TYPES[types.pop()])
+
+
+def lora_input_type(export_dir: Path) -> np.dtype:
+    """The float type of an export's LoRA inputs (its adapter files must match it)."""
+    import onnx
+
+    model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
+    for graph_input in model.graph.input:
+        if graph_input.name.endswith(".lora_A.MatMul.weight"):
+            return np.dtype(FLOAT_ONNX_TYPES[graph_input.type.tensor_type.elem_type])
+    raise UserError(f"{export_dir} has no LoRA inputs (export it with --adapters-as-inputs)")
+
+
+def rank_zero(name: str, array: np.ndarray) -> np.ndarray:
+    """The rank-0 value of the LoRA input ``name`` (``in×r`` → ``in×0``, ``r×out`` → ``0×out``)."""
+    return np.zeros((array.shape[0], 0) if ".lora_A." in name else (0, array.shape[1]), array.dtype)
+
+
+def export_record(export_dir: Path) -> dict:
+    """What export-onnx recorded about a builder export (precision, provider, adapters)."""
+    file = Path(export_dir) / EXPORT_RECORD
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def write_adapter_file(arrays: dict[str, np.ndarray], file: Path) -> None:
+    """``arrays`` as an onnxruntime ``.onnx_adapter`` file (what `og.Adapters` loads)."""
+    import onnxruntime
+
+    values = {name: onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+              for name, array in arrays.items()}
+    adapter = onnxruntime.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(values)  # `values` stays referenced until the export below
+    adapter.export_adapter(str(file))
+
+
+def read_adapter_file(file: Path) -> dict[str, np.ndarray]:
+    import onnxruntime
+
+    try:
+        parameters = onnxruntime.AdapterFormat.read_adapter(str(file)).get_parameters()
+    except Exception as error:
+        raise UserError(f"{file} is not a readable .onnx_adapter file ({error})") from None
+    return {name: value.numpy() for name, value in parameters.items()}
+
+
+def graph_lora_arrays(export_dir: Path) -> dict[str, np.ndarray]:
+    """The LoRA inputs' default values (the merged adapter's factors, or rank-0 arrays)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
+    names = {graph_input.name for graph_input in model.graph.input if ".lora_" in graph_input.name}
+    arrays = {}
+    for init in model.graph.initializer:
+        if init.name in names:
+            onnx.external_data_helper.load_external_data_for_tensor(init, str(export_dir))
+            arrays[init.name] = numpy_helper.to_array(init)
+    return arrays
+
+
+class GenaiModel:
+    """An onnxruntime-genai export loaded once (`og.Model`), with named `.onnx_adapter` files."""
+
+    def __init__(self, export_dir: str | Path, adapter_files: dict[str, Path] | None = None):
+        import onnxruntime_genai as og
+
+        export_dir = Path(export_dir)
+        if not is_genai_export(export_dir):
+            raise UserError(f"{export_dir} holds no {GENAI_CONFIG} (an export-onnx output built by onnxruntime-genai)")
+        self.og, self.directory = og, export_dir
+        if not verbose():
+            og.set_log_options(enabled=False)
+        self.model = og.Model(str(export_dir))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = og.Adapters(self.model) if adapter_files else None
+        for name, file in (adapter_files or {}).items():
+            if not Path(file).is_file():
+                raise UserError(f"adapter file {file} does not exist")
+            self.adapters.load(str(file), name)
+
+    def generator(self, tokens: list[int], adapter: str | None = None, **search):
+        """A generator with ``tokens`` appended, ``adapter`` active (None: the graph's defaults)."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(tokens) + search.pop("max_new_tokens", 1), **search)
+        generator = self.og.Generator(self.model, params)
+        if adapter is not None:
+            generator.set_active_adapter(self.adapters, adapter)
+        generator.append_tokens(np.asarray(tokens, dtype=np.int32))
+        return generator
+
+    def logits(self, tokens: list[int], adapter: str | None = None) -> np.ndarray:
+        """Logits at every position of ``tokens`` (one prefill), float64."""
+        return np.asarray(self.generator(tokens, adapter).get_output("logits"), dtype=np.float64)[0]
+
+
+def adapter_file(export_dir: Path, name: str) -> Path:
+    return Path(export_dir) / "adapters" / f"{name}.onnx_adapter"
+
+
+def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None = None, chat_template: bool = True,
+                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                   on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
+    """Continue ``prompt`` (as a user turn through the tokenizer's chat template if it has one and
+    ``chat_template``) with `og.Generator`; returns the text and the new token ids. ``on_text`` receives the text in whole characters as it grows."""
+    from psoft_deploy.generate import TextStream
+
+    export_dir = Path(export_dir)
+    files = {adapter: adapter_file(export_dir, adapter)} if adapter else None
+    model = GenaiModel(export_dir, files)
+    templated = chat_template and has_chat_template(export_dir)
+    text = (model.tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
+                                                add_generation_prompt=True) if templated else prompt)
+    tokens = [int(token) for token in model.tokenizer.encode(text)]
+    if not tokens:
+        raise UserError("the prompt encodes to no tokens")
+    search = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
+    if temperature > 0:
+        search |= {"temperature": temperature, "top_k": top_k or 0, "random_seed": seed}
+    generator = model.generator(tokens, adapter, **search)
+    new_tokens: list[int] = []
+    stream = TextStream(_Decoder(model.tokenizer), on_text or (lambda text: None))
+    stop = {int(token) for token in model.tokenizer.eos_token_ids}
+    while not generator.is_done():
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        new_tokens.append(token)
+        if token in stop:
+            break
+        stream.update(new_tokens)
+    return stream.finish([token for token in new_tokens if token not in stop]), new_tokens
+
+
+class _Decoder:
+    """og's tokenizer with the ``decode(list)`` that `TextStream` calls."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(np.asarray(tokens, dtype=np.int32)) if tokens else ""
+
+
+def has_chat_template(export_dir: Path) -> bool:
+    config = Path(export_dir) / "tokenizer_config.json"
+    return (Path(export_dir) / "chat_template.jinja").is_file() or (
+        config.is_file() and bool(json.loads(config.read_text()).get("chat_template")))
