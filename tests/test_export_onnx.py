@@ -26,7 +26,7 @@ def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_b
     base = tiny_base(kind)
     make_peft_adapter(base, tmp_path / "adapter", kind=kind, r=8)
     result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
-                 "--with-past")
+                 "--with-past", "--exporter", "torch")
     assert result.exit_code == 0, result.output
     assert "verification: PASS (full, float32)" in result.output
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"} <= {
@@ -57,8 +57,8 @@ def test_generate_needs_no_torch_and_verify_takes_onnx(tiny_base, tmp_path):
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter")
     assert run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output",
-               tmp_path / "onnx").exit_code == 0
-    assert run("export-onnx", "--base", base, "--output", tmp_path / "bare").exit_code == 0  # no past, no adapter
+               tmp_path / "onnx", "--exporter", "torch").exit_code == 0
+    assert run("export-onnx", "--base", base, "--output", tmp_path / "bare", "--exporter", "torch").exit_code == 0
     script = (f"import sys; from psoft_deploy.cli import main; sys.argv = ['psoft-deploy', 'generate', '--onnx', "
               f"{str(tmp_path / 'onnx')!r}, '--prompt', 'Snow covers', '--max-new-tokens', '5', '--temperature', "
               "'0.7', '--top-k', '10']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
@@ -102,7 +102,7 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     make_paper_checkpoint(base, tmp_path / "paper", tmp_path / "residual", r=8)
     result = run("export-onnx", "--base", base, "--adapters-as-inputs", "--adapter", f"p4={tmp_path / 'p4'}",
                  "--adapter", f"p16={tmp_path / 'p16'}", "--adapter", f"paper={tmp_path / 'paper'}",
-                 "--output", tmp_path / "onnx", "--with-past")
+                 "--output", tmp_path / "onnx", "--with-past", "--exporter", "torch")
     assert result.exit_code == 0, result.output
     assert result.output.count("PASS (full, float32)") == 4  # the base and each adapter
 
@@ -158,7 +158,7 @@ def test_float16_export_with_past_generates(tiny_base, tmp_path):
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter", r=8)
     result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
-                 "--with-past", "--dtype", "float16")
+                 "--with-past", "--precision", "fp16", "--exporter", "torch")
     assert result.exit_code == 0 and "PASS (full, float16)" in result.output, result.output
     report = verification_report(tmp_path / "onnx", "merged model")
     assert report["dtype"] == "float16" and report["decisive_top1_agreement"] == 1.0

@@ -231,7 +231,7 @@ def test_progress_and_quiet_third_parties_when_not_on_a_terminal(servable, tmp_p
     base, adapter = servable
     env = {key: value for key, value in os.environ.items()
            if key not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
-    common = ["export-onnx", "--base", base, "--adapter", adapter]
+    common = ["export-onnx", "--base", base, "--adapter", adapter, "--exporter", "torch"]
     quiet = start(*common, "--output", tmp_path / "quiet", env=env)
     verbose = start("--verbose", *common, "--output", tmp_path / "verbose", "--no-verify", env=env)
     (code, stdout, stderr), (verbose_code, verbose_stdout, verbose_stderr) = finish(quiet), finish(verbose)

@@ -1,0 +1,181 @@
+"""`psoft-deploy export-onnx` through onnxruntime-genai's model builder, `generate` with og.Generator,
+and `verify` of those exports."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_peft, make_peft_adapter, verification_report
+from transformers import AutoTokenizer
+
+from psoft_deploy.cli import cli
+from psoft_deploy.converters.genai import GenaiModel, genai_generate, read_adapter_file
+from psoft_deploy.model import load_base_model
+from psoft_deploy.tiny import build_chat_model
+
+PROMPTS = ["The river carries water", "A cat sleeps on the", "def fibonacci(n):"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def token_ids(base, text: str) -> list[int]:
+    return AutoTokenizer.from_pretrained(base)(text)["input_ids"]
+
+
+def transformers_greedy(model, tokens: list[int], count: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([tokens]), max_new_tokens=count, min_new_tokens=count,
+                             do_sample=False)
+    return out[0, len(tokens):].tolist()
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_base, tmp_path_factory):
+    """A tiny Llama, two PSOFT adapters on different modules and ranks, their merged fp32 exports,
+    and one export of the base with both as inputs."""
+    work = tmp_path_factory.mktemp("genai")
+    base = tiny_base("llama", trained=True)
+    make_peft_adapter(base, work / "a", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    make_peft_adapter(base, work / "b", r=8, psoft_alpha=8, seed=3, target_modules=["k_proj", "o_proj", "gate_proj"])
+    for name in ("a", "b"):
+        result = run("export-onnx", "--base", base, "--adapter", work / name, "--output", work / f"merged-{name}")
+        assert result.exit_code == 0 and "verification: PASS (full, fp32)" in result.output, result.output
+    result = run("export-onnx", "--base", base, "--adapters-as-inputs", "--adapter", f"a={work / 'a'}",
+                 "--adapter", f"b={work / 'b'}", "--output", work / "inputs")
+    assert result.exit_code == 0 and result.output.count("PASS (full, fp32)") == 2, result.output
+    return base, work
+
+
+def test_fp32_export_equals_peft_and_greedy_generate_equals_transformers(two_adapters):
+    base, work = two_adapters
+    assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in (work / "merged-a").iterdir()}
+    report = verification_report(work / "merged-a")
+    assert report["passed"] and report["bare_base"]["passes_bounds"] is False
+    peft = load_peft(base, work / "a")
+    model = GenaiModel(work / "merged-a")
+    for prompt in PROMPTS:
+        tokens = token_ids(base, prompt)
+        with torch.no_grad():
+            expected = peft(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+        assert np.abs(model.logits(tokens) - expected).max() <= 1e-4
+        _, generated = genai_generate(work / "merged-a", prompt, max_new_tokens=8)
+        assert generated == transformers_greedy(peft, tokens, 8)
+        # and with no adapter: the base as the adapters-as-inputs export runs it
+        _, generated = genai_generate(work / "inputs", prompt, max_new_tokens=8)
+        assert generated == transformers_greedy(load_base_model(base), tokens, 8)
+
+
+def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapters):
+    base, work = two_adapters
+    model = GenaiModel(work / "inputs", {name: work / "inputs" / "adapters" / f"{name}.onnx_adapter"
+                                         for name in ("a", "b")})
+    merged = {name: GenaiModel(work / f"merged-{name}") for name in ("a", "b")}
+    tokens = token_ids(base, PROMPTS[0])
+    with torch.no_grad():
+        base_logits = load_base_model(base)(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+    for adapter in ("a", None, "b", "a", None, "b"):  # requests in turn, on one loaded model
+        logits = model.logits(tokens, adapter)
+        expected = merged[adapter].logits(tokens) if adapter else base_logits
+        assert np.abs(logits - expected).max() <= 1e-4, adapter
+        if adapter:
+            assert np.abs(logits - base_logits).max() > 1e-2
+    # two requests in flight at once, each with its own adapter
+    first, second = model.generator(tokens, "a", max_new_tokens=4), model.generator(tokens, "b", max_new_tokens=4)
+    for _ in range(4):
+        first.generate_next_token()
+        second.generate_next_token()
+    assert list(first.get_sequence(0))[len(tokens):] == genai_generate(work / "merged-a", PROMPTS[0],
+                                                                       max_new_tokens=4)[1]
+    assert list(second.get_sequence(0))[len(tokens):] == genai_generate(work / "merged-b", PROMPTS[0],
+                                                                        max_new_tokens=4)[1]
+    # an adapter file carries its own modules only: the others stay at the graph's rank-0 default
+    names = read_adapter_file(work / "inputs" / "adapters" / "a.onnx_adapter")
+    assert {name.split(".")[4] for name in names} == {"q_proj", "v_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4"])
+def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails(two_adapters, precision, tmp_path):
+    import onnx
+
+    base, work = two_adapters
+    result = run("export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx",
+                 "--precision", precision)
+    assert result.exit_code == 0 and f"verification: PASS (full, {precision})" in result.output, result.output
+    report = verification_report(tmp_path / "onnx")
+    assert report["bare_base"]["passes_bounds"] is False and "rank 0" in report["tolerance"]
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    if precision == "int4":
+        assert any(node.op_type == "MatMulNBits" for node in graph.graph.node)
+    lora_types = {i.type.tensor_type.elem_type for i in graph.graph.input if ".lora_" in i.name}
+    assert lora_types == {onnx.TensorProto.FLOAT if precision == "int4" else onnx.TensorProto.FLOAT16}
+    wrong = run("verify", "--base", base, "--adapter", work / "b", "--candidate", tmp_path / "onnx")
+    assert wrong.exit_code == 1 and wrong.output.startswith(f"FAIL (full, {precision})"), wrong.output
+    layerwise = run("verify", "--base", base, "--adapter", work / "a", "--candidate", tmp_path / "onnx",
+                    "--verify-mode", "layerwise")
+    assert layerwise.exit_code == 0 and layerwise.output.startswith(f"PASS (layerwise, {precision})"), layerwise.output
+    wrong = run("verify", "--base", base, "--adapter", work / "b", "--candidate", tmp_path / "onnx",
+                "--verify-mode", "layerwise")
+    assert wrong.exit_code == 1 and "no LoRA factors in the export" in wrong.output, wrong.output
+
+
+def test_adapter_files_verify_one_by_one_and_crossed_ones_fail(two_adapters):
+    base, work = two_adapters
+    files = work / "inputs" / "adapters"
+    good = run("verify", "--base", base, "--adapter", work / "b", "--candidate", files / "b.onnx_adapter")
+    assert good.exit_code == 0 and good.output.startswith("PASS (full, fp32)"), good.output
+    crossed = run("verify", "--base", base, "--adapter", work / "b", "--candidate", files / "a.onnx_adapter")
+    assert crossed.exit_code == 1 and crossed.output.startswith("FAIL"), crossed.output
+
+
+def test_generate_applies_the_chat_template_streams_and_needs_no_torch(tmp_path):
+    build_chat_model(tmp_path / "base", layers=2)
+    make_peft_adapter(tmp_path / "base", tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    result = run("export-onnx", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "--output",
+                 tmp_path / "onnx")
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
+    messages = [{"role": "user", "content": "Name three colours."}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    pieces = []
+    text, generated = genai_generate(tmp_path / "onnx", "Name three colours.", max_new_tokens=6,
+                                     on_text=pieces.append)
+    peft = load_peft(tmp_path / "base", tmp_path / "adapter")
+    with torch.no_grad():
+        expected = peft.generate(input_ids=torch.tensor([tokens]), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(tokens):].tolist()
+    assert generated == expected
+    assert "".join(pieces) == text and "\ufffd" not in text
+
+    script = ("import sys; from psoft_deploy.cli import main\n"
+              f"sys.argv = ['psoft-deploy', 'generate', '--onnx', {str(tmp_path / 'onnx')!r}, '--prompt', "
+              "'Name three colours.', '--max-new-tokens', '6', '--no-chat-template']\n"
+              "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+              "assert 'torch' not in sys.modules, 'generate imported torch'")
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0 and process.stdout.startswith("Name three colours."), process.stderr[-2000:]
+
+
+def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
+    opt = tiny_base("opt")
+    make_peft_adapter(opt, tmp_path / "adapter", kind="opt")
+    result = CliRunner().invoke(cli, ["export-onnx", "--base", str(opt), "--adapter", str(tmp_path / "adapter"),
+                                      "--output", str(tmp_path / "onnx")])
+    assert result.exit_code == 0 and "verification: PASS (full, float32)" in result.output, result.output
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and not (tmp_path / "onnx" / "genai_config.json").exists()
+    for options, message in ((["--precision", "int4"], "need the onnxruntime-genai exporter"),
+                             (["--exporter", "genai"], "does not convert OPTForCausalLM")):
+        result = run("export-onnx", "--base", opt, "--adapter", tmp_path / "adapter", "--output", tmp_path / "x",
+                     *options)
+        assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
+    llama = tiny_base("llama")
+    make_peft_adapter(llama, tmp_path / "llama-adapter")
+    result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "llama-adapter", "--output", tmp_path / "x",
+                 "--with-past")
+    assert result.exit_code == 1 and "pass --exporter torch" in result.output.strip().splitlines()[-1]
+    assert not (tmp_path / "x").exists()
