@@ -93,7 +93,8 @@ def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, executi
         log = work / "builder.log"
         with open(log, "w") as handle:
             output = None if verbose() else handle
-            returncode = subprocess.run(command, stdout=output, stderr=output and subprocess.STDOUT, check=False).returncode
+            stderr = None if verbose() else subprocess.STDOUT
+            returncode = subprocess.run(command, stdout=output, stderr=stderr, check=False).returncode
         if returncode != 0:
             lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
             raise UserError(f"onnxruntime-genai's model builder failed on {base_dir} ({precision}, "
@@ -255,7 +256,8 @@ def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None =
                    max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                    on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
     """Continue ``prompt`` (as a user turn through the tokenizer's chat template if it has one and
-    ``chat_template``) with `og.Generator`; returns the text and the new token ids. ``on_text`` receives the text in whole characters as it grows."""
+    ``chat_template``) with `og.Generator`; returns the text and the new token ids. ``on_text``
+    receives the text in whole characters as it grows."""
     from psoft_deploy.generate import TextStream
 
     export_dir = Path(export_dir)
