@@ -42,18 +42,19 @@ TARGETS, RANK, PROMPT, NEW_TOKENS = ["q_proj", "v_proj", "down_proj"], 32, 128, 
 def run_measured(command: list[str]) -> tuple[float, int]:
     """Wall seconds and the peak of the summed RSS of ``command``'s process tree (sampled every 50 ms)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
-        try:
-            total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-            peak = max(peak, total)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    stderr = process.stderr.read()
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])} … failed:\n{stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the child
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        root, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                peak = max(peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        if process.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(command[:4])} … failed:\n{log.read()[-3000:]}")
     return time.perf_counter() - start, peak
 
 
