@@ -195,7 +195,7 @@ def _add_rank_zero_defaults(graph_file: Path) -> None:
 
 def write_onnx_adapter(factors, file: Path) -> None:
     """One adapter as an onnxruntime ``.onnx_adapter`` file: exact LoRA factors, scale in B."""
-    import onnxruntime
+    from psoft_deploy.converters.genai import write_adapter_file
 
     arrays = {}
     for name, module in factors.modules.items():
@@ -203,12 +203,7 @@ def write_onnx_adapter(factors, file: Path) -> None:
         input_A, input_B = lora_input_names(name)
         arrays[input_A] = lora_A.detach().float().numpy()
         arrays[input_B] = lora_B.detach().float().numpy()
-    values = {name: onnxruntime.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-    adapter = onnxruntime.AdapterFormat()
-    adapter.set_adapter_version(1)
-    adapter.set_model_version(1)
-    adapter.set_parameters(values)  # `values` (and `arrays`) stay referenced until the export below
-    adapter.export_adapter(str(file))
+    write_adapter_file(arrays, file)
 
 
 def onnx_outputs(onnx_dir: Path, inputs: dict[str, np.ndarray], names: tuple[str, ...] = ("logits",),
