@@ -5,8 +5,9 @@ hidden 3072, 28 layers, 24 heads, 8 KV heads, vocab 128256) and a PEFT PSOFT ada
 q_proj, v_proj, down_proj), materialized once. For each precision, in its own process with the
 peak RSS of its whole process tree sampled: `psoft-deploy export-onnx` with the adapter, and, as
 the anchor, onnxruntime-genai's model builder on the base alone. Then prefill (128 tokens) and
-decode ms/token of the exports through og.Generator against PyTorch eager fp32, and `psoft-deploy
-verify` of the int4 export in full mode (the stated rule).
+decode ms/token of the exports through og.Generator against PyTorch eager fp32; each export's own
+verification (auto: layerwise at these sizes) and `psoft-deploy verify` of the int4 export in full
+mode (float64 logits).
 
     python benchmarks/onnx.py [--shape tinyllama-1.1b] [--precisions fp32,int4] [--repeats 3]
 """
@@ -123,10 +124,13 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,int4", help="comma-separated: fp32, fp16, int4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-timings", action="store_true", help="exports (and their memory) only")
+    parser.add_argument("--no-full-verify", action="store_true", help="skip verify --verify-mode full of the int4 export")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
     shape = SHAPES[args.shape]
 
+    from psoft_deploy.converters.pipeline import read_report
+    from psoft_deploy.converters.verify import format_verification
     from psoft_deploy.tiny import llama_modules, write_psoft_adapter
 
     with tempfile.TemporaryDirectory(dir=".") as work:
@@ -143,7 +147,7 @@ def main() -> None:
         lines = [f"{args.shape} (random bf16 weights), PSOFT r={RANK} on {', '.join(TARGETS)}, "
                  f"CPU threads={psutil.cpu_count()}; materialize (SVDs of the adapted weights, once): "
                  f"{materialize_s:.0f} s"]
-        exports = {}
+        exports, verdicts = {}, {}
         for precision in precisions:
             anchor_s, anchor_rss = run_measured(
                 [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "base"),
@@ -152,6 +156,7 @@ def main() -> None:
                 [sys.executable, "-m", "psoft_deploy", "export-onnx", "--base", str(work / "base"), "--adapter",
                  str(work / "adapter"), "--output", str(work / f"ours-{precision}"), "--precision", precision])
             exports[precision] = work / f"ours-{precision}"
+            verdicts[precision] = format_verification(read_report(exports[precision])["checks"][0])
             lines.append(f"  export {precision}: psoft-deploy (adapter, verify auto) {ours_s:6.1f} s, peak RSS "
                          f"{ours_rss / 2**30:5.2f} GiB | builder, base alone {anchor_s:6.1f} s, "
                          f"{anchor_rss / 2**30:5.2f} GiB -> {ours_rss / anchor_rss:.2f}x RSS, "
@@ -168,7 +173,8 @@ def main() -> None:
                              f"({prefill / eager_prefill:.2f}x eager), decode {decode * 1e3:6.1f} ms/token "
                              f"({decode / eager_decode:.2f}x eager)")
                 print(lines[-1], flush=True)
-        if "int4" in exports:
+        lines += [f"  export-onnx's own verification, {precision}: {verdict}" for precision, verdict in verdicts.items()]
+        if "int4" in exports and not args.no_full_verify:
             verdict = subprocess.run(
                 [sys.executable, "-m", "psoft_deploy", "verify", "--base", str(work / "base"), "--adapter",
                  str(work / "adapter"), "--candidate", str(exports["int4"]), "--verify-mode", "full"],

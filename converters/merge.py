@@ -13,8 +13,11 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -137,6 +140,16 @@ def merge_to_directory(
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     _copy_side_files(base.path, staging, dtype, untied=len(plan.sources) > len(base.files))
     return plan
+
+
+@contextmanager
+def merged_checkpoint(base: BaseCheckpoint, factors: AdapterFactors, beside: Path, *,
+                      dtype: str = "auto") -> Iterator[Path]:
+    """A temporary merged checkpoint in a hidden sibling of ``beside``, removed on exit (for
+    exporters that read a transformers model directory)."""
+    with tempfile.TemporaryDirectory(prefix=".merged-", dir=Path(beside).parent) as directory:
+        merge_to_directory(base, factors, Path(directory), dtype=dtype)
+        yield Path(directory)
 
 
 def _merged_tensor(key, plan: MergePlan, deltas: dict, replaced: dict) -> torch.Tensor:

@@ -9,6 +9,7 @@ schema), write the model card, publish by rename. A failed verification leaves n
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -162,7 +163,13 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     if graph_options.get("with_past") or graph_options.get("opset", 18) != 18:
         raise UserError("--with-past and --opset are torch.onnx options (onnxruntime-genai graphs always carry their "
                         "KV cache); pass --exporter torch for them")
+    from psoft_deploy.converters.merge import merged_checkpoint
+
     adapters = adapters or {}
+    # int4: the adapter is folded into the weights before quantization (a float LoRA beside int4
+    # weights also keeps the builder from packing q/k/v: decode 3x slower). Otherwise it stays in
+    # its exact LoRA form, out of the weights' rounding.
+    fold = merged is not None and precision == "int4"
 
     def write(staging: Path) -> None:
         if adapters:  # the graph gets a LoRA input pair for every module any adapter adapts
@@ -171,9 +178,10 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
             pairs = {name: (torch.zeros(1, size_in), torch.zeros(size_out, 1)) for name, (size_in, size_out) in
                      shapes.items()}
         else:
-            pairs = {name: module.lora() for name, module in merged.modules.items()} if merged is not None else {}
-        dtype = genai.build(base.path, staging, pairs, precision=precision, execution_provider=execution_provider,
-                            as_inputs=bool(adapters))
+            pairs = {name: module.lora() for name, module in merged.modules.items()} if merged is not None and not fold else {}
+        with merged_checkpoint(base, merged, staging) if fold else nullcontext(base.path) as source:
+            dtype = genai.build(source, staging, pairs, precision=precision, execution_provider=execution_provider,
+                                as_inputs=bool(adapters))
         if adapters:
             (staging / "adapters").mkdir()
         for name, factors in adapters.items():
@@ -181,7 +189,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
                                         factors.modules.items()}, dtype)
             genai.write_adapter_file(arrays, genai.adapter_file(staging, name))
         record = {"exporter": "onnxruntime-genai", "precision": precision, "execution_provider": execution_provider,
-                  "adapters": sorted(adapters), "merged": merged is not None}
+                  "adapters": sorted(adapters), "merged": merged is not None,
+                  "adapter_form": "folded into the weights" if fold else "LoRA"}
         (staging / genai.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
     def check(factors: AdapterFactors, name: str | None = None) -> Check:
@@ -222,27 +231,16 @@ def _export_torch_onnx(base: BaseCheckpoint, output: str | Path, *, merged: Adap
                        **graph_options) -> Published:
     """The torch.onnx export (`psoft_deploy.converters.onnx`): the merged model through the
     streaming merge, or the base with LoRA inputs; verified by `verify_full` in onnxruntime."""
-    import shutil
-    import tempfile
-
-    from psoft_deploy.converters.merge import merge_to_directory
+    from psoft_deploy.converters.merge import merged_checkpoint
     from psoft_deploy.converters.onnx import export_graph, write_onnx_adapter
 
     lora_modules = sorted({module for factors in adapters.values() for module in factors.modules})
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
 
     def write(staging: Path) -> None:
-        source = base.path
-        if merged is not None:
-            source = Path(tempfile.mkdtemp(prefix=".merged-", dir=staging.parent))
-        try:
-            if merged is not None:
-                merge_to_directory(base, merged, source, dtype="float32")
-            with third_party_output():
-                export_graph(source, staging, lora_modules=lora_modules, dtype=torch_dtype, **graph_options)
-        finally:
-            if merged is not None:
-                shutil.rmtree(source, ignore_errors=True)
+        with merged_checkpoint(base, merged, staging, dtype="float32") if merged is not None else (
+                nullcontext(base.path)) as source, third_party_output():
+            export_graph(source, staging, lora_modules=lora_modules, dtype=torch_dtype, **graph_options)
         if adapters:
             (staging / "adapters").mkdir()
         for name, factors in adapters.items():
