@@ -186,25 +186,37 @@ def _copy_side_files(base_dir: Path, staging: Path, dtype: str, untied: bool) ->
 
 def write_model_card(staging: Path, *, base: BaseCheckpoint, adapter: str, factors: AdapterFactors,
                      verification: str) -> None:
-    """A short README.md saying how the merged model was made and whether it verified. The hub's
-    ``base_model`` field names hub ids only; a local base is described in the text."""
+    """A short README.md saying how the merged model was made and whether it verified."""
+    write_card(staging, base, "Merged PSOFT model", ["psoft", "merged"], [
+        f"adapter: {describe_adapter(adapter, factors)}",
+        f"merged by psoft-deploy {__version__}: `W' = W + s·B(R−I)A` with float32 accumulation",
+        f"verification: {verification}",
+    ])
+
+
+def describe_adapter(name: str, factors: AdapterFactors) -> str:
+    """``name`` with the adapter's format, origin, rank and module count, for model cards."""
     source = factors.adapter.source
+    return (f"`{name}` ({factors.adapter.format}"
+            + (f", from {source.get('format')}" if source.get("format") != factors.adapter.format else "")
+            + (f", PEFT {source['peft_version']}" if source.get("peft_version") else "")
+            + f"), rank {factors.adapter.rank}, {len(factors.modules)} modules")
+
+
+def write_card(staging: Path, base: BaseCheckpoint, title: str, tags: list[str], facts: list[str]) -> None:
+    """A model card (README.md): the hub's ``base_model`` field (hub ids only; a local base is
+    described in the text), ``tags``, ``title`` and one bullet per fact after the base model."""
     local = Path(base.name).expanduser().is_dir()
     lines = [
         "---",
         *([] if local else [f"base_model: {base.name}"]),
-        "tags: [psoft, merged]",
+        f"tags: [{', '.join(tags)}]",
         "---",
         "",
-        "# Merged PSOFT model",
+        f"# {title}",
         "",
         f"- base model: {f'local directory `{base.path}`' if local else f'`{base.name}`'}",
-        f"- adapter: `{adapter}` ({factors.adapter.format}"
-        + (f", from {source.get('format')}" if source.get("format") != factors.adapter.format else "")
-        + (f", PEFT {source['peft_version']}" if source.get("peft_version") else "")
-        + f"), rank {factors.adapter.rank}, {len(factors.modules)} modules",
-        f"- merged by psoft-deploy {__version__}: `W' = W + s·B(R−I)A` with float32 accumulation",
-        f"- verification: {verification}",
+        *(f"- {fact}" for fact in facts),
         "",
     ]
     (staging / "README.md").write_text("\n".join(lines))

@@ -203,7 +203,28 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     if verify_mode is not None and not checks:
         raise UserError("an onnxruntime-genai export of the base alone has no adapter to verify; pass --adapter, "
                         "or --no-verify")
-    return publish(output, "ONNX export", write, checks if verify_mode is not None else None, overwrite=overwrite)
+    form = ("the adapter folded into the weights before quantization" if fold else
+            "each adapter as LoRA inputs in exact form (lora_A = A, lora_B = s·B(R−I))" if adapters else
+            "the adapter in exact LoRA form (lora_A = A, lora_B = s·B(R−I))" if merged is not None else "the base alone")
+    return publish(output, "ONNX export", write, checks if verify_mode is not None else None, overwrite=overwrite,
+                   model_card=onnx_model_card(base, merged, adapters,
+                                              f"onnxruntime-genai's model builder: {precision}, execution provider "
+                                              f"{execution_provider}; {form}", "`og.Model(DIR)`"))
+
+
+def onnx_model_card(base: BaseCheckpoint, merged: AdapterFactors | None, adapters: dict[str, AdapterFactors],
+                    exported: str, runtime: str) -> Callable[[Path, str], None]:
+    """The model card of an ONNX export: its adapters, how it was ``exported``, how to run it, its
+    verification."""
+    from psoft_deploy.converters.merge import describe_adapter, write_card
+
+    described = ([f"adapter (merged): {describe_adapter(str(merged.adapter.path), merged)}"] if merged is not None
+                 else [f"adapter `{name}` (adapters/{name}.onnx_adapter): {describe_adapter(name, factors)}"
+                       for name, factors in adapters.items()])
+    run = "psoft-deploy generate --onnx DIR --prompt TEXT" + (" --adapter NAME" if adapters else "")
+    return lambda staging, verification: write_card(staging, base, "PSOFT model in ONNX", ["psoft", "onnx"], [
+        *described, f"exported by psoft-deploy {__version__} through {exported}", f"run it: `{run}` or {runtime}",
+        f"verification: {verification}"])
 
 
 def resolve_exporter(base: BaseCheckpoint, exporter: str, factors: list[AdapterFactors | None]) -> str:
@@ -253,4 +274,7 @@ def _export_torch_onnx(base: BaseCheckpoint, output: str | Path, *, merged: Adap
             adapter_file=staging / "adapters" / f"{name}.onnx_adapter" if name else None))
 
     checks = [check(merged)] + [check(factors, name) for name, factors in adapters.items()]
-    return publish(output, "ONNX export", write, checks if verify else None, overwrite=overwrite)
+    return publish(output, "ONNX export", write, checks if verify else None, overwrite=overwrite,
+                   model_card=onnx_model_card(base, merged, adapters, f"torch.onnx: {dtype}, " + (
+                       "adapters as LoRA inputs" if adapters else "the adapter merged in float32" if merged is not None else
+                       "the base alone"), "onnxruntime"))

@@ -56,6 +56,9 @@ def test_fp32_export_equals_peft_and_greedy_generate_equals_transformers(two_ada
     assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in (work / "merged-a").iterdir()}
     report = verification_report(work / "merged-a")
     assert report["passed"] and report["bare_base"]["passes_bounds"] is False
+    card = (work / "merged-a" / "README.md").read_text()
+    assert "verification: PASS (full, fp32)" in card and "exact LoRA form" in card and "og.Model" in card
+    assert "adapters/b.onnx_adapter" in (work / "inputs" / "README.md").read_text()
     peft = load_peft(base, work / "a")
     model = GenaiModel(work / "merged-a")
     for prompt in PROMPTS:
@@ -115,6 +118,7 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
     lora_types = {i.type.tensor_type.elem_type for i in graph.graph.input if ".lora_" in i.name}
     if precision == "int4":
         assert any(node.op_type == "MatMulNBits" for node in graph.graph.node) and not lora_types
+        assert "folded into the weights before quantization" in (tmp_path / "onnx" / "README.md").read_text()
     else:
         assert lora_types == {onnx.TensorProto.FLOAT16}
     wrong = run("verify", "--base", base, "--adapter", work / "b", "--candidate", tmp_path / "onnx")
@@ -173,6 +177,7 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
                                       "--output", str(tmp_path / "onnx")])
     assert result.exit_code == 0 and "verification: PASS (full, float32)" in result.output, result.output
     assert (tmp_path / "onnx" / "model.onnx").is_file() and not (tmp_path / "onnx" / "genai_config.json").exists()
+    assert "through torch.onnx: fp32, the adapter merged in float32" in (tmp_path / "onnx" / "README.md").read_text()
     for options, message in ((["--precision", "int4"], "need the onnxruntime-genai exporter"),
                              (["--exporter", "genai"], "does not convert OPTForCausalLM")):
         result = run("export-onnx", "--base", opt, "--adapter", tmp_path / "adapter", "--output", tmp_path / "x",
