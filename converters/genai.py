@@ -176,6 +176,13 @@ def rank_zero(name: str, array: np.ndarray) -> np.ndarray:
     return np.zeros((array.shape[0], 0) if ".lora_A." in name else (0, array.shape[1]), array.dtype)
 
 
+def provider_available(provider: str) -> bool:
+    """Whether onnxruntime-genai can run an export built for ``provider`` on this machine."""
+    import onnxruntime_genai as og
+
+    return provider == "cpu" or getattr(og, f"is_{provider}_available", lambda: False)()
+
+
 def export_record(export_dir: Path) -> dict:
     """What export-onnx recorded about a builder export (precision, provider, adapters)."""
     file = Path(export_dir) / EXPORT_RECORD
@@ -283,7 +290,10 @@ class GenaiModel:
         self.og, self.directory = og, export_dir
         if not verbose():
             og.set_log_options(enabled=False)
-        self.model = og.Model(str(export_dir))
+        try:
+            self.model = og.Model(str(export_dir))
+        except RuntimeError as error:
+            raise UserError(f"onnxruntime-genai cannot load {export_dir} here: {error}") from None
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = og.Adapters(self.model) if adapter_files else None
         for name, file in (adapter_files or {}).items():

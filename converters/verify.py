@@ -38,6 +38,7 @@ from psoft_deploy.factors import AdapterFactors, base_tensor_key
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
 from psoft_deploy.layer import PsoftLinear, replace_module
 from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.progress import stage
 from psoft_deploy.streaming import torch_dtype
 
 # Plain-text verification prompts, for tokenizers without a chat template.
@@ -412,7 +413,14 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     folded = record.get("adapter_form") == "folded into the weights" and adapter_file is None
     arrays = {} if folded else (
         genai.read_adapter_file(adapter_file) if adapter_file else genai.graph_lora_arrays(export_dir))
-    if _resolve_mode(mode, base) == "layerwise":
+    provider = record.get("execution_provider", "cpu")
+    runs_here = genai.provider_available(provider)
+    if mode == "full" and not runs_here:
+        raise UserError(f"{export_dir} is built for {provider}, which onnxruntime-genai cannot use on this machine; "
+                        f"verify it with --verify-mode layerwise, or on a machine with {provider}")
+    if not runs_here and mode == "auto":
+        stage(f"note: {provider} is not available here; verifying the export layer by layer")
+    if not runs_here or _resolve_mode(mode, base) == "layerwise":
         return (_verify_folded_weights(base, factors, export_dir, precision) if folded
                 else _verify_lora_arrays(factors, arrays, precision))
     family = FAMILIES["causal-lm"]

@@ -189,3 +189,19 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
                  "--with-past")
     assert result.exit_code == 1 and "pass --exporter torch" in result.output.strip().splitlines()[-1]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_cuda_export_built_on_a_machine_without_cuda_verifies_layer_by_layer(two_adapters, tmp_path):
+    import onnxruntime_genai as og
+
+    if og.is_cuda_available():
+        pytest.skip("this machine runs CUDA exports: auto verifies them in full")
+    base, work = two_adapters
+    result = run("export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx",
+                 "--precision", "int4", "--execution-provider", "cuda")
+    assert result.exit_code == 0 and "verification: PASS (layerwise, int4)" in result.output, result.output
+    for command in (["verify", "--base", base, "--adapter", work / "a", "--candidate", tmp_path / "onnx",
+                     "--verify-mode", "full"], ["generate", "--onnx", tmp_path / "onnx", "--prompt", "hi"]):
+        failed = run(*command)
+        assert failed.exit_code == 1 and failed.output.strip().splitlines()[-1].startswith("Error:"), failed.output
+        assert "cuda" in failed.output.strip().splitlines()[-1].lower()
