@@ -171,6 +171,15 @@ def lora_input_type(export_dir: Path) -> np.dtype:
     raise UserError(f"{export_dir} has no LoRA inputs (export it with --adapters-as-inputs)")
 
 
+def logits_type(export_dir: Path) -> np.dtype:
+    """The float type of an export's logits (the graph's float type)."""
+    import onnx
+
+    model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
+    output = next(output for output in model.graph.output if output.name == "logits")
+    return np.dtype(FLOAT_ONNX_TYPES.get(output.type.tensor_type.elem_type, np.float32))
+
+
 def rank_zero(name: str, array: np.ndarray) -> np.ndarray:
     """The rank-0 value of the LoRA input ``name`` (``in×r`` → ``in×0``, ``r×out`` → ``0×out``)."""
     return np.zeros((array.shape[0], 0) if ".lora_A." in name else (0, array.shape[1]), array.dtype)

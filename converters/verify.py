@@ -463,7 +463,7 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     # The precision's deviation on the base, carried onto the adapted truth (KL depends on the
     # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
     # update: the reference in the graph's float type.
-    float_type = onnx_dtype(export_dir)
+    float_type = getattr(torch, genai.logits_type(export_dir).name)
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (graph_base - base_truth)),
             "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
             "bare_base": compare_logits(truth, graph_base)}
