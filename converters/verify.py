@@ -548,8 +548,8 @@ def _verify_folded_weights(base: BaseCheckpoint, factors: AdapterFactors, export
         noise = max(projected(error, random_basis(error.shape[0], rank), random_basis(error.shape[1], rank))
                     for _ in range(RANDOM_SUBSPACES))
         bound = NOISE_FACTOR * max(noise, torch.finfo(torch.float32).tiny)
-        deviation, update = projected(error, torch.linalg.qr(lora_B).Q, torch.linalg.qr(lora_A.T).Q), torch.linalg.norm(
-            delta).item()
+        deviation = projected(error, torch.linalg.qr(lora_B).Q, torch.linalg.qr(lora_A.T).Q)
+        update = torch.linalg.norm(delta).item()
         ratios[module], errors[module] = deviation / bound, deviation / max(update, torch.finfo(torch.float64).tiny)
         indistinct += update <= bound
         if ratios[module] > 1:
