@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -70,7 +71,12 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[P
             retired = output.with_name(f".{output.name}.old-{staging.name.rsplit('-', 1)[-1]}")
             output.rename(retired)
             staging.rename(output)
-            shutil.rmtree(retired)
+            try:
+                shutil.rmtree(retired)
+            except OSError as error:
+                warnings.warn(f"{output} is written; its previous contents, moved to {retired}, could not all be "
+                              f"removed ({error.strerror}: {error.filename}); delete that directory yourself",
+                              stacklevel=3)
         else:
             staging.rename(output)
     finally:

@@ -261,3 +261,24 @@ def test_generated_text_is_passed_on_in_whole_characters(tmp_path):
     assert stream.finish(tokens) == text
     assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
     assert TextStream(tokenizer, pieces.append).finish(tokens[:splits[0]]) == prefixes[splits[0] - 1].rstrip("\ufffd")
+
+
+def test_overwrite_over_contents_that_cannot_be_removed_publishes_and_warns(servable, tmp_path):
+    base, adapter = servable
+    output = tmp_path / "out"
+    (output / "kept").mkdir(parents=True)
+    (output / "kept" / "file").write_text("old")
+    (output / "kept").chmod(0o555)
+    prefix = without_root_override()
+    try:
+        if subprocess.run([*prefix, "rm", str(output / "kept" / "file")], capture_output=True).returncode == 0:
+            pytest.skip("this machine lets the test process delete from a 0555 directory")
+        code, stdout, stderr = finish(start("materialize", "--base", base, "--adapter", adapter, "--output", output,
+                                            "--overwrite", prefix=prefix))
+    finally:
+        for directory in tmp_path.glob(".out.old-*/kept"):
+            directory.chmod(0o755)
+    assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    warning = [line for line in stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warning) == 1 and "could not all be removed" in warning[0] and ".out.old-" in warning[0], stderr
+    assert not (output / "kept").exists() and any(output.iterdir())

@@ -298,6 +298,7 @@ try:
     check_ranks_agree({"q_proj": SimpleNamespace(A=A, B=B)})
 except UserError as error:
     print("refused:", error)
+dist.destroy_process_group()  # gloo's threads otherwise may abort the interpreter at exit
 """)
     process = torchrun(tmp_path / "ranks.py")
     assert process.returncode == 0, process.stderr[-3000:]
