@@ -46,9 +46,14 @@ FACTORS = ("lora_A", "lora_B")
 FLOAT_ONNX_TYPES = {1: np.float32, 10: np.float16}
 
 
-def builder_supports(config: dict) -> bool:
-    """Whether onnxruntime-genai's model builder converts this architecture."""
-    return bool(set(config.get("architectures") or []) & BUILDER_ARCHITECTURES)
+def builder_refusal(config: dict) -> str | None:
+    """Why onnxruntime-genai's model builder would not convert this model (None: it does)."""
+    architecture = (config.get("architectures") or ["this model"])[0]
+    if not set(config.get("architectures") or []) & BUILDER_ARCHITECTURES:
+        return f"does not convert {architecture}"
+    if any(isinstance(value, dict) for value in (config.get("rope_parameters") or {}).values()):
+        return f"does not read {architecture}'s per-layer-type rope_parameters (transformers 5)"
+    return None
 
 
 def is_genai_export(directory: Path) -> bool:
@@ -104,8 +109,9 @@ def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, executi
             returncode = subprocess.run(command, stdout=output, stderr=stderr, check=False).returncode
         if returncode != 0:
             lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-            raise UserError(f"onnxruntime-genai's model builder failed on {base_dir} ({precision}, "
-                            f"{execution_provider}): {lines[-1] if lines else f'exit status {returncode}'}")
+            raise UserError(f"onnxruntime-genai's model builder failed ({precision}, {execution_provider}): "
+                            f"{lines[-1] if lines else f'exit status {returncode}'}; --verbose shows its log, "
+                            "--exporter torch exports without it")
     if not pairs:
         return None
     return expose_lora_inputs(staging / GRAPH, pairs, rank_zero=as_inputs)

@@ -153,11 +153,12 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     opset), or ``auto``: genai for the decoders the builder converts, else torch."""
     from psoft_deploy.converters import genai
 
-    exporter = resolve_exporter(base, exporter, [merged, *(adapters or {}).values()])
+    refusal = builder_refusal(base, [merged, *(adapters or {}).values()])
+    exporter = resolve_exporter(exporter, refusal)
     if exporter == "torch":
         if precision == "int4" or execution_provider != "cpu":
-            raise UserError("--precision int4 and --execution-provider cuda need the onnxruntime-genai exporter, "
-                            f"which does not convert {base.config.get('architectures', ['this model'])[0]}")
+            raise UserError("--precision int4 and --execution-provider cuda need the onnxruntime-genai exporter" + (
+                f", and its model builder {refusal}" if refusal else "; pass --exporter genai"))
         return _export_torch_onnx(base, output, merged=merged, adapters=adapters or {}, verify=verify_mode is not None,
                                   overwrite=overwrite, dtype=precision, **graph_options)
     if graph_options.get("with_past") or graph_options.get("opset", 18) != 18:
@@ -227,24 +228,25 @@ def onnx_model_card(base: BaseCheckpoint, merged: AdapterFactors | None, adapter
         f"verification: {verification}"])
 
 
-def resolve_exporter(base: BaseCheckpoint, exporter: str, factors: list[AdapterFactors | None]) -> str:
-    """``auto``: onnxruntime-genai's model builder for the decoders it converts (and adapters that
-    replace no whole module), torch.onnx otherwise, with a one-line note."""
-    from psoft_deploy.converters.genai import builder_supports
+def builder_refusal(base: BaseCheckpoint, factors: list[AdapterFactors | None]) -> str | None:
+    """Why onnxruntime-genai's model builder would not export ``base`` with these adapters (None: it would)."""
+    from psoft_deploy.converters import genai
 
-    replaces = any(f is not None and f.replaced_tensors for f in factors)
-    supported = base.config and builder_supports(base.config) and not replaces
-    if exporter == "genai" and not supported:
-        raise UserError("onnxruntime-genai's model builder does not convert " + (
-            "adapters with modules_to_save" if replaces else
-            f"{(base.config.get('architectures') or ['this model'])[0]}") + "; pass --exporter torch")
-    if exporter == "auto":
-        exporter = "genai" if supported else "torch"
-        if not supported:
-            stage("note: onnxruntime-genai's model builder does not convert " + (
-                "adapters with modules_to_save" if replaces else
-                f"{(base.config.get('architectures') or ['this model'])[0]}") + "; exporting with torch.onnx")
-    return exporter
+    if any(f is not None and f.replaced_tensors for f in factors):
+        return "does not convert adapters with modules_to_save"
+    return genai.builder_refusal(base.config or {})
+
+
+def resolve_exporter(exporter: str, refusal: str | None) -> str:
+    """``auto``: onnxruntime-genai's model builder unless it refuses (`builder_refusal`), then
+    torch.onnx with a one-line note."""
+    if exporter == "genai" and refusal:
+        raise UserError(f"onnxruntime-genai's model builder {refusal}; pass --exporter torch")
+    if exporter != "auto":
+        return exporter
+    if refusal:
+        stage(f"note: onnxruntime-genai's model builder {refusal}; exporting with torch.onnx")
+    return "torch" if refusal else "genai"
 
 
 def _export_torch_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None,

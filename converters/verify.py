@@ -469,6 +469,9 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (graph_base - base_truth)),
             "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
             "bare_base": compare_logits(truth, graph_base)}
+    if folded:  # the candidate's weights are quantized anew: the base's noise is a scale, not a per-position value
+        noise = runs["precision"]["per_position"]
+        runs["precision"]["per_position"] = noise.max().expand_as(noise)
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
                    noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
                                 f"float64 truth, plus the reference in {_name(float_type)} vs float64")

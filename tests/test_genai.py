@@ -183,6 +183,13 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
         result = run("export-onnx", "--base", opt, "--adapter", tmp_path / "adapter", "--output", tmp_path / "x",
                      *options)
         assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
+    gemma3 = tiny_base("gemma3")  # transformers 5 writes its rope_parameters per layer type
+    make_peft_adapter(gemma3, tmp_path / "gemma3-adapter")
+    for options, message in ((["--exporter", "genai"], "does not read Gemma3ForCausalLM's per-layer-type"),
+                             (["--precision", "int4"], "need the onnxruntime-genai exporter, and its model builder")):
+        result = run("export-onnx", "--base", gemma3, "--adapter", tmp_path / "gemma3-adapter", "--output",
+                     tmp_path / "x", *options)
+        assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
     llama = tiny_base("llama")
     make_peft_adapter(llama, tmp_path / "llama-adapter")
     result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "llama-adapter", "--output", tmp_path / "x",
