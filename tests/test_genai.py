@@ -212,3 +212,17 @@ def test_a_cuda_export_built_on_a_machine_without_cuda_verifies_layer_by_layer(t
         failed = run(*command)
         assert failed.exit_code == 1 and failed.output.strip().splitlines()[-1].startswith("Error:"), failed.output
         assert "cuda" in failed.output.strip().splitlines()[-1].lower()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path):
+    """Qwen2's packed q/k/v carries biases; both fold the adapter into int4 weights and verify."""
+    base = tiny_base(kind, trained=True)
+    make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
+                 "--precision", "int4")
+    assert result.exit_code == 0 and "verification: PASS (" in result.output, result.output
+    layerwise = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "onnx",
+                    "--verify-mode", "layerwise")
+    assert layerwise.exit_code == 0 and layerwise.output.startswith("PASS (layerwise, int4)"), layerwise.output
+    assert "over 8 layers" in layerwise.output  # q, k, v (split from the packed projection) and down, 2 layers
