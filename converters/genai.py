@@ -1,12 +1,11 @@
 """`psoft-deploy export-onnx` for decoder LLMs, through onnxruntime-genai's model builder.
 
 The builder converts the base as ORT's own LLM runtime wants it (fused attention, a managed KV
-cache, int4 weight-only quantization). At fp32 and fp16 it takes the PSOFT adapter in its exact
-LoRA form (``lora_A = A``, ``lora_B = s·B(R − I)``, scaling 1), kept out of the weights' rounding:
-the graph computes ``W x + lora_B (lora_A x)``. At int4, a merged adapter is folded into the
-weights before quantization instead (the streaming merge writes a temporary checkpoint in the
-base's dtype): float LoRA products beside int4 weights would also keep the builder from packing
-q/k/v, and decode would be 3x slower. No model is ever loaded twice.
+cache, int4 weight-only quantization) and takes the PSOFT adapter in its exact LoRA form
+(``lora_A = A``, ``lora_B = s·B(R − I)``, scaling 1), kept out of the weights' rounding and
+quantization: the graph computes ``W x + lora_B (lora_A x)`` with ``W`` at the export's precision
+and the update in the graph's float type. No merged copy of the model is made, so the export
+needs what the builder needs for the base.
 
 Every LoRA factor then becomes a graph input with a symbolic rank whose default is the adapter's
 factor (or, with adapters as inputs, an empty rank-0 tensor: the base). An ``.onnx_adapter`` file
@@ -17,7 +16,6 @@ transformers outside `build` and `_write_lora`, so `generate` stays torch-free.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import subprocess
@@ -60,16 +58,11 @@ def is_genai_export(directory: Path) -> bool:
     return (Path(directory) / GENAI_CONFIG).is_file()
 
 
-def builder_path(module: str) -> str:
-    """The builder's name for ``module`` (``model.layers.3.self_attn.q_proj`` → ``/model/layers.3/attn/q_proj``)."""
-    path = re.sub(r"layers\.(\d+)", r"layers#\1", module.replace(".self_attn.", ".attn."))
-    return "/" + path.replace(".", "/").replace("#", ".")
-
-
 def builder_node(module: str, factor: str) -> str:
     """The builder's name for the MatMul of one LoRA factor of ``module``
     (``model.layers.3.self_attn.q_proj`` → ``/model/layers.3/attn/q_proj/lora_A/MatMul``)."""
-    return f"{builder_path(module)}/{factor}/MatMul"
+    path = re.sub(r"layers\.(\d+)", r"layers#\1", module.replace(".self_attn.", ".attn."))
+    return f"/{path.replace('.', '/').replace('#', '.')}/{factor}/MatMul"
 
 
 def lora_input(module: str, factor: str) -> str:
@@ -240,57 +233,6 @@ def graph_lora_arrays(export_dir: Path) -> dict[str, np.ndarray]:
             onnx.external_data_helper.load_external_data_for_tensor(init, str(export_dir))
             arrays[init.name] = numpy_helper.to_array(init)
     return arrays
-
-
-def graph_weights(export_dir: Path, out_sizes: dict[str, int]) -> dict[str, np.ndarray]:
-    """The weight (out×in, float64) the graph multiplies by for each module of ``out_sizes``
-    (``{module: rows}``): int4 blocks dequantized as MatMulNBits defines them, the builder's packed
-    ``[q | k | v]`` projection split. Modules the graph has no MatMul for are left out."""
-    import onnx
-    from onnx import numpy_helper
-
-    export_dir = Path(export_dir)
-    model = onnx.load(str(export_dir / GRAPH), load_external_data=False)
-    initializers = {init.name: init for init in model.graph.initializer}
-    nodes = {node.name.rsplit("/MatMul", 1)[0]: node for node in model.graph.node
-             if node.op_type in ("MatMul", "MatMulNBits") and len(node.input) > 1 and node.input[1] in initializers}
-
-    def value(name: str) -> np.ndarray | None:
-        if not name:
-            return None
-        onnx.external_data_helper.load_external_data_for_tensor(initializers[name], str(export_dir))
-        return numpy_helper.to_array(initializers[name])
-
-    @functools.cache
-    def weight(name: str) -> np.ndarray:
-        node = nodes[name]
-        if node.op_type == "MatMul":
-            return value(node.input[1]).astype(np.float64).T
-        attributes = {attribute.name: attribute.i for attribute in node.attribute}
-        if attributes["bits"] != 4:
-            raise UserError(f"{node.name} holds {attributes['bits']}-bit weights; psoft-deploy reads 4-bit ones")
-        packed = value(node.input[1])  # uint8 [rows, blocks, block bytes], two 4-bit values a byte, low first
-        rows, blocks = packed.shape[:2]
-        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, blocks, -1)
-        zero = value(node.input[3]) if len(node.input) > 3 else None
-        zero = (np.full((rows, blocks), 8) if zero is None else
-                np.stack([zero & 0x0F, zero >> 4], axis=-1).reshape(rows, -1)[:, :blocks])
-        scales = value(node.input[2]).astype(np.float64).reshape(rows, blocks)
-        blocks_values = (nibbles.astype(np.float64) - zero[..., None]) * scales[..., None]
-        return blocks_values.reshape(rows, -1)[:, :attributes["K"]]
-
-    weights = {}
-    for module, rows in out_sizes.items():
-        path = builder_path(module)
-        if path in nodes:
-            weights[module] = weight(path)
-            continue
-        packed = re.sub(r"/attn/[qkv]_proj$", "/attn/qkv_proj", path)
-        if packed in nodes:  # rows [q | k | v], k and v of one size
-            qkv = weight(packed)
-            end = {"q": rows, "k": qkv.shape[0] - rows, "v": qkv.shape[0]}[path[-6]]
-            weights[module] = qkv[end - rows:end]
-    return weights
 
 
 class GenaiModel:

@@ -146,7 +146,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
                 adapters: dict[str, AdapterFactors] | None = None, exporter: str = "auto", precision: str = "fp32",
                 execution_provider: str = "cpu", verify_mode: str | None = "auto", overwrite: bool = False,
                 **graph_options) -> Published:
-    """An ONNX graph of the base with ``merged`` folded in, or of the base with LoRA inputs and one
+    """An ONNX graph of the base with ``merged`` (in LoRA form through the model builder, folded in
+    through torch.onnx), or of the base with LoRA inputs and one
     ``adapters/NAME.onnx_adapter`` per entry of ``adapters``; each verified in onnxruntime
     (``verify_mode`` None: not). ``exporter``: ``genai`` (onnxruntime-genai's model builder, see
     `psoft_deploy.converters.genai`), ``torch`` (torch.onnx; ``graph_options``: with_past,
@@ -164,13 +165,7 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     if graph_options.get("with_past") or graph_options.get("opset", 18) != 18:
         raise UserError("--with-past and --opset are torch.onnx options (onnxruntime-genai graphs always carry their "
                         "KV cache); pass --exporter torch for them")
-    from psoft_deploy.converters.merge import merged_checkpoint
-
     adapters = adapters or {}
-    # int4: the adapter is folded into the weights before quantization (a float LoRA beside int4
-    # weights also keeps the builder from packing q/k/v: decode 3x slower). Otherwise it stays in
-    # its exact LoRA form, out of the weights' rounding.
-    fold = merged is not None and precision == "int4"
 
     def write(staging: Path) -> None:
         if adapters:  # the graph gets a LoRA input pair for every module any adapter adapts
@@ -179,10 +174,9 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
             pairs = {name: (torch.zeros(1, size_in), torch.zeros(size_out, 1)) for name, (size_in, size_out) in
                      shapes.items()}
         else:
-            pairs = {name: module.lora() for name, module in merged.modules.items()} if merged is not None and not fold else {}
-        with merged_checkpoint(base, merged, staging) if fold else nullcontext(base.path) as source:
-            dtype = genai.build(source, staging, pairs, precision=precision, execution_provider=execution_provider,
-                                as_inputs=bool(adapters))
+            pairs = {name: module.lora() for name, module in merged.modules.items()} if merged is not None else {}
+        dtype = genai.build(base.path, staging, pairs, precision=precision, execution_provider=execution_provider,
+                            as_inputs=bool(adapters))
         if adapters:
             (staging / "adapters").mkdir()
         for name, factors in adapters.items():
@@ -190,8 +184,7 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
                                         factors.modules.items()}, dtype)
             genai.write_adapter_file(arrays, genai.adapter_file(staging, name))
         record = {"exporter": "onnxruntime-genai", "precision": precision, "execution_provider": execution_provider,
-                  "adapters": sorted(adapters), "merged": merged is not None,
-                  "adapter_form": "folded into the weights" if fold else "LoRA"}
+                  "adapters": sorted(adapters), "merged": merged is not None}
         (staging / genai.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
     def check(factors: AdapterFactors, name: str | None = None) -> Check:
@@ -204,9 +197,9 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     if verify_mode is not None and not checks:
         raise UserError("an onnxruntime-genai export of the base alone has no adapter to verify; pass --adapter, "
                         "or --no-verify")
-    form = ("the adapter folded into the weights before quantization" if fold else
-            "each adapter as LoRA inputs in exact form (lora_A = A, lora_B = s·B(R−I))" if adapters else
-            "the adapter in exact LoRA form (lora_A = A, lora_B = s·B(R−I))" if merged is not None else "the base alone")
+    form = ("each adapter as LoRA inputs in exact form (lora_A = A, lora_B = s·B(R−I))" if adapters else
+            "the adapter in exact LoRA form (lora_A = A, lora_B = s·B(R−I)), out of the weights' rounding"
+            if merged is not None else "the base alone")
     return publish(output, "ONNX export", write, checks if verify_mode is not None else None, overwrite=overwrite,
                    model_card=onnx_model_card(base, merged, adapters,
                                               f"onnxruntime-genai's model builder: {precision}, execution provider "

@@ -76,8 +76,6 @@ STABLE_AVERAGE_VALUES = 1000
 MIN_DECISIVE_POSITIONS = 8
 # Truncated LoRA exports: measured vs recorded optimal rank-k error, per layer.
 TRUNCATION_GAP = 1e-4
-# Quantized weights, layerwise: how many random subspaces measure the quantization noise per layer.
-RANDOM_SUBSPACES = 4
 STATISTICS = ("max_abs_logits", "mean_abs_logits", "kl_divergence")
 
 
@@ -401,20 +399,16 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     """Verify an onnxruntime-genai export with its own adapter, or with ``adapter_file`` active.
 
     ``full``: as `verify_full`, except that the noise is what the export's precision does to the
-    base, against the base in float64: the same graph with every LoRA input at rank 0, or, for an
-    adapter folded into int4 weights, the base built alone at that precision. ``layerwise`` (auto
-    above `FULL_MODE_MAX_PARAMETERS`): each module's LoRA factors in the export against the exact
-    ΔW (`_verify_lora_arrays`), or each folded weight in the adapter's subspace
-    (`_verify_folded_weights`). ``auto`` turns to the latter also when a folded export's full check
-    is inconclusive and nothing else (int4's noise through a deep model can hide the adapter in the
-    logits, not in the weights)."""
+    base: the same graph with every LoRA input at rank 0, against the base in float64 (for int4,
+    the quantized base). ``layerwise`` (auto above `FULL_MODE_MAX_PARAMETERS`, or where the
+    export's execution provider is missing): each module's LoRA factors in the export against the
+    exact ΔW. ``auto`` turns to layerwise also when the full check is inconclusive and nothing else
+    (int4's noise through a deep model can hide the adapter in the logits)."""
     from psoft_deploy.converters import genai
 
     record = genai.export_record(export_dir)
     precision = record.get("precision", "onnxruntime-genai")
-    folded = record.get("adapter_form") == "folded into the weights" and adapter_file is None
-    arrays = {} if folded else (
-        genai.read_adapter_file(adapter_file) if adapter_file else genai.graph_lora_arrays(export_dir))
+    arrays = genai.read_adapter_file(adapter_file) if adapter_file else genai.graph_lora_arrays(export_dir)
     provider = record.get("execution_provider", "cpu")
     runs_here = genai.provider_available(provider)
     if mode == "full" and not runs_here:
@@ -423,8 +417,7 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     if not runs_here and mode == "auto":
         stage(f"note: {provider} is not available here; verifying the export layer by layer")
     if not runs_here or _resolve_mode(mode, base) == "layerwise":
-        return (_verify_folded_weights(base, factors, export_dir, precision) if folded
-                else _verify_lora_arrays(factors, arrays, precision))
+        return _verify_lora_arrays(factors, arrays, precision)
     family = FAMILIES["causal-lm"]
     inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
     sequences = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
@@ -441,27 +434,18 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     model.load_state_dict({key: base.tensor(key).double() for key in factors.replaced_tensors}, strict=False)
     base_truth = forward(model)
     del model
-
-    def outputs(graph: genai.GenaiModel, adapter: str | None) -> torch.Tensor:
-        return torch.cat([torch.from_numpy(graph.logits(tokens, adapter)) for tokens in sequences])
-
     with tempfile.TemporaryDirectory() as scratch:
-        if folded:
-            base_graph = Path(scratch) / "base"
-            genai.build(base.path, base_graph, {}, precision=precision,
-                        execution_provider=record.get("execution_provider", "cpu"), as_inputs=False)
-            candidate, graph_base = outputs(genai.GenaiModel(export_dir), None), outputs(
-                genai.GenaiModel(base_graph), None)
-            base_run = f"the base built alone at {precision}"
-        else:
-            files = {"base": Path(scratch) / "rank0.onnx_adapter"}
-            genai.write_adapter_file({name: genai.rank_zero(name, array) for name, array in arrays.items()},
-                                     files["base"])
-            if adapter_file:
-                files["candidate"] = adapter_file
-            graph = genai.GenaiModel(export_dir, files)
-            candidate, graph_base = outputs(graph, "candidate" if adapter_file else None), outputs(graph, "base")
-            base_run = f"this graph with every LoRA input at rank 0 (the base at {precision})"
+        files = {"base": Path(scratch) / "rank0.onnx_adapter"}
+        genai.write_adapter_file({name: genai.rank_zero(name, array) for name, array in arrays.items()},
+                                 files["base"])
+        if adapter_file:
+            files["candidate"] = adapter_file
+        graph = genai.GenaiModel(export_dir, files)
+
+        def graph_outputs(adapter: str | None) -> torch.Tensor:
+            return torch.cat([torch.from_numpy(graph.logits(tokens, adapter)) for tokens in sequences])
+
+        candidate, graph_base = graph_outputs("candidate" if adapter_file else None), graph_outputs("base")
     # The precision's deviation on the base, carried onto the adapted truth (KL depends on the
     # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
     # update: the reference in the graph's float type.
@@ -469,19 +453,16 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (graph_base - base_truth)),
             "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
             "bare_base": compare_logits(truth, graph_base)}
-    if folded:  # the candidate's weights are quantized anew: the base's noise is a scale, not a per-position value
-        noise = runs["precision"]["per_position"]
-        runs["precision"]["per_position"] = noise.max().expand_as(noise)
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
-                   noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
-                                f"float64 truth, plus the reference in {_name(float_type)} vs float64")
-    if folded and mode == "auto" and report["failed_checks"] and all(
+                   noise_source=f"{precision} alone: this graph with every LoRA input at rank 0 (the base at "
+                                f"{precision}) minus the base in float64, carried onto the float64 truth, plus the "
+                                f"reference in {_name(float_type)} vs float64")
+    if mode == "auto" and report["failed_checks"] and all(
             check.startswith("inconclusive") for check in report["failed_checks"]):
-        # int4's noise through a deep model can hide the adapter in the logits; per weight it does not.
         stage(f"note: {precision}'s own noise hides the adapter in the logits on these prompts (the bare base passes "
-              "too); verifying layer by layer")
+              "too); verifying the adapter's factors in the export instead")
         control = report["bare_base"]["mean_abs_logits"] / report["bounds"]["mean_abs_logits"]
-        report = _verify_folded_weights(base, factors, export_dir, precision) | {
+        report = _verify_lora_arrays(factors, arrays, precision) | {
             "full_mode": f"inconclusive, the bare base at {control:.3g}× the mean bound"}
     return report
 
@@ -528,61 +509,6 @@ def _verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str) -
         "failed_checks": failed,
         "layers_checked": len(errors),
         "max_layer_relative_error": max(errors.values(), default=0.0),
-        "worst_ratio_to_bound": max(ratios.values(), default=0.0),
-    }
-
-
-def _verify_folded_weights(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path, precision: str) -> dict:
-    """Each adapted weight as the export multiplies by (int4 dequantized), Ŵ, against W + ΔW in the
-    adapter's own subspace, where ΔW lives: the deviation there, ‖Q_Bᵀ(Ŵ − W − ΔW)Q_A‖ (Q_B, Q_A
-    orthonormal bases of lora_B's columns and lora_A's rows), may be at most `NOISE_FACTOR` × the
-    largest projection of that deviation onto `RANDOM_SUBSPACES` random subspaces of the same
-    rank (what the quantization does to any such block, measured on this weight). A module whose
-    update ‖ΔW‖ is within its bound is indistinct: if all are, the check is inconclusive."""
-    from psoft_deploy.converters.genai import graph_weights
-
-    weights = graph_weights(export_dir, {module: factor.B.shape[0] for module, factor in factors.modules.items()})
-    generator = torch.Generator().manual_seed(0)
-    failed, ratios, errors, indistinct = [], {}, {}, 0
-
-    def projected(error: torch.Tensor, out_basis: torch.Tensor, in_basis: torch.Tensor) -> float:
-        return torch.linalg.norm(out_basis.T @ error @ in_basis).item()
-
-    def random_basis(size: int, rank: int) -> torch.Tensor:
-        return torch.linalg.qr(torch.randn(size, rank, generator=generator, dtype=torch.float64)).Q
-
-    for module, module_factors in factors.modules.items():
-        if module not in weights:
-            failed.append(f"{module}: the export has no weight for it")
-            continue
-        lora_A, lora_B = (factor.double() for factor in module_factors.lora())
-        delta = lora_B @ lora_A
-        error = torch.from_numpy(weights[module]) - base.tensor(base_tensor_key(module)).double() - delta
-        rank = lora_A.shape[0]
-        noise = max(projected(error, random_basis(error.shape[0], rank), random_basis(error.shape[1], rank))
-                    for _ in range(RANDOM_SUBSPACES))
-        bound = NOISE_FACTOR * max(noise, torch.finfo(torch.float32).tiny)
-        deviation = projected(error, torch.linalg.qr(lora_B).Q, torch.linalg.qr(lora_A.T).Q)
-        update = torch.linalg.norm(delta).item()
-        ratios[module], errors[module] = deviation / bound, deviation / max(update, torch.finfo(torch.float64).tiny)
-        indistinct += update <= bound
-        if ratios[module] > 1:
-            failed.append(f"{module}: deviation in the adapter's subspace {ratios[module]:.3g}× its bound")
-    if ratios and indistinct == len(ratios):
-        failed.append(f"inconclusive: every adapted layer's update is within {precision}'s own noise in its subspace; "
-                      "export at fp16 or fp32")
-    return {
-        "mode": "layerwise",
-        "family": "causal-lm",
-        "dtype": precision,
-        "tolerance": (f"per adapted layer, the weight's deviation from W + ΔW in the adapter's subspace ≤ "
-                      f"{NOISE_FACTOR:g}× its largest projection onto {RANDOM_SUBSPACES} random subspaces of that rank "
-                      f"({precision}'s own noise, measured per layer in this run); the bare base must fail"),
-        "passed": not failed,
-        "failed_checks": failed,
-        "layers_checked": len(ratios),
-        "layers_where_the_bare_base_passes": indistinct,
-        "max_layer_relative_error": max(errors.values(), default=0.0),  # in the subspace, relative to ‖ΔW‖
         "worst_ratio_to_bound": max(ratios.values(), default=0.0),
     }
 

@@ -264,9 +264,8 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
     """Export a causal LM (or an encoder, classifier or ViT) to ONNX, verified against the reference.
 
     Decoder LLMs go through onnxruntime-genai's model builder: the output is a directory og.Model
-    loads (genai_config.json, tokenizer) and `psoft-deploy generate` runs. At fp32 and fp16 the
-    adapter is built in as its exact LoRA form; at int4 it is folded into the weights before
-    quantization. With --adapters-as-inputs, the base is built
+    loads (genai_config.json, tokenizer) and `psoft-deploy generate` runs. The adapter is built in
+    as its exact LoRA form, out of int4 quantization. With --adapters-as-inputs, the base is built
     once and each adapter becomes adapters/NAME.onnx_adapter for og.Adapters. Other models go
     through torch.onnx (inputs input_ids and attention_mask, with --with-past also position_ids
     and past.{i}.key/value; outputs logits and present.{i}.key/value; weights as external data).

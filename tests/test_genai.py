@@ -103,8 +103,6 @@ def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapte
 
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails(two_adapters, precision, tmp_path):
-    """fp16 keeps the adapter as LoRA beside the weights (its noise: the graph at rank 0); int4 folds
-    it into the weights before quantization (its noise: the base built alone at int4)."""
     import onnx
 
     base, work = two_adapters
@@ -112,15 +110,13 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
                  "--precision", precision)
     assert result.exit_code == 0 and f"verification: PASS (full, {precision})" in result.output, result.output
     report = verification_report(tmp_path / "onnx")
-    noise_run = "built alone at int4" if precision == "int4" else "rank 0"
-    assert report["bare_base"]["passes_bounds"] is False and noise_run in report["tolerance"]
+    assert report["bare_base"]["passes_bounds"] is False and "rank 0" in report["tolerance"]
+    assert "out of the weights' rounding" in (tmp_path / "onnx" / "README.md").read_text()
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
-    lora_types = {i.type.tensor_type.elem_type for i in graph.graph.input if ".lora_" in i.name}
     if precision == "int4":
-        assert any(node.op_type == "MatMulNBits" for node in graph.graph.node) and not lora_types
-        assert "folded into the weights before quantization" in (tmp_path / "onnx" / "README.md").read_text()
-    else:
-        assert lora_types == {onnx.TensorProto.FLOAT16}
+        assert any(node.op_type == "MatMulNBits" for node in graph.graph.node)
+    lora_types = {i.type.tensor_type.elem_type for i in graph.graph.input if ".lora_" in i.name}
+    assert lora_types == {onnx.TensorProto.FLOAT if precision == "int4" else onnx.TensorProto.FLOAT16}
     wrong = run("verify", "--base", base, "--adapter", work / "b", "--candidate", tmp_path / "onnx")
     assert wrong.exit_code == 1 and wrong.output.startswith(f"FAIL (full, {precision})"), wrong.output
     layerwise = run("verify", "--base", base, "--adapter", work / "a", "--candidate", tmp_path / "onnx",
@@ -128,8 +124,7 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
     assert layerwise.exit_code == 0 and layerwise.output.startswith(f"PASS (layerwise, {precision})"), layerwise.output
     wrong = run("verify", "--base", base, "--adapter", work / "b", "--candidate", tmp_path / "onnx",
                 "--verify-mode", "layerwise")
-    message = "deviation in the adapter's subspace" if precision == "int4" else "no LoRA factors in the export"
-    assert wrong.exit_code == 1 and message in wrong.output, wrong.output
+    assert wrong.exit_code == 1 and "no LoRA factors in the export" in wrong.output, wrong.output
 
 
 def test_adapter_files_verify_one_by_one_and_crossed_ones_fail(two_adapters):
@@ -216,13 +211,13 @@ def test_a_cuda_export_built_on_a_machine_without_cuda_verifies_layer_by_layer(t
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
 def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path):
-    """Qwen2's packed q/k/v carries biases; both fold the adapter into int4 weights and verify."""
+    """Qwen2's q/k/v carry biases (the builder keeps them unpacked with LoRA)."""
     base = tiny_base(kind, trained=True)
     make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
     result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
                  "--precision", "int4")
-    assert result.exit_code == 0 and "verification: PASS (" in result.output, result.output
+    assert result.exit_code == 0 and "verification: PASS (full, int4)" in result.output, result.output
     layerwise = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "onnx",
                     "--verify-mode", "layerwise")
     assert layerwise.exit_code == 0 and layerwise.output.startswith("PASS (layerwise, int4)"), layerwise.output
-    assert "over 8 layers" in layerwise.output  # q, k, v (split from the packed projection) and down, 2 layers
+    assert "over 8 layers" in layerwise.output  # q, k, v and down, 2 layers
