@@ -44,8 +44,11 @@ FACTORS = ("lora_A", "lora_B")
 FLOAT_ONNX_TYPES = {1: np.float32, 10: np.float16}
 
 
-def builder_refusal(config: dict) -> str | None:
-    """Why onnxruntime-genai's model builder would not convert this model (None: it does)."""
+def builder_refusal(config: dict, replaces_modules: bool = False) -> str | None:
+    """Why onnxruntime-genai's model builder would not convert this model, with an adapter that
+    ``replaces_modules`` (``modules_to_save``) or not (None: it would)."""
+    if replaces_modules:
+        return "does not convert adapters with modules_to_save"
     architecture = (config.get("architectures") or ["this model"])[0]
     if not set(config.get("architectures") or []) & BUILDER_ARCHITECTURES:
         return f"does not convert {architecture}"
@@ -176,7 +179,11 @@ def logits_type(export_dir: Path) -> np.dtype:
 
     model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
     output = next(output for output in model.graph.output if output.name == "logits")
-    return np.dtype(FLOAT_ONNX_TYPES.get(output.type.tensor_type.elem_type, np.float32))
+    elem_type = output.type.tensor_type.elem_type
+    if elem_type not in FLOAT_ONNX_TYPES:
+        raise UserError(f"{export_dir}: logits of ONNX type {elem_type}; psoft-deploy verifies float32 and float16 "
+                        "exports")
+    return np.dtype(FLOAT_ONNX_TYPES[elem_type])
 
 
 def rank_zero(name: str, array: np.ndarray) -> np.ndarray:

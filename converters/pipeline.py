@@ -154,7 +154,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     opset), or ``auto``: genai for the decoders the builder converts, else torch."""
     from psoft_deploy.converters import genai
 
-    refusal = builder_refusal(base, [merged, *(adapters or {}).values()])
+    refusal = genai.builder_refusal(base.config or {}, replaces_modules=any(
+        factors.replaced_tensors for factors in [merged, *(adapters or {}).values()] if factors is not None))
     exporter = resolve_exporter(exporter, refusal)
     if exporter == "torch":
         if precision == "int4" or execution_provider != "cpu":
@@ -221,17 +222,8 @@ def onnx_model_card(base: BaseCheckpoint, merged: AdapterFactors | None, adapter
         f"verification: {verification}"])
 
 
-def builder_refusal(base: BaseCheckpoint, factors: list[AdapterFactors | None]) -> str | None:
-    """Why onnxruntime-genai's model builder would not export ``base`` with these adapters (None: it would)."""
-    from psoft_deploy.converters import genai
-
-    if any(f is not None and f.replaced_tensors for f in factors):
-        return "does not convert adapters with modules_to_save"
-    return genai.builder_refusal(base.config or {})
-
-
 def resolve_exporter(exporter: str, refusal: str | None) -> str:
-    """``auto``: onnxruntime-genai's model builder unless it refuses (`builder_refusal`), then
+    """``auto``: onnxruntime-genai's model builder unless it refuses (`genai.builder_refusal`), then
     torch.onnx with a one-line note."""
     if exporter == "genai" and refusal:
         raise UserError(f"onnxruntime-genai's model builder {refusal}; pass --exporter torch")

@@ -402,8 +402,7 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     base: the same graph with every LoRA input at rank 0, against the base in float64 (for int4,
     the quantized base). ``layerwise`` (auto above `FULL_MODE_MAX_PARAMETERS`, or where the
     export's execution provider is missing): each module's LoRA factors in the export against the
-    exact ΔW. ``auto`` turns to layerwise also when the full check is inconclusive and nothing else
-    (int4's noise through a deep model can hide the adapter in the logits)."""
+    exact ΔW."""
     from psoft_deploy.converters import genai
 
     record = genai.export_record(export_dir)
@@ -453,18 +452,10 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (graph_base - base_truth)),
             "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
             "bare_base": compare_logits(truth, graph_base)}
-    report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
-                   noise_source=f"{precision} alone: this graph with every LoRA input at rank 0 (the base at "
-                                f"{precision}) minus the base in float64, carried onto the float64 truth, plus the "
-                                f"reference in {_name(float_type)} vs float64")
-    if mode == "auto" and report["failed_checks"] and all(
-            check.startswith("inconclusive") for check in report["failed_checks"]):
-        stage(f"note: {precision}'s own noise hides the adapter in the logits on these prompts (the bare base passes "
-              "too); verifying the adapter's factors in the export instead")
-        control = report["bare_base"]["mean_abs_logits"] / report["bounds"]["mean_abs_logits"]
-        report = _verify_lora_arrays(factors, arrays, precision) | {
-            "full_mode": f"inconclusive, the bare base at {control:.3g}× the mean bound"}
-    return report
+    return judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
+                 noise_source=f"{precision} alone: this graph with every LoRA input at rank 0 (the base at "
+                              f"{precision}) minus the base in float64, carried onto the float64 truth, plus the "
+                              f"reference in {_name(float_type)} vs float64")
 
 
 def _right_padded(sequences: list[list[int]]) -> dict:
@@ -759,8 +750,6 @@ def format_verification(report: dict) -> str:
     elif report["mode"] == "layerwise":
         numbers = (f"max layer relative error {report['max_layer_relative_error']:.2e} "
                    f"({report['worst_ratio_to_bound']:.2g}× its bound) over {report['layers_checked']} layers")
-        if "full_mode" in report:
-            numbers += f" (full mode first: {report['full_mode']})"
     else:
         numbers = f"{report['modules_checked']} modules"
     verdict = "PASS" if report["passed"] else "FAIL"
