@@ -186,6 +186,10 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
                      tmp_path / "x", *options)
         assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
     llama = tiny_base("llama")
+    make_peft_adapter(llama, tmp_path / "saves-head", modules_to_save=["lm_head"])
+    result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "saves-head", "--output", tmp_path / "x",
+                 "--exporter", "genai")
+    assert result.exit_code == 1 and "does not convert adapters with modules_to_save" in result.output, result.output
     make_peft_adapter(llama, tmp_path / "llama-adapter")
     result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "llama-adapter", "--output", tmp_path / "x",
                  "--with-past")
