@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -16,6 +17,11 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # What a hub download fetches: weights, configs, tokenizer files, model card.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md"]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def base_tensor_key(module_name: str) -> str:
+    return f"{module_name}.weight"
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
@@ -76,6 +82,23 @@ class BaseCheckpoint:
                 "transformers: from_pretrained(...).save_pretrained(dir) writes safetensors"
             )
         raise UserError(f"base {self.path} holds no {SINGLE_FILE} or {INDEX_FILE}")
+
+    @property
+    def reference(self) -> str:
+        """What names this base on any machine: the hub id it was given as, else its absolute path."""
+        local = Path(self.name).expanduser()
+        return str(local.absolute()) if local.is_dir() else self.name
+
+    def hub_ids(self) -> set[str]:
+        """The hub ids this base is known by (lower case): as given, from a hub-cache snapshot path
+        (``models--org--name/snapshots/...``), or from its config's ``_name_or_path``."""
+        ids = {self.name} if not Path(self.name).expanduser().is_dir() else set()
+        ids |= {part.removeprefix("models--").replace("--", "/") for part in self.path.absolute().parts
+                if part.startswith("models--")}
+        recorded = self.config.get("_name_or_path")
+        if isinstance(recorded, str) and HUB_ID.fullmatch(recorded) and not Path(recorded).exists():
+            ids.add(recorded)
+        return {name.lower() for name in ids}
 
     @cached_property
     def config(self) -> dict:

@@ -109,7 +109,7 @@ def materialize(base, adapter, output, overwrite, read_options):
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
-    published = pipeline.materialize(factors, output, base_name=base, overwrite=overwrite)
+    published = pipeline.materialize(factors, output, base_name=checkpoint.reference, overwrite=overwrite)
     svd = factors.svd or {}
     _echo_verdicts(published)
     click.echo(

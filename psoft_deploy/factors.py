@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from .base import BaseCheckpoint
+from .base import HUB_ID, INDEX_FILE, SINGLE_FILE, BaseCheckpoint, base_tensor_key
 from .errors import UserError
-from .formats import PsoftAdapter, read_adapter
+from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_adapter
 from .options import DEFAULTS, ReadOptions
 from .progress import track
 from .psoft import ModuleFactors, principal_subspace, rotation
@@ -33,19 +33,15 @@ class AdapterFactors:
         return self.adapter.replaced_tensors
 
 
-def base_tensor_key(module_name: str) -> str:
-    return f"{module_name}.weight"
-
-
 def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: ReadOptions = DEFAULTS) -> AdapterFactors:
     """Factors for ``adapter`` on ``base``.
 
     PEFT adapters rebuild A and B by PEFT's SVD of each base weight, first cast to
     ``options.svd_dtype`` (the dtype the base was loaded in for training; default: as stored)
-    on ``options.svd_device``. Paper and materialized adapters carry A and B: no SVD runs. A
-    materialized adapter's base fingerprints must match ``base``, and a PEFT or paper adapter's
-    record of its base must not contradict it (`check_base_identity`); a warning instead with
-    ``options.allow_base_mismatch``. Every shape is checked before any SVD runs.
+    on ``options.svd_device``. Paper and materialized adapters carry A and B: no SVD runs. The
+    adapter's record of its base must not contradict ``base`` (`check_base_identity`; a warning
+    instead with ``options.allow_base_mismatch``), and a PEFT adapter's weights must be the ones
+    its config targets (`check_targets`). All of it is checked before any SVD runs.
     """
     svd_device, svd_dtype = options.svd_device, options.svd_dtype
     if adapter.format == "peft" and base is None:
@@ -61,6 +57,8 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
         for name, params in adapter.modules.items():
             _check_base_shape(adapter, name, params, base.shape(base_tensor_key(name)))
         check_base_identity(adapter, base, options)
+        if adapter.format == "peft":
+            check_targets(adapter, base)
     modules: dict[str, ModuleFactors] = {}
     fingerprints: dict[str, dict] = {}
     stored = adapter.metadata.get("modules", {})
@@ -70,8 +68,6 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
             fingerprints[name] = base.fingerprint(base_tensor_key(name), weight)
         elif name in stored:
             fingerprints[name] = stored[name]["fingerprint"]
-        if adapter.format == "materialized" and weight is not None:
-            _check_fingerprint(name, stored[name]["fingerprint"], fingerprints[name], options.allow_base_mismatch)
         if params.A is not None:
             A, B = params.A, params.B
         else:
@@ -117,24 +113,98 @@ def _check_base_shape(adapter: PsoftAdapter, name: str, params, shape: tuple[int
         )
 
 
+# The config fields PEFT's target matching reads (`peft.tuners.tuners_utils.check_target_module_exists`).
+MATCHING_FIELDS = ("exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
+
+
+def check_targets(adapter: PsoftAdapter, base: BaseCheckpoint) -> None:
+    """Hold a PEFT adapter's weights to its config as PEFT loads it (PEFT's own target matching).
+    Weights of a module the config does not target are refused: PEFT drops them without a word. A
+    targeted module of ``base`` without weights keeps its weight, as in PEFT (R stays at its initial
+    identity), with a warning; refused where PEFT would start R at random (``init_weights`` false)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils import TRANSFORMERS_MODELS_TO_PSOFT_TARGET_MODULES_MAPPING
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    config = adapter.source["adapter_config"]
+    targets = config.get("target_modules")
+    if targets is None:  # PEFT's default for the architecture
+        targets = TRANSFORMERS_MODELS_TO_PSOFT_TARGET_MODULES_MAPPING.get(base.config.get("model_type"))
+        if targets is None:
+            raise UserError(f"{adapter.path / ADAPTER_CONFIG} names no target_modules, and PEFT has no default for "
+                            f"model type {base.config.get('model_type')!r}: PEFT cannot load it; set target_modules")
+    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # PEFT resolves it from the model's layer types and saves the names
+        return
+    matcher = SimpleNamespace(target_modules=targets, target_parameters=None,
+                              **{field: config.get(field) for field in MATCHING_FIELDS})
+    untargeted = [name for name in adapter.modules if not check_target_module_exists(matcher, name)]
+    if untargeted:
+        raise UserError(f"{adapter.path / ADAPTER_WEIGHTS} holds weights for {untargeted[0]}"
+                        f"{f' and {len(untargeted) - 1} more modules' if len(untargeted) > 1 else ''}, which "
+                        f"{ADAPTER_CONFIG} does not target (target_modules {targets}): PEFT would load the adapter "
+                        f"without them. Correct target_modules in {ADAPTER_CONFIG}")
+    present = {base.stored_key(base_tensor_key(name)) for name in adapter.modules}
+    missing = [key.removesuffix(".weight") for key in base.files if key.endswith(".weight") and key not in present
+               and check_target_module_exists(matcher, key.removesuffix(".weight"))]
+    if not missing:
+        return
+    message = (f"{adapter.path / ADAPTER_CONFIG} targets {missing[0]}"
+               f"{f' and {len(missing) - 1} more modules' if len(missing) > 1 else ''}, but "
+               f"{ADAPTER_WEIGHTS} holds no weights for it")
+    if config.get("init_weights", True) is not True:
+        raise UserError(message + ": with init_weights false PEFT starts its R at random. Correct target_modules")
+    warnings.warn(message + ": it stays unchanged (R = I), as PEFT loads it", stacklevel=2)
+
+
 def check_base_identity(adapter: PsoftAdapter, base: BaseCheckpoint, options: ReadOptions = DEFAULTS) -> None:
-    """Refuse (`UserError`) a PEFT or paper adapter whose ``base_model_name_or_path`` contradicts
-    ``base``; a warning instead with ``options.allow_base_mismatch``. Where the recorded base is on
-    this machine (a directory, or a hub id in the hub cache) its architecture, adapted layer shapes
-    and weights are compared; otherwise hub ids, where both bases have one (a hub id given as the
-    base, a hub-cache snapshot path, the config's ``_name_or_path``). What cannot be compared (a
-    path on another machine, a local base of unknown origin) passes."""
+    """Refuse (`UserError`, one line) a ``base`` that is not the one ``adapter`` was made for; a
+    warning instead with ``options.allow_base_mismatch``. An adapter that records its base's
+    fingerprints (materialized, or PEFT written by psoft-deploy) is compared tensor by tensor, dtype
+    included. Otherwise its ``base_model_name_or_path``: where that base is on this machine (a
+    directory, or a hub id in the hub cache), by architecture, adapted layer shapes and weights;
+    else by hub id, where both bases have one. What cannot be compared (a path on another machine,
+    a hub model whose weights are not cached here, a local base of unknown origin) passes; a
+    comparison that fails (an error, or weights that cannot be read) refuses: fail closed."""
     claimed = adapter.base_model_name_or_path
-    if adapter.format == "materialized" or not claimed or claimed == base.name:
+    if not adapter.base_fingerprints and (not claimed or claimed == base.name):
         return
-    difference = _base_difference(claimed, adapter, base)
-    if difference is None:
+    try:
+        message = _recorded_difference(adapter, base) if adapter.base_fingerprints else _claimed_difference(
+            claimed, adapter, base)
+    except Exception as error:  # fail closed: a comparison that could not be made is no match
+        detail = str(error).splitlines()[0] if str(error) else ""
+        message = (f"could not check that {base.name} is the base adapter {adapter.path} was trained on "
+                   f"({claimed or 'its recorded fingerprints'}): {type(error).__name__}: {detail}")
+    if message is None:
         return
-    message = f"adapter {adapter.path} was trained on {claimed}, not on the base given ({base.name}): {difference}"
     if not options.allow_base_mismatch:
         raise UserError(message + "; pass the adapter's own base, or --allow-base-mismatch to proceed anyway")
-    warnings.warn(message + "; proceeding because --allow-base-mismatch was given (A and B come from the base "
-                  "given: whether they are the ones the adapter was trained with cannot be checked)", stacklevel=3)
+    rebuilt = (" (A and B come from the base given: whether they are the ones the adapter was trained with cannot "
+               "be checked)") if adapter.format == "peft" else ""
+    warnings.warn(message + f"; proceeding because --allow-base-mismatch was given{rebuilt}", stacklevel=2)
+
+
+def _recorded_difference(adapter: PsoftAdapter, base: BaseCheckpoint) -> str | None:
+    """How ``base`` differs from the base fingerprints ``adapter`` records (None: it does not)."""
+    for key, recorded in adapter.base_fingerprints.items():
+        actual = base.fingerprint(key)
+        if actual != recorded:
+            differing = [field for field in ("dtype", "shape") if actual[field] != recorded[field]] or ["values"]
+            return (f"base tensor {key} differs from the one adapter {adapter.path} was trained on in its "
+                    f"{' and '.join(differing)} ({_described(actual)} in {base.name}, {_described(recorded)} "
+                    "when trained)")
+    return None
+
+
+def _described(fingerprint: dict) -> str:
+    return f"{fingerprint['dtype']} {'×'.join(map(str, fingerprint['shape']))}, sha256 {fingerprint['sha256'][:12]}…"
+
+
+def _claimed_difference(claimed: str, adapter: PsoftAdapter, base: BaseCheckpoint) -> str | None:
+    difference = _base_difference(claimed, adapter, base)
+    if difference is None:
+        return None
+    return f"adapter {adapter.path} was trained on {claimed}, not on the base given ({base.name}): {difference}"
 
 
 def _base_difference(claimed: str, adapter: PsoftAdapter, base: BaseCheckpoint) -> str | None:
@@ -142,41 +212,26 @@ def _base_difference(claimed: str, adapter: PsoftAdapter, base: BaseCheckpoint) 
     other = _local_base(claimed)
     if other is not None:
         return None if other.path.resolve() == base.path.resolve() else _weights_difference(adapter, other, base)
-    ids = hub_ids(base)
+    ids = base.hub_ids()
     if HUB_ID.fullmatch(claimed) and ids and claimed.lower() not in ids:
         return f"the base is {', '.join(sorted(ids))} on the hub"
     return None
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def hub_ids(base: BaseCheckpoint) -> set[str]:
-    """The hub ids ``base`` is known by (lower case): as given, from a hub-cache snapshot path
-    (``models--org--name/snapshots/...``), or from its config's ``_name_or_path``."""
-    ids = {base.name} if not Path(base.name).expanduser().is_dir() else set()
-    ids |= {part.removeprefix("models--").replace("--", "/") for part in base.path.absolute().parts
-            if part.startswith("models--")}
-    recorded = base.config.get("_name_or_path")
-    if isinstance(recorded, str) and HUB_ID.fullmatch(recorded) and not Path(recorded).exists():
-        ids.add(recorded)
-    return {name.lower() for name in ids}
-
-
 def _local_base(claimed: str) -> BaseCheckpoint | None:
-    """The base ``claimed`` names, if its weights are on this machine (never downloaded)."""
+    """The base ``claimed`` names, if it is on this machine (never downloaded)."""
     path = Path(claimed).expanduser()
     if not path.is_dir() and HUB_ID.fullmatch(claimed):
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
         try:
             path = Path(snapshot_download(claimed, local_files_only=True))
-        except Exception:  # not in the hub cache (or not a valid hub id): nothing local to compare
+        except (LocalEntryNotFoundError, HFValidationError):  # not in the hub cache, or not a hub id
             return None
-    try:
-        return BaseCheckpoint(str(path)) if path.is_dir() else None
-    except UserError:  # no safetensors there
-        return None
+        if not any((path / name).is_file() for name in (INDEX_FILE, SINGLE_FILE)):
+            return None  # only its configs or tokenizer are cached: no weights to compare
+    return BaseCheckpoint(str(path)) if path.is_dir() else None
 
 
 def _weights_difference(adapter: PsoftAdapter, other: BaseCheckpoint, base: BaseCheckpoint) -> str | None:
@@ -194,19 +249,6 @@ def _weights_difference(adapter: PsoftAdapter, other: BaseCheckpoint, base: Base
         if other.fingerprint(key) != base.fingerprint(key):
             return f"{key} holds other weights"
     return None
-
-
-def _check_fingerprint(name: str, expected: dict, actual: dict, allow_mismatch: bool) -> None:
-    if expected == actual:
-        return
-    message = (
-        f"base tensor {base_tensor_key(name)} differs from the one this adapter was materialized against "
-        f"(sha256 {actual['sha256'][:12]}… {actual['dtype']} {actual['shape']} vs "
-        f"{expected['sha256'][:12]}… {expected['dtype']} {expected['shape']})"
-    )
-    if not allow_mismatch:
-        raise UserError(message + "; use the same base, or pass --allow-base-mismatch to proceed anyway")
-    warnings.warn(message + "; proceeding because --allow-base-mismatch was given", stacklevel=3)
 
 
 def load_factors(adapter_path: str, base: str | BaseCheckpoint | None, options: ReadOptions = DEFAULTS) -> AdapterFactors:

@@ -6,6 +6,10 @@
   keys), which store A and B; R uses the lower-triangle convention.
 * ``materialized``: psoft-deploy's own self-contained format (see `psoft_deploy.materialize`).
 
+A PEFT adapter written by psoft-deploy (`write_peft_adapter`) also holds ``psoft_deploy_base.json``:
+the fingerprints of the base tensors it was trained on (sha256, dtype, shape), its absolute path or
+hub id, and its hub ids. PEFT never reads the file; psoft-deploy refuses another base with it.
+
 All readers produce a `PsoftAdapter`; `psoft_deploy.factors.derive_factors` turns it into
 the per-module factors every command consumes.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 from packaging.version import InvalidVersion, Version
 
-from .base import open_safetensors
+from .base import BaseCheckpoint, base_tensor_key, open_safetensors
 from .errors import UserError
 from .options import DEFAULTS, ReadOptions
 from .psoft import RotationSpec, SubspaceSpec
@@ -29,6 +33,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MATERIALIZED_META = "psoft_deploy.json"
 MATERIALIZED_WEIGHTS = "psoft_factors.safetensors"
+BASE_RECORD = "psoft_deploy_base.json"
+BASE_RECORD_FORMAT = "psoft-deploy/base"
 PEFT_PREFIX = "base_model.model."
 FIRST_SEEDED_PEFT = Version("0.20.0")
 MATERIALIZED_FORMAT = "psoft-deploy/materialized"
@@ -67,6 +73,7 @@ class PsoftAdapter:
     source: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    base_fingerprints: dict[str, dict] = field(default_factory=dict)  # base tensor key → `fingerprint`, if recorded
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -132,19 +139,43 @@ def read_adapter(path: str | Path, options: ReadOptions = DEFAULTS, format: str 
     else:
         adapter = _read_paper(path, config, tensors, options.paper_neumann_terms)
     adapter.files = [config_file, path / ADAPTER_WEIGHTS]
+    if (path / BASE_RECORD).is_file():
+        adapter.base_fingerprints = _read_base_record(path / BASE_RECORD)
     check_finite(adapter)
     return adapter
 
 
-def write_peft_adapter(directory: str | Path, config, parameters: dict[str, dict[str, torch.Tensor]]) -> None:
+def write_peft_adapter(directory: str | Path, config, parameters: dict[str, dict[str, torch.Tensor]],
+                       base: BaseCheckpoint | None = None) -> None:
     """A PSOFT adapter as PEFT saves it: ``config`` (a `PsoftConfig`) as adapter_config.json and,
-    per module, R's parameters (``weight``, ``vector_a``, ``vector_b``) under PEFT's keys."""
+    per module, R's parameters (``weight``, ``vector_a``, ``vector_b``) under PEFT's keys. With the
+    ``base`` it was trained on: ``base_model_name_or_path`` is its hub id or absolute path, and
+    psoft_deploy_base.json records it (fingerprints of the adapted base tensors, hub ids)."""
     from safetensors.torch import save_file
 
+    directory = Path(directory)
+    if base is not None:
+        config.base_model_name_or_path = base.reference
+        keys = [base_tensor_key(name) for name in parameters]
+        record = {"format": BASE_RECORD_FORMAT, "name_or_path": base.reference, "hub_ids": sorted(base.hub_ids()),
+                  "tensors": {key: base.fingerprint(key) for key in keys}}
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     config.save_pretrained(directory)
     tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
                for name, params in parameters.items() for key, value in params.items()}
-    save_file(tensors, Path(directory) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
+def _read_base_record(file: Path) -> dict[str, dict]:
+    """The base fingerprints `write_peft_adapter` recorded in ``file``."""
+    record = read_json(file)
+    tensors = record.get("tensors")
+    if record.get("format") != BASE_RECORD_FORMAT or not isinstance(tensors, dict) or not all(
+            isinstance(value, dict) and {"sha256", "dtype", "shape"} <= value.keys() for value in tensors.values()):
+        raise UserError(f"{file} is not a {BASE_RECORD_FORMAT} record of base fingerprints; restore it from the "
+                        "adapter's source, or delete it to rely on base_model_name_or_path alone")
+    return tensors
 
 
 def read_json(file: Path) -> dict:
@@ -334,6 +365,7 @@ def read_materialized(path: Path) -> PsoftAdapter:
             source=metadata["source"],
             metadata=metadata,
             files=[meta_file, path / MATERIALIZED_WEIGHTS],
+            base_fingerprints={module["base_tensor"]: module["fingerprint"] for module in metadata["modules"].values()},
         )
     except (KeyError, TypeError) as error:
         raise UserError(f"{path} is an incomplete materialized adapter (missing {error}); re-materialize it") from None

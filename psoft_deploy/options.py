@@ -19,9 +19,10 @@ class ReadOptions:
     accept PEFT 0.19 low-rank adapters although A and B cannot be reproduced.
     ``paper_neumann_terms``: Cayley–Neumann terms of a paper-repository checkpoint (``None``:
     the exact Cayley transform; 5 is that repository's default). ``allow_base_mismatch``: warn
-    instead of failing when the base differs from the one the adapter was made for (a materialized
-    adapter's fingerprints; a PEFT or paper adapter's ``base_model_name_or_path``, compared by
-    architecture, layer shapes and weights where that base is on this machine, else by hub id)."""
+    instead of failing when the base differs from the one the adapter was made for, or when that
+    cannot be checked (fingerprints the adapter records, else its ``base_model_name_or_path``,
+    compared by architecture, layer shapes and weights where that base is on this machine, else by
+    hub id)."""
 
     svd_device: str = "cpu"
     svd_dtype: str | None = None
@@ -69,8 +70,8 @@ def read_options(command):
         click.option("--paper-neumann-terms", type=click.IntRange(min=0), default=DEFAULTS.paper_neumann_terms,
                      show_default=True, help="Cayley–Neumann terms of a paper-repository checkpoint."),
         click.option("--allow-base-mismatch", is_flag=True,
-                     help="Warn instead of failing when the base is not the one the adapter was made for: a "
-                          "materialized adapter's base fingerprints differ, or a PEFT or paper adapter's "
+                     help="Warn instead of failing when the base is not the one the adapter was made for, or when "
+                          "that cannot be checked: the base fingerprints the adapter records differ, or its "
                           "base_model_name_or_path names another model (other architecture, layer shapes or "
                           "weights where that model is on this machine, else another hub id)."),
     ]

@@ -306,8 +306,8 @@ def train(argv: list[str]) -> Path:
     model = load_base_model(base.path, BITS[args.bits]).to(config.device)
     layers = adapt(model, args)
     check_ranks_agree(layers)
-    trainer = AdapterCheckpointTrainer(model=model, psoft_args=args, layers=layers, args=config, train_dataset=data,
-                                       processing_class=tokenizer)
+    trainer = AdapterCheckpointTrainer(model=model, psoft_args=args, layers=layers, base=base, args=config,
+                                       train_dataset=data, processing_class=tokenizer)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -342,15 +342,14 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
     try:
-        write_trained_adapter(staging, args, layers)
+        write_trained_adapter(staging, args, layers, base)
         adapter = read_adapter(staging)  # exactly what PEFT and the converters will read
         with torch.no_grad():
             modules = {name: ModuleFactors(A=layer.A.cpu(), B=layer.B.cpu(), R=layer.rotation().cpu(),
                                            scale=layer.scale) for name, layer in layers.items()}
         fingerprints = {name: base.fingerprint(base_tensor_key(name)) for name in layers}
         svd = {"backend": args.psoft_svd, "device": svd_device, "dtype": svd_dtype, "torch": torch.__version__}
-        save_materialized_files(AdapterFactors(adapter, modules, fingerprints, svd), staging,
-                                args.base_model_name_or_path)
+        save_materialized_files(AdapterFactors(adapter, modules, fingerprints, svd), staging, base.reference)
         tokenizer.save_pretrained(staging)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (output / MATERIALIZED_META).unlink(missing_ok=True)
@@ -361,26 +360,27 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_trained_adapter(directory: Path, args, layers: dict[str, PsoftLinear]) -> None:
-    """The trained layers as PEFT saves a PSOFT adapter: adapter_config.json and R's parameters."""
+def write_trained_adapter(directory: Path, args, layers: dict[str, PsoftLinear], base: BaseCheckpoint) -> None:
+    """The trained layers as PEFT saves a PSOFT adapter (adapter_config.json and R's parameters), with
+    the record of ``base`` (see `write_peft_adapter`)."""
     write_peft_adapter(directory, psoft_config(args),
-                       {name: layer.psoft_R.state_dict() for name, layer in layers.items()})
+                       {name: layer.psoft_R.state_dict() for name, layer in layers.items()}, base)
 
 
 class AdapterCheckpointTrainer(SFTTrainer):
     """TRL's SFTTrainer whose checkpoints hold the adapter alone, in PEFT's format (as PEFT's own
     training writes them), instead of a full copy of the base; resuming loads R's parameters."""
 
-    def __init__(self, *args, psoft_args, layers: dict[str, PsoftLinear], **kwargs):
+    def __init__(self, *args, psoft_args, layers: dict[str, PsoftLinear], base: BaseCheckpoint, **kwargs):
         super().__init__(*args, **kwargs)
-        self.psoft_args, self.psoft_layers = psoft_args, layers
+        self.psoft_args, self.psoft_layers, self.psoft_base = psoft_args, layers, base
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.args.should_save:  # other ranks of a distributed run write nothing
             return
         directory = Path(output_dir or self.args.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        write_trained_adapter(directory, self.psoft_args, self.psoft_layers)
+        write_trained_adapter(directory, self.psoft_args, self.psoft_layers, self.psoft_base)
         apply_umask(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
