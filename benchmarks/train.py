@@ -81,7 +81,8 @@ def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
     from trl import SFTTrainer
 
     from psoft_deploy.model import load_base_model
-    from psoft_deploy.train import parser, sft_config
+    from psoft_deploy.train import sft_config
+    from psoft_deploy.train_args import parser
 
     args = parser().parse_args(["--base_model_name_or_path", str(base), "--output_dir", str(output),
                                 "--data_path", str(data), "--max_steps", str(steps), *COMMON])
@@ -103,7 +104,8 @@ def compare_one_layer(reps: int = 30) -> dict:
     from peft import PsoftConfig, get_peft_model
     from torch import nn
 
-    from psoft_deploy.train import adapt, parser
+    from psoft_deploy.train import adapt
+    from psoft_deploy.train_args import parser
 
     class Block(nn.Module):
         def __init__(self):

@@ -10,7 +10,6 @@ whatever the shard size.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from psoft_deploy import __version__
 from psoft_deploy.base import INDEX_FILE, BaseCheckpoint, open_safetensors
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
+from psoft_deploy.outputs import format_size
 from psoft_deploy.progress import track
 from psoft_deploy.streaming import DTYPES, torch_dtype, write_streaming
 
@@ -115,8 +115,8 @@ def merge_to_directory(
     free = shutil.disk_usage(staging).free
     if free < plan.total_size:
         raise UserError(
-            f"not enough disk space in {staging.parent}: the merged model needs {plan.total_size / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB are free"
+            f"not enough disk space in {staging.parent}: the merged model needs {format_size(plan.total_size)}, "
+            f"{format_size(free)} are free"
         )
     deltas, replaced = stored_deltas(base, factors), stored_replacements(base, factors)
     progress = track(total=sum(len(keys) for keys in plan.shards.values()), desc="merge", unit="tensor")
@@ -127,12 +127,7 @@ def merge_to_directory(
 
     for filename, keys in plan.shards.items():
         entries = [(key, plan.dtypes[key], plan.shapes[key]) for key in keys]
-        try:
-            write_streaming(staging / filename, entries, produce, metadata={"format": "pt"})
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise UserError(f"disk full while writing {filename}; free space in {staging.parent}") from None
-            raise
+        write_streaming(staging / filename, entries, produce, metadata={"format": "pt"})
     progress.close()
     if len(plan.shards) > 1:
         weight_map = {key: filename for filename, keys in plan.shards.items() for key in keys}

@@ -11,17 +11,33 @@ import click
 from . import __version__
 from .errors import UserError
 from .options import read_options
-from .outputs import check_output, check_writable
+from .outputs import atomic_write_text, check_apart, check_output, check_writable
 
 
 class PsoftGroup(click.Group):
-    """A click group that turns `UserError` into one ``Error: ...`` line and exit status 1."""
+    """A click group that turns `UserError` into one ``Error: ...`` line and exit status 1, and takes
+    its --verbose after the command too (``merge ... --verbose``)."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, verbose_first(args))
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as error:
             raise click.ClickException(str(error)) from None
+
+
+def verbose_first(args: list[str]) -> list[str]:
+    """``args`` with a --verbose given after the command name moved before it, where the group's
+    option is parsed; serve keeps its own --verbose (vLLM's log), and arguments after ``--`` stay."""
+    command = next((index for index, arg in enumerate(args) if not arg.startswith("-")), None)
+    if command is None or args[command] == "serve":
+        return args
+    end = args.index("--", command) if "--" in args[command:] else len(args)
+    if "--verbose" not in args[command:end]:
+        return args
+    return ["--verbose", *args[:command], *[arg for arg in args[command:end] if arg != "--verbose"], *args[end:]]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -56,12 +72,13 @@ class ShardSize(click.ParamType):
     def convert(self, value, param, ctx):
         from huggingface_hub.serialization._base import parse_size_to_int
 
-        if isinstance(value, int):
-            return value
         try:
-            return int(value) if str(value).isdigit() else parse_size_to_int(str(value))
+            size = int(value) if str(value).isdigit() else parse_size_to_int(str(value))
         except ValueError:
             self.fail(f"{value!r} is not a size such as 5GB, 500MB or 2000000000", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} is not a positive size such as 5GB or 500MB", param, ctx)
+        return size
 
 
 VERIFY_MODE = click.option(
@@ -75,7 +92,8 @@ VERIFY_MODE = click.option(
 @click.version_option(__version__, prog_name="psoft-deploy")
 @click.option("--verbose", is_flag=True,
               help="Also show other libraries' output (transformers' warnings and progress bars, torch.onnx's "
-                   "progress, onnxruntime's and Python warnings). `serve --verbose` shows vLLM's log.")
+                   "progress, onnxruntime's and Python warnings); may also follow the command. `serve --verbose` "
+                   "shows vLLM's log.")
 @click.pass_context
 def cli(ctx, verbose):
     """Take trained PSOFT adapters to production: exact, fast, verified.
@@ -105,7 +123,7 @@ def materialize(base, adapter, output, overwrite, read_options):
     Example:
       psoft-deploy materialize --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./materialized
     """
-    check_output(output, overwrite)
+    check_output(output, overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
@@ -172,7 +190,7 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
     Example:
       psoft-deploy merge --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./merged
     """
-    check_output(output, overwrite)
+    check_output(output, overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
@@ -212,7 +230,7 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
       psoft-deploy export-lora --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./lora
       psoft-deploy export-lora --base ... --adapter ... --output ./lora-99 --energy 0.99 --target vllm
     """
-    check_output(output, overwrite)
+    check_output(output, overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
@@ -283,10 +301,11 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
 
     if not adapters_as_inputs and len(adapters) > 1:
         raise UserError("a merged export takes one --adapter; pass --adapters-as-inputs for several")
-    check_output(output, overwrite)
+    paths = parse_named_adapters(adapters) if adapters_as_inputs else {}
+    inputs = {f"adapter {name}": path for name, path in paths.items()} or {"adapter": adapters[0] if adapters else None}
+    check_output(output, overwrite, {"base": base, **inputs})
     checkpoint = BaseCheckpoint(base)
-    named = {name: load_factors(path, checkpoint, read_options)
-             for name, path in parse_named_adapters(adapters).items()} if adapters_as_inputs else {}
+    named = {name: load_factors(path, checkpoint, read_options) for name, path in paths.items()}
     merged = load_factors(adapters[0], checkpoint, read_options) if adapters and not adapters_as_inputs else None
     published = pipeline.export_onnx(checkpoint, output, merged=merged, adapters=named, exporter=exporter,
                                      precision=precision, execution_provider=execution_provider,
@@ -410,13 +429,13 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
     )
 
     if report:
+        check_apart(report, {"base": base, "adapter": adapter, "candidate": candidate})
         check_writable(report, "report")
     checkpoint, factors = _load(base, adapter, read_options)
     result = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode,
                               prompts=read_prompts(prompts) if prompts else None)
     if report:
-        Path(report).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(report).expanduser().write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(report, json.dumps(result, indent=2) + "\n")
     click.echo(json.dumps(result, indent=2) if as_json else format_verification(result))
     if not result["passed"]:
         raise click.exceptions.Exit(1)
@@ -449,14 +468,15 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, verbose, vllm_arg
       psoft-deploy demo --output ./demo
       psoft-deploy serve --base ./demo/base --adapter demo=./demo/psoft-adapter
     """
-    from pathlib import Path
-
-    from psoft_deploy.serve.cache import default_cache_dir
-    from psoft_deploy.serve.launcher import plan_serve, run_server
+    from psoft_deploy.serve.names import check_served_names
 
     named = parse_named_adapters(adapters)
     if not named and not adapter_root:
         raise UserError("nothing to serve: pass --adapter NAME=PATH and/or --adapter-root DIR")
+    check_served_names(base, named, adapter_root)  # before torch and vLLM are imported
+    from psoft_deploy.serve.cache import default_cache_dir
+    from psoft_deploy.serve.launcher import plan_serve, run_server
+
     plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port,
                       cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), vllm_args=vllm_args,
                       read_options=read_options)
@@ -478,6 +498,9 @@ def train(arguments):
       psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B --data_path ./data.jsonl \\
           --output_dir ./psoft-adapter --r 128 --psoft_alpha 128 --target_modules q_proj v_proj
     """
+    from .train_args import parse
+
+    parse(list(arguments))  # --help and bad arguments answer before torch is imported
     from .train import train as run_training
 
     output = run_training(list(arguments))

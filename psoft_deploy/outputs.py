@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from .errors import UserError
+
+Inputs = Mapping[str, "str | Path | None"]  # what each input is (base, adapter, ...) -> where it is
 
 
 def current_umask() -> int:
@@ -28,6 +31,41 @@ def apply_umask(directory: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def format_size(size: int) -> str:
+    """``size`` bytes as people read it: 3.2 GiB, 140.5 MiB, 12.0 KiB, 800 bytes."""
+    units = [(2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")]
+    return next((f"{size / scale:.1f} {unit}" for scale, unit in units if size >= scale), f"{size} bytes")
+
+
+def describe_os_error(error: OSError) -> str:
+    """An OSError as one line: its reason and, where it names one, its file."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason} ({error.filename})" if error.filename else reason
+
+
+def write_failure(output: str | Path, error: OSError) -> UserError:
+    """The one line for an OSError met while writing ``output`` (disk full, permissions, ...)."""
+    if error.errno == errno.ENOSPC:
+        return UserError(f"disk full while writing {output}; free space in {Path(output).parent} and run it again "
+                         "(nothing was written)")
+    return UserError(f"could not write {output}: {describe_os_error(error)} (nothing was written)")
+
+
+def check_apart(output: str | Path, inputs: Inputs) -> None:
+    """Refuse (`UserError`) an ``output`` that is, contains or lies inside one of ``inputs``, symlinks
+    resolved. Only local paths are compared: an input that is not one (a hub id) cannot be overwritten."""
+    target = Path(output).expanduser().resolve()
+    for role, given in inputs.items():
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        path = Path(given).expanduser().resolve()
+        relation = ("is" if target == path else "lies inside" if target.is_relative_to(path)
+                    else "contains" if path.is_relative_to(target) else None)
+        if relation:
+            raise UserError(f"output {output} {relation} the {role} {given}: choose an output apart from the "
+                            "command's inputs")
+
+
 def check_writable(path: str | Path, what: str = "output") -> None:
     """Refuse (`UserError`) a ``path`` this process could not create or replace: its nearest
     existing ancestor must be a directory it may write to, and an existing ``path`` writable."""
@@ -41,10 +79,12 @@ def check_writable(path: str | Path, what: str = "output") -> None:
         raise UserError(f"cannot write {what} {path}: the file is not writable")
 
 
-def check_output(output: str | Path, overwrite: bool = False) -> None:
+def check_output(output: str | Path, overwrite: bool = False, inputs: Inputs | None = None) -> None:
     """What `atomic_output_dir` refuses, checked up front (before a command does any work): an
-    ``output`` that is a file, non-empty without ``overwrite``, or whose directory is not writable."""
-    output = Path(output).expanduser().absolute()
+    ``output`` that is, contains or lies inside one of ``inputs`` (`check_apart`), is a file, is
+    non-empty without ``overwrite``, or whose directory is not writable. A symlink is followed."""
+    check_apart(output, inputs or {})
+    output = Path(output).expanduser().resolve()
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -52,33 +92,68 @@ def check_output(output: str | Path, overwrite: bool = False) -> None:
     check_writable(output)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write the file ``path`` whole or not at all (a temporary sibling renamed into place); an
+    OSError becomes one `UserError` line."""
+    path = Path(path).expanduser().resolve()
+    staging = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.partial-", delete=False) as file:
+            staging = Path(file.name)
+            file.write(text)
+        staging.chmod(0o666 & ~current_umask())
+        staging.replace(path)
+    except OSError as error:
+        raise write_failure(path, error) from None
+    finally:
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``output``; rename it to ``output`` only if the block succeeds.
 
-    An existing non-empty ``output`` is refused unless ``overwrite``; it is replaced only
-    once the new directory is complete. Everything in it gets the permissions the umask gives
-    any new file or directory (not 0700 or 0600 from temporary files, as some writers use).
+    ``output`` is checked by `check_output` (commands check it against their inputs before any
+    work); a symlink is followed: the link stays and what it points to is written. An existing
+    non-empty ``output`` is replaced only once the new directory is complete. Everything in it gets
+    the permissions the umask gives any new file or directory (not 0700 or 0600 from temporary
+    files, as some writers use). An OSError while writing (disk full, permissions) becomes one
+    `UserError` line, and nothing is left behind.
     """
-    output = Path(output).expanduser().absolute()
     check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    output = Path(output).expanduser().resolve()
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as error:
+        raise write_failure(output, error) from None
     try:
         yield staging
         apply_umask(staging)
         if output.exists():
-            retired = output.with_name(f".{output.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-            output.rename(retired)
-            staging.rename(output)
-            try:
-                shutil.rmtree(retired)
-            except OSError as error:
-                warnings.warn(f"{output} is written; its previous contents, moved to {retired}, could not all be "
-                              f"removed ({error.strerror}: {error.filename}); delete that directory yourself",
-                              stacklevel=3)
+            _replace(output, staging)
         else:
             staging.rename(output)
+    except OSError as error:
+        raise write_failure(output, error) from None
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(output: Path, staging: Path) -> None:
+    """Put ``staging`` in place of the existing ``output`` (back as it was if that fails), then
+    delete the previous contents, with one warning if some cannot be."""
+    retired = output.with_name(f".{output.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+    output.rename(retired)
+    try:
+        staging.rename(output)
+    except OSError:
+        retired.rename(output)
+        raise
+    try:
+        shutil.rmtree(retired)
+    except OSError as error:
+        warnings.warn(f"{output} is written; its previous contents, moved to {retired}, could not all be removed "
+                      f"({describe_os_error(error)}); delete that directory yourself", stacklevel=4)

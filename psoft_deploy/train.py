@@ -8,7 +8,6 @@ psoft_deploy -- train ...`` (without ``--``, torchrun's own parser takes ``--r``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -21,74 +20,19 @@ import torch
 from torch import nn
 from trl import SFTTrainer
 
-from . import __version__
+from . import __version__, train_args
 from .base import BaseCheckpoint
 from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
 from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
 from .layer import PsoftLinear, PsoftRotation, replace_module
 from .materialize import save_materialized_files
-from .outputs import apply_umask
+from .outputs import apply_umask, write_failure
 from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
 
 SUMMARY_FILE = "training_summary.json"
 DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-BITS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "32": torch.float32}
-
-
-def number(text: str) -> int | float:
-    """A number as the user wrote it: an int when it is integral (so ``--psoft_alpha 32`` is saved as 32)."""
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
-def parser() -> argparse.ArgumentParser:
-    """The quick-start script's options plus PSOFT's own and TRL's data options, with their names."""
-    p = argparse.ArgumentParser(
-        prog="psoft-deploy train", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B "
-               "--data_path ./chat.jsonl \\\n      --output_dir ./psoft-adapter --r 128 --psoft_alpha 128 "
-               "--target_modules q_proj v_proj")
-    add = p.add_argument
-    add("--base_model_name_or_path", required=True, help="Base model: local directory or hub id.")
-    add("--output_dir", required=True, help="Where the adapter, materialized factors and checkpoints go.")
-    add("--data_path", required=True, help="datasets hub name, or a local .txt/.json/.jsonl/.csv/.parquet file: "
-                                           "a text column, chat 'messages', or 'prompt' and 'completion'.")
-    add("--dataset_split", default="train", help="e.g. 'train[:1%%]'.")
-    add("--dataset_text_field", default="text", help="Column holding the text (plain-text data).")
-    add("--max_length", type=int, default=512, help="Truncate examples (with --packing: the packed length) to this "
-                                                    "many tokens.")
-    add("--packing", action="store_true", help="Pack several examples into each sequence of --max_length tokens.")
-    add("--assistant_only_loss", action="store_true",
-        help="Train on the assistant turns only ('messages' data; the chat template needs {%% generation %%} marks).")
-    add("--completion_only_loss", action=argparse.BooleanOptionalAction, default=None,
-        help="Train on the completion only ('prompt'/'completion' data, where it is the default).")
-    add("--num_train_epochs", type=float, default=1.0, help="Passes over the data (unless --max_steps).")
-    add("--max_steps", type=int, default=-1, help="Stop after this many optimizer steps (overrides epochs).")
-    add("--per_device_train_batch_size", type=int, default=1, help="Sequences per step and process.")
-    add("--gradient_accumulation_steps", type=int, default=1, help="Steps whose gradients add up to one update.")
-    add("--learning_rate", type=float, default=5e-4, help="AdamW learning rate.")
-    add("--bits", default="fp32", choices=sorted(BITS), help="dtype the base is loaded (and trained) in.")
-    add("--seed", type=int, default=42, help="Seed for data order, dropout and initialisation.")
-    add("--save_steps", type=int, default=500, help="Checkpoint every N steps (in OUTPUT_DIR/checkpoints).")
-    add("--logging_steps", type=int, default=10, help="Log the loss every N steps.")
-    add("--resume_from_checkpoint", default=None, help="A checkpoint directory, or 'latest'.")
-    add("--overwrite_output_dir", action="store_true", help="Replace an adapter already in OUTPUT_DIR.")
-    add("--r", type=int, default=32, help="PSOFT rank.")
-    add("--psoft_alpha", type=number, default=32, help="Scale s = psoft_alpha / r.")
-    add("--target_modules", nargs="+", default=["q_proj", "v_proj"], help="Module names (or name suffixes).")
-    add("--psoft_dropout", type=float, default=0.0, help="Dropout on the adapter path's input.")
-    add("--psoft_svd", choices=["full", "lowrank"], default="full", help="SVD that builds the principal subspace.")
-    add("--psoft_svd_lowrank_niter", type=int, default=10, help="Power iterations of the low-rank SVD.")
-    add("--ab_svd_init", choices=["psoft_init", "pissa_init"], default="psoft_init", help="How A and B take S.")
-    add("--use_cayley_neumann", action="store_true", help="R by a Cayley–Neumann series instead of an inverse.")
-    add("--num_cayley_neumann_terms", type=int, default=5, help="Terms of that series.")
-    add("--cayley_neumann_eps", type=float, default=None, help="Scale Q down to this Frobenius norm first.")
-    for name, help_text in (("psoft_orth", "orthogonal R (Cayley)"), ("psoft_mag_a", "input-side magnitude vector"),
-                            ("psoft_mag_b", "output-side magnitude vector")):
-        add(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=help_text)
-    return p
+BITS = {name: getattr(torch, dtype) for name, dtype in train_args.BITS.items()}
 
 
 def psoft_config(args):
@@ -279,7 +223,7 @@ def sft_config(args):
 
 def train(argv: list[str]) -> Path:
     """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
-    args = parser().parse_args(argv)
+    args = train_args.parse(argv)
     from transformers import AutoTokenizer
 
     from .model import load_base_model
@@ -287,11 +231,6 @@ def train(argv: list[str]) -> Path:
     output = Path(args.output_dir)
     if (output / ADAPTER_WEIGHTS).exists() and not args.overwrite_output_dir:
         raise UserError(f"{output} already holds an adapter; pass --overwrite_output_dir to replace it")
-    least = {"max_length": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "save_steps": 1,
-             "logging_steps": 1}
-    for name, minimum in least.items():
-        if getattr(args, name) < minimum:
-            raise UserError(f"--{name} must be at least {minimum}")
     psoft_config(args)
     resume = checkpoint_to_resume(args.resume_from_checkpoint, output / "checkpoints")
     config = sft_config(args)
@@ -338,7 +277,8 @@ def train(argv: list[str]) -> Path:
 def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, PsoftLinear], tokenizer, summary: dict,
                  *, svd_dtype: str, svd_device: str) -> None:
     """The PEFT adapter, the materialized factors (written last: their presence marks a complete
-    output), the tokenizer and the training summary. Each file is staged and renamed into place."""
+    output), the tokenizer and the training summary. Each file is staged and renamed into place; an
+    OSError (disk full) is one `UserError` line."""
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
     try:
@@ -356,6 +296,8 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
         apply_umask(staging)
         for file in sorted(staging.iterdir(), key=lambda f: f.name == MATERIALIZED_META):
             file.replace(output / file.name)
+    except OSError as error:
+        raise write_failure(output, error) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -39,7 +39,7 @@ from psoft_deploy.serve.preflight import (
     stored_dtype,
     vllm_flag,
 )
-from psoft_deploy.serve.resolver import SAFE_NAME
+from psoft_deploy.serve.names import check_served_names
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
@@ -85,15 +85,11 @@ def plan_serve(
 ) -> ServePlan:
     """Check the base, convert the adapters (or find them in the cache) and lay out the vLLM
     invocation; on CPU size the KV cache from ``free_bytes`` (default: the memory available now)."""
+    check_served_names(base, adapters, adapter_root)
     checkpoint = BaseCheckpoint(base)
     cpu = on_cpu() if cpu is None else cpu
     check_base(checkpoint, cpu)
     cache = LoraCache(cache_dir, checkpoint, read_options)
-    for name in adapters:
-        if not SAFE_NAME.fullmatch(name) or name == base:
-            raise UserError(f"adapter name {name!r} must be letters, digits, '.', '_', '-' and differ from the base")
-    if adapter_root and not Path(adapter_root).is_dir():
-        raise UserError(f"--adapter-root {adapter_root} is not a directory")
     served, ranks = {}, []
     for name, path in adapters.items():
         click.echo(f"psoft-deploy: preparing adapter {name} from {path}", err=True)

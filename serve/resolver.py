@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from pathlib import Path
 
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
+from psoft_deploy.serve.names import SAFE_NAME
+
 RESOLVER_NAME = "psoft-deploy"
-# One path component: letters, digits, '.', '_', '-'; no leading dot (so no '..').
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 logger = logging.getLogger(__name__)
 
 

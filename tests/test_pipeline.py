@@ -99,7 +99,7 @@ def test_the_resolver_honours_the_read_options(tiny_base, tmp_path, monkeypatch)
 
 
 def test_every_option_has_help_and_every_command_an_example():
-    from psoft_deploy.train import parser
+    from psoft_deploy.train_args import parser
 
     for name, command in cli.commands.items():
         assert "Example" in (command.help or ""), f"{name} --help shows no example"
