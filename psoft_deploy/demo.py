@@ -14,8 +14,10 @@ from .outputs import check_writable
 from .tiny import build_tiny_model
 
 TRAIN_STEPS = 30
-# The tiny Llama's sizes: head size 128 / 2 = 64, which vLLM's CPU attention supports (16 is refused).
-MODEL_SIZES = {"hidden": 128, "heads": 2, "layers": 2}
+# The tiny Llama's sizes: head size 128 / 2 = 64, which vLLM's CPU attention supports (16 is refused);
+# a vocabulary of exactly the tokenizer's size (its 256 bytes and 4 special tokens, plus merges), and
+# unlike any layer's width (128, 256), which onnxruntime-genai's builder would take for the LM head.
+MODEL_SIZES = {"hidden": 128, "heads": 2, "layers": 2, "vocab_size": 384}
 
 
 def run_demo(output: str | None = None) -> Path:
