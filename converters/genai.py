@@ -11,7 +11,7 @@ Every LoRA factor then becomes a graph input with a symbolic rank whose default 
 factor (or, with adapters as inputs, an empty rank-0 tensor: the base). An ``.onnx_adapter`` file
 (`og.Adapters`) replaces them per request, and verification runs the same graph at rank 0 to
 measure what the precision alone does to the base. This module imports neither torch nor
-transformers outside `build` and `_write_lora`, so `generate` stays torch-free.
+transformers outside `build`, `_write_lora` and `round_like_builder`, so `generate` stays torch-free.
 """
 
 from __future__ import annotations
@@ -54,18 +54,50 @@ def builder_refusal(config: dict, replaces_modules: bool = False) -> str | None:
         return f"does not convert {architecture}"
     if any(isinstance(value, dict) for value in (config.get("rope_parameters") or {}).values()):
         return f"does not read {architecture}'s per-layer-type rope_parameters (transformers 5)"
+    vocab_size = config.get("vocab_size")
+    clashes = [name for name, width in _linear_widths(config).items() if width == vocab_size]
+    if clashes:
+        return (f"would wire the LM head onto a layer: it takes any Linear with vocab_size ({vocab_size}) outputs "
+                f"for the head, and {' and '.join(clashes)} {'is' if len(clashes) == 1 else 'are'} {vocab_size} too")
     return None
+
+
+def _linear_widths(config: dict) -> dict[str, int]:
+    """The output widths of the builder's decoders' Linear layers other than the head (its
+    ``has_lm_head`` takes any Linear as wide as the vocabulary for the head), by what sets them."""
+    hidden, heads = config.get("hidden_size") or 0, config.get("num_attention_heads") or 1
+    kv_heads, intermediate = config.get("num_key_value_heads") or heads, config.get("intermediate_size") or 0
+    head_dim = config.get("head_dim") or hidden // heads
+    widths = {"hidden_size": hidden, "intermediate_size": intermediate,
+              "num_attention_heads × head_dim": heads * head_dim, "num_key_value_heads × head_dim": kv_heads * head_dim}
+    if "Phi3ForCausalLM" in (config.get("architectures") or []):  # fused qkv_proj and gate_up_proj
+        widths |= {"(num_attention_heads + 2 × num_key_value_heads) × head_dim": (heads + 2 * kv_heads) * head_dim,
+                   "2 × intermediate_size": 2 * intermediate}
+    return widths
 
 
 def is_genai_export(directory: Path) -> bool:
     return (Path(directory) / GENAI_CONFIG).is_file()
 
 
-def builder_node(module: str, factor: str) -> str:
+def builder_node(module: str, factor: str | None = None) -> str:
     """The builder's name for the MatMul of one LoRA factor of ``module``
-    (``model.layers.3.self_attn.q_proj`` → ``/model/layers.3/attn/q_proj/lora_A/MatMul``)."""
+    (``model.layers.3.self_attn.q_proj`` → ``/model/layers.3/attn/q_proj/lora_A/MatMul``), or of
+    its base weight (``factor`` None: ``/model/layers.3/attn/q_proj/MatMul``)."""
     path = re.sub(r"layers\.(\d+)", r"layers#\1", module.replace(".self_attn.", ".attn."))
-    return f"/{path.replace('.', '/').replace('#', '.')}/{factor}/MatMul"
+    return f"/{path.replace('.', '/').replace('#', '.')}{f'/{factor}' if factor else ''}/MatMul"
+
+
+def quantization_options(modules, quantize_adapted: bool = False) -> tuple[str, ...]:
+    """The builder's int4 options: k-quant, and the adapted ``modules``' base weights left in the
+    graph's float type (unless ``quantize_adapted``). Measured on SmolLM2-135M-Instruct with an
+    adapter trained to answer ``ANSWER: n`` (docs/int4.md): with every weight in int4 the adapter
+    collapses into gibberish (0/20 answers in its format, RTN or k-quant); with its modules
+    unquantized it keeps its format (18/20 with k-quant, 11/20 with RTN)."""
+    options = ["algo_config=k_quant"]
+    if modules and not quantize_adapted:
+        options.append("nodes_to_exclude=" + ",".join(builder_node(module) for module in sorted(modules)))
+    return tuple(options)
 
 
 def lora_input(module: str, factor: str) -> str:
@@ -84,7 +116,7 @@ def lora_arrays(pairs: dict, dtype) -> dict[str, np.ndarray]:
 
 
 def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, execution_provider: str,
-          as_inputs: bool) -> np.dtype | None:
+          as_inputs: bool, builder_options: tuple[str, ...] = ()) -> np.dtype | None:
     """Run the model builder on ``base_dir`` into ``staging`` with the LoRA ``pairs``
     (``{module: (lora_A, lora_B)}`` tensors) and turn every factor into a graph input: defaulting
     to the pair (``as_inputs`` False) or to rank 0. Returns the float type of the LoRA inputs (None
@@ -93,11 +125,15 @@ def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, executi
         work = Path(work)
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base_dir), "-o", str(staging),
                    "-p", precision, "-e", execution_provider, "-c", str(work / "cache")]
+        extra = dict(option.split("=", 1) for option in builder_options)
         if pairs:
             lora_dir = work / "lora"
             _write_lora(lora_dir, pairs)
-            excluded = ",".join(builder_node(module, factor) for module in pairs for factor in FACTORS)
-            command += ["--extra_options", f"adapter_path={lora_dir}", f"nodes_to_exclude={excluded}"]
+            excluded = [builder_node(module, factor) for module in pairs for factor in FACTORS]
+            extra["adapter_path"] = str(lora_dir)
+            extra["nodes_to_exclude"] = ",".join(filter(None, [extra.get("nodes_to_exclude"), *excluded]))
+        if extra:
+            command += ["--extra_options", *(f"{key}={value}" for key, value in extra.items())]
         log = work / "builder.log"
         with open(log, "w") as handle:
             output = None if verbose() else handle
@@ -111,6 +147,25 @@ def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, executi
     if not pairs:
         return None
     return expose_lora_inputs(staging / GRAPH, pairs, rank_zero=as_inputs)
+
+
+def round_like_builder(model, precision: str):
+    """``model`` with its weights rounded as the builder stores them at ``precision``, near enough to
+    measure that precision's noise in torch: for int4, every Linear's weight (the head's, and with it
+    a tied embedding, included) in signed 4 bits per block of 32 inputs, scale absmax / 8
+    (MatMulNBits' symmetric default; the activations' int8 rounding at accuracy level 4 is left
+    out); other precisions as they are."""
+    import torch
+
+    if precision == "int4":
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                weight = module.weight.data
+                blocks = torch.nn.functional.pad(weight, (0, -weight.shape[1] % 32)).unflatten(1, (-1, 32))
+                scale = (blocks.abs().amax(-1, keepdim=True) / 8).clamp_min(torch.finfo(weight.dtype).tiny)
+                rounded = ((blocks / scale).round().clamp(-8, 7) * scale).flatten(1)[:, :weight.shape[1]]
+                weight.copy_(rounded)  # in place: a tied embedding is rounded too, as the builder shares it
+    return model
 
 
 def _write_lora(directory: Path, pairs: dict) -> None:
@@ -275,9 +330,30 @@ class GenaiModel:
         generator.append_tokens(np.asarray(tokens, dtype=np.int32))
         return generator
 
+    def greedy(self, tokens: list[int], adapter: str | None = None, count: int = 16) -> list[int]:
+        """Up to ``count`` greedy tokens after ``tokens`` (the EOS that ends them included)."""
+        return list(self.tokens(self.generator(tokens, adapter, max_new_tokens=count, do_sample=False,
+                                               repetition_penalty=1.0)))
+
+    def tokens(self, generator):
+        """The tokens ``generator`` produces until it is done; onnxruntime's failure as one line."""
+        while not generator.is_done():
+            try:
+                generator.generate_next_token()
+            except RuntimeError as error:
+                raise UserError(f"onnxruntime-genai fails to generate with {self.directory}: "
+                                f"{str(error).strip().splitlines()[0]}") from None
+            yield int(generator.get_next_tokens()[0])
+
     def logits(self, tokens: list[int], adapter: str | None = None) -> np.ndarray:
         """Logits at every position of ``tokens`` (one prefill), float64."""
         return np.asarray(self.generator(tokens, adapter).get_output("logits"), dtype=np.float64)[0]
+
+
+def eos_token_ids(export_dir: Path) -> set[int]:
+    """The token ids that end generation in an export (its ``genai_config.json``)."""
+    eos = json.loads((Path(export_dir) / GENAI_CONFIG).read_text())["model"]["eos_token_id"]
+    return set(eos) if isinstance(eos, list) else {eos}
 
 
 def adapter_file(export_dir: Path, name: str) -> Path:
@@ -308,9 +384,7 @@ def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None =
     new_tokens: list[int] = []
     stream = TextStream(_Decoder(model.tokenizer), on_text or (lambda text: None))
     stop = {int(token) for token in model.tokenizer.eos_token_ids}
-    while not generator.is_done():
-        generator.generate_next_token()
-        token = int(generator.get_next_tokens()[0])
+    for token in model.tokens(generator):
         new_tokens.append(token)
         if token in stop:
             break

@@ -145,13 +145,15 @@ def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Pat
 def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None = None,
                 adapters: dict[str, AdapterFactors] | None = None, exporter: str = "auto", precision: str = "fp32",
                 execution_provider: str = "cpu", verify_mode: str | None = "auto", overwrite: bool = False,
-                **graph_options) -> Published:
+                prompts=None, quantize_adapted: bool = False, **graph_options) -> Published:
     """An ONNX graph of the base with ``merged`` (in LoRA form through the model builder, folded in
     through torch.onnx), or of the base with LoRA inputs and one
     ``adapters/NAME.onnx_adapter`` per entry of ``adapters``; each verified in onnxruntime
     (``verify_mode`` None: not). ``exporter``: ``genai`` (onnxruntime-genai's model builder, see
     `psoft_deploy.converters.genai`), ``torch`` (torch.onnx; ``graph_options``: with_past,
-    opset), or ``auto``: genai for the decoders the builder converts, else torch."""
+    opset), or ``auto``: genai for the decoders the builder converts, else torch. ``prompts``:
+    verification prompts (None: verify's defaults). int4 leaves the adapted modules' base
+    weights unquantized unless ``quantize_adapted`` (`genai.quantization_options`)."""
     from psoft_deploy.converters import genai
 
     refusal = genai.builder_refusal(base.config or {}, replaces_modules=any(
@@ -162,11 +164,13 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
             raise UserError("--precision int4 and --execution-provider cuda need the onnxruntime-genai exporter" + (
                 f", and its model builder {refusal}" if refusal else "; pass --exporter genai"))
         return _export_torch_onnx(base, output, merged=merged, adapters=adapters or {}, verify=verify_mode is not None,
-                                  overwrite=overwrite, dtype=precision, **graph_options)
+                                  overwrite=overwrite, dtype=precision, prompts=prompts, **graph_options)
     if graph_options.get("with_past") or graph_options.get("opset", 18) != 18:
         raise UserError("--with-past and --opset are torch.onnx options (onnxruntime-genai graphs always carry their "
                         "KV cache); pass --exporter torch for them")
     adapters = adapters or {}
+    adapted = {name for factors in [merged, *adapters.values()] if factors is not None for name in factors.modules}
+    quantization = genai.quantization_options(adapted, quantize_adapted) if precision == "int4" else ()
 
     def write(staging: Path) -> None:
         if adapters:  # the graph gets a LoRA input pair for every module any adapter adapts
@@ -177,7 +181,7 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
         else:
             pairs = {name: module.lora() for name, module in merged.modules.items()} if merged is not None else {}
         dtype = genai.build(base.path, staging, pairs, precision=precision, execution_provider=execution_provider,
-                            as_inputs=bool(adapters))
+                            as_inputs=bool(adapters), builder_options=quantization)
         if adapters:
             (staging / "adapters").mkdir()
         for name, factors in adapters.items():
@@ -185,12 +189,12 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
                                         factors.modules.items()}, dtype)
             genai.write_adapter_file(arrays, genai.adapter_file(staging, name))
         record = {"exporter": "onnxruntime-genai", "precision": precision, "execution_provider": execution_provider,
-                  "adapters": sorted(adapters), "merged": merged is not None}
+                  "adapters": sorted(adapters), "merged": merged is not None, "builder_options": list(quantization)}
         (staging / genai.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
     def check(factors: AdapterFactors, name: str | None = None) -> Check:
         return Check(f"adapter {name}" if name else "merged model", lambda staging: verify_genai(
-            base, factors, staging, adapter_file=genai.adapter_file(staging, name) if name else None,
+            base, factors, staging, prompts, adapter_file=genai.adapter_file(staging, name) if name else None,
             mode=verify_mode))
 
     checks = [check(factors, name) for name, factors in adapters.items()] or (
@@ -201,6 +205,10 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     form = ("each adapter as LoRA inputs in exact form (lora_A = A, lora_B = s·B(R−I))" if adapters else
             "the adapter in exact LoRA form (lora_A = A, lora_B = s·B(R−I)), out of the weights' rounding"
             if merged is not None else "the base alone")
+    if quantization:
+        form += "; int4 options " + " ".join(option.split(",")[0] + (" …" if "," in option else "")
+                                            for option in quantization) + (
+            "" if quantize_adapted or not adapted else " (the adapted modules' base weights left unquantized)")
     return publish(output, "ONNX export", write, checks if verify_mode is not None else None, overwrite=overwrite,
                    model_card=onnx_model_card(base, merged, adapters,
                                               f"onnxruntime-genai's model builder: {precision}, execution provider "
@@ -236,7 +244,7 @@ def resolve_exporter(exporter: str, refusal: str | None) -> str:
 
 def _export_torch_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None,
                        adapters: dict[str, AdapterFactors], verify: bool, overwrite: bool, dtype: str,
-                       **graph_options) -> Published:
+                       prompts=None, **graph_options) -> Published:
     """The torch.onnx export (`psoft_deploy.converters.onnx`): the merged model through the
     streaming merge, or the base with LoRA inputs; verified by `verify_full` in onnxruntime."""
     from psoft_deploy.converters.merge import merged_checkpoint
@@ -257,7 +265,7 @@ def _export_torch_onnx(base: BaseCheckpoint, output: str | Path, *, merged: Adap
     def check(factors: AdapterFactors | None, name: str | None = None) -> Check:
         label = f"adapter {name}" if name else ("merged model" if factors is not None else "base")
         return Check(label, lambda staging: verify_full(
-            base, factors, staging, kind="onnx",
+            base, factors, staging, prompts, kind="onnx",
             adapter_file=staging / "adapters" / f"{name}.onnx_adapter" if name else None))
 
     checks = [check(merged)] + [check(factors, name) for name, factors in adapters.items()]

@@ -81,6 +81,11 @@ class ShardSize(click.ParamType):
         return size
 
 
+PROMPTS = click.option(
+    "--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+    help='Verification prompts: JSON lines ({"text": ...} or {"messages": [...]}, rendered with the tokenizer\'s '
+         "chat template) or one plain prompt per line; for lossy exports, prompts where the adapter changes the "
+         "answers. Default: chat conversations where the tokenizer has a template, else plain text.")
 VERIFY_MODE = click.option(
     "--verify-mode", type=click.Choice(["auto", "full", "layerwise"]), default="auto", show_default=True,
     help="full: run the candidate and the reference (in float64) on prompts; layerwise: check each weight "
@@ -273,12 +278,16 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
               help="torch only: one graph for prefill and decode, with past/present key-values.")
 @click.option("--opset", type=click.IntRange(min=18), default=18, show_default=True,
               help="torch only: ONNX opset version of the graph.")
+@click.option("--quantize-adapted-modules", is_flag=True,
+              help="int4: quantize the adapted modules' base weights too (smaller; measured to break a trained "
+                   "adapter on a 135M model, which verification then refuses).")
 @click.option("--no-verify", is_flag=True, help="Skip running onnxruntime against the reference.")
+@PROMPTS
 @VERIFY_MODE
 @OVERWRITE
 @read_options
 def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, precision, execution_provider, with_past,
-                        opset, no_verify, verify_mode, overwrite, read_options):
+                        opset, quantize_adapted_modules, no_verify, prompts, verify_mode, overwrite, read_options):
     """Export a causal LM (or an encoder, classifier or ViT) to ONNX, verified against the reference.
 
     Decoder LLMs go through onnxruntime-genai's model builder: the output is a directory og.Model
@@ -295,6 +304,7 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
       psoft-deploy export-onnx --base ./bert --adapter ./psoft-adapter --output ./onnx
     """
     from psoft_deploy.converters import pipeline
+    from psoft_deploy.converters.verify import read_prompts
 
     from .base import BaseCheckpoint
     from .factors import load_factors
@@ -310,7 +320,8 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
     published = pipeline.export_onnx(checkpoint, output, merged=merged, adapters=named, exporter=exporter,
                                      precision=precision, execution_provider=execution_provider,
                                      verify_mode=None if no_verify else verify_mode, overwrite=overwrite,
-                                     with_past=with_past, opset=opset)
+                                     prompts=read_prompts(prompts) if prompts else None,
+                                     quantize_adapted=quantize_adapted_modules, with_past=with_past, opset=opset)
     _echo_verdicts(published)
     what = "the merged model" if merged is not None else "the base" + (
         f" with LoRA inputs and {len(named)} adapter file(s)" if named else "")
@@ -405,10 +416,7 @@ def generate(onnx_dir, adapter, adapter_file, prompt, no_chat_template, max_new_
 @base_and_adapter
 @click.option("--candidate", required=True, type=click.Path(exists=True),
               help="The artifact to check: a merged model, a LoRA adapter, an ONNX export or an .onnx_adapter.")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
-              help='Verification prompts: JSON lines ({"text": ...} or {"messages": [...]}, rendered with the '
-                   "tokenizer's chat template) or one plain prompt per line. Default: chat conversations where "
-                   "the tokenizer has a template, else plain text.")
+@PROMPTS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of one line.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report to this file.")
 @VERIFY_MODE

