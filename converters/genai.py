@@ -382,7 +382,7 @@ def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None =
         search |= {"temperature": temperature, "top_k": top_k or 0, "random_seed": seed}
     generator = model.generator(tokens, adapter, **search)
     new_tokens: list[int] = []
-    stream = TextStream(_Decoder(model.tokenizer), on_text or (lambda text: None))
+    stream = TextStream(_Decoder(export_dir, model.tokenizer), on_text or (lambda text: None))
     stop = {int(token) for token in model.tokenizer.eos_token_ids}
     for token in model.tokens(generator):
         new_tokens.append(token)
@@ -393,13 +393,22 @@ def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None =
 
 
 class _Decoder:
-    """og's tokenizer with the ``decode(list)`` that `TextStream` calls."""
+    """Decodes token ids for `TextStream`: with the export's ``tokenizer.json`` (tokenizers), where
+    a token whose bytes are no character becomes U+FFFD in place (og's decode drops everything after
+    it); else with og's tokenizer."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, export_dir: Path, og_tokenizer):
+        file = Path(export_dir) / "tokenizer.json"
+        if file.is_file():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(file))
+            self.decode_ids = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)
+        else:
+            self.decode_ids = lambda tokens: og_tokenizer.decode(np.asarray(tokens, dtype=np.int32))
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(np.asarray(tokens, dtype=np.int32)) if tokens else ""
+        return self.decode_ids(tokens) if tokens else ""
 
 
 def has_chat_template(export_dir: Path) -> bool:

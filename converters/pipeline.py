@@ -189,11 +189,12 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
                                         factors.modules.items()}, dtype)
             genai.write_adapter_file(arrays, genai.adapter_file(staging, name))
         record = {"exporter": "onnxruntime-genai", "precision": precision, "execution_provider": execution_provider,
-                  "adapters": sorted(adapters), "merged": merged is not None, "builder_options": list(quantization)}
+                  "adapters": sorted(adapters), "adapter_in_graph": merged is not None,
+                  "builder_options": list(quantization)}
         (staging / genai.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
     def check(factors: AdapterFactors, name: str | None = None) -> Check:
-        return Check(f"adapter {name}" if name else "merged model", lambda staging: verify_genai(
+        return Check(f"adapter {name}" if name else "adapter (LoRA form)", lambda staging: verify_genai(
             base, factors, staging, prompts, adapter_file=genai.adapter_file(staging, name) if name else None,
             mode=verify_mode))
 

@@ -323,7 +323,10 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
                                      prompts=read_prompts(prompts) if prompts else None,
                                      quantize_adapted=quantize_adapted_modules, with_past=with_past, opset=opset)
     _echo_verdicts(published)
-    what = "the merged model" if merged is not None else "the base" + (
+    from psoft_deploy.converters.genai import is_genai_export
+
+    in_lora_form = "the model with its adapter in LoRA form" if is_genai_export(output) else "the merged model"
+    what = in_lora_form if merged is not None else "the base" + (
         f" with LoRA inputs and {len(named)} adapter file(s)" if named else "")
     click.echo(f"exported {what} to {output} ({precision})" + (" with past key-values" if with_past else ""))
 

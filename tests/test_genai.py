@@ -325,3 +325,23 @@ def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path
                     "--verify-mode", "layerwise")
     assert layerwise.exit_code == 0 and layerwise.output.startswith("PASS (layerwise, int4)"), layerwise.output
     assert "over 8 layers" in layerwise.output  # q, k, v and down, 2 layers
+
+
+def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
+    """A byte-level token holding a lone byte decodes as U+FFFD in place; og's own decode drops
+    everything after it, so the text after it was never printed."""
+    from tokenizers import Tokenizer
+
+    from psoft_deploy.converters.genai import _Decoder
+    from psoft_deploy.generate import TextStream
+
+    _, work = two_adapters
+    export = work / "merged-a"
+    tokenizer = Tokenizer.from_file(str(export / "tokenizer.json"))
+    ids = (tokenizer.encode("The river", add_special_tokens=False).ids + [tokenizer.token_to_id("ÿ")]
+           + tokenizer.encode(" carries water", add_special_tokens=False).ids)
+    printed = []
+    stream = TextStream(_Decoder(export, GenaiModel(export).tokenizer), printed.append)
+    for end in range(1, len(ids) + 1):
+        stream.update(ids[:end])
+    assert "".join(printed) == "The river\ufffd carries water"
