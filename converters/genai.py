@@ -146,7 +146,10 @@ def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, executi
                             "--exporter torch exports without it")
     if not pairs:
         return None
-    return expose_lora_inputs(staging / GRAPH, pairs, rank_zero=as_inputs)
+    remedy = ("its cuda fp32 graph fuses attention into one Attention node, which takes no LoRA: export for cuda "
+              "with --precision fp16 or int4" if (execution_provider, precision) == ("cuda", "fp32")
+              else "export with --exporter torch")
+    return expose_lora_inputs(staging / GRAPH, pairs, rank_zero=as_inputs, remedy=remedy)
 
 
 def round_like_builder(model, precision: str):
@@ -183,7 +186,8 @@ def _write_lora(directory: Path, pairs: dict) -> None:
               directory / ADAPTER_WEIGHTS)
 
 
-def expose_lora_inputs(graph_file: Path, pairs: dict, *, rank_zero: bool) -> np.dtype:
+def expose_lora_inputs(graph_file: Path, pairs: dict, *, rank_zero: bool,
+                       remedy: str = "export with --exporter torch") -> np.dtype:
     """Make each LoRA factor the builder baked in a graph input with a symbolic rank, keeping the
     initializer as its default (``rank_zero``: an empty rank-0 one instead). Refuses a graph where
     the builder left out a module or quantized a factor."""
@@ -196,7 +200,7 @@ def expose_lora_inputs(graph_file: Path, pairs: dict, *, rank_zero: bool) -> np.
     missing = sorted({wanted[name][0] for name in set(wanted) - set(found)})
     if missing:
         raise UserError(f"onnxruntime-genai's model builder did not apply the adapter to {', '.join(missing[:3])}"
-                        f"{' …' if len(missing) > 3 else ''}; export with --exporter torch")
+                        f"{' …' if len(missing) > 3 else ''}; {remedy}")
     types = {init.data_type for init in found.values()}
     if not types <= FLOAT_ONNX_TYPES.keys() or len(types) != 1:
         raise UserError("onnxruntime-genai's model builder quantized the adapter's LoRA factors; export with "

@@ -225,6 +225,17 @@ def test_a_cuda_export_that_cannot_run_here_does_not_pass_on_its_factors_alone(t
         assert "--verify-mode layerwise" not in failed.output
 
 
+def test_a_cuda_fp32_export_with_attention_adapters_names_the_precisions_that_take_them(two_adapters, tmp_path):
+    """The builder's cuda fp32 graph fuses q/k/v into one Attention node and drops their LoRA; the
+    torch exporter (the generic advice) cannot target cuda."""
+    base, work = two_adapters
+    refused = run("export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx",
+                  "--execution-provider", "cuda", "--no-verify")
+    last = refused.output.strip().splitlines()[-1]
+    assert refused.exit_code == 1 and last.startswith("Error:") and "q_proj" in last, refused.output
+    assert "--precision fp16 or int4" in last and "--exporter torch" not in last and not (tmp_path / "onnx").exists()
+
+
 def test_builder_refusal_names_every_layer_as_wide_as_the_vocabulary():
     llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
              "num_attention_heads": 4, "num_key_value_heads": 2}
