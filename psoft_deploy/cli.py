@@ -462,10 +462,12 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--cache-dir", type=click.Path(), default=None,
               help="Where converted adapters are kept (default: $PSOFT_DEPLOY_CACHE or ~/.cache/psoft-deploy/lora).")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Where vLLM's log goes, replaced at each start (default: vllm-PORT.log beside the cache directory).")
 @click.option("--verbose", is_flag=True, help="Also copy vLLM's own log to stderr (it always goes to a log file).")
 @read_options
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(base, adapters, adapter_root, host, port, cache_dir, verbose, vllm_args, read_options):
+def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose, vllm_args, read_options):
     """Serve many PSOFT adapters at once through vLLM's OpenAI-compatible server.
 
     Each adapter is converted once to its exact LoRA form (cached by content hash), then vLLM
@@ -479,19 +481,21 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, verbose, vllm_arg
       psoft-deploy demo --output ./demo
       psoft-deploy serve --base ./demo/base --adapter demo=./demo/psoft-adapter
     """
-    from psoft_deploy.serve.names import check_served_names
+    from psoft_deploy.serve.names import check_port, check_served_names
 
     named = parse_named_adapters(adapters)
     if not named and not adapter_root:
         raise UserError("nothing to serve: pass --adapter NAME=PATH and/or --adapter-root DIR")
     check_served_names(base, named, adapter_root)  # before torch and vLLM are imported
+    check_port(host, port)
     from psoft_deploy.serve.cache import default_cache_dir
-    from psoft_deploy.serve.launcher import plan_serve, run_server
+    from psoft_deploy.serve.launcher import default_log_file, plan_serve, run_server
 
-    plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port,
-                      cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), vllm_args=vllm_args,
-                      read_options=read_options)
-    raise SystemExit(run_server(plan, host, port, verbose=verbose))
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port, cache_dir=cache_dir,
+                      vllm_args=vllm_args, read_options=read_options)
+    log = Path(log_file) if log_file else default_log_file(cache_dir, port)
+    raise SystemExit(run_server(plan, host, port, log, verbose=verbose))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

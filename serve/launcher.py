@@ -8,6 +8,11 @@ vLLM CPU defect handled here: a request without an adapter that shares a batch w
 requests gets the adapter in the last LoRA slot (upstream PR 48421). On CPU the base model is
 therefore served as an all-zero rank-1 LoRA under the base's name, so every request carries an
 adapter and none takes that path; the engine's own name for the bare base is kept internal.
+
+Stopping: vLLM's API server gets one SIGTERM and stops its engine itself, with
+``--shutdown-timeout`` seconds for the engine and its workers to finish and free their shared
+memory (vLLM's default, 0, force-kills them and leaves their ``/dev/shm`` segments behind). What a
+killed engine still leaves there (segments seen mapped by vLLM's processes) is removed after it exits.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -26,15 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import psutil
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.converters.lora import vllm_lora_target_modules, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
 from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.options import DEFAULTS, ReadOptions
+from psoft_deploy.outputs import check_writable
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.preflight import (
     check_base,
+    check_tokenizer,
     cpu_memory_args,
     stored_dtype,
     vllm_flag,
@@ -46,6 +53,10 @@ RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter
 HEALTH_TIMEOUT_S = 900  # for vLLM to start
 HEALTH_INTERVAL_S = 5  # between health checks while serving
 HEALTH_GRACE_S = 60  # without an answer to /health before serve gives up on vLLM
+SHUTDOWN_TIMEOUT_S = 10  # vLLM's --shutdown-timeout: in-flight requests' drain and its engine's teardown
+STOP_TIMEOUT_S = 30  # after the stop request, vLLM's processes are killed
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIXES = ("psm_", "sem.mp-")  # Python's shared memory and semaphores, as vLLM's processes create them
 # An exception line, after vLLM's "(EngineCore pid=N) ERROR 11-23 15:51:54 [core.py:1512] " prefix.
 ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \S+ \S+ \[[^\]]+\] )?(?:[A-Za-z_]\w*\.)*(\w+(?:Error|Exception): .+)$")
 NOTICE_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:DEBUG|INFO|WARNING)\b")
@@ -89,6 +100,7 @@ def plan_serve(
     checkpoint = BaseCheckpoint(base)
     cpu = on_cpu() if cpu is None else cpu
     check_base(checkpoint, cpu)
+    vocab_guard = check_tokenizer(checkpoint, vllm_args)
     cache = LoraCache(cache_dir, checkpoint, read_options)
     served, ranks = {}, []
     for name, path in adapters.items():
@@ -113,7 +125,8 @@ def plan_serve(
     targets = vllm_lora_target_modules(_lora_modules(served))
     if targets and not adapter_root and vllm_flag(vllm_args, "--lora-target-modules") is None:
         command += ["--lora-target-modules", *targets]
-    for flag, value in (("--max-lora-rank", max_rank), ("--max-loras", max_loras), ("--dtype", dtype)):
+    for flag, value in (("--max-lora-rank", max_rank), ("--max-loras", max_loras), ("--dtype", dtype),
+                        ("--shutdown-timeout", SHUTDOWN_TIMEOUT_S)):
         if vllm_flag(vllm_args, flag) is None:
             command += [flag, str(value)]
     env = dict(os.environ)
@@ -126,6 +139,9 @@ def plan_serve(
             "PSOFT_DEPLOY_BASE_NAME": base,
             "PSOFT_DEPLOY_SERVED_NAMES": json.dumps([base, *adapters]),
         }
+    if vocab_guard is not None:
+        command += ["--middleware", "psoft_deploy.serve.middleware.RefuseUnknownTokens"]
+        env["PSOFT_DEPLOY_VOCAB_SIZE"] = str(vocab_guard)
     command += list(vllm_args)
     if adapter_root:
         env |= {
@@ -140,23 +156,32 @@ def plan_serve(
     return ServePlan(command=command, env=env, served=served, base_name=base, dtype=dtype)
 
 
-def run_server(plan: ServePlan, host: str, port: int, verbose: bool = False) -> int:
-    """Start vLLM with its output in a log file (also copied to stderr with ``verbose``), wait
-    for /health and print the endpoint. On Ctrl-C or SIGTERM stop vLLM's whole process group
-    (SIGTERM, then SIGKILL after 30 s) and return 0; if vLLM exits or stops answering /health
-    on its own, stop it and raise a `UserError` naming the cause (the last error in its log)."""
-    descriptor, log_name = tempfile.mkstemp(prefix="psoft-deploy-vllm-", suffix=".log")
-    log = Path(log_name)
-    click.echo(f"psoft-deploy: vLLM log: {log}", err=True)
-    with os.fdopen(descriptor, "wb") as output:
+def default_log_file(cache_dir: Path, port: int) -> Path:
+    """Where vLLM's log goes by default: ``vllm-PORT.log`` beside the cache directory."""
+    return Path(cache_dir).absolute().parent / f"vllm-{port}.log"
+
+
+def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool = False) -> int:
+    """Start vLLM with its output in ``log`` (also copied to stderr with ``verbose``), wait for
+    /health and print the endpoint. On Ctrl-C or SIGTERM let vLLM stop itself (a second one, or
+    `STOP_TIMEOUT_S`, kills it) and return 0; if vLLM exits or stops answering /health on its own,
+    stop it and raise a `UserError` naming the cause (the last error in its log). Either way, remove
+    the shared memory its processes left in /dev/shm."""
+    log = Path(log).absolute()
+    check_writable(log, "vLLM log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    shm_before = _shm_files()
+    with open(log, "wb") as output:
         process = subprocess.Popen(plan.command, env=plan.env, start_new_session=True, stdin=subprocess.DEVNULL,
                                    stdout=output, stderr=subprocess.STDOUT)
     stop_requested: list[float] = []
 
     def request_stop(signum, frame):
-        if not stop_requested:
-            stop_requested.append(time.monotonic())
-            _signal_group(process, signal.SIGTERM)
+        stop_requested.append(time.monotonic())
+        if len(stop_requested) == 1:
+            _signal(process.pid, signal.SIGTERM)  # the API server stops its engine and workers itself
+        else:
+            _signal_group(process, signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -168,19 +193,20 @@ def run_server(plan: ServePlan, host: str, port: int, verbose: bool = False) -> 
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     announced, unhealthy = False, False
     last_healthy = last_check = time.monotonic()
+    shm_used: set[Path] = set()
     try:
         while process.poll() is None:
             now = time.monotonic()
             if stop_requested:
-                if now - stop_requested[0] > 30:
+                if now - stop_requested[0] > STOP_TIMEOUT_S:
                     _signal_group(process, signal.SIGKILL)
             elif not announced:
                 announced = _healthy(health)
                 if announced:
                     last_healthy = time.monotonic()
                     names = ", ".join(dict.fromkeys([plan.base_name, *plan.served]))
-                    click.echo(f"psoft-deploy: serving on http://{host}:{port}/v1 ({plan.dtype}) — models: {names}",
-                               err=True)
+                    click.echo(f"psoft-deploy: serving on http://{host}:{port}/v1 ({plan.dtype}) — models: {names}; "
+                               f"vLLM log: {log}", err=True)
                 elif now > deadline:
                     raise UserError(f"vLLM did not become healthy within {HEALTH_TIMEOUT_S} s (log: {log})")
             elif now - last_check > HEALTH_INTERVAL_S:
@@ -190,6 +216,8 @@ def run_server(plan: ServePlan, host: str, port: int, verbose: bool = False) -> 
                 elif time.monotonic() - last_healthy > HEALTH_GRACE_S:
                     unhealthy = True
                     break
+            if not stop_requested:
+                shm_used |= _shm_mapped(process.pid)
             time.sleep(0.5)
     finally:
         _signal_group(process, signal.SIGKILL)
@@ -197,6 +225,8 @@ def run_server(plan: ServePlan, host: str, port: int, verbose: bool = False) -> 
         done.set()
         if follower:
             follower.join()
+        for path in shm_used - shm_before:
+            path.unlink(missing_ok=True)
     if stop_requested:
         return 0
     cause = last_error_line(log)
@@ -241,11 +271,42 @@ def _healthy(url: str, timeout: float = 2) -> bool:
         return False
 
 
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
         os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
+
+
+def _shm_files() -> set[Path]:
+    """The shared-memory files of the kinds vLLM's processes create, in /dev/shm now."""
+    return {path for path in SHM_DIR.glob("*") if path.name.startswith(SHM_PREFIXES)} if SHM_DIR.is_dir() else set()
+
+
+def _shm_mapped(pid: int) -> set[Path]:
+    """Those shared-memory files mapped by process ``pid`` and its descendants (from /proc)."""
+    try:
+        pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return set()
+    mapped = set()
+    for each in pids:
+        try:
+            lines = Path(f"/proc/{each}/maps").read_text().splitlines()
+        except OSError:  # gone meanwhile, or no /proc
+            continue
+        for fields in (line.split(None, 5) for line in lines):
+            path = Path(fields[5]) if len(fields) == 6 else None
+            if path and path.parent == SHM_DIR and path.name.startswith(SHM_PREFIXES):
+                mapped.add(path)
+    return mapped
 
 
 def _lora_modules(served: dict[str, Path]) -> list[str]:

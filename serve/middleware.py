@@ -1,16 +1,26 @@
-"""An ASGI middleware for vLLM's server (``--middleware``) that keeps serve's internal base alias hidden.
+"""ASGI middlewares for vLLM's server (``--middleware``): serve's internal base alias kept hidden, and
+prompts the model has no embedding for refused.
 
 On CPU the engine's own name for the bare base is an internal alias (see the launcher); the
 base is served under the user's name as an all-zero LoRA. This middleware refuses requests to
 the alias as an unknown model, lists the user's names (not the alias) in 404 answers, and shows
 the base under the user's name in ``/v1/models``. Configured by the environment serve sets:
 ``PSOFT_DEPLOY_INTERNAL_NAME``, ``PSOFT_DEPLOY_BASE_NAME``, ``PSOFT_DEPLOY_SERVED_NAMES`` (JSON list).
+
+vLLM checks prompt token ids against the larger of the tokenizer's and the model's vocabulary, so
+where the tokenizer is larger, one prompt holding such an id kills the engine for every user;
+`RefuseUnknownTokens` answers that request 400 instead (``PSOFT_DEPLOY_VOCAB_SIZE``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+
+# The fields of a chat request that vLLM's /tokenize renders the same way.
+CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+                        "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
 
 
 class HideInternalName:
@@ -29,7 +39,7 @@ class HideInternalName:
         if scope["method"] == "POST":
             body, receive = await _read_body(receive)
             if _requested_model(body) == self.internal:
-                return await self._send_json(send, 404, self.not_found(self.internal))
+                return await _send_json(send, 404, self.not_found(self.internal))
         start: dict = {}
         chunks: list[bytes] = []
 
@@ -41,8 +51,8 @@ class HideInternalName:
             elif message["type"] == "http.response.body" and start:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body"):
-                    await self._send_json(send, start["status"], self.rewritten(b"".join(chunks)),
-                                          [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"])
+                    await _send_json(send, start["status"], self.rewritten(b"".join(chunks)),
+                                     [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"])
                 return
             await send(message)
 
@@ -75,13 +85,92 @@ class HideInternalName:
             content["error"]["message"] = self.not_found(model)["error"]["message"]
         return content
 
-    @staticmethod
-    async def _send_json(send, status: int, content: dict | bytes, headers=None) -> None:
-        body = content if isinstance(content, bytes) else json.dumps(content).encode()
-        headers = headers if headers is not None else [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+class RefuseUnknownTokens:
+    """Pure ASGI middleware: a /v1/completions or /v1/chat/completions request whose prompt holds a
+    token id at or above ``PSOFT_DEPLOY_VOCAB_SIZE`` gets a 400. Text prompts and chats are
+    tokenized by vLLM's own /tokenize (chat template included); token-id prompts are checked as given."""
+
+    def __init__(self, app):
+        self.app = app
+        self.vocab_size = int(os.environ["PSOFT_DEPLOY_VOCAB_SIZE"])
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "").rstrip("/")
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in ("/v1/completions",
+                                                                                 "/v1/chat/completions"):
+            return await self.app(scope, receive, send)
+        body, receive = await _read_body(receive)
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if isinstance(request, dict):
+            field = "prompt" if path == "/v1/completions" else "messages"
+            for ids in await self._prompt_ids(scope, field, request):
+                beyond = max(ids, default=-1)
+                if beyond >= self.vocab_size:
+                    message = (f"The {field} tokenizes to token id {beyond}, beyond the model's vocabulary of "
+                               f"{self.vocab_size} tokens (the tokenizer is larger than the model).")
+                    return await _send_json(send, 400, {"error": {"message": message, "type": "BadRequestError",
+                                                                  "param": field, "code": 400}})
+        await self.app(scope, receive, send)
+
+    async def _prompt_ids(self, scope, field: str, request: dict) -> list[list[int]]:
+        """The token ids of each prompt of the request, as vLLM would tokenize them (none where it cannot)."""
+        model = request.get("model")
+        if field == "messages":
+            chat = {key: request[key] for key in CHAT_TOKENIZE_FIELDS if key in request}
+            return [ids for ids in [await self._tokenize(scope, {"model": model, **chat})] if ids]
+        prompt = request.get("prompt")
+        prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+        special = {"add_special_tokens": request["add_special_tokens"]} if "add_special_tokens" in request else {}
+        found = []
+        for one in prompts:
+            if isinstance(one, str):
+                one = await self._tokenize(scope, {"model": model, "prompt": one, **special})
+            if isinstance(one, list) and all(isinstance(token, int) for token in one):
+                found.append(one)
+        return found
+
+    async def _tokenize(self, scope, payload: dict) -> list[int] | None:
+        """vLLM's /tokenize answer for ``payload``, called in-process; None where it refused."""
+        body = json.dumps(payload).encode()
+        headers = [(name, value) for name, value in scope.get("headers", [])
+                   if name.lower() not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        inner = dict(scope, path="/tokenize", raw_path=b"/tokenize", query_string=b"", headers=headers)
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if delivered:  # the client stays connected until the answer is complete
+                await asyncio.Future()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        status, chunks = 0, []
+
+        async def collect(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(inner, receive, collect)
+        if status != 200:
+            return None
+        tokens = json.loads(b"".join(chunks)).get("tokens")
+        return tokens if isinstance(tokens, list) else None
+
+
+async def _send_json(send, status: int, content: dict | bytes, headers=None) -> None:
+    body = content if isinstance(content, bytes) else json.dumps(content).encode()
+    headers = headers if headers is not None else [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _read_body(receive):

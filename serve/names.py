@@ -1,8 +1,9 @@
-"""The names `serve` gives adapters, checked before torch or vLLM is imported."""
+"""What `serve` checks before torch or vLLM is imported: the names it gives adapters and its port."""
 
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 from psoft_deploy.errors import UserError
@@ -19,3 +20,15 @@ def check_served_names(base: str, adapters: dict[str, str], adapter_root: str | 
             raise UserError(f"adapter name {name!r} must be letters, digits, '.', '_', '-' and differ from the base")
     if adapter_root and not Path(adapter_root).is_dir():
         raise UserError(f"--adapter-root {adapter_root} is not a directory")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse (`UserError`) a ``host:port`` that another process listens on (or that cannot be bound),
+    as vLLM would only after loading the model."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing port is free
+            sock.bind(address)
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); choose another port with --port") from None

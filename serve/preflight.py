@@ -62,6 +62,27 @@ def check_base(checkpoint: BaseCheckpoint, cpu: bool) -> None:
         )
 
 
+def check_tokenizer(checkpoint: BaseCheckpoint, vllm_args) -> int | None:
+    """Refuse a tokenizer transformers cannot load (``--tokenizer`` where the user gave vLLM one, else
+    the base's); where it holds more tokens than the model's vocabulary, say so in one line and return
+    that vocabulary's size (serve then refuses prompts beyond it), else None."""
+    from transformers import AutoTokenizer
+
+    source = vllm_flag(vllm_args, "--tokenizer") or str(checkpoint.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(" :")
+        raise UserError(f"cannot load the tokenizer of {source} (transformers: {reason}); serve needs the base's "
+                        "tokenizer files beside its weights, or one passed with -- --tokenizer DIR") from None
+    vocab = text_config(checkpoint).get("vocab_size")
+    if not isinstance(vocab, int) or len(tokenizer) <= vocab:
+        return None
+    click.echo(f"psoft-deploy: warning: the tokenizer has {len(tokenizer)} tokens, the model {vocab}; "
+               f"requests whose prompts hold token ids {vocab} or above are refused (HTTP 400)", err=True)
+    return vocab
+
+
 def stored_dtype(checkpoint: BaseCheckpoint) -> str:
     """The base's dtype as stored: config.json's ``dtype``/``torch_dtype``, else its first floating tensor's."""
     config = checkpoint.config

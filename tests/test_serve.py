@@ -427,7 +427,7 @@ def test_a_server_that_stops_answering_health_is_stopped_with_its_cause(tmp_path
     try:
         with pytest.raises(UserError, match=r"vLLM stopped answering /health for 2 s and was stopped: "
                                             r"RuntimeError: the engine hung \(log: .+\)$"):
-            launcher.run_server(plan, "127.0.0.1", port)
+            launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
