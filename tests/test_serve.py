@@ -359,6 +359,7 @@ def test_plan_sizes_memory_and_dtype_and_the_users_vllm_flags_win(tmp_path):
     assert vllm_flag(command, "--max-model-len") == "256"  # the base's max_position_embeddings
     assert 0 < int(vllm_flag(command, "--kv-cache-memory-bytes")) <= 8 * 10**9 - KV_MARGIN_BYTES
     assert vllm_flag(command, "--middleware") == "psoft_deploy.serve.middleware.HideInternalName"
+    assert vllm_flag(command, "--shutdown-timeout") == "10"  # vLLM's 0 force-kills its engine, leaving /dev/shm full
     command = plan("--kv-cache-memory-bytes=67108864", "--dtype", "bfloat16")
     assert [arg for arg in command if arg.startswith("--kv-cache-memory-bytes")] == ["--kv-cache-memory-bytes=67108864"]
     assert command.count("--dtype") == 1 and vllm_flag(command, "--dtype") == "bfloat16"
@@ -371,6 +372,7 @@ def test_plan_sizes_memory_and_dtype_and_the_users_vllm_flags_win(tmp_path):
 
     bf16 = tmp_path / "bf16"
     load_base_model(base).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(base).save_pretrained(bf16)
     config = json.loads((bf16 / "config.json").read_text())
     config.pop("dtype", None), config.pop("torch_dtype", None)
     (bf16 / "config.json").write_text(json.dumps(config))
