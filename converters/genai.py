@@ -153,21 +153,23 @@ def build(base_dir: Path, staging: Path, pairs: dict, *, precision: str, executi
 
 
 def round_like_builder(model, precision: str):
-    """``model`` with its weights rounded as the builder stores them at ``precision``, near enough to
-    measure that precision's noise in torch: for int4, every Linear's weight (the head's, and with it
-    a tied embedding, included) in signed 4 bits per block of 32 inputs, scale absmax / 8
-    (MatMulNBits' symmetric default; the activations' int8 rounding at accuracy level 4 is left
-    out); other precisions as they are."""
+    """``model`` rounded as the builder's graph computes at ``precision``, near enough to measure
+    that precision's noise in torch: for int4, every Linear's weight (the head's, and with it a tied
+    embedding, included) in signed 4 bits per block of 32 inputs, scale absmax / 8 (MatMulNBits'
+    symmetric default), and its input in signed 8 bits per block of 32 (accuracy level 4, the CPU
+    default); other precisions as they are."""
     import torch
+
+    def round_blocks(tensor: torch.Tensor, levels: int) -> torch.Tensor:
+        blocks = torch.nn.functional.pad(tensor, (0, -tensor.shape[-1] % 32)).unflatten(-1, (-1, 32))
+        scale = (blocks.abs().amax(-1, keepdim=True) / levels).clamp_min(torch.finfo(tensor.dtype).tiny)
+        return ((blocks / scale).round().clamp(-levels, levels - 1) * scale).flatten(-2)[..., :tensor.shape[-1]]
 
     if precision == "int4":
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
-                weight = module.weight.data
-                blocks = torch.nn.functional.pad(weight, (0, -weight.shape[1] % 32)).unflatten(1, (-1, 32))
-                scale = (blocks.abs().amax(-1, keepdim=True) / 8).clamp_min(torch.finfo(weight.dtype).tiny)
-                rounded = ((blocks / scale).round().clamp(-8, 7) * scale).flatten(1)[:, :weight.shape[1]]
-                weight.copy_(rounded)  # in place: a tied embedding is rounded too, as the builder shares it
+                module.weight.data.copy_(round_blocks(module.weight.data, 8))  # in place: a tied embedding too
+                module.register_forward_pre_hook(lambda _, args: (round_blocks(args[0], 128),))
     return model
 
 

@@ -112,7 +112,13 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
     import onnx
 
     base, work = two_adapters
-    result = run("export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx",
+    adapter, other = work / "a", work / "b"
+    if precision == "int4":  # judged by behaviour: adapters strong enough to change the tiny model's answers
+        adapter, other = tmp_path / "strong", tmp_path / "strong-other"
+        make_peft_adapter(base, adapter, r=4, strength=3.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        make_peft_adapter(base, other, r=8, psoft_alpha=8, seed=3, strength=3.0,
+                          target_modules=["k_proj", "o_proj", "gate_proj"])
+    result = run("export-onnx", "--base", base, "--adapter", adapter, "--output", tmp_path / "onnx",
                  "--precision", precision)
     assert result.exit_code == 0 and f"verification: PASS (full, {precision})" in result.output, result.output
     report = verification_report(tmp_path / "onnx")
@@ -123,12 +129,12 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
         assert any(node.op_type == "MatMulNBits" for node in graph.graph.node)
     lora_types = {i.type.tensor_type.elem_type for i in graph.graph.input if ".lora_" in i.name}
     assert lora_types == {onnx.TensorProto.FLOAT if precision == "int4" else onnx.TensorProto.FLOAT16}
-    wrong = run("verify", "--base", base, "--adapter", work / "b", "--candidate", tmp_path / "onnx")
+    wrong = run("verify", "--base", base, "--adapter", other, "--candidate", tmp_path / "onnx")
     assert wrong.exit_code == 1 and wrong.output.startswith(f"FAIL (full, {precision})"), wrong.output
-    layerwise = run("verify", "--base", base, "--adapter", work / "a", "--candidate", tmp_path / "onnx",
+    layerwise = run("verify", "--base", base, "--adapter", adapter, "--candidate", tmp_path / "onnx",
                     "--verify-mode", "layerwise")
     assert layerwise.exit_code == 0 and layerwise.output.startswith(f"PASS (layerwise, {precision})"), layerwise.output
-    wrong = run("verify", "--base", base, "--adapter", work / "b", "--candidate", tmp_path / "onnx",
+    wrong = run("verify", "--base", base, "--adapter", other, "--candidate", tmp_path / "onnx",
                 "--verify-mode", "layerwise")
     assert wrong.exit_code == 1 and "no LoRA factors in the export" in wrong.output, wrong.output
 
@@ -328,7 +334,7 @@ def test_the_demo_model_exports_and_its_graph_equals_the_merged_model(tiny_base,
 def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path):
     """Qwen2's q/k/v carry biases (the builder keeps them unpacked with LoRA)."""
     base = tiny_base(kind, trained=True)
-    make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    make_peft_adapter(base, tmp_path / "adapter", strength=3.0, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
     result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
                  "--precision", "int4")
     assert result.exit_code == 0 and "verification: PASS (full, int4)" in result.output, result.output
