@@ -20,6 +20,7 @@ from psoft_deploy import __version__
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.verify import (
     format_verification,
+    verify_base_export,
     verify_candidate,
     verify_full,
     verify_genai,
@@ -199,10 +200,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
             mode=verify_mode))
 
     checks = [check(factors, name) for name, factors in adapters.items()] or (
-        [check(merged)] if merged is not None else [])
-    if verify_mode is not None and not checks:
-        raise UserError("an onnxruntime-genai export of the base alone has no adapter to verify; pass --adapter, "
-                        "or --no-verify")
+        [check(merged)] if merged is not None else
+        [Check("base", lambda staging: verify_base_export(base, staging, prompts))])
     form = ("each adapter as LoRA inputs in exact form (lora_A = A, lora_B = s·B(R−I))" if adapters else
             "the adapter in exact LoRA form (lora_A = A, lora_B = s·B(R−I)), out of the weights' rounding"
             if merged is not None else "the base alone")

@@ -611,9 +611,10 @@ def _verify_base_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, pre
     noise = compare_logits(truth, forward(genai.round_like_builder(load_base_model(base.path, simulated), precision)))
     with tempfile.TemporaryDirectory() as scratch:
         file = Path(scratch) / "rank0.onnx_adapter"
-        genai.write_adapter_file({name: genai.rank_zero(name, array) for name, array in arrays.items()}, file)
-        graph = genai.GenaiModel(export_dir, {"base": file})
-        actual = torch.cat([torch.from_numpy(graph.logits(tokens, "base")) for tokens in sequences])
+        if arrays:
+            genai.write_adapter_file({name: genai.rank_zero(name, array) for name, array in arrays.items()}, file)
+        graph = genai.GenaiModel(export_dir, {"base": file} if arrays else None)
+        actual = torch.cat([torch.from_numpy(graph.logits(tokens, "base" if arrays else None)) for tokens in sequences])
     report = judge({"truth": truth, "precision": noise, "rounding": None, "bare_base": None},
                    compare_logits(truth, actual), precision, prompt_source)
     if precision == "int4":  # the simulation rounds to nearest, the export k-quantizes: the sizes of their
@@ -632,6 +633,21 @@ def _verify_base_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, pre
                          "the base in "
                          f"{simulation} does (measured in this run), with the same top-1 where the margin exceeds "
                          f"{2 * NOISE_FACTOR:g}× that"}
+
+
+def verify_base_export(base: BaseCheckpoint, export_dir: Path, prompts=None) -> dict:
+    """Verify an onnxruntime-genai export of the base alone: its graph against the base
+    (`_verify_base_graph`), the one check there is."""
+    from psoft_deploy.converters import genai
+
+    record = genai.export_record(export_dir)
+    provider, precision = record.get("execution_provider", "cpu"), record.get("precision", "fp32")
+    if not genai.provider_available(provider):
+        raise UserError(f"{export_dir} is built for {provider}, which onnxruntime-genai cannot use on this machine; "
+                        f"verify it on a machine with {provider}, or export with --no-verify")
+    report = _verify_base_graph(base, export_dir, {}, precision, prompts)
+    return {**report, "mode": "full", "family": "causal-lm", "compared": ["logits"], "dtype": precision,
+            "bare_base": None}
 
 
 def _verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str, graph: dict | str) -> dict:

@@ -362,3 +362,20 @@ def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
     for end in range(1, len(ids) + 1):
         stream.update(ids[:end])
     assert "".join(printed) == "The river\ufffd carries water"
+
+
+def test_an_export_of_the_base_alone_is_verified_against_the_base(two_adapters, mis_built, tmp_path):
+    """No adapter: the graph itself is checked against the base in float64; a mis-built one fails."""
+    from psoft_deploy.base import BaseCheckpoint
+    from psoft_deploy.converters.verify import verify_base_export
+
+    base, _ = two_adapters
+    result = run("export-onnx", "--base", base, "--output", tmp_path / "onnx")
+    assert result.exit_code == 0 and "verification: PASS (full, fp32)" in result.output, result.output
+    mis_base, _ = mis_built
+    output = tmp_path / "mis-built"
+    output.mkdir()
+    genai.build(mis_base, output, {}, precision="fp32", execution_provider="cpu", as_inputs=False)
+    (output / genai.EXPORT_RECORD).write_text(json.dumps({"precision": "fp32", "execution_provider": "cpu"}))
+    report = verify_base_export(BaseCheckpoint(str(mis_base)), output)
+    assert not report["passed"] and report["failed_checks"], report
