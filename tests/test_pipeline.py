@@ -45,7 +45,7 @@ def test_every_artifact_carries_one_report_schema(tiny_base, tmp_path):
     assert result.exit_code == 0, result.output
     cached, _ = LoraCache(tmp_path / "cache", BaseCheckpoint(str(base))).prepare(tmp_path / "adapter")
     expected_labels = {"materialized": ["materialized adapter"], "merged": ["merged model"], "lora": ["LoRA adapter"],
-                       "onnx": ["merged model"], "inputs": ["adapter a"], cached: ["LoRA adapter"]}
+                       "onnx": ["adapter (LoRA form)"], "inputs": ["adapter a"], cached: ["LoRA adapter"]}
     for directory, labels in expected_labels.items():
         record = read_report(tmp_path / directory)
         assert record.keys() == REPORT_KEYS and record["passed"], directory

@@ -95,7 +95,7 @@ def test_three_stops_leave_dev_shm_as_it_was(tmp_path):
         assert sorted(os.listdir(SHM)) == before, f"cycle {cycle}: {log.read_text()[-3000:]}"
     vllm_log = tmp_path / f"vllm-{port}.log"  # beside the cache directory, named in the serving line
     assert f"vLLM log: {vllm_log}" in log.read_text()
-    assert "mode=drain" in vllm_log.read_text() and "force killing" not in vllm_log.read_text()
+    assert "force killing" not in vllm_log.read_text()  # stopped by its own graceful shutdown
 
 
 class Health(http.server.BaseHTTPRequestHandler):
