@@ -78,7 +78,7 @@ def build_base(directory: Path, shape: dict) -> None:
 
 def og_timings(export_dir: Path, repeats: int) -> tuple[float, float]:
     """Median prefill seconds (PROMPT tokens) and decode seconds per token through og.Generator."""
-    from psoft_deploy.converters.genai import GenaiModel
+    from psoft_deploy.converters.genai_runtime import GenaiModel
 
     model = GenaiModel(export_dir)
     tokens = np.random.default_rng(0).integers(4, 2000, PROMPT).tolist()
@@ -130,7 +130,7 @@ def main() -> None:
     shape = SHAPES[args.shape]
 
     from psoft_deploy.converters.pipeline import read_report
-    from psoft_deploy.converters.verify import format_verification
+    from psoft_deploy.converters.verify import Report
     from psoft_deploy.tiny import llama_modules, write_psoft_adapter
 
     with tempfile.TemporaryDirectory(dir=".") as work:
@@ -156,7 +156,7 @@ def main() -> None:
                 [sys.executable, "-m", "psoft_deploy", "export-onnx", "--base", str(work / "base"), "--adapter",
                  str(work / "adapter"), "--output", str(work / f"ours-{precision}"), "--precision", precision])
             exports[precision] = work / f"ours-{precision}"
-            verdicts[precision] = format_verification(read_report(exports[precision])["checks"][0])
+            verdicts[precision] = Report.from_dict(read_report(exports[precision])["checks"][0]).line()
             lines.append(f"  export {precision}: psoft-deploy (adapter, verify auto) {ours_s:6.1f} s, peak RSS "
                          f"{ours_rss / 2**30:5.2f} GiB | builder, base alone {anchor_s:6.1f} s, "
                          f"{anchor_rss / 2**30:5.2f} GiB -> {ours_rss / anchor_rss:.2f}x RSS, "

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from psoft_deploy.converters.verify import model_family
 from psoft_deploy.errors import UserError
+from psoft_deploy.families import model_family
 from psoft_deploy.layer import replace_module
 from psoft_deploy.model import load_base_model
 
@@ -109,7 +109,7 @@ def export_graph(model_dir: Path, staging: Path, *, with_past: bool, dtype: torc
         program.save(str(staging / GRAPH), external_data=True)
     except Exception as error:
         raise UserError(f"torch.onnx could not export {model.__class__.__name__}: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}") from None
+                        f"{str(error).splitlines()[0] if str(error) else ''} (--verbose shows the traceback)") from error
     if lora_modules:
         _add_rank_zero_defaults(staging / GRAPH)
     for file in model_dir.iterdir():
@@ -195,7 +195,7 @@ def _add_rank_zero_defaults(graph_file: Path) -> None:
 
 def write_onnx_adapter(factors, file: Path) -> None:
     """One adapter as an onnxruntime ``.onnx_adapter`` file: exact LoRA factors, scale in B."""
-    from psoft_deploy.converters.genai import write_adapter_file
+    from psoft_deploy.converters.genai_runtime import write_adapter_file
 
     arrays = {}
     for name, module in factors.modules.items():

@@ -19,7 +19,8 @@ import torch
 from psoft_deploy import __version__
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.verify import (
-    format_verification,
+    Report,
+    VerificationFailed,
     verify_base_export,
     verify_candidate,
     verify_full,
@@ -38,11 +39,11 @@ Written = TypeVar("Written")
 
 @dataclass
 class Check:
-    """One verification of the staged artifact: ``run(staging)`` returns a report whose
+    """One verification of the staged artifact: ``run(staging)`` returns a `Report` whose
     ``passed`` decides (see `psoft_deploy.converters.verify`)."""
 
     label: str
-    run: Callable[[Path], dict]
+    run: Callable[[Path], Report]
 
 
 @dataclass
@@ -71,7 +72,7 @@ def publish(
 ) -> Published:
     """Write ``artifact`` with ``write(staging)``, run ``checks`` on it (None: not verified, and
     no report is written), record the reports, add the model card, and rename the staging
-    directory to ``output``. Raises `UserError` (and publishes nothing) if a check fails."""
+    directory to ``output``. Raises `VerificationFailed` (and publishes nothing) if a check fails."""
     with atomic_output_dir(output, overwrite) as staging:
         stage(f"writing the {artifact}")
         published = Published(write(staging), {})
@@ -79,20 +80,21 @@ def publish(
             reports = []
             for check in checks:
                 stage(f"verifying the {check.label}")
-                reports.append({"label": check.label, **check.run(staging)})
-            published.verdicts = {report["label"]: format_verification(report) for report in reports}
+                reports.append(check.run(staging))
+                reports[-1].label = check.label
+            published.verdicts = {report.label: report.line() for report in reports}
             record = {
                 "tool": {"name": "psoft-deploy", "version": __version__},
                 "artifact": artifact,
-                "passed": all(report["passed"] for report in reports),
-                "checks": reports,
+                "passed": all(report.passed for report in reports),
+                "checks": [report.to_dict() for report in reports],
             }
             (staging / REPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
             for report in reports:
-                if not report["passed"]:
-                    which = "" if report["label"] == artifact else f" ({report['label']})"
-                    raise UserError(f"the {artifact} failed verification{which}, nothing written: "
-                                    f"{published.verdicts[report['label']]}")
+                if not report.passed:
+                    which = "" if report.label == artifact else f" ({report.label})"
+                    raise VerificationFailed(f"the {artifact} failed verification{which}, nothing written: "
+                                             f"{report.line()}", report)
         if model_card is not None:
             model_card(staging, published.verification)
     return published
@@ -155,7 +157,7 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     opset), or ``auto``: genai for the decoders the builder converts, else torch. ``prompts``:
     verification prompts (None: verify's defaults). int4 leaves the adapted modules' base
     weights unquantized unless ``quantize_adapted`` (`genai.quantization_options`)."""
-    from psoft_deploy.converters import genai
+    from psoft_deploy.converters import genai, genai_runtime
 
     refusal = genai.builder_refusal(base.config or {}, replaces_modules=any(
         factors.replaced_tensors for factors in [merged, *(adapters or {}).values()] if factors is not None))
@@ -188,15 +190,15 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
         for name, factors in adapters.items():
             arrays = genai.lora_arrays({module: module_factors.lora() for module, module_factors in
                                         factors.modules.items()}, dtype)
-            genai.write_adapter_file(arrays, genai.adapter_file(staging, name))
+            genai_runtime.write_adapter_file(arrays, genai_runtime.adapter_file(staging, name))
         record = {"exporter": "onnxruntime-genai", "precision": precision, "execution_provider": execution_provider,
                   "adapters": sorted(adapters), "adapter_in_graph": merged is not None,
                   "builder_options": list(quantization)}
-        (staging / genai.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / genai_runtime.EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
     def check(factors: AdapterFactors, name: str | None = None) -> Check:
         return Check(f"adapter {name}" if name else "adapter (LoRA form)", lambda staging: verify_genai(
-            base, factors, staging, prompts, adapter_file=genai.adapter_file(staging, name) if name else None,
+            base, factors, staging, prompts, adapter_file=genai_runtime.adapter_file(staging, name) if name else None,
             mode=verify_mode))
 
     checks = [check(factors, name) for name, factors in adapters.items()] or (

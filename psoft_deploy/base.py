@@ -9,9 +9,10 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
+from .families import model_class
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,11 +39,11 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_PATTERNS))
     except HFValidationError:
         raise UserError(f"base {name_or_path!r} is neither a local directory nor a valid hub id") from None
-    except Exception as error:  # network, auth, missing repo: all user-fixable
+    except Exception as error:  # network, auth, missing repo: all user-fixable; --verbose shows the traceback
         raise UserError(
             f"could not fetch base {name_or_path!r} from the hub ({type(error).__name__}); "
             "check the id and your connection, or pass a local directory"
-        ) from None
+        ) from error
 
 
 def fingerprint(tensor: torch.Tensor) -> dict:
@@ -154,14 +155,6 @@ class BaseCheckpoint:
         return self._fingerprints[key]
 
 
-def model_class(config):
-    """The transformers class ``config.architectures`` names (a causal LM if it names none)."""
-    import transformers
-
-    architectures = getattr(config, "architectures", None) or []
-    return (getattr(transformers, architectures[0], None) if architectures else None) or transformers.AutoModelForCausalLM
-
-
 def meta_model(path: Path):
     """The transformers model at ``path``, built from its config on the meta device (no weights)."""
     import transformers
@@ -178,5 +171,7 @@ def open_safetensors(file: Path):
         return safe_open(file, framework="pt")
     except FileNotFoundError:
         raise UserError(f"{file} is missing") from None
-    except Exception as error:
+    except SafetensorError as error:
         raise UserError(f"{file} is not a readable safetensors file ({error}); re-download or re-save it") from None
+    except OSError as error:
+        raise UserError(f"cannot read {file}: {error.strerror or error}") from None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import traceback
 import warnings
 from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, progress
 from .errors import UserError
 from .options import read_options
 from .outputs import atomic_write_text, check_apart, check_output, check_writable
@@ -25,6 +26,8 @@ class PsoftGroup(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as error:
+            if progress.verbose() and error.__cause__ is not None:  # what led to it, for a bug report
+                traceback.print_exception(error.__cause__)
             raise click.ClickException(str(error)) from None
 
 
@@ -323,7 +326,7 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
                                      prompts=read_prompts(prompts) if prompts else None,
                                      quantize_adapted=quantize_adapted_modules, with_past=with_past, opset=opset)
     _echo_verdicts(published)
-    from psoft_deploy.converters.genai import is_genai_export
+    from psoft_deploy.converters.genai_runtime import is_genai_export
 
     in_lora_form = "the model with its adapter in LoRA form" if is_genai_export(output) else "the merged model"
     what = in_lora_form if merged is not None else "the base" + (
@@ -384,8 +387,8 @@ def generate(onnx_dir, adapter, adapter_file, prompt, no_chat_template, max_new_
       psoft-deploy generate --onnx ./onnx --prompt "What is 2 + 2?"
       psoft-deploy generate --onnx ./o --adapter math --prompt "What is 2 + 2?"
     """
-    from .converters.genai import adapter_file as named_adapter_file
-    from .converters.genai import genai_generate, has_chat_template, is_genai_export
+    from .converters.genai_runtime import adapter_file as named_adapter_file
+    from .converters.genai_runtime import genai_generate, has_chat_template, is_genai_export
     from .generate import generate as run_generation
 
     if adapter and adapter_file:
@@ -433,11 +436,7 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
     """
     from pathlib import Path
 
-    from psoft_deploy.converters.verify import (
-        format_verification,
-        read_prompts,
-        verify_candidate,
-    )
+    from psoft_deploy.converters.verify import read_prompts, verify_candidate
 
     if report:
         check_apart(report, {"base": base, "adapter": adapter, "candidate": candidate})
@@ -446,9 +445,9 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
     result = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode,
                               prompts=read_prompts(prompts) if prompts else None)
     if report:
-        atomic_write_text(report, json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps(result, indent=2) if as_json else format_verification(result))
-    if not result["passed"]:
+        atomic_write_text(report, json.dumps(result.to_dict(), indent=2) + "\n")
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())
+    if not result.passed:
         raise click.exceptions.Exit(1)
 
 

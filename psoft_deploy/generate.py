@@ -27,6 +27,19 @@ def eos_token_ids(onnx_dir: Path) -> set[int]:
     return set()
 
 
+def read_adapter_file(file: Path) -> dict[str, np.ndarray]:
+    """The parameters of an onnxruntime ``.onnx_adapter`` file (LoRA input name → array)."""
+    import onnxruntime
+
+    if not Path(file).is_file():
+        raise UserError(f"adapter file {file} does not exist")
+    try:
+        parameters = onnxruntime.AdapterFormat.read_adapter(str(file)).get_parameters()
+    except Exception as error:  # onnxruntime's own error types are not exported
+        raise UserError(f"{file} is not a readable .onnx_adapter file ({error})") from error
+    return {name: value.numpy() for name, value in parameters.items()}
+
+
 class OnnxModel:
     """An exported graph in onnxruntime with at most one ``.onnx_adapter`` active. It keeps the
     ``LoraAdapter`` referenced for its own lifetime (onnxruntime silently runs the base model once
@@ -51,12 +64,7 @@ class OnnxModel:
         self.adapter, self.run_options = None, None
         if adapter_file is not None:
             adapter_file = Path(adapter_file)
-            if not adapter_file.is_file():
-                raise UserError(f"adapter file {adapter_file} does not exist")
-            try:
-                parameters = onnxruntime.AdapterFormat.read_adapter(str(adapter_file)).get_parameters()
-            except Exception as error:
-                raise UserError(f"{adapter_file} is not a readable .onnx_adapter file ({error})") from None
+            parameters = read_adapter_file(adapter_file)
             unknown = sorted(set(parameters) - self.lora_inputs)
             if not parameters or unknown:
                 raise UserError(f"{adapter_file} does not fit this graph (parameters it lacks inputs for: "

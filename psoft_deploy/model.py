@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from .base import meta_model, model_class
+from .base import meta_model
 from .errors import UserError
 from .factors import AdapterFactors
+from .families import model_class
 from .layer import apply_factors, tied_groups
 
 

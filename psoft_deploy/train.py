@@ -84,7 +84,7 @@ def load_data(path: str, split: str):
     except UserError:
         raise
     except Exception as error:
-        raise UserError(f"cannot read data {path!r} (split {split!r}): {type(error).__name__}: {error}") from None
+        raise UserError(f"cannot read data {path!r} (split {split!r}): {type(error).__name__}: {error}") from error
 
 
 def check_data(data, args, tokenizer):

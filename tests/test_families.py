@@ -15,12 +15,9 @@ from torch import nn
 
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.cli import cli
-from psoft_deploy.converters.verify import (
-    family_outputs,
-    model_family,
-    verification_inputs,
-)
+from psoft_deploy.converters.verify.inputs import family_outputs, verification_inputs
 from psoft_deploy.factors import load_factors
+from psoft_deploy.families import model_family
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_tiny_model
 
@@ -171,7 +168,7 @@ def test_export_onnx_of_encoders_classifiers_and_vit(kind, tmp_path):
     """Merged and verified in onnxruntime; then run at other batch sizes (and lengths) than the
     export saw, against PEFT's forward."""
     from psoft_deploy.converters.onnx import onnx_outputs
-    from psoft_deploy.converters.verify import FAMILIES
+    from psoft_deploy.families import FAMILIES
 
     base = tmp_path / "base"
     build_tiny_model(base, kind)

@@ -14,11 +14,12 @@ from conftest import load_peft, make_peft_adapter, verification_report
 from transformers import AutoTokenizer
 
 from psoft_deploy.cli import cli
-from psoft_deploy.converters import genai
-from psoft_deploy.converters.genai import GenaiModel, genai_generate, read_adapter_file
-from psoft_deploy.converters.verify import NOISE_FACTOR
+from psoft_deploy.converters import genai, genai_runtime
+from psoft_deploy.converters.genai_runtime import GenaiModel, genai_generate
+from psoft_deploy.converters.verify.rule import NOISE_FACTOR
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.factors import load_factors
+from psoft_deploy.generate import read_adapter_file
 from psoft_deploy.model import load_base_model
 from psoft_deploy.tiny import build_chat_model
 
@@ -264,7 +265,7 @@ def build_past_the_refusal(base, adapter, output, precision: str) -> None:
     output.mkdir()
     genai.build(base, output, {name: module.lora() for name, module in factors.modules.items()},
                 precision=precision, execution_provider="cpu", as_inputs=False)
-    (output / genai.EXPORT_RECORD).write_text(json.dumps({"precision": precision, "execution_provider": "cpu"}))
+    (output / genai_runtime.EXPORT_RECORD).write_text(json.dumps({"precision": precision, "execution_provider": "cpu"}))
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +350,7 @@ def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
     everything after it, so the text after it was never printed."""
     from tokenizers import Tokenizer
 
-    from psoft_deploy.converters.genai import _Decoder
+    from psoft_deploy.converters.genai_runtime import _Decoder
     from psoft_deploy.generate import TextStream
 
     _, work = two_adapters
@@ -376,6 +377,6 @@ def test_an_export_of_the_base_alone_is_verified_against_the_base(two_adapters, 
     output = tmp_path / "mis-built"
     output.mkdir()
     genai.build(mis_base, output, {}, precision="fp32", execution_provider="cpu", as_inputs=False)
-    (output / genai.EXPORT_RECORD).write_text(json.dumps({"precision": "fp32", "execution_provider": "cpu"}))
+    (output / genai_runtime.EXPORT_RECORD).write_text(json.dumps({"precision": "fp32", "execution_provider": "cpu"}))
     report = verify_base_export(BaseCheckpoint(str(mis_base)), output)
-    assert not report["passed"] and report["failed_checks"], report
+    assert not report.passed and report.failed_checks, report

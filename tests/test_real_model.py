@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from psoft_deploy.cli import cli
-from psoft_deploy.converters import genai
-from psoft_deploy.converters.verify import _torch_greedy, kept_prefix
+from psoft_deploy.converters import genai_runtime
+from psoft_deploy.converters.verify.reference import greedy
+from psoft_deploy.converters.verify.rule import kept_prefix
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
 from psoft_deploy.testing import ANSWER_PREFIX, build_smollm2, held_out_questions, write_chats
@@ -40,7 +41,7 @@ def smollm2(tmp_path_factory):
                                                tokenize=True, return_dict=False) for q in questions]
     factors = load_factors(str(ADAPTER), str(base))
     stop = {tokenizer.eos_token_id}
-    reference = {name: [tokenizer.decode(_torch_greedy(model, tokens, NEW_TOKENS, stop), skip_special_tokens=True)
+    reference = {name: [tokenizer.decode(greedy(model, tokens, NEW_TOKENS, stop), skip_special_tokens=True)
                         for tokens in sequences]
                  for name, model in (("adapter", reference_model(base, factors, torch.float32)),
                                      ("base", reference_model(base, None, torch.float32)))}
@@ -50,9 +51,9 @@ def smollm2(tmp_path_factory):
 def graph_answers(export_dir: Path, sequences, tokenizer) -> dict[str, list[str]]:
     """Greedy answers of an export with its adapter and with every LoRA input at rank 0 (the base)."""
     rank_zero = export_dir.parent / f"{export_dir.name}-rank0.onnx_adapter"
-    genai.write_adapter_file({name: genai.rank_zero(name, array)
-                              for name, array in genai.graph_lora_arrays(export_dir).items()}, rank_zero)
-    model = genai.GenaiModel(export_dir, {"base": rank_zero})
+    genai_runtime.write_adapter_file({name: genai_runtime.rank_zero(name, array)
+                              for name, array in genai_runtime.graph_lora_arrays(export_dir).items()}, rank_zero)
+    model = genai_runtime.GenaiModel(export_dir, {"base": rank_zero})
     return {name: [tokenizer.decode(model.greedy(tokens, adapter, NEW_TOKENS), skip_special_tokens=True)
                    for tokens in sequences] for name, adapter in (("adapter", None), ("base", "base"))}
 

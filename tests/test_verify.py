@@ -13,7 +13,8 @@ from conftest import make_peft_adapter, verification_report
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
-from psoft_deploy.converters.verify import compare_logits, verification_inputs
+from psoft_deploy.converters.verify.inputs import verification_inputs
+from psoft_deploy.converters.verify.rule import compare_logits
 from psoft_deploy.tiny import build_chat_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -1,0 +1,232 @@
+"""onnxruntime-genai exports at run time: what an export directory holds (its graph, genai config,
+export record, ``.onnx_adapter`` files), `GenaiModel` (`og.Model` with named adapters) and
+`genai_generate`. It imports neither torch nor transformers, so `generate` stays torch-free; the
+export side is `psoft_deploy.converters.genai`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from psoft_deploy.errors import UserError
+from psoft_deploy.progress import verbose
+
+GENAI_CONFIG = "genai_config.json"
+
+GRAPH = "model.onnx"
+
+EXPORT_RECORD = "psoft_onnx_export.json"
+
+FLOAT_ONNX_TYPES = {1: np.float32, 10: np.float16}
+
+
+
+def is_genai_export(directory: Path) -> bool:
+    return (Path(directory) / GENAI_CONFIG).is_file()
+
+
+
+def lora_input_type(export_dir: Path) -> np.dtype:
+    """The float type of an export's LoRA inputs (its adapter files must match it)."""
+    import onnx
+
+    model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
+    for graph_input in model.graph.input:
+        if graph_input.name.endswith(".lora_A.MatMul.weight"):
+            return np.dtype(FLOAT_ONNX_TYPES[graph_input.type.tensor_type.elem_type])
+    raise UserError(f"{export_dir} has no LoRA inputs (export it with --adapters-as-inputs)")
+
+
+
+def logits_type(export_dir: Path) -> np.dtype:
+    """The float type of an export's logits (the graph's float type)."""
+    import onnx
+
+    model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
+    output = next(output for output in model.graph.output if output.name == "logits")
+    elem_type = output.type.tensor_type.elem_type
+    if elem_type not in FLOAT_ONNX_TYPES:
+        raise UserError(f"{export_dir}: logits of ONNX type {elem_type}; psoft-deploy verifies float32 and float16 "
+                        "exports")
+    return np.dtype(FLOAT_ONNX_TYPES[elem_type])
+
+
+
+def rank_zero(name: str, array: np.ndarray) -> np.ndarray:
+    """The rank-0 value of the LoRA input ``name`` (``in×r`` → ``in×0``, ``r×out`` → ``0×out``)."""
+    return np.zeros((array.shape[0], 0) if ".lora_A." in name else (0, array.shape[1]), array.dtype)
+
+
+
+def provider_available(provider: str) -> bool:
+    """Whether onnxruntime-genai can run an export built for ``provider`` on this machine."""
+    import onnxruntime_genai as og
+
+    return provider == "cpu" or getattr(og, f"is_{provider}_available", lambda: False)()
+
+
+
+def export_record(export_dir: Path) -> dict:
+    """What export-onnx recorded about a builder export (precision, provider, adapters)."""
+    file = Path(export_dir) / EXPORT_RECORD
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+
+def write_adapter_file(arrays: dict[str, np.ndarray], file: Path) -> None:
+    """``arrays`` as an onnxruntime ``.onnx_adapter`` file (what `og.Adapters` loads)."""
+    import onnxruntime
+
+    values = {name: onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+              for name, array in arrays.items()}
+    adapter = onnxruntime.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(values)  # `values` stays referenced until the export below
+    adapter.export_adapter(str(file))
+
+
+
+def graph_lora_arrays(export_dir: Path) -> dict[str, np.ndarray]:
+    """The LoRA inputs' default values (the merged adapter's factors, or rank-0 arrays)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
+    names = {graph_input.name for graph_input in model.graph.input if ".lora_" in graph_input.name}
+    arrays = {}
+    for init in model.graph.initializer:
+        if init.name in names:
+            onnx.external_data_helper.load_external_data_for_tensor(init, str(export_dir))
+            arrays[init.name] = numpy_helper.to_array(init)
+    return arrays
+
+
+
+class GenaiModel:
+    """An onnxruntime-genai export loaded once (`og.Model`), with named `.onnx_adapter` files."""
+
+    def __init__(self, export_dir: str | Path, adapter_files: dict[str, Path] | None = None):
+        import onnxruntime_genai as og
+
+        export_dir = Path(export_dir)
+        if not is_genai_export(export_dir):
+            raise UserError(f"{export_dir} holds no {GENAI_CONFIG} (an export-onnx output built by onnxruntime-genai)")
+        self.og, self.directory = og, export_dir
+        if not verbose():
+            og.set_log_options(enabled=False)
+        try:
+            self.model = og.Model(str(export_dir))
+        except RuntimeError as error:
+            raise UserError(f"onnxruntime-genai cannot load {export_dir} here: {error}") from None
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = og.Adapters(self.model) if adapter_files else None
+        for name, file in (adapter_files or {}).items():
+            if not Path(file).is_file():
+                raise UserError(f"adapter file {file} does not exist")
+            self.adapters.load(str(file), name)
+
+    def generator(self, tokens: list[int], adapter: str | None = None, **search):
+        """A generator with ``tokens`` appended, ``adapter`` active (None: the graph's defaults)."""
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(tokens) + search.pop("max_new_tokens", 1), **search)
+        generator = self.og.Generator(self.model, params)
+        if adapter is not None:
+            generator.set_active_adapter(self.adapters, adapter)
+        generator.append_tokens(np.asarray(tokens, dtype=np.int32))
+        return generator
+
+    def greedy(self, tokens: list[int], adapter: str | None = None, count: int = 16) -> list[int]:
+        """Up to ``count`` greedy tokens after ``tokens`` (the EOS that ends them included)."""
+        return list(self.tokens(self.generator(tokens, adapter, max_new_tokens=count, do_sample=False,
+                                               repetition_penalty=1.0)))
+
+    def tokens(self, generator):
+        """The tokens ``generator`` produces until it is done; onnxruntime's failure as one line."""
+        while not generator.is_done():
+            try:
+                generator.generate_next_token()
+            except RuntimeError as error:
+                raise UserError(f"onnxruntime-genai fails to generate with {self.directory}: "
+                                f"{str(error).strip().splitlines()[0]}") from None
+            yield int(generator.get_next_tokens()[0])
+
+    def logits(self, tokens: list[int], adapter: str | None = None) -> np.ndarray:
+        """Logits at every position of ``tokens`` (one prefill), float64."""
+        return np.asarray(self.generator(tokens, adapter).get_output("logits"), dtype=np.float64)[0]
+
+
+
+def eos_token_ids(export_dir: Path) -> set[int]:
+    """The token ids that end generation in an export (its ``genai_config.json``)."""
+    eos = json.loads((Path(export_dir) / GENAI_CONFIG).read_text())["model"]["eos_token_id"]
+    return set(eos) if isinstance(eos, list) else {eos}
+
+
+
+def adapter_file(export_dir: Path, name: str) -> Path:
+    return Path(export_dir) / "adapters" / f"{name}.onnx_adapter"
+
+
+
+def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None = None, chat_template: bool = True,
+                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                   on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
+    """Continue ``prompt`` (as a user turn through the tokenizer's chat template if it has one and
+    ``chat_template``) with `og.Generator`; returns the text and the new token ids. ``on_text``
+    receives the text in whole characters as it grows."""
+    from psoft_deploy.generate import TextStream
+
+    export_dir = Path(export_dir)
+    files = {adapter: adapter_file(export_dir, adapter)} if adapter else None
+    model = GenaiModel(export_dir, files)
+    templated = chat_template and has_chat_template(export_dir)
+    text = (model.tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
+                                                add_generation_prompt=True) if templated else prompt)
+    tokens = [int(token) for token in model.tokenizer.encode(text)]
+    if not tokens:
+        raise UserError("the prompt encodes to no tokens")
+    search = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
+    if temperature > 0:
+        search |= {"temperature": temperature, "top_k": top_k or 0, "random_seed": seed}
+    generator = model.generator(tokens, adapter, **search)
+    new_tokens: list[int] = []
+    stream = TextStream(_Decoder(export_dir, model.tokenizer), on_text or (lambda text: None))
+    stop = {int(token) for token in model.tokenizer.eos_token_ids}
+    for token in model.tokens(generator):
+        new_tokens.append(token)
+        if token in stop:
+            break
+        stream.update(new_tokens)
+    return stream.finish([token for token in new_tokens if token not in stop]), new_tokens
+
+
+
+class _Decoder:
+    """Decodes token ids for `TextStream`: with the export's ``tokenizer.json`` (tokenizers), where
+    a token whose bytes are no character becomes U+FFFD in place (og's decode drops everything after
+    it); else with og's tokenizer."""
+
+    def __init__(self, export_dir: Path, og_tokenizer):
+        file = Path(export_dir) / "tokenizer.json"
+        if file.is_file():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(file))
+            self.decode_ids = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)
+        else:
+            self.decode_ids = lambda tokens: og_tokenizer.decode(np.asarray(tokens, dtype=np.int32))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.decode_ids(tokens) if tokens else ""
+
+
+
+def has_chat_template(export_dir: Path) -> bool:
+    config = Path(export_dir) / "tokenizer_config.json"
+    return (Path(export_dir) / "chat_template.jinja").is_file() or (
+        config.is_file() and bool(json.loads(config.read_text()).get("chat_template")))
+

@@ -1,0 +1,243 @@
+"""The candidates verification checks, each against the reference: a merged model directory, a
+LoRA adapter (exact or rank-truncated), a torch.onnx export, in ``full`` mode (the model run on
+the verification inputs and judged by `rule.judge`) or ``layerwise`` (each adapted weight or LoRA
+pair checked on random inputs by `LayerChecks`, for models too large for a float64 forward or
+bases without a transformers config). onnxruntime-genai exports: `genai_exports`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.converters.lora import read_export_metadata
+from psoft_deploy.converters.merge import stored_deltas, stored_replacements
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import AdapterFactors, base_tensor_key
+from psoft_deploy.families import model_family
+from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
+from psoft_deploy.layer import PsoftLinear
+from psoft_deploy.model import load_base_model
+from psoft_deploy.streaming import torch_dtype
+
+from .inputs import family_outputs, verification_inputs
+from .reference import reference_merged_weight, reference_runs
+from .report import Report
+from .rule import NOISE_FACTOR, compare_logits, dtype_name, judge
+
+FULL_MODE_MAX_PARAMETERS = 500_000_000
+# A candidate may deviate from the float64 truth by these multiples of the noise measured in the
+# Truncated LoRA exports: measured vs recorded optimal rank-k error, per layer.
+TRUNCATION_GAP = 1e-4
+
+
+def verify_full(
+    base: BaseCheckpoint, factors: AdapterFactors | None, candidate_dir: Path, prompts=None, *, kind: str = "merged",
+    adapter_file: Path | None = None,
+) -> Report:
+    """Run the candidate and the reference on the verification prompts and judge the candidate
+    by the noise measured in the same run (see the module docstring).
+
+    ``kind`` is ``merged`` (a model directory, run by transformers), ``lora`` (an adapter loaded
+    onto the base by PEFT's own LoRA code, independent of ours) or ``onnx`` (an exported graph,
+    run by onnxruntime, with ``adapter_file`` active when given). ``factors`` None means the
+    candidate should be the bare base."""
+    if kind == "lora":
+        dtype = lora_dtype(candidate_dir)
+    elif kind == "onnx":
+        dtype = onnx_dtype(candidate_dir)
+    else:
+        dtype = candidate_dtype(BaseCheckpoint(str(candidate_dir)), factors)
+    family = model_family(base.config)
+    inputs, prompt_source = verification_inputs([candidate_dir, base.path], prompts, base.config)
+
+    def forward(model) -> torch.Tensor:
+        with torch.no_grad():
+            return family_outputs(model(**inputs), family, inputs)
+
+    runs = reference_runs(base, factors, dtype, forward)
+    if kind == "onnx":
+        from psoft_deploy.converters.onnx import onnx_outputs
+
+        raw = onnx_outputs(candidate_dir, {key: value.numpy() for key, value in inputs.items()}, family.outputs,
+                           adapter_file)
+        actual = family_outputs({name: torch.from_numpy(value) for name, value in raw.items()}, family, inputs)
+    elif kind == "lora":
+        actual = forward(load_lora_candidate(base.path, candidate_dir, dtype))
+    else:
+        actual = forward(load_base_model(candidate_dir, dtype))
+    return judge(runs, compare_logits(runs["truth"], actual), dtype, prompt_source, family)
+
+
+def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch.dtype:
+    """The dtype the candidate stores its adapted weights in."""
+    first = base_tensor_key(next(iter(factors.modules)))
+    return candidate.tensor(first).dtype
+
+
+def lora_dtype(candidate_dir: Path) -> torch.dtype:
+    """The dtype of a LoRA adapter's weights."""
+    with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
+        return torch_dtype(handle.get_slice(next(iter(handle.keys()))).get_dtype())
+
+
+def onnx_dtype(candidate_dir: Path) -> torch.dtype:
+    """The floating dtype of an exported graph's (first) output."""
+    import numpy as np
+    import onnxruntime
+
+    from psoft_deploy.generate import FLOAT_TYPES
+
+    session = onnxruntime.InferenceSession(str(candidate_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    first = session.get_outputs()[0]
+    return torch.from_numpy(np.empty(0, FLOAT_TYPES.get(first.type, np.float32))).dtype
+
+
+def load_lora_candidate(base_dir: Path, candidate_dir: Path, dtype: torch.dtype):
+    """The base in ``dtype`` with a LoRA adapter, loaded by PEFT's own LoRA code."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base_model(base_dir, dtype), candidate_dir).eval()
+
+
+def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> Report:
+    """A rank-truncated LoRA export is approximate by design: check that each layer PEFT loads
+    is as far from the exact ΔW as the export recorded (the optimal rank-k error), no further."""
+    recorded = read_export_metadata(candidate_dir)["modules"]
+    model = load_lora_candidate(base.path, candidate_dir, torch.float32)
+    worst_gap, worst_layer, errors = 0.0, None, {}
+    for name, exact in factors.modules.items():
+        layer = model.base_model.model.get_submodule(name)
+        delta = exact.delta_weight()
+        error = (torch.linalg.norm(layer.get_delta_weight("default") - delta) / torch.linalg.norm(delta)).item()
+        errors[name] = error
+        gap = abs(error - recorded[name]["relative_error"])
+        if gap >= worst_gap:
+            worst_gap, worst_layer = gap, name
+    failed = [] if worst_gap <= TRUNCATION_GAP else [f"{worst_layer} is {worst_gap:.1e} off its recorded error"]
+    return Report("truncated-lora", "float32", f"each layer's relative error within {TRUNCATION_GAP:g} of the "
+                  "optimal rank-k error recorded at export", failed, {
+                      "max_layer_relative_error": max(errors.values()),
+                      "max_gap_to_recorded_error": worst_gap,
+                      "worst_layer": worst_layer,
+                      "layers_checked": len(errors),
+                  })
+
+
+class LayerChecks:
+    """Adapted weights checked one layer at a time (the layerwise modes). A candidate weight W'
+    is run on random inputs x against the float64 ``(W + ΔW) x`` from the reference layer; its
+    relative error may be at most `NOISE_FACTOR` × that of ``W + ΔW`` rounded to the candidate's
+    dtype (at least the dtype's unit roundoff), measured per layer. The bare W is the control:
+    if it passed in every layer, the check is inconclusive."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.generator = torch.Generator().manual_seed(0)
+        self.layers = self.indistinct = 0
+        self.worst_ratio, self.worst_layer, self.worst_error = 0.0, None, 0.0
+
+    def check(self, name: str, weight: torch.Tensor, factors, candidate: torch.Tensor) -> None:
+        """Check ``candidate`` (W' as stored, (out, in)) for the module with base ``weight``."""
+        base_layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.float64)
+        base_layer.weight.data = weight.double()
+        merged = reference_merged_weight(PsoftLinear(base_layer, factors))
+        probe = torch.randn(weight.shape[1], 8, generator=self.generator, dtype=torch.float64)
+        exact = merged @ probe
+
+        def error(candidate_weight: torch.Tensor) -> float:
+            return (torch.linalg.norm(candidate_weight.double() @ probe - exact) / torch.linalg.norm(exact)).item()
+
+        bound = NOISE_FACTOR * max(error(merged.to(self.dtype)), torch.finfo(self.dtype).eps / 2)
+        actual = error(candidate)
+        self.layers += 1
+        self.indistinct += error(weight) <= bound
+        if actual / bound >= self.worst_ratio:
+            self.worst_ratio, self.worst_layer, self.worst_error = actual / bound, name, actual
+
+    def report(self, failed: list[str], **metrics) -> Report:
+        """The layerwise report, with ``failed`` checks of the caller's own added."""
+        name = dtype_name(self.dtype)
+        if self.worst_ratio > 1:
+            failed.insert(0, f"{self.worst_layer} is {self.worst_ratio:.3g}× its bound")
+        if self.layers and self.indistinct == self.layers:
+            failed.append(f"inconclusive: in {name} every adapted layer of the bare base is within its bound too")
+        tolerance = (f"per adapted layer, relative error on random inputs ≤ {NOISE_FACTOR:g}× that of W + ΔW "
+                     f"rounded to {name} (measured per layer in this run); the bare base must fail")
+        return Report("layerwise", name, tolerance, failed, {
+            "max_layer_relative_error": self.worst_error,
+            "worst_layer": self.worst_layer,
+            "worst_ratio_to_bound": self.worst_ratio,
+            "layers_checked": self.layers,
+            "layers_where_the_bare_base_passes": self.indistinct,
+            **metrics,
+        })
+
+
+def verify_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> Report:
+    """Check a merged model while streaming: each adapted weight by `LayerChecks`, every other
+    tensor equal to the base's (or the adapter's ``modules_to_save`` replacement)."""
+    candidate = BaseCheckpoint(str(candidate_dir))
+    checks = LayerChecks(candidate_dtype(candidate, factors))
+    deltas, replaced = stored_deltas(base, factors), stored_replacements(base, factors)
+    mismatched = []
+    missing = sorted(set(base.files) - set(candidate.files))
+    for key in candidate.files:
+        actual = candidate.tensor(key)
+        if key in deltas:
+            checks.check(key, base.tensor(key), deltas[key], actual)
+        else:
+            source = replaced[key] if key in replaced else base.tensor(key)
+            if not torch.equal(actual, source.to(actual.dtype)):
+                mismatched.append(key)
+    failed = [f"{len(mismatched)} other tensors differ from the base, {len(missing)} are missing"] if (
+        mismatched or missing) else []
+    return checks.report(failed, tensors_differing_from_base=mismatched[:10], tensors_missing=missing[:10])
+
+
+def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> Report:
+    """Check a LoRA adapter layer by layer: ``W + scaling · lora_B lora_A`` (PEFT's scaling,
+    ``rank_pattern`` and ``alpha_pattern`` included) by `LayerChecks`, for every module the PSOFT
+    adapter adapts; a LoRA module the adapter does not adapt, or one it lacks, fails."""
+    from peft.utils.other import get_pattern_key
+
+    config = read_json(candidate_dir / ADAPTER_CONFIG)
+    if config.get("use_dora"):
+        raise UserError(f"{candidate_dir} is a DoRA adapter; its layers are not W + scaling·BA: verify it with "
+                        "--verify-mode full")
+    with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
+        tensors = {key.removeprefix(PEFT_PREFIX): handle.get_tensor(key) for key in handle.keys()}
+    lora_modules = {key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}
+    checks = LayerChecks(lora_dtype(candidate_dir))
+    for name, module in factors.modules.items():
+        if name not in lora_modules:
+            continue
+        lora_A, lora_B = tensors[f"{name}.lora_A.weight"].double(), tensors[f"{name}.lora_B.weight"].double()
+        rank = config.get("rank_pattern", {}).get(get_pattern_key(config.get("rank_pattern", {}), name), config["r"])
+        alpha = config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}), name),
+                                                     config.get("lora_alpha", rank))
+        scaling = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+        delta = scaling * (lora_B @ lora_A)
+        weight = base.tensor(base_tensor_key(name))
+        checks.check(name, weight, module, weight.double() + (delta.T if config.get("fan_in_fan_out") else delta))
+    missing, extra = sorted(set(factors.modules) - lora_modules), sorted(lora_modules - set(factors.modules))
+    failed = [f"{len(missing)} adapted modules missing from the LoRA, {len(extra)} extra"] if missing or extra else []
+    return checks.report(failed, candidate="lora", modules_missing=missing[:10], modules_extra=extra[:10])
+
+
+def parameter_count(checkpoint: BaseCheckpoint) -> int:
+    """Number of stored parameters, from the safetensors headers alone."""
+    total = 0
+    for file in set(checkpoint.files.values()):
+        with open_safetensors(file) as handle:
+            for key in handle.keys():
+                total += torch.Size(handle.get_slice(key).get_shape()).numel()
+    return total
+
+
+def resolve_mode(mode: str, model: BaseCheckpoint) -> str:
+    """``auto``: full up to `FULL_MODE_MAX_PARAMETERS`, layerwise above."""
+    if mode != "auto":
+        return mode
+    return "full" if parameter_count(model) <= FULL_MODE_MAX_PARAMETERS else "layerwise"

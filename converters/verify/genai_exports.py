@@ -1,0 +1,214 @@
+"""onnxruntime-genai exports, verified by running their graph: with the adapter (its LoRA inputs,
+or an ``.onnx_adapter`` file) against the float64 reference, with every LoRA input at rank 0
+against the base; or, layer by layer, each module's LoRA factors against the exact ΔW."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.converters import genai, genai_runtime
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import AdapterFactors
+from psoft_deploy.families import FAMILIES
+from psoft_deploy.generate import read_adapter_file
+from psoft_deploy.model import load_base_model, reference_model
+
+from .candidates import FULL_MODE_MAX_PARAMETERS, parameter_count, resolve_mode
+from .inputs import family_outputs, prompt_sequences, right_padded, verification_inputs
+from .reference import greedy, strip_adapter
+from .report import Report
+from .rule import (
+    GENERATED_TOKENS,
+    LOSSY_PRECISIONS,
+    NOISE_FACTOR,
+    STATISTICS,
+    bound_factors,
+    compare_logits,
+    dtype_name,
+    judge,
+    judge_behaviour,
+    with_behaviour,
+)
+
+
+def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path, prompts=None, *,
+                 adapter_file: Path | None = None, mode: str = "auto") -> Report:
+    """Verify an onnxruntime-genai export with its own adapter, or with ``adapter_file`` active.
+
+    ``full``: as `verify_full`, except that the noise is what the export's precision does to the
+    base: the same graph with every LoRA input at rank 0, against the base in float64 (for int4,
+    the quantized base). ``layerwise`` (auto above `FULL_MODE_MAX_PARAMETERS`, or where the
+    export's execution provider is missing): each module's LoRA factors in the export against the
+    exact ΔW, and the graph at rank 0 against the base (`verify_base_graph`); a graph that cannot
+    run here fails as inconclusive."""
+    record = genai_runtime.export_record(export_dir)
+    precision = record.get("precision", "onnxruntime-genai")
+    arrays = read_adapter_file(adapter_file) if adapter_file else genai_runtime.graph_lora_arrays(export_dir)
+    provider = record.get("execution_provider", "cpu")
+    runs_here = genai_runtime.provider_available(provider)
+    if mode == "full" and not runs_here:
+        raise UserError(f"{export_dir} is built for {provider}, which onnxruntime-genai cannot use on this machine; "
+                        f"verify it on a machine with {provider}")
+    if not runs_here or resolve_mode(mode, base) == "layerwise":
+        graph = verify_base_graph(base, export_dir, arrays, precision, prompts) if runs_here else (
+            f"inconclusive: the graph was not run ({provider} is not available here), and its LoRA factors alone do "
+            f"not show that it computes the model; verify it on a machine with {provider}, or export with "
+            "--no-verify to write it unverified")
+        return verify_lora_arrays(factors, arrays, precision, graph)
+    family = FAMILIES["causal-lm"]
+    inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
+    sequences = prompt_sequences(inputs)
+    inputs = right_padded(sequences)  # the graph runs each sequence alone: positions from 0
+
+    def forward(model) -> torch.Tensor:
+        with torch.no_grad():
+            return family_outputs(model(**inputs), family, inputs)
+
+    lossy = precision in LOSSY_PRECISIONS
+    stop = genai_runtime.eos_token_ids(export_dir)
+
+    def continuations(model) -> list[list[int]]:
+        return [greedy(model, tokens, GENERATED_TOKENS, stop) for tokens in sequences] if lossy else []
+
+    model = reference_model(base.path, factors, torch.float64)
+    truth, truth_continuations = forward(model), continuations(model)
+    strip_adapter(model, factors, base)
+    base_truth, base_continuations = forward(model), continuations(model)
+    del model
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {"base": Path(scratch) / "rank0.onnx_adapter"}
+        genai_runtime.write_adapter_file({name: genai_runtime.rank_zero(name, array) for name, array in arrays.items()},
+                                 files["base"])
+        if adapter_file:
+            files["candidate"] = adapter_file
+        graph = genai_runtime.GenaiModel(export_dir, files)
+
+        def graph_outputs(adapter: str | None) -> torch.Tensor:
+            return torch.cat([torch.from_numpy(graph.logits(tokens, adapter)) for tokens in sequences])
+
+        candidate, graph_base = graph_outputs("candidate" if adapter_file else None), graph_outputs("base")
+        if lossy:
+            graph_continuations = {adapter: [graph.greedy(tokens, adapter, GENERATED_TOKENS) for tokens in sequences]
+                                   for adapter in ("candidate" if adapter_file else None, "base")}
+    # The precision's deviation on the base, carried onto the adapted truth (KL depends on the
+    # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
+    # update: the reference in the graph's float type.
+    float_type = getattr(torch, genai_runtime.logits_type(export_dir).name)
+    runs = {"truth": truth, "precision": compare_logits(truth, truth + (graph_base - base_truth)),
+            "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
+            "bare_base": compare_logits(truth, graph_base)}
+    report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
+                   noise_source=f"{precision} alone: this graph with every LoRA input at rank 0 (the base at "
+                                f"{precision}) minus the base in float64, carried onto the float64 truth, plus the "
+                                f"reference in {dtype_name(float_type)} vs float64")
+    if lossy:
+        report = with_behaviour(report, judge_behaviour(
+            {"truth": truth, "base_truth": base_truth, "candidate": candidate, "graph_base": graph_base},
+            {"truth": truth_continuations, "base_truth": base_continuations,
+             "candidate": graph_continuations["candidate" if adapter_file else None],
+             "graph_base": graph_continuations["base"]}, precision))
+    graph_check = verify_base_graph(base, export_dir, arrays, precision, prompts)
+    failed = report.failed_checks + [f"the graph at rank 0 vs the base: {check}" for check in graph_check.failed_checks]
+    return Report(report.mode, report.dtype, report.tolerance, failed,
+                  {**report.numbers, "graph_at_rank_zero": graph_check.to_dict()})
+
+
+def verify_base_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision: str, prompts) -> Report:
+    """Run the export's graph with every LoRA input at rank 0 (the base as the export computes it)
+    on the verification prompts and `judge` it against the base in float64 (float32 above
+    `FULL_MODE_MAX_PARAMETERS`), the noise being that of the base simulated in torch at the export's
+    precision, measured in this run: float32 (bfloat16 against a float32 reference: looser), float16,
+    or float32 with the weights rounded as the builder's int4 stores them. The simulation does not
+    come from the graph, so a graph that computes something else than the base (a head wired onto a
+    layer: off by the logits' own scale, top-1 mostly wrong) fails at every precision, while a
+    correct one measures at most 2.5× that noise (max, mean and KL) on the tests' models."""
+    inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
+    sequences = prompt_sequences(inputs)
+
+    def forward(model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(input_ids=torch.tensor([tokens])).logits[0].double() for tokens in sequences])
+
+    big = parameter_count(base) > FULL_MODE_MAX_PARAMETERS
+    reference = torch.float32 if big else torch.float64
+    simulated = {"fp16": torch.float16, "fp32": torch.bfloat16 if big else torch.float32}.get(precision, torch.float32)
+    truth = forward(load_base_model(base.path, reference))
+    noise = compare_logits(truth, forward(genai.round_like_builder(load_base_model(base.path, simulated), precision)))
+    with tempfile.TemporaryDirectory() as scratch:
+        file = Path(scratch) / "rank0.onnx_adapter"
+        if arrays:
+            genai_runtime.write_adapter_file({name: genai_runtime.rank_zero(name, array) for name, array in arrays.items()}, file)
+        graph = genai_runtime.GenaiModel(export_dir, {"base": file} if arrays else None)
+        actual = torch.cat([torch.from_numpy(graph.logits(tokens, "base" if arrays else None)) for tokens in sequences])
+    report = judge({"truth": truth, "precision": noise, "rounding": None, "bare_base": None},
+                   compare_logits(truth, actual), precision, prompt_source)
+    failed = report.failed_checks
+    if precision == "int4":  # the simulation rounds to nearest, the export k-quantizes: the sizes of their
+        # errors compare, not their shapes (KL weighs the few largest logits; seen 1.5× on a tiny Qwen2)
+        failed = [check for check in failed if not check.startswith("kl_")]
+    simulation = dtype_name(simulated) + (" with int4-rounded weights and int8-rounded inputs" if precision == "int4"
+                                          else "")
+    factors = bound_factors(truth.numel())
+    tolerance = (f"this graph with every LoRA input at rank 0, run on {prompt_source}, deviates from the base in "
+                 f"{dtype_name(reference)} by max |Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {factors['mean_abs_logits']:g}× "
+                 f"and (but at int4) KL ≤ {factors['kl_divergence']:g}× what the base in {simulation} does (measured "
+                 f"in this run), with the same top-1 where the margin exceeds {2 * NOISE_FACTOR:g}× that")
+    kept = ("prompts", "positions", *STATISTICS, "top1_agreement", "bounds", "decisive_top1_agreement")
+    return Report("full", precision, tolerance, failed, {
+        "family": "causal-lm", "compared": ["logits"], **{key: report.numbers[key] for key in kept},
+        "reference": dtype_name(reference), "simulation": simulation})
+
+
+def verify_base_export(base: BaseCheckpoint, export_dir: Path, prompts=None) -> Report:
+    """Verify an onnxruntime-genai export of the base alone: its graph against the base
+    (`verify_base_graph`), the one check there is."""
+    record = genai_runtime.export_record(export_dir)
+    provider, precision = record.get("execution_provider", "cpu"), record.get("precision", "fp32")
+    if not genai_runtime.provider_available(provider):
+        raise UserError(f"{export_dir} is built for {provider}, which onnxruntime-genai cannot use on this machine; "
+                        f"verify it on a machine with {provider}, or export with --no-verify")
+    report = verify_base_graph(base, export_dir, {}, precision, prompts)
+    return Report(report.mode, report.dtype, report.tolerance, report.failed_checks, {**report.numbers, "bare_base": None})
+
+
+def verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str, graph: Report | str) -> Report:
+    """Each module's LoRA factors as an export holds them (builder layout: transposed) against the
+    exact ΔW, within `NOISE_FACTOR` times the error of rounding the exact factors to their type;
+    with ``graph``, the run of the graph at rank 0 (`verify_base_graph`), or why it was not run
+    (then the verdict is FAIL: factors alone do not show the graph computes the model)."""
+
+    failed, errors, ratios = [], {}, {}
+    for module, module_factors in factors.modules.items():
+        names = [genai.lora_input(module, factor) for factor in ("lora_A", "lora_B")]
+        if any(name not in arrays or 0 in arrays[name].shape for name in names):
+            failed.append(f"{module}: no LoRA factors in the export")
+            continue
+        lora_A, lora_B = (factor.double() for factor in module_factors.lora())
+        stored = torch.tensor(arrays[names[1]]).double().T @ torch.tensor(arrays[names[0]]).double().T
+        dtype = torch.tensor(arrays[names[0]][:0]).dtype
+        exact = lora_B @ lora_A
+        scale = torch.linalg.norm(exact).clamp_min(torch.finfo(torch.float64).tiny)
+        rounded = lora_B.to(dtype).double() @ lora_A.to(dtype).double()
+        bound = NOISE_FACTOR * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(dtype).eps)
+        errors[module] = (torch.linalg.norm(stored - exact) / scale).item()
+        ratios[module] = errors[module] / bound
+        if errors[module] > bound:
+            failed.append(f"{module}: relative error {errors[module]:.2e} > bound {bound:.2e}")
+    if isinstance(graph, str):
+        failed.append(graph)
+    elif graph.failed_checks:
+        failed.append(f"the graph at rank 0 vs the base: {', '.join(graph.failed_checks)}")
+    tolerance = (f"each module's LoRA factors in the export reproduce the exact ΔW within {NOISE_FACTOR:g}× what "
+                 "rounding them to the graph's float type costs, and "
+                 + ("the graph runs (not run here)" if isinstance(graph, str) else graph.tolerance))
+    return Report("layerwise", precision, tolerance, failed, {
+        "family": "causal-lm",
+        "layers_checked": len(errors),
+        "max_layer_relative_error": max(errors.values(), default=0.0),
+        "worst_ratio_to_bound": max(ratios.values(), default=0.0),
+        "graph_at_rank_zero": None if isinstance(graph, str) else graph.to_dict(),
+    })
