@@ -1,7 +1,8 @@
 """The one step between an adapter's factors and a published artifact.
 
 Every artifact (materialize, merge, export-lora, export-onnx, and the server's LoRA cache) is
-made by one of the functions below, and each goes through `publish`: stage in a temporary
+made by one of the functions below, and each goes through `publish` (as does `psoft-deploy train`'s
+adapter): stage in a temporary
 sibling of the output, write, verify, record one report (``psoft_verification.json``, one
 schema), write the model card, publish by rename. A failed verification leaves nothing behind.
 """
@@ -29,7 +30,7 @@ from psoft_deploy.converters.verify import (
 )
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.outputs import atomic_output_dir
+from psoft_deploy.outputs import atomic_files_into, atomic_output_dir
 from psoft_deploy.progress import stage, third_party_output
 
 REPORT_FILE = "psoft_verification.json"
@@ -69,11 +70,15 @@ def publish(
     *,
     overwrite: bool = False,
     model_card: Callable[[Path, str], None] | None = None,
+    last_file: str | None = None,
 ) -> Published:
     """Write ``artifact`` with ``write(staging)``, run ``checks`` on it (None: not verified, and
     no report is written), record the reports, add the model card, and rename the staging
-    directory to ``output``. Raises `VerificationFailed` (and publishes nothing) if a check fails."""
-    with atomic_output_dir(output, overwrite) as staging:
+    directory to ``output`` (with ``last_file``: move its files into ``output``, that one last,
+    beside what ``output`` holds; see `atomic_files_into`). Raises `VerificationFailed` (and
+    publishes nothing) if a check fails."""
+    place = atomic_output_dir(output, overwrite) if last_file is None else atomic_files_into(output, last_file)
+    with place as staging:
         stage(f"writing the {artifact}")
         published = Published(write(staging), {})
         if checks is not None:

@@ -142,6 +142,31 @@ def atomic_output_dir(output: str | Path, overwrite: bool = False) -> Iterator[P
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextmanager
+def atomic_files_into(output: str | Path, last: str) -> Iterator[Path]:
+    """Yield a temporary directory inside ``output`` (made if need be); if the block succeeds, move
+    each file in it into ``output`` in place of its namesake, ``last`` last (and removed first: its
+    presence marks a complete output). What else ``output`` holds stays (train's checkpoints). An
+    OSError while writing becomes one `UserError` line, and the temporary directory goes either way.
+    """
+    output = Path(output).expanduser()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
+    except OSError as error:
+        raise write_failure(output, error) from None
+    try:
+        yield staging
+        (output / last).unlink(missing_ok=True)
+        apply_umask(staging)
+        for file in sorted(staging.iterdir(), key=lambda file: file.name == last):
+            file.replace(output / file.name)
+    except OSError as error:
+        raise write_failure(output, error) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _replace(output: Path, staging: Path) -> None:
     """Put ``staging`` in place of the existing ``output`` (back as it was if that fails), then
     delete the previous contents, with one warning if some cannot be."""

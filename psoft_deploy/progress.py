@@ -68,6 +68,11 @@ def stage(message: str) -> None:
     logger.info(message)
 
 
+def warning(message: str) -> None:
+    """One line about something the user should know before going on (``warning: ...``)."""
+    logger.warning("warning: %s", message)
+
+
 def track(iterable=None, *, desc: str, total: int | None = None, unit: str = "module"):
     """``iterable`` (or ``total`` steps counted by ``update()``) with progress: a tqdm bar on a
     terminal, elsewhere a ``desc: k/n units`` line at every 10 %."""

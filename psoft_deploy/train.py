@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,12 +20,13 @@ from trl import SFTTrainer
 
 from . import __version__, train_args
 from .base import BaseCheckpoint
+from .converters.pipeline import Check, publish
 from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
 from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
 from .layer import PsoftLinear, PsoftRotation, replace_module
-from .materialize import save_materialized_files
-from .outputs import apply_umask, write_failure
+from .materialize import reread_matches, save_materialized_files
+from .outputs import apply_umask
 from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
 
 SUMMARY_FILE = "training_summary.json"
@@ -276,30 +275,28 @@ def train(argv: list[str]) -> Path:
 
 def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, PsoftLinear], tokenizer, summary: dict,
                  *, svd_dtype: str, svd_device: str) -> None:
-    """The PEFT adapter, the materialized factors (written last: their presence marks a complete
-    output), the tokenizer and the training summary. Each file is staged and renamed into place; an
-    OSError (disk full) is one `UserError` line."""
-    output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".final-", dir=output))
-    try:
+    """The PEFT adapter, the materialized factors (verified by reading them back, and moved into
+    ``output`` last: their presence marks a complete output), the tokenizer and the training
+    summary, published through `pipeline.publish` beside the checkpoints ``output`` holds."""
+    with torch.no_grad():
+        modules = {name: ModuleFactors(A=layer.A.cpu(), B=layer.B.cpu(), R=layer.rotation().cpu(),
+                                       scale=layer.scale) for name, layer in layers.items()}
+    fingerprints = {name: base.fingerprint(base_tensor_key(name)) for name in layers}
+    svd = {"backend": args.psoft_svd, "device": svd_device, "dtype": svd_dtype, "torch": torch.__version__}
+
+    def factors(staging: Path) -> AdapterFactors:
+        """The trained factors, with the PEFT adapter staged in ``staging`` as PEFT and the converters read it."""
+        return AdapterFactors(read_adapter(staging, format="peft"), modules, fingerprints, svd)
+
+    def write(staging: Path) -> None:
         write_trained_adapter(staging, args, layers, base)
-        adapter = read_adapter(staging)  # exactly what PEFT and the converters will read
-        with torch.no_grad():
-            modules = {name: ModuleFactors(A=layer.A.cpu(), B=layer.B.cpu(), R=layer.rotation().cpu(),
-                                           scale=layer.scale) for name, layer in layers.items()}
-        fingerprints = {name: base.fingerprint(base_tensor_key(name)) for name in layers}
-        svd = {"backend": args.psoft_svd, "device": svd_device, "dtype": svd_dtype, "torch": torch.__version__}
-        save_materialized_files(AdapterFactors(adapter, modules, fingerprints, svd), staging, base.reference)
+        save_materialized_files(factors(staging), staging, base.reference)
         tokenizer.save_pretrained(staging)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        (output / MATERIALIZED_META).unlink(missing_ok=True)
-        apply_umask(staging)
-        for file in sorted(staging.iterdir(), key=lambda f: f.name == MATERIALIZED_META):
-            file.replace(output / file.name)
-    except OSError as error:
-        raise write_failure(output, error) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    publish(output, "trained adapter", write,
+            [Check("materialized factors", lambda staging: reread_matches(factors(staging), staging))],
+            last_file=MATERIALIZED_META)
 
 
 def write_trained_adapter(directory: Path, args, layers: dict[str, PsoftLinear], base: BaseCheckpoint) -> None:

