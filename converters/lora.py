@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from psoft_deploy import __version__
+from psoft_deploy.dtypes import BY_NAME, CHOICES
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.progress import track
 from psoft_deploy.psoft import rank_for_energy
-from psoft_deploy.streaming import DTYPES
 
 EXPORT_META = "psoft_lora_export.json"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -96,9 +96,9 @@ def export_lora(
         raise UserError(f"--energy must be in (0, 1], got {energy}")
     if dtype == "auto":  # the base's own dtype for its adapted weights
         dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
-        dtype = dtype if dtype in DTYPES else "float32"
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = dtype if dtype in CHOICES else "float32"
+    if dtype not in CHOICES:
+        raise UserError(f"--dtype must be auto or one of {', '.join(CHOICES)}, got {dtype!r}")
     psoft_rank = factors.adapter.rank
     pairs, errors = {}, {}
     for name, module in track(factors.modules.items(), desc="export-lora"):
@@ -120,7 +120,7 @@ def export_lora(
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B
     for key, tensor in factors.replaced_tensors.items():
         tensors[PEFT_PREFIX + key] = tensor
-    out_dtype = DTYPES[dtype]
+    out_dtype = BY_NAME[dtype].torch
     save_file({key: value.to(out_dtype).contiguous() for key, value in tensors.items()}, staging / ADAPTER_WEIGHTS)
 
     pattern = {} if target == "vllm" else {name: r for name, r in ranks.items() if r != top_rank}

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 
 import click
 
+from .dtypes import CHOICES
+
 ENV_VARIABLE = "PSOFT_DEPLOY_READ_OPTIONS"
 
 
@@ -60,7 +62,7 @@ def read_options(command):
     options = [
         click.option("--svd-device", default=DEFAULTS.svd_device, show_default=True,
                      help="Device for rebuilding A, B of PEFT adapters (the device the adapter was trained on)."),
-        click.option("--svd-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+        click.option("--svd-dtype", type=click.Choice(CHOICES), default=None,
                      help="Dtype the base was loaded in when the adapter was trained (PEFT adapters; default: "
                           "as stored). An fp32 base trained in bf16 needs bfloat16 here."),
         click.option("--force-unseeded", is_flag=True,
