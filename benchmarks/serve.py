@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from psoft_deploy.converters.lora import vllm_lora_target_modules
+from psoft_deploy.converters.lora_format import vllm_lora_target_modules
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB = 768, 12, 12, 2048, 32000
 RANK, TARGETS = 32, ["q_proj", "v_proj"]

@@ -14,22 +14,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from psoft_deploy import __version__
-from psoft_deploy.errors import UserError
+from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
+from psoft_deploy.dtypes import BY_NAME, CHOICES
 from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from psoft_deploy.options import WRITE_DEFAULTS, WriteOptions
 from psoft_deploy.progress import track
 from psoft_deploy.psoft import rank_for_energy
-from psoft_deploy.streaming import DTYPES
 
 EXPORT_META = "psoft_lora_export.json"
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_MODULES_TO_SAVE = {"classifier", "score"}
-# How vLLM names the Llama-family linear layers it applies LoRA to (q/k/v and gate/up are fused).
-VLLM_LORA_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                     "up_proj": "gate_up_proj", "o_proj": "o_proj", "down_proj": "down_proj"}
 
 
 @dataclass
@@ -42,63 +36,19 @@ class LoraExport:
     max_lora_rank: int | None
 
 
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest ``--max-lora-rank`` vLLM accepts that fits ``rank``."""
-    for allowed in VLLM_MAX_LORA_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise UserError(f"rank {rank} is above vLLM's largest --max-lora-rank (512); export with --rank 512 or lower")
+def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
+                options: WriteOptions = WRITE_DEFAULTS) -> LoraExport:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) into ``staging``
+    (``options``: rank or energy, dtype, target).
 
-
-def vllm_lora_target_modules(module_names) -> list[str] | None:
-    """vLLM's names for the layers these modules live in (for ``--lora-target-modules``), or None
-    when a module is not a known Llama-family projection. vLLM otherwise runs LoRA kernels on
-    every linear layer, adapted or not, which on CPU costs more than the adapted ones."""
-    leaves = {name.rsplit(".", 1)[-1] for name in module_names}
-    if not leaves or not leaves <= VLLM_LORA_MODULES.keys():
-        return None
-    return sorted({VLLM_LORA_MODULES[leaf] for leaf in leaves})
-
-
-def check_vllm(factors: AdapterFactors, rank: int) -> int:
-    """Refuse what vLLM would refuse at serve time; return the --max-lora-rank to use."""
-    modules = {key.rsplit(".", 1)[0] for key in factors.replaced_tensors}
-    unsupported = sorted(name for name in modules if name.rsplit(".", 1)[-1] not in VLLM_MODULES_TO_SAVE)
-    if unsupported:
-        raise UserError(
-            f"vLLM rejects LoRA adapters with modules_to_save other than classifier/score (this one replaces "
-            f"{', '.join(unsupported)}); merge the adapter instead (psoft-deploy merge)"
-        )
-    return vllm_max_lora_rank(rank)
-
-
-def export_lora(
-    factors: AdapterFactors,
-    staging: Path,
-    *,
-    base_name: str,
-    rank: int | None = None,
-    energy: float | None = None,
-    dtype: str = "auto",
-    target: str | None = None,
-) -> LoraExport:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) into ``staging``.
-
-    With ``target="vllm"`` every layer gets the same rank (smaller ones zero-padded, which is
+    With target ``vllm`` every layer gets the same rank (smaller ones zero-padded, which is
     exact) since vLLM reads one ``r`` per adapter; otherwise differing ranks go to
     ``rank_pattern``/``alpha_pattern``.
     """
-    if rank is not None and energy is not None:
-        raise UserError("pass --rank or --energy, not both")
-    if rank is not None and rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise UserError(f"--energy must be in (0, 1], got {energy}")
-    if dtype == "auto":  # the base's own dtype for its adapted weights
+    rank, energy, dtype, target = options.rank, options.energy, options.dtype, options.target
+    if dtype == "auto":  # the base's own dtype for its adapted weights, if a user can name it
         dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
-        dtype = dtype if dtype in DTYPES else "float32"
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = dtype if dtype in CHOICES else "float32"
     psoft_rank = factors.adapter.rank
     pairs, errors = {}, {}
     for name, module in track(factors.modules.items(), desc="export-lora"):
@@ -110,39 +60,19 @@ def export_lora(
             pairs[name] = (lora_A, lora_B)
     ranks = {name: lora_A.shape[0] for name, (lora_A, _) in pairs.items()}
     top_rank = max(ranks.values())
+    pattern = {} if target == "vllm" else {name: r for name, r in ranks.items() if r != top_rank}
+    adapter = LoraAdapter(
+        r=top_rank, lora_alpha=top_rank, target_modules=sorted({name.rsplit(".", 1)[-1] for name in factors.modules}),
+        rank_pattern=pattern, alpha_pattern=dict(pattern), modules_to_save=factors.adapter.modules_to_save,
+        fan_in_fan_out=factors.adapter.fan_in_fan_out, base_model_name_or_path=base_name,
+        task_type=factors.adapter.source.get("adapter_config", {}).get("task_type"))
     max_lora_rank = None
     if target == "vllm":
-        max_lora_rank = check_vllm(factors, top_rank)
+        max_lora_rank = adapter.check_vllm("the export")
         pairs = {name: _zero_pad(lora_A, lora_B, top_rank) for name, (lora_A, lora_B) in pairs.items()}
-    tensors = {}
-    for name, (lora_A, lora_B) in pairs.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B
-    for key, tensor in factors.replaced_tensors.items():
-        tensors[PEFT_PREFIX + key] = tensor
-    out_dtype = DTYPES[dtype]
-    save_file({key: value.to(out_dtype).contiguous() for key, value in tensors.items()}, staging / ADAPTER_WEIGHTS)
-
-    pattern = {} if target == "vllm" else {name: r for name, r in ranks.items() if r != top_rank}
-    config = {
-        "peft_type": "LORA",
-        "task_type": factors.adapter.source.get("adapter_config", {}).get("task_type"),
-        "base_model_name_or_path": base_name,
-        "r": top_rank,
-        "lora_alpha": top_rank,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in factors.modules}),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": factors.adapter.fan_in_fan_out,
-        "init_lora_weights": True,
-        "modules_to_save": factors.adapter.modules_to_save,
-        "inference_mode": True,
-    }
-    (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {key: tensor for name, pair in pairs.items() for key, tensor in zip(lora_keys(name), pair)}
+    out_dtype = BY_NAME[dtype].torch
+    adapter.write(staging, {key: value.to(out_dtype) for key, value in (tensors | factors.replaced_tensors).items()})
     exact = all(error == 0.0 for error in errors.values())
     metadata = {
         "tool": {"name": "psoft-deploy", "version": __version__},
@@ -151,7 +81,7 @@ def export_lora(
         "exact": exact,
         "psoft_rank": psoft_rank,
         "dtype": dtype,
-        "target": target,
+        "target": None if target == "peft" else target,
         "vllm_max_lora_rank": max_lora_rank,
         "modules": {
             name: {"rank": ranks[name], "relative_error": errors[name], "fingerprint": factors.fingerprints.get(name)}

@@ -23,11 +23,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 
 from psoft_deploy import __version__
 from psoft_deploy.base import INDEX_FILE, BaseCheckpoint, open_safetensors
+from psoft_deploy.dtypes import BY_NAME
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
 from psoft_deploy.outputs import format_size
 from psoft_deploy.progress import track
-from psoft_deploy.streaming import DTYPES, torch_dtype, write_streaming
+from psoft_deploy.streaming import torch_dtype, write_streaming
 
 # Files of the base directory that are not copied: its weights and its model card.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -48,11 +49,7 @@ class MergePlan:
 
 def output_dtype(name: str) -> torch.dtype | None:
     """``auto`` keeps each tensor's dtype; otherwise floating tensors are cast."""
-    if name == "auto":
-        return None
-    if name not in DTYPES:
-        raise UserError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    return None if name == "auto" else BY_NAME[name].torch
 
 
 def plan_merge(base: BaseCheckpoint, factors: AdapterFactors, dtype: torch.dtype | None, max_shard_size) -> MergePlan:
@@ -63,16 +60,11 @@ def plan_merge(base: BaseCheckpoint, factors: AdapterFactors, dtype: torch.dtype
     missing = sorted(targets - set(base.files)) + sorted(set(replaced) - set(base.files) - set(untied))
     if missing:
         raise UserError(f"base {base.name} has no tensor {missing[0]!r} that the adapter changes")
-    sources, dtypes, shapes, meta = {}, {}, {}, {}
-    for file in dict.fromkeys(base.files.values()):
-        with open_safetensors(file) as handle:
-            for key in handle.keys():
-                if base.files.get(key) != file:
-                    continue  # the index assigns this key to another shard
-                slice_ = handle.get_slice(key)
-                stored = torch_dtype(slice_.get_dtype())
-                out = dtype if dtype is not None and stored.is_floating_point else stored
-                sources[key], dtypes[key], shapes[key] = file, out, tuple(slice_.get_shape())
+    sources, dtypes, shapes = {}, {}, {}
+    for key, info in base.index.items():
+        stored = torch_dtype(info.dtype)
+        out = dtype if dtype is not None and stored.is_floating_point else stored
+        sources[key], dtypes[key], shapes[key] = info.file, out, info.shape
     stored_as = {key: key for key in sources}
     for key, partner in untied.items():
         sources[key], dtypes[key], shapes[key], stored_as[key] = sources[partner], dtypes[partner], shapes[partner], partner

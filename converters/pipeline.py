@@ -30,6 +30,7 @@ from psoft_deploy.converters.verify import (
 )
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
+from psoft_deploy.options import WRITE_DEFAULTS, WriteOptions
 from psoft_deploy.outputs import atomic_files_into, atomic_output_dir
 from psoft_deploy.progress import stage, third_party_output
 
@@ -120,44 +121,44 @@ def materialize(factors: AdapterFactors, output: str | Path, *, base_name: str, 
 
 
 def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, adapter_name: str,
-          dtype: str = "auto", max_shard_size="5GB", verify_mode: str | None = "auto",
-          overwrite: bool = False) -> Published:
-    """A dense merged model directory (``verify_mode`` None: not verified)."""
+          options: WriteOptions = WRITE_DEFAULTS, max_shard_size="5GB") -> Published:
+    """A dense merged model directory (``options``: dtype, verify_mode, overwrite)."""
     from psoft_deploy.converters.merge import merge_to_directory, write_model_card
 
-    checks = None if verify_mode is None else [
-        Check("merged model", lambda staging: verify_candidate(base, factors, staging, mode=verify_mode))]
+    checks = None if options.verify_mode is None else [
+        Check("merged model", lambda staging: verify_candidate(base, factors, staging, mode=options.verify_mode))]
     return publish(
         output, "merged model",
-        lambda staging: merge_to_directory(base, factors, staging, dtype=dtype, max_shard_size=max_shard_size),
-        checks, overwrite=overwrite,
+        lambda staging: merge_to_directory(base, factors, staging, dtype=options.dtype, max_shard_size=max_shard_size),
+        checks, overwrite=options.overwrite,
         model_card=lambda staging, verification: write_model_card(staging, base=base, adapter=adapter_name,
                                                                   factors=factors, verification=verification))
 
 
-def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, verify_mode: str | None = "auto",
-                overwrite: bool = False, **export_options) -> Published:
-    """A PEFT LoRA adapter (``export_options``: rank, energy, dtype, target, as
-    `psoft_deploy.converters.lora.export_lora` takes them)."""
+def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *,
+                options: WriteOptions = WRITE_DEFAULTS) -> Published:
+    """A PEFT LoRA adapter (``options``: rank, energy, dtype, target, as
+    `psoft_deploy.converters.lora.export_lora` takes them, verify_mode, overwrite)."""
     from psoft_deploy.converters.lora import export_lora as write_lora
 
     base_name = base.name if not Path(base.name).expanduser().is_dir() else str(base.path.absolute())
-    checks = None if verify_mode is None else [Check("LoRA adapter", lambda staging: (
-        verify_lora_layerwise(base, factors, staging) if verify_mode == "layerwise"
-        else verify_candidate(base, factors, staging, mode=verify_mode)))]
+    mode = options.verify_mode
+    checks = None if mode is None else [Check("LoRA adapter", lambda staging: (
+        verify_lora_layerwise(base, factors, staging) if mode == "layerwise"
+        else verify_candidate(base, factors, staging, mode=mode)))]
     return publish(output, "LoRA adapter", lambda staging: write_lora(factors, staging, base_name=base_name,
-                                                                      **export_options),
-                   checks, overwrite=overwrite)
+                                                                      options=options),
+                   checks, overwrite=options.overwrite)
 
 
 def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None = None,
                 adapters: dict[str, AdapterFactors] | None = None, exporter: str = "auto", precision: str = "fp32",
-                execution_provider: str = "cpu", verify_mode: str | None = "auto", overwrite: bool = False,
+                execution_provider: str = "cpu", options: WriteOptions = WRITE_DEFAULTS,
                 prompts=None, quantize_adapted: bool = False, **graph_options) -> Published:
     """An ONNX graph of the base with ``merged`` (in LoRA form through the model builder, folded in
     through torch.onnx), or of the base with LoRA inputs and one
     ``adapters/NAME.onnx_adapter`` per entry of ``adapters``; each verified in onnxruntime
-    (``verify_mode`` None: not). ``exporter``: ``genai`` (onnxruntime-genai's model builder, see
+    (``options``: verify_mode, None: not; overwrite). ``exporter``: ``genai`` (onnxruntime-genai's model builder, see
     `psoft_deploy.converters.genai`), ``torch`` (torch.onnx; ``graph_options``: with_past,
     opset), or ``auto``: genai for the decoders the builder converts, else torch. ``prompts``:
     verification prompts (None: verify's defaults). int4 leaves the adapted modules' base
@@ -171,8 +172,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
         if precision == "int4" or execution_provider != "cpu":
             raise UserError("--precision int4 and --execution-provider cuda need the onnxruntime-genai exporter" + (
                 f", and its model builder {refusal}" if refusal else "; pass --exporter genai"))
-        return _export_torch_onnx(base, output, merged=merged, adapters=adapters or {}, verify=verify_mode is not None,
-                                  overwrite=overwrite, dtype=precision, prompts=prompts, **graph_options)
+        return _export_torch_onnx(base, output, merged=merged, adapters=adapters or {}, verify=options.verify_mode is not None,
+                                  overwrite=options.overwrite, dtype=precision, prompts=prompts, **graph_options)
     if graph_options.get("with_past") or graph_options.get("opset", 18) != 18:
         raise UserError("--with-past and --opset are torch.onnx options (onnxruntime-genai graphs always carry their "
                         "KV cache); pass --exporter torch for them")
@@ -204,7 +205,7 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
     def check(factors: AdapterFactors, name: str | None = None) -> Check:
         return Check(f"adapter {name}" if name else "adapter (LoRA form)", lambda staging: verify_genai(
             base, factors, staging, prompts, adapter_file=genai_runtime.adapter_file(staging, name) if name else None,
-            mode=verify_mode))
+            mode=options.verify_mode))
 
     checks = [check(factors, name) for name, factors in adapters.items()] or (
         [check(merged)] if merged is not None else
@@ -216,7 +217,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
         form += "; int4 options " + " ".join(option.split(",")[0] + (" …" if "," in option else "")
                                             for option in quantization) + (
             "" if quantize_adapted or not adapted else " (the adapted modules' base weights left unquantized)")
-    return publish(output, "ONNX export", write, checks if verify_mode is not None else None, overwrite=overwrite,
+    return publish(output, "ONNX export", write, checks if options.verify_mode is not None else None,
+                   overwrite=options.overwrite,
                    model_card=onnx_model_card(base, merged, adapters,
                                               f"onnxruntime-genai's model builder: {precision}, execution provider "
                                               f"{execution_provider}; {form}", "`og.Model(DIR)`"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -54,6 +55,22 @@ def fingerprint(tensor: torch.Tensor) -> dict:
         "dtype": str(tensor.dtype).removeprefix("torch."),
         "shape": list(tensor.shape),
     }
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a stored tensor is and what it holds, from its file's safetensors header."""
+
+    file: Path
+    dtype: str  # safetensors' code: "BF16" (`psoft_deploy.dtypes.from_safetensors` names it)
+    shape: tuple[int, ...]
+
+
+def read_headers(file: Path) -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file, from its header (no data read)."""
+    with open_safetensors(file) as handle:
+        slices = {key: handle.get_slice(key) for key in handle.keys()}
+        return {key: TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape())) for key, piece in slices.items()}
 
 
 class BaseCheckpoint:
@@ -114,8 +131,15 @@ class BaseCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape of tensor ``key``, from its file's header (no data read)."""
         key = self.stored_key(key)
-        with open_safetensors(self._file(key)) as handle:
-            return tuple(handle.get_slice(key).get_shape())
+        self._file(key)  # refuses a tensor the checkpoint lacks
+        return self.index[key].shape
+
+    @cached_property
+    def index(self) -> dict[str, TensorInfo]:
+        """Each stored tensor's file, dtype and shape, read from the safetensors headers once (file
+        by file; a key the weight map assigns to another file, or to none, is left out)."""
+        return {key: info for file in dict.fromkeys(self.files.values())
+                for key, info in read_headers(file).items() if self.files.get(key) == file}
 
     def stored_key(self, key: str) -> str:
         """The name the model's parameter ``key`` has in the checkpoint: itself, or the name

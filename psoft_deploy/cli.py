@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import traceback
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from . import __version__, progress
 from .errors import UserError
-from .options import read_options
+from .options import read_options, verify_mode_option, write_options
 from .outputs import atomic_write_text, check_apart, check_output, check_writable
 
 
@@ -60,7 +61,6 @@ def base_and_adapter(command):
 
 
 BASE = click.option("--base", required=True, help="Base model: a local directory or a hub id.")
-OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 
 
 def output_option(what: str):
@@ -89,11 +89,6 @@ PROMPTS = click.option(
     help='Verification prompts: JSON lines ({"text": ...} or {"messages": [...]}, rendered with the tokenizer\'s '
          "chat template) or one plain prompt per line; for lossy exports, prompts where the adapter changes the "
          "answers. Default: chat conversations where the tokenizer has a template, else plain text.")
-VERIFY_MODE = click.option(
-    "--verify-mode", type=click.Choice(["auto", "full", "layerwise"]), default="auto", show_default=True,
-    help="full: run the candidate and the reference (in float64) on prompts; layerwise: check each weight "
-         "while streaming (for models too large to run in float64); auto: full up to 0.5B parameters.",
-)
 
 
 @click.group(cls=PsoftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,9 +114,9 @@ def cli(ctx, verbose):
 @cli.command()
 @base_and_adapter
 @output_option("the materialized adapter")
-@OVERWRITE
+@write_options()
 @read_options
-def materialize(base, adapter, output, overwrite, read_options):
+def materialize(base, adapter, output, write_options, read_options):
     """Write a self-contained adapter: exact A, B, R per module plus base fingerprints.
 
     Loading it needs no SVD, and using it on a different base fails loudly. The written
@@ -131,11 +126,12 @@ def materialize(base, adapter, output, overwrite, read_options):
     Example:
       psoft-deploy materialize --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./materialized
     """
-    check_output(output, overwrite, {"base": base, "adapter": adapter})
+    check_output(output, write_options.overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
-    published = pipeline.materialize(factors, output, base_name=checkpoint.reference, overwrite=overwrite)
+    published = pipeline.materialize(factors, output, base_name=checkpoint.reference,
+                                     overwrite=write_options.overwrite)
     svd = factors.svd or {}
     _echo_verdicts(published)
     click.echo(
@@ -173,21 +169,14 @@ def inspect_command(adapter_path, adapter, base, as_json, read_options):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
-NO_VERIFY = click.option("--no-verify", is_flag=True, help="Skip the verification against the reference forward.")
-
-
 @cli.command()
 @base_and_adapter
 @output_option("the merged model")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Output dtype of floating tensors (auto: keep the base's).")
 @click.option("--max-shard-size", type=ShardSize(), default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB, 500MB.")
-@NO_VERIFY
-@VERIFY_MODE
-@OVERWRITE
+@write_options("dtype", "verify_mode")
 @read_options
-def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, overwrite, read_options):
+def merge(base, adapter, output, max_shard_size, write_options, read_options):
     """Fold the adapter into the base: one dense model directory for any runtime.
 
     Streams the base shard by shard (float32 accumulation), keeps every other tensor
@@ -198,13 +187,12 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
     Example:
       psoft-deploy merge --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./merged
     """
-    check_output(output, overwrite, {"base": base, "adapter": adapter})
+    check_output(output, write_options.overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
-    published = pipeline.merge(checkpoint, factors, output, adapter_name=adapter, dtype=dtype,
-                               max_shard_size=max_shard_size, verify_mode=None if no_verify else verify_mode,
-                               overwrite=overwrite)
+    published = pipeline.merge(checkpoint, factors, output, adapter_name=adapter, options=write_options,
+                               max_shard_size=max_shard_size)
     _echo_verdicts(published)
     plan = published.written
     click.echo(f"merged {len(factors.modules)} modules into {output} "
@@ -214,20 +202,9 @@ def merge(base, adapter, output, dtype, max_shard_size, no_verify, verify_mode, 
 @cli.command(name="export-lora")
 @base_and_adapter
 @output_option("the LoRA adapter")
-@click.option("--rank", type=click.IntRange(min=1), default=None,
-              help="Optimal rank-K truncation of every layer (default: exact).")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Per layer, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="dtype of the LoRA weights (auto: the base's adapted weights' dtype).")
-@click.option("--target", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
-              help="vllm: one rank for all layers (zero-padded) and vLLM's limits checked now, not at serve time.")
-@NO_VERIFY
-@VERIFY_MODE
-@OVERWRITE
+@write_options("rank", "energy", "dtype", "target", "verify_mode")
 @read_options
-def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_verify, verify_mode, overwrite,
-                        read_options):
+def export_lora_command(base, adapter, output, write_options, read_options):
     """Write the adapter as a PEFT LoRA adapter: exact (lora_B = s·B(R−I), lora_A = A), or truncated.
 
     The result loads with PeftModel.from_pretrained and serves with vLLM, LoRAX, SGLang or
@@ -238,17 +215,16 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
       psoft-deploy export-lora --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./lora
       psoft-deploy export-lora --base ... --adapter ... --output ./lora-99 --energy 0.99 --target vllm
     """
-    check_output(output, overwrite, {"base": base, "adapter": adapter})
+    check_output(output, write_options.overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
+    rank = write_options.rank
     if rank is not None and rank > factors.adapter.rank:
         warnings.warn(f"--rank {rank} is above the adapter's rank r={factors.adapter.rank}: writing the exact "
                       f"export at r={factors.adapter.rank}")
-        rank = None
-    published = pipeline.export_lora(checkpoint, factors, output, verify_mode=None if no_verify else verify_mode,
-                                     overwrite=overwrite, rank=rank, energy=energy, dtype=dtype,
-                                     target=None if target == "peft" else target)
+        write_options = replace(write_options, rank=None)
+    published = pipeline.export_lora(checkpoint, factors, output, options=write_options)
     _echo_verdicts(published)
     result = published.written
     ranks = sorted(set(result.ranks.values()))
@@ -284,13 +260,11 @@ def export_lora_command(base, adapter, output, rank, energy, dtype, target, no_v
 @click.option("--quantize-adapted-modules", is_flag=True,
               help="int4: quantize the adapted modules' base weights too (smaller; measured to break a trained "
                    "adapter on a 135M model, which verification then refuses).")
-@click.option("--no-verify", is_flag=True, help="Skip running onnxruntime against the reference.")
 @PROMPTS
-@VERIFY_MODE
-@OVERWRITE
+@write_options("verify_mode")
 @read_options
 def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, precision, execution_provider, with_past,
-                        opset, quantize_adapted_modules, no_verify, prompts, verify_mode, overwrite, read_options):
+                        opset, quantize_adapted_modules, prompts, write_options, read_options):
     """Export a causal LM (or an encoder, classifier or ViT) to ONNX, verified against the reference.
 
     Decoder LLMs go through onnxruntime-genai's model builder: the output is a directory og.Model
@@ -316,14 +290,13 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
         raise UserError("a merged export takes one --adapter; pass --adapters-as-inputs for several")
     paths = parse_named_adapters(adapters) if adapters_as_inputs else {}
     inputs = {f"adapter {name}": path for name, path in paths.items()} or {"adapter": adapters[0] if adapters else None}
-    check_output(output, overwrite, {"base": base, **inputs})
+    check_output(output, write_options.overwrite, {"base": base, **inputs})
     checkpoint = BaseCheckpoint(base)
     named = {name: load_factors(path, checkpoint, read_options) for name, path in paths.items()}
     merged = load_factors(adapters[0], checkpoint, read_options) if adapters and not adapters_as_inputs else None
     published = pipeline.export_onnx(checkpoint, output, merged=merged, adapters=named, exporter=exporter,
                                      precision=precision, execution_provider=execution_provider,
-                                     verify_mode=None if no_verify else verify_mode, overwrite=overwrite,
-                                     prompts=read_prompts(prompts) if prompts else None,
+                                     options=write_options, prompts=read_prompts(prompts) if prompts else None,
                                      quantize_adapted=quantize_adapted_modules, with_past=with_past, opset=opset)
     _echo_verdicts(published)
     from psoft_deploy.converters.genai_runtime import is_genai_export
@@ -425,7 +398,7 @@ def generate(onnx_dir, adapter, adapter_file, prompt, no_chat_template, max_new_
 @PROMPTS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of one line.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report to this file.")
-@VERIFY_MODE
+@verify_mode_option
 @read_options
 def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read_options):
     """Compare a converted artifact with the reference PSOFT forward; exit 1 if it does not pass.

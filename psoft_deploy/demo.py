@@ -30,6 +30,7 @@ def run_demo(output: str | None = None) -> Path:
     from .converters import pipeline
     from .factors import load_factors
     from .model import load_base_model, reference_model
+    from .options import WriteOptions
     from .report import format_report, inspect_adapter
     from .train import train
 
@@ -70,7 +71,7 @@ def run_demo(output: str | None = None) -> Path:
     merged = pipeline.merge(checkpoint, factors, work / "merged", adapter_name=str(adapter))
     click.echo(f"      verification: {merged.verification}")
     click.echo("[6/6] psoft-deploy export-lora --target vllm (verified)")
-    lora = pipeline.export_lora(checkpoint, factors, work / "lora", target="vllm")
+    lora = pipeline.export_lora(checkpoint, factors, work / "lora", options=WriteOptions(target="vllm"))
     click.echo(f"      verification: {lora.verification}")
     click.echo(f"done: artifacts in {work}")
     click.echo(f"serve them: psoft-deploy serve --base {base} --adapter demo={adapter}")

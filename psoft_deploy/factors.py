@@ -15,7 +15,7 @@ from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_adapter
 from .options import DEFAULTS, ReadOptions
 from .progress import track
 from .psoft import ModuleFactors, principal_subspace, rotation
-from .streaming import DTYPES
+from .dtypes import BY_NAME, CHOICES
 
 
 @dataclass
@@ -46,8 +46,8 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
     svd_device, svd_dtype = options.svd_device, options.svd_dtype
     if adapter.format == "peft" and base is None:
         raise UserError("a PEFT PSOFT adapter stores only R; pass --base so A and B can be rebuilt from it")
-    if svd_dtype is not None and svd_dtype not in DTYPES:
-        raise UserError(f"--svd-dtype must be one of {', '.join(DTYPES)}, got {svd_dtype!r}")
+    if svd_dtype is not None and svd_dtype not in CHOICES:
+        raise UserError(f"--svd-dtype must be one of {', '.join(CHOICES)}, got {svd_dtype!r}")
     if adapter.format == "peft":
         try:
             torch.empty(0, device=svd_device)
@@ -71,7 +71,7 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
         if params.A is not None:
             A, B = params.A, params.B
         else:
-            W = weight.to(DTYPES[svd_dtype]) if svd_dtype else weight
+            W = weight.to(BY_NAME[svd_dtype].torch) if svd_dtype else weight
             A, B = principal_subspace(
                 W.to(svd_device), adapter.rank, adapter.scale, adapter.subspace_spec, adapter.fan_in_fan_out
             )

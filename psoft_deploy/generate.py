@@ -9,12 +9,13 @@ from typing import Callable
 
 import numpy as np
 
+from .dtypes import BY_ONNX
 from .errors import UserError
 from .progress import verbose
 
 INCOMPLETE = "\ufffd"  # what a byte-level decoder gives for a character whose bytes have not all arrived
 
-FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+FLOAT_TYPES = {onnx: np.dtype(dtype.name) for onnx, dtype in BY_ONNX.items()}  # onnxruntime's type -> numpy's
 
 
 def eos_token_ids(onnx_dir: Path) -> set[int]:

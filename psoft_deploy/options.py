@@ -1,13 +1,17 @@
-"""How an adapter is read and its factors derived: one typed value, the same in every command,
-the server's cache and its resolver (which receives it through the environment)."""
+"""How an adapter is read and its factors derived (`ReadOptions`: the same in every command, the
+server's cache and its resolver, which receives it through the environment), and how an artifact
+is written (`WriteOptions`); each with the click decorator that builds it."""
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import click
+
+from .dtypes import CHOICES
+from .errors import UserError
 
 ENV_VARIABLE = "PSOFT_DEPLOY_READ_OPTIONS"
 
@@ -60,7 +64,7 @@ def read_options(command):
     options = [
         click.option("--svd-device", default=DEFAULTS.svd_device, show_default=True,
                      help="Device for rebuilding A, B of PEFT adapters (the device the adapter was trained on)."),
-        click.option("--svd-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+        click.option("--svd-dtype", type=click.Choice(CHOICES), default=None,
                      help="Dtype the base was loaded in when the adapter was trained (PEFT adapters; default: "
                           "as stored). An fp32 base trained in bf16 needs bfloat16 here."),
         click.option("--force-unseeded", is_flag=True,
@@ -76,3 +80,68 @@ def read_options(command):
                           "weights where that model is on this machine, else another hub id)."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), wrapper)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a command writes its artifact; each field's metadata is its command-line option (help
+    and click type). ``verify_mode`` None: not verified (``--no-verify``)."""
+
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory.",
+                                                     "is_flag": True})
+    verify_mode: str | None = field(default="auto", metadata={
+        "help": "full: run the candidate and the reference (in float64) on prompts; layerwise: check each weight "
+                "while streaming (for models too large to run in float64); auto: full up to 0.5B parameters.",
+        "type": click.Choice(["auto", "full", "layerwise"]), "show_default": True})
+    dtype: str = field(default="auto", metadata={
+        "help": "dtype of the written floating weights (auto: the base's).",
+        "type": click.Choice(["auto", *CHOICES]), "show_default": True})
+    rank: int | None = field(default=None, metadata={
+        "help": "Optimal rank-K truncation of every layer (default: exact).", "type": click.IntRange(min=1)})
+    energy: float | None = field(default=None, metadata={
+        "help": "Per layer, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).",
+        "type": click.FloatRange(0, 1, min_open=True)})
+    target: str = field(default="peft", metadata={
+        "help": "vllm: one rank for all layers (zero-padded) and vLLM's limits checked now, not at serve time.",
+        "type": click.Choice(["peft", "vllm"]), "show_default": True})
+
+    def __post_init__(self):
+        if self.rank is not None and self.energy is not None:
+            raise UserError("pass --rank or --energy, not both")
+
+
+WRITE_DEFAULTS = WriteOptions()
+
+
+def verify_mode_option(command):
+    """The --verify-mode option alone (for commands that verify without writing)."""
+    return _option("verify_mode")(command)
+
+
+def write_options(*names: str):
+    """Add --overwrite and the named `WriteOptions` fields' options to a click command
+    (``verify_mode`` brings --no-verify too); it receives them as one ``write_options`` keyword
+    argument (a `WriteOptions`)."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            values = {name: kwargs.pop(name) for name in ("overwrite", *names)}
+            if kwargs.pop("no_verify", False):
+                values["verify_mode"] = None
+            return command(*args, write_options=WriteOptions(**values), **kwargs)
+
+        options = [_option(name) for name in names]
+        if "verify_mode" in names:
+            options.append(click.option("--no-verify", is_flag=True,
+                                        help="Skip the verification against the reference forward."))
+        options.append(_option("overwrite"))
+        return functools.reduce(lambda cmd, option: option(cmd), reversed(options), wrapper)
+
+    return decorate
+
+
+def _option(name: str):
+    """The click option of `WriteOptions` field ``name`` (its metadata, its default)."""
+    spec = next(each for each in fields(WriteOptions) if each.name == name)
+    return click.option(f"--{name.replace('_', '-')}", default=spec.default, **spec.metadata)

@@ -16,23 +16,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import UserError
-
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-# The floating dtypes a user can name for an output or a rebuilt subspace.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .dtypes import BY_NAME, from_safetensors
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name (``BF16`` → ``torch.bfloat16``)."""
-    if name not in DTYPES_BY_NAME:
-        raise UserError(f"safetensors dtype {name} is not supported")
-    return DTYPES_BY_NAME[name]
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``BF16`` → ``torch.bfloat16``)."""
+    return from_safetensors(code).torch
 
 
 def write_streaming(
@@ -49,7 +38,8 @@ def write_streaming(
     offset = 0
     for key, dtype, shape in entries:
         size = dtype.itemsize * int(torch.Size(shape).numel())
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        code = BY_NAME[str(dtype).removeprefix("torch.")].safetensors
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)

@@ -21,6 +21,7 @@ from trl import SFTTrainer
 from . import __version__, train_args
 from .base import BaseCheckpoint
 from .converters.pipeline import Check, publish
+from .dtypes import BY_NAME
 from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
 from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
@@ -31,7 +32,7 @@ from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
 
 SUMMARY_FILE = "training_summary.json"
 DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-BITS = {name: getattr(torch, dtype) for name, dtype in train_args.BITS.items()}
+BITS = {name: BY_NAME[dtype].torch for name, dtype in train_args.BITS.items()}
 
 
 def psoft_config(args):

@@ -14,21 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from psoft_deploy.base import BaseCheckpoint, open_safetensors
-from psoft_deploy.converters.lora import EXPORT_META, VLLM_MAX_LORA_RANKS
+from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.converters.lora import EXPORT_META, read_export_metadata
+from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_max_lora_rank
 from psoft_deploy.converters.pipeline import export_lora
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import base_tensor_key, derive_factors
-from psoft_deploy.formats import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
-    adapter_format,
-    read_adapter,
-)
-from psoft_deploy.options import DEFAULTS, ReadOptions
+from psoft_deploy.formats import ADAPTER_WEIGHTS, adapter_format, read_adapter
+from psoft_deploy.options import DEFAULTS, ReadOptions, WriteOptions
 from psoft_deploy.outputs import atomic_output_dir, check_writable
 
 CACHE_VERSION = b"psoft-deploy/lora-cache/v2"  # v2: entries carry a layerwise verification report
@@ -39,15 +33,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("PSOFT_DEPLOY_CACHE"):
         return Path(os.environ["PSOFT_DEPLOY_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "psoft-deploy" / "lora"
-
-
-def check_rank(adapter_path: Path, rank: int) -> None:
-    """Refuse a rank vLLM cannot serve (before anything is converted)."""
-    if rank > VLLM_MAX_LORA_RANKS[-1]:
-        raise UserError(
-            f"adapter {adapter_path} has rank {rank}, above vLLM's largest LoRA rank {VLLM_MAX_LORA_RANKS[-1]}; "
-            f"serve a truncated LoRA of it instead (psoft-deploy export-lora --rank {VLLM_MAX_LORA_RANKS[-1]})"
-        )
 
 
 class LoraCache:
@@ -70,7 +55,7 @@ class LoraCache:
 
     def _convert(self, adapter_path: Path, format: str) -> tuple[Path, int]:
         adapter = read_adapter(adapter_path, self.options, format)
-        check_rank(adapter_path, adapter.rank)
+        vllm_max_lora_rank(adapter.rank, f"adapter {adapter_path}")  # refused before anything is converted
         digest = hashlib.sha256(CACHE_VERSION)
         for file in sorted(adapter.files):
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
@@ -82,54 +67,33 @@ class LoraCache:
             check_writable(entry, "converted adapter")
             factors = derive_factors(adapter, self.base, self.options)
             try:
-                export_lora(self.base, factors, entry, target="vllm", verify_mode="layerwise")
+                export_lora(self.base, factors, entry, options=WriteOptions(target="vllm", verify_mode="layerwise"))
             except UserError:
                 if not (entry / EXPORT_META).is_file():  # not a concurrent conversion of the same adapter
                     raise
         return entry, json.loads((entry / EXPORT_META).read_text())["psoft_rank"]
 
     def _check_lora(self, adapter_path: Path) -> int:
-        """Shapes (and, for export-lora outputs, base fingerprints) of a LoRA adapter against the base."""
-        tensors = {}
-        with open_safetensors(adapter_path / ADAPTER_WEIGHTS) as handle:
-            for key in handle.keys():
-                tensors[key] = tuple(handle.get_slice(key).get_shape())
-        ranks = set()
-        for key, shape in tensors.items():
-            if not key.endswith(".lora_A.weight"):
-                continue
-            module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-            base_shape = tuple(self.base.tensor(base_tensor_key(module)).shape)
-            b_shape = tensors.get(key.replace(".lora_A.", ".lora_B."))
-            if b_shape is None or (b_shape[0], shape[1]) != base_shape:
-                raise UserError(f"LoRA adapter {adapter_path} does not fit the base at {module}")
-            ranks.add(shape[0])
-        if not ranks:
-            raise UserError(f"LoRA adapter {adapter_path} holds no lora_A weights")
-        check_rank(adapter_path, max(ranks))
-        meta_file = adapter_path / EXPORT_META
-        if meta_file.is_file():
-            for module, record in json.loads(meta_file.read_text())["modules"].items():
-                expected = record.get("fingerprint")
-                if expected and expected != self.base.fingerprint(base_tensor_key(module)):
-                    raise UserError(f"LoRA adapter {adapter_path} was exported for another base ({module} differs)")
-        return max(ranks)
+        """A LoRA adapter checked (PEFT's rules, its shapes against the base, vLLM's limits and, for
+        export-lora outputs, the base fingerprints); its rank."""
+        lora = LoraAdapter.read(adapter_path)
+        lora.check_fits(self.base)
+        lora.check_vllm(f"adapter {adapter_path}")
+        for module, record in read_export_metadata(adapter_path).get("modules", {}).items():
+            expected = record.get("fingerprint")
+            if expected and expected != self.base.fingerprint(base_tensor_key(module)):
+                raise UserError(f"LoRA adapter {adapter_path} was exported for another base ({module} differs)")
+        return lora.max_rank
 
     def zero_adapter(self, module: str) -> Path:
         """A rank-1 all-zero LoRA on one module: served in place of the bare base on CPU (see serve)."""
-        out_features, in_features = self.base.tensor(base_tensor_key(module)).shape
+        out_features, in_features = self.base.shape(base_tensor_key(module))
         entry = self.root / f"zero-{hashlib.sha256(f'{module}:{out_features}x{in_features}'.encode()).hexdigest()[:16]}"
         if not (entry / ADAPTER_WEIGHTS).is_file():
             with atomic_output_dir(entry, overwrite=True) as staging:
-                save_file(
-                    {
-                        f"{PEFT_PREFIX}{module}.lora_A.weight": torch.zeros(1, in_features),
-                        f"{PEFT_PREFIX}{module}.lora_B.weight": torch.zeros(out_features, 1),
-                    },
-                    staging / ADAPTER_WEIGHTS,
-                )
-                config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "bias": "none",
-                          "target_modules": [module.rsplit(".", 1)[-1]], "base_model_name_or_path": str(self.base.path)}
-                (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+                zero = LoraAdapter(r=1, lora_alpha=1, target_modules=[module.rsplit(".", 1)[-1]],
+                                   base_model_name_or_path=str(self.base.path))
+                zero.write(staging, dict(zip(lora_keys(module), (torch.zeros(1, in_features),
+                                                                 torch.zeros(out_features, 1)))))
         return entry
 

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import psutil
 
-from psoft_deploy.base import BaseCheckpoint, open_safetensors
-from psoft_deploy.converters.lora import vllm_lora_target_modules, vllm_max_lora_rank
+from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.converters.lora_format import LoraAdapter, vllm_lora_target_modules, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
-from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import check_writable
 from psoft_deploy.progress import stage
@@ -310,12 +309,7 @@ def _shm_mapped(pid: int) -> set[Path]:
 
 def _lora_modules(served: dict[str, Path]) -> list[str]:
     """The module names the served LoRA adapters adapt."""
-    modules = []
-    for lora_dir in served.values():
-        with open_safetensors(lora_dir / ADAPTER_WEIGHTS) as handle:
-            modules += [key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-                        for key in handle.keys() if key.endswith(".lora_A.weight")]
-    return modules
+    return [module for lora_dir in served.values() for module in LoraAdapter.read(lora_dir).modules]
 
 
 def _zero_target(checkpoint: BaseCheckpoint, served: dict[str, Path]) -> str:

@@ -11,7 +11,8 @@ import math
 
 import psutil
 
-from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.dtypes import BY_NAME, BY_SAFETENSORS, CHOICES
 from psoft_deploy.errors import UserError
 from psoft_deploy.families import architectures, generates_text
 from psoft_deploy.progress import stage, warning
@@ -26,8 +27,6 @@ CPU_MAX_NUM_SEQS = 128  # vLLM-CPU's default --max-num-seqs for the OpenAI serve
 KV_MARGIN_BYTES = 2 << 30  # vLLM's two processes beyond the weights: Python, torch, activations
 KV_FRACTION = 0.8  # of the memory left after weights, LoRA slots and the margin
 MIN_KV_BYTES = 32 << 20
-DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def vllm_flag(vllm_args, name: str) -> str | None:
@@ -87,23 +86,13 @@ def stored_dtype(checkpoint: BaseCheckpoint) -> str:
     """The base's dtype as stored: config.json's ``dtype``/``torch_dtype``, else its first floating tensor's."""
     config = checkpoint.config
     for key in ("dtype", "torch_dtype"):
-        if config.get(key) in DTYPE_BYTES:
+        if config.get(key) in CHOICES:
             return config[key]
-    for key, file in checkpoint.files.items():
-        with open_safetensors(file) as handle:
-            dtype = handle.get_slice(key).get_dtype()
-        if dtype in DTYPES:
-            return DTYPES[dtype]
+    for info in checkpoint.index.values():
+        dtype = BY_SAFETENSORS.get(info.dtype)
+        if dtype is not None and dtype.name in CHOICES:
+            return dtype.name
     raise UserError(f"base {checkpoint.name} has no float32, bfloat16 or float16 tensor")
-
-
-def tensor_shapes(checkpoint: BaseCheckpoint) -> list[tuple[int, ...]]:
-    """The shape of every tensor of the base (read from the safetensors headers)."""
-    shapes = []
-    for file in sorted(set(checkpoint.files.values())):
-        with open_safetensors(file) as handle:
-            shapes += [tuple(handle.get_slice(key).get_shape()) for key in handle.keys()]
-    return shapes
 
 
 def available_memory() -> int:
@@ -160,7 +149,7 @@ def attention_shape(checkpoint: BaseCheckpoint) -> tuple[int, int, int] | None:
 def kv_bytes_per_token(shape: tuple[int, int, int], dtype: str) -> int:
     """KV-cache bytes per token for an attention ``shape``: keys and values of every layer (full attention assumed)."""
     layers, kv_heads, head_dim = shape
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return 2 * layers * kv_heads * head_dim * BY_NAME[dtype].itemsize
 
 
 def max_positions(checkpoint: BaseCheckpoint) -> int | None:
@@ -178,17 +167,18 @@ def cpu_memory_args(checkpoint: BaseCheckpoint, dtype: str, vllm_args, max_loras
     length = vllm_flag(vllm_args, "--max-model-len")
     if vllm_flag(vllm_args, "--gpu-memory-utilization") is not None or (kv is not None and length is not None):
         return []
-    dtype = dtype if dtype in DTYPE_BYTES else stored_dtype(checkpoint)
+    dtype = dtype if dtype in CHOICES else stored_dtype(checkpoint)
     shape = attention_shape(checkpoint)
     per_token = kv_bytes_per_token(shape, dtype) if shape else None
     positions = max_positions(checkpoint)
     args, chosen = [], []
     if kv is None:
-        shapes = tensor_shapes(checkpoint)
+        shapes = [info.shape for info in checkpoint.index.values()]
         vocab = text_config(checkpoint).get("vocab_size")
-        model_bytes = sum(math.prod(dims) for dims in shapes) * DTYPE_BYTES[dtype]
+        itemsize = BY_NAME[dtype].itemsize
+        model_bytes = sum(math.prod(dims) for dims in shapes) * itemsize
         # vLLM keeps max_loras LoRA slots of max_rank on every linear layer, plus a CPU copy of each adapter
-        lora_bytes = 2 * max_loras * max_rank * DTYPE_BYTES[dtype] * sum(
+        lora_bytes = 2 * max_loras * max_rank * itemsize * sum(
             sum(dims) for dims in shapes if len(dims) == 2 and vocab not in dims)
         seqs = int(vllm_flag(vllm_args, "--max-num-seqs") or CPU_MAX_NUM_SEQS)
         free = available_memory() if free_bytes is None else free_bytes
