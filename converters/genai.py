@@ -28,7 +28,7 @@ from psoft_deploy.errors import UserError
 from psoft_deploy.families import architectures, genai_builder_converts
 from psoft_deploy.progress import verbose
 
-from .genai_runtime import FLOAT_ONNX_TYPES, GRAPH
+from .genai_runtime import GRAPH, float_type
 
 PRECISIONS = ("fp32", "fp16", "int4")
 
@@ -173,18 +173,12 @@ def round_like_builder(model, precision: str):
 
 def _write_lora(directory: Path, pairs: dict) -> None:
     """``pairs`` as a PEFT LoRA adapter the builder reads: every module by its full name, scaling 1."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
+    from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 
     ranks = {module: lora_A.shape[0] for module, (lora_A, _) in pairs.items()}
-    LoraConfig(r=1, lora_alpha=1, target_modules=sorted(pairs), rank_pattern=ranks,
-               alpha_pattern=ranks).save_pretrained(directory)
-    save_file({f"{PEFT_PREFIX}{module}.{factor}.weight": tensor.float().contiguous()
-               for module, pair in pairs.items() for factor, tensor in zip(FACTORS, pair)},
-              directory / ADAPTER_WEIGHTS)
-
+    directory.mkdir()
+    LoraAdapter(r=1, lora_alpha=1, target_modules=sorted(pairs), rank_pattern=ranks, alpha_pattern=ranks).write(
+        directory, {key: tensor.float() for module, pair in pairs.items() for key, tensor in zip(lora_keys(module), pair)})
 
 
 def expose_lora_inputs(graph_file: Path, pairs: dict, *, rank_zero: bool,
@@ -203,7 +197,7 @@ def expose_lora_inputs(graph_file: Path, pairs: dict, *, rank_zero: bool,
         raise UserError(f"onnxruntime-genai's model builder did not apply the adapter to {', '.join(missing[:3])}"
                         f"{' …' if len(missing) > 3 else ''}; {remedy}")
     types = {init.data_type for init in found.values()}
-    if not types <= FLOAT_ONNX_TYPES.keys() or len(types) != 1:
+    if not all(float_type(elem_type) for elem_type in types) or len(types) != 1:
         raise UserError("onnxruntime-genai's model builder quantized the adapter's LoRA factors; export with "
                         "--precision fp32 or fp16")
     for name, init in found.items():
@@ -213,11 +207,11 @@ def expose_lora_inputs(graph_file: Path, pairs: dict, *, rank_zero: bool,
         model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, shape))
         if rank_zero:
             empty = [init.dims[0], 0] if factor == "lora_A" else [0, init.dims[1]]
-            init.CopyFrom(numpy_helper.from_array(np.zeros(empty, FLOAT_ONNX_TYPES[init.data_type]), name))
+            init.CopyFrom(numpy_helper.from_array(np.zeros(empty, float_type(init.data_type)), name))
     # The builder declared the LoRA intermediates at the template's rank: leave their shapes to the runtime.
     kept = [info for info in model.graph.value_info if "/lora_A/" not in info.name]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
     onnx.save(model, str(graph_file))
-    return np.dtype(FLOAT_ONNX_TYPES[types.pop()])
+    return float_type(types.pop())
 

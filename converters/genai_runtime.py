@@ -20,8 +20,16 @@ GRAPH = "model.onnx"
 
 EXPORT_RECORD = "psoft_onnx_export.json"
 
-FLOAT_ONNX_TYPES = {1: np.float32, 10: np.float16}
+FLOAT_TYPES = (np.float32, np.float16)  # what an export's LoRA inputs and logits may be
 
+
+
+def float_type(elem_type: int) -> np.dtype | None:
+    """The numpy type of an ONNX element type, if it is one of `FLOAT_TYPES` (else None)."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    dtype = np.dtype(tensor_dtype_to_np_dtype(elem_type))
+    return dtype if dtype in FLOAT_TYPES else None
 
 
 def is_genai_export(directory: Path) -> bool:
@@ -36,7 +44,7 @@ def lora_input_type(export_dir: Path) -> np.dtype:
     model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
     for graph_input in model.graph.input:
         if graph_input.name.endswith(".lora_A.MatMul.weight"):
-            return np.dtype(FLOAT_ONNX_TYPES[graph_input.type.tensor_type.elem_type])
+            return float_type(graph_input.type.tensor_type.elem_type)
     raise UserError(f"{export_dir} has no LoRA inputs (export it with --adapters-as-inputs)")
 
 
@@ -48,10 +56,10 @@ def logits_type(export_dir: Path) -> np.dtype:
     model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
     output = next(output for output in model.graph.output if output.name == "logits")
     elem_type = output.type.tensor_type.elem_type
-    if elem_type not in FLOAT_ONNX_TYPES:
+    if float_type(elem_type) is None:
         raise UserError(f"{export_dir}: logits of ONNX type {elem_type}; psoft-deploy verifies float32 and float16 "
                         "exports")
-    return np.dtype(FLOAT_ONNX_TYPES[elem_type])
+    return float_type(elem_type)
 
 
 

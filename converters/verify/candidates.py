@@ -6,20 +6,22 @@ bases without a transformers config). onnxruntime-genai exports: `genai_exports`
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.converters.lora import read_export_metadata
+from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.merge import stored_deltas, stored_replacements
+from psoft_deploy.dtypes import BY_NAME, BY_ONNX, from_safetensors
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors, base_tensor_key
 from psoft_deploy.families import model_family
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
+from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.layer import PsoftLinear
 from psoft_deploy.model import load_base_model
-from psoft_deploy.streaming import torch_dtype
 
 from .inputs import family_outputs, verification_inputs
 from .reference import reference_merged_weight, reference_runs
@@ -72,26 +74,21 @@ def verify_full(
 
 def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch.dtype:
     """The dtype the candidate stores its adapted weights in."""
-    first = base_tensor_key(next(iter(factors.modules)))
-    return candidate.tensor(first).dtype
+    first = candidate.stored_key(base_tensor_key(next(iter(factors.modules))))
+    return from_safetensors(candidate.index[first].dtype).torch
 
 
 def lora_dtype(candidate_dir: Path) -> torch.dtype:
     """The dtype of a LoRA adapter's weights."""
-    with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
-        return torch_dtype(handle.get_slice(next(iter(handle.keys()))).get_dtype())
+    return from_safetensors(next(iter(LoraAdapter.read(candidate_dir).tensors.values())).dtype).torch
 
 
 def onnx_dtype(candidate_dir: Path) -> torch.dtype:
     """The floating dtype of an exported graph's (first) output."""
-    import numpy as np
     import onnxruntime
 
-    from psoft_deploy.generate import FLOAT_TYPES
-
     session = onnxruntime.InferenceSession(str(candidate_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    first = session.get_outputs()[0]
-    return torch.from_numpy(np.empty(0, FLOAT_TYPES.get(first.type, np.float32))).dtype
+    return BY_ONNX.get(session.get_outputs()[0].type, BY_NAME["float32"]).torch
 
 
 def load_lora_candidate(base_dir: Path, candidate_dir: Path, dtype: torch.dtype):
@@ -200,27 +197,21 @@ def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candida
     """Check a LoRA adapter layer by layer: ``W + scaling · lora_B lora_A`` (PEFT's scaling,
     ``rank_pattern`` and ``alpha_pattern`` included) by `LayerChecks`, for every module the PSOFT
     adapter adapts; a LoRA module the adapter does not adapt, or one it lacks, fails."""
-    from peft.utils.other import get_pattern_key
-
-    config = read_json(candidate_dir / ADAPTER_CONFIG)
-    if config.get("use_dora"):
+    lora = LoraAdapter.read(candidate_dir)
+    if lora.use_dora:
         raise UserError(f"{candidate_dir} is a DoRA adapter; its layers are not W + scaling·BA: verify it with "
                         "--verify-mode full")
     with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
         tensors = {key.removeprefix(PEFT_PREFIX): handle.get_tensor(key) for key in handle.keys()}
-    lora_modules = {key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}
+    lora_modules = set(lora.modules)
     checks = LayerChecks(lora_dtype(candidate_dir))
     for name, module in factors.modules.items():
         if name not in lora_modules:
             continue
-        lora_A, lora_B = tensors[f"{name}.lora_A.weight"].double(), tensors[f"{name}.lora_B.weight"].double()
-        rank = config.get("rank_pattern", {}).get(get_pattern_key(config.get("rank_pattern", {}), name), config["r"])
-        alpha = config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}), name),
-                                                     config.get("lora_alpha", rank))
-        scaling = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
-        delta = scaling * (lora_B @ lora_A)
+        lora_A, lora_B = (tensors[key].double() for key in lora_keys(name))
+        delta = lora.scaling(name) * (lora_B @ lora_A)
         weight = base.tensor(base_tensor_key(name))
-        checks.check(name, weight, module, weight.double() + (delta.T if config.get("fan_in_fan_out") else delta))
+        checks.check(name, weight, module, weight.double() + (delta.T if lora.fan_in_fan_out else delta))
     missing, extra = sorted(set(factors.modules) - lora_modules), sorted(lora_modules - set(factors.modules))
     failed = [f"{len(missing)} adapted modules missing from the LoRA, {len(extra)} extra"] if missing or extra else []
     return checks.report(failed, candidate="lora", modules_missing=missing[:10], modules_extra=extra[:10])
@@ -228,12 +219,7 @@ def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candida
 
 def parameter_count(checkpoint: BaseCheckpoint) -> int:
     """Number of stored parameters, from the safetensors headers alone."""
-    total = 0
-    for file in set(checkpoint.files.values()):
-        with open_safetensors(file) as handle:
-            for key in handle.keys():
-                total += torch.Size(handle.get_slice(key).get_shape()).numel()
-    return total
+    return sum(math.prod(info.shape) for info in checkpoint.index.values())
 
 
 def resolve_mode(mode: str, model: BaseCheckpoint) -> str:
