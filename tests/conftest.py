@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from psoft_deploy.converters.verify import DEFAULT_PROMPTS
 from psoft_deploy.model import load_base_model
-from psoft_deploy.tiny import build_tiny_model
+from psoft_deploy.testing import build_tiny_model
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()

@@ -22,7 +22,7 @@ from psoft_deploy.converters.verify import (
 )
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model
-from psoft_deploy.tiny import build_tiny_model
+from psoft_deploy.testing import build_tiny_model
 
 # kind: PsoftConfig fields beyond r (target_modules None: PEFT's defaults for the architecture,
 # as PEFT's tests use them; SEQ_CLS makes PEFT save the classifier head, as in its tests).

@@ -20,7 +20,7 @@ from psoft_deploy.converters.verify import NOISE_FACTOR
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model
-from psoft_deploy.tiny import build_chat_model
+from psoft_deploy.testing import build_chat_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "def fibonacci(n):"]
 

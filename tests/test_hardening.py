@@ -22,7 +22,7 @@ from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.generate import TextStream
 from psoft_deploy.options import ReadOptions
-from psoft_deploy.tiny import build_tokenizer, bundled_text
+from psoft_deploy.testing import build_tokenizer, bundled_text
 
 
 @pytest.fixture(scope="module")

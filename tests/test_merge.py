@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from psoft_deploy.cli import cli
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
-from psoft_deploy.tiny import build_tiny_model
+from psoft_deploy.testing import build_tiny_model
 
 
 def run(*args):

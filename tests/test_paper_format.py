@@ -13,9 +13,9 @@ from conftest import assert_close_relative, input_ids, paper_rotation_from_spec,
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.errors import UserError
-from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.options import ReadOptions
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 

@@ -21,7 +21,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
-import psutil
 import pytest
 import torch
 from click.testing import CliRunner
@@ -41,7 +40,7 @@ from psoft_deploy.serve.preflight import (
     max_model_len,
     vllm_flag,
 )
-from psoft_deploy.tiny import build_tiny_model, llama_modules, write_psoft_adapter
+from psoft_deploy.testing import build_tiny_model, llama_modules, write_psoft_adapter
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields"]
 MAX_TOKENS = 6

@@ -19,7 +19,7 @@ from test_serve import complete, free_port, healthy, wait_for_serving
 
 from psoft_deploy.cli import cli
 from psoft_deploy.demo import MODEL_SIZES
-from psoft_deploy.tiny import build_tiny_model, build_tokenizer, bundled_text
+from psoft_deploy.testing import build_tiny_model, build_tokenizer, bundled_text
 
 VLLM_ARGS = ["--enforce-eager", "--max-num-seqs", "8"]
 SHM = "/dev/shm"

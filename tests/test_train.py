@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from psoft_deploy.cli import cli
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
-from psoft_deploy.tiny import (
+from psoft_deploy.testing import (
     CHAT_TEMPLATE_WITH_GENERATION,
     build_chat_model,
     bundled_text,
@@ -97,7 +97,7 @@ def test_checkpoints_are_adapters_and_resuming_continues_the_same_run(tiny_base,
 
 def test_quick_start_command_line(tmp_path):
     """The method's published quick start, with local paths for the hub names."""
-    from psoft_deploy.tiny import build_tiny_model
+    from psoft_deploy.testing import build_tiny_model
 
     build_tiny_model(tmp_path / "llama", "llama", hidden=128, heads=2)  # r=128 fits its 128×128 layers
     lines = DATA.read_text().splitlines()

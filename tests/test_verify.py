@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
 from psoft_deploy.converters.verify import compare_logits, verification_inputs
-from psoft_deploy.tiny import build_chat_model
+from psoft_deploy.testing import build_chat_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

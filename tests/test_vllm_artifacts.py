@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from psoft_deploy.cli import cli
 from psoft_deploy.converters.lora import vllm_lora_target_modules
-from psoft_deploy.tiny import build_tiny_model
+from psoft_deploy.testing import build_tiny_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields", "The baker opens"]
 MAX_TOKENS = 12
