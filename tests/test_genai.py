@@ -9,11 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import load_peft, make_peft_adapter, verification_report
+from helpers import assert_one_line_error, load_peft, make_peft_adapter, run, verification_report
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters import genai
 from psoft_deploy.converters.genai import GenaiModel, genai_generate, read_adapter_file
 from psoft_deploy.converters.verify import NOISE_FACTOR
@@ -23,10 +21,6 @@ from psoft_deploy.model import load_base_model
 from psoft_deploy.testing import build_chat_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "def fibonacci(n):"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def token_ids(base, text: str) -> list[int]:
@@ -180,8 +174,7 @@ def test_generate_applies_the_chat_template_streams_and_needs_no_torch(tmp_path)
 def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
     opt = tiny_base("opt")
     make_peft_adapter(opt, tmp_path / "adapter", kind="opt")
-    result = CliRunner().invoke(cli, ["export-onnx", "--base", str(opt), "--adapter", str(tmp_path / "adapter"),
-                                      "--output", str(tmp_path / "onnx")])
+    result = run("export-onnx", "--base", opt, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx")
     assert result.exit_code == 0 and "verification: PASS (full, float32)" in result.output, result.output
     assert (tmp_path / "onnx" / "model.onnx").is_file() and not (tmp_path / "onnx" / "genai_config.json").exists()
     assert "through torch.onnx: fp32, the adapter merged in float32" in (tmp_path / "onnx" / "README.md").read_text()
@@ -189,14 +182,14 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
                              (["--exporter", "genai"], "does not convert OPTForCausalLM")):
         result = run("export-onnx", "--base", opt, "--adapter", tmp_path / "adapter", "--output", tmp_path / "x",
                      *options)
-        assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
+        assert_one_line_error(result, message)
     gemma3 = tiny_base("gemma3")  # transformers 5 writes its rope_parameters per layer type
     make_peft_adapter(gemma3, tmp_path / "gemma3-adapter")
     for options, message in ((["--exporter", "genai"], "does not read Gemma3ForCausalLM's per-layer-type"),
                              (["--precision", "int4"], "need the onnxruntime-genai exporter, and its model builder")):
         result = run("export-onnx", "--base", gemma3, "--adapter", tmp_path / "gemma3-adapter", "--output",
                      tmp_path / "x", *options)
-        assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
+        assert_one_line_error(result, message)
     llama = tiny_base("llama")
     make_peft_adapter(llama, tmp_path / "saves-head", modules_to_save=["lm_head"])
     result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "saves-head", "--output", tmp_path / "x",
@@ -205,7 +198,7 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
     make_peft_adapter(llama, tmp_path / "llama-adapter")
     result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "llama-adapter", "--output", tmp_path / "x",
                  "--with-past")
-    assert result.exit_code == 1 and "pass --exporter torch" in result.output.strip().splitlines()[-1]
+    assert_one_line_error(result, "pass --exporter torch")
     assert not (tmp_path / "x").exists()
 
 
@@ -237,8 +230,7 @@ def test_a_cuda_fp32_export_with_attention_adapters_names_the_precisions_that_ta
     base, work = two_adapters
     refused = run("export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx",
                   "--execution-provider", "cuda", "--no-verify")
-    last = refused.output.strip().splitlines()[-1]
-    assert refused.exit_code == 1 and last.startswith("Error:") and "q_proj" in last, refused.output
+    last = assert_one_line_error(refused, "q_proj")
     assert "--precision fp16 or int4" in last and "--exporter torch" not in last and not (tmp_path / "onnx").exists()
 
 

@@ -12,11 +12,9 @@ import sys
 import warnings
 
 import pytest
-from click.testing import CliRunner
-from conftest import make_peft_adapter
+from helpers import assert_one_line_error, make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.cli import cli
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
@@ -32,10 +30,6 @@ def servable(tiny_base, tmp_path_factory):
     adapter = tmp_path_factory.mktemp("servable") / "adapter"
     make_peft_adapter(base, adapter, r=8)
     return base, adapter
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def start(*args, prefix=(), env=None) -> subprocess.Popen:
@@ -152,10 +146,9 @@ def test_peft_adapter_for_another_base_is_refused_naming_both(tiny_base, tmp_pat
     narrow, wide = tiny_base("llama"), tiny_base("llama", hidden=128)
     make_peft_adapter(narrow, tmp_path / "adapter", r=8)
     result = run("merge", "--base", wide, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
-    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
-    assert result.output.startswith(f"Error: adapter {tmp_path / 'adapter'} was trained on {narrow}, not on the "
-                                    f"base given ({wide}): ")
-    assert "model.layers.0.mlp.down_proj.weight is 64×128 there, 128×256 here" in result.output and not (tmp_path / "merged").exists()
+    assert_one_line_error(result, f"Error: adapter {tmp_path / 'adapter'} was trained on {narrow}, not on the base "
+                          f"given ({wide}): ", "model.layers.0.mlp.down_proj.weight is 64×128 there, 128×256 here")
+    assert not (tmp_path / "merged").exists()
     allowed = run("merge", "--base", wide, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged",
                   "--allow-base-mismatch")
     assert allowed.exit_code == 0, allowed.output

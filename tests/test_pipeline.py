@@ -6,8 +6,7 @@ import shutil
 
 import click
 import torch
-from click.testing import CliRunner
-from conftest import make_peft_adapter
+from helpers import make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.base import BaseCheckpoint
@@ -18,10 +17,6 @@ from psoft_deploy.options import ReadOptions
 
 REPORT_KEYS = {"tool", "artifact", "passed", "checks"}
 CHECK_KEYS = {"label", "mode", "dtype", "tolerance", "passed", "failed_checks"}
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def test_every_artifact_carries_one_report_schema(tiny_base, tmp_path):

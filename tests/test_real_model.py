@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import run
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters import genai
 from psoft_deploy.converters.verify import _torch_greedy, kept_prefix
 from psoft_deploy.factors import load_factors
@@ -20,10 +19,6 @@ from psoft_deploy.testing import ANSWER_PREFIX, build_smollm2, held_out_question
 pytestmark = pytest.mark.slow
 ADAPTER = Path(__file__).parent / "data" / "smollm2-answer"
 NEW_TOKENS = 8
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")

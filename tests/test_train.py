@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import assert_close_relative, input_ids, load_peft
+from helpers import assert_close_relative, input_ids, load_peft, run
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.testing import (
@@ -30,10 +28,6 @@ SHORTEST = sorted(bundled_text(), key=len)
 # Question: a sentence's first three words; answer: the rest of it; what a model that runs on says next.
 CHAT = [(" ".join(line.split()[:3]), " ".join(line.split()[3:]), " ".join(SHORTEST[i + 4].split()[:3]))
         for i, line in enumerate(SHORTEST[:4])]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def train_args(base, output, *extra):

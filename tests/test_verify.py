@@ -8,19 +8,13 @@ import shutil
 import pytest
 import torch
 import transformers
-from click.testing import CliRunner
-from conftest import make_peft_adapter, verification_report
+from helpers import make_peft_adapter, run, verification_report
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters.verify import compare_logits, verification_inputs
 from psoft_deploy.testing import build_chat_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def verify(base, adapter, candidate, *extra):
