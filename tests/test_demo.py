@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from helpers import run
 
 
+@pytest.mark.slow
 def test_demo_trains_inspects_merges_and_exports(tmp_path):
     result = run("demo", "--output", tmp_path / "demo")
     assert result.exit_code == 0, result.output

@@ -23,6 +23,7 @@ from psoft_deploy.generate import generate
 from psoft_deploy.model import reference_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_base, tmp_path):
     base = tiny_base(kind)
@@ -55,6 +56,7 @@ def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_b
         assert tokens == reference[0, encoded["input_ids"].shape[1]:].tolist()
 
 
+@pytest.mark.slow
 def test_generate_needs_no_torch_and_verify_takes_onnx(tiny_base, tmp_path):
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter")
@@ -90,6 +92,7 @@ def test_bad_input(tiny_base, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"], "no partial output"
 
 
+@pytest.mark.slow
 def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     import gc
 
@@ -153,6 +156,7 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     assert crossed.exit_code == 1 and crossed.output.startswith("FAIL"), crossed.output
 
 
+@pytest.mark.slow
 def test_float16_export_with_past_generates(tiny_base, tmp_path):
 
     base = tiny_base("llama")

@@ -160,6 +160,7 @@ def test_the_family_is_read_from_the_config():
     assert model_family({"architectures": ["RobertaForSequenceClassification"]}).name == "classifier"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "deberta-v2-cls", "vit", "roberta"])
 def test_export_onnx_of_encoders_classifiers_and_vit(kind, tmp_path):
     """Merged and verified in onnxruntime; then run at other batch sizes (and lengths) than the

@@ -51,6 +51,7 @@ def two_adapters(tiny_base, tmp_path_factory):
     return base, work
 
 
+@pytest.mark.slow
 def test_fp32_export_equals_peft_and_greedy_generate_equals_transformers(two_adapters):
     base, work = two_adapters
     assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in (work / "merged-a").iterdir()}
@@ -73,6 +74,7 @@ def test_fp32_export_equals_peft_and_greedy_generate_equals_transformers(two_ada
         assert generated == transformers_greedy(load_base_model(base), tokens, 8)
 
 
+@pytest.mark.slow
 def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapters):
     base, work = two_adapters
     model = GenaiModel(work / "inputs", {name: work / "inputs" / "adapters" / f"{name}.onnx_adapter"
@@ -101,6 +103,7 @@ def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapte
     assert {name.split(".")[4] for name in names} == {"q_proj", "v_proj", "down_proj"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails(two_adapters, precision, tmp_path):
     import onnx
@@ -133,6 +136,7 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
     assert wrong.exit_code == 1 and "no LoRA factors in the export" in wrong.output, wrong.output
 
 
+@pytest.mark.slow
 def test_adapter_files_verify_one_by_one_and_crossed_ones_fail(two_adapters):
     base, work = two_adapters
     files = work / "inputs" / "adapters"
@@ -142,6 +146,7 @@ def test_adapter_files_verify_one_by_one_and_crossed_ones_fail(two_adapters):
     assert crossed.exit_code == 1 and crossed.output.startswith("FAIL"), crossed.output
 
 
+@pytest.mark.slow
 def test_generate_applies_the_chat_template_streams_and_needs_no_torch(tmp_path):
     build_chat_model(tmp_path / "base", layers=2)
     make_peft_adapter(tmp_path / "base", tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
@@ -171,6 +176,7 @@ def test_generate_applies_the_chat_template_streams_and_needs_no_torch(tmp_path)
     assert process.returncode == 0 and process.stdout.startswith("Name three colours."), process.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
     opt = tiny_base("opt")
     make_peft_adapter(opt, tmp_path / "adapter", kind="opt")
@@ -202,6 +208,7 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_cuda_export_that_cannot_run_here_does_not_pass_on_its_factors_alone(two_adapters, tmp_path):
     import onnxruntime_genai as og
 
@@ -224,6 +231,7 @@ def test_a_cuda_export_that_cannot_run_here_does_not_pass_on_its_factors_alone(t
         assert "--verify-mode layerwise" not in failed.output
 
 
+@pytest.mark.slow
 def test_a_cuda_fp32_export_with_attention_adapters_names_the_precisions_that_take_them(two_adapters, tmp_path):
     """The builder's cuda fp32 graph fuses q/k/v into one Attention node and drops their LoRA; the
     torch exporter (the generic advice) cannot target cuda."""
@@ -269,6 +277,7 @@ def mis_built(tiny_base, tmp_path_factory):
     return base, adapter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_a_graph_with_the_head_wired_onto_a_layer_fails_in_every_mode(mis_built, precision, tmp_path):
     base, adapter = mis_built
@@ -281,6 +290,7 @@ def test_a_graph_with_the_head_wired_onto_a_layer_fails_in_every_mode(mis_built,
     assert "the graph at rank 0 vs the base: " in result.output
 
 
+@pytest.mark.slow
 def test_auto_exports_a_model_the_builder_would_mis_build_through_torch_onnx(mis_built, tmp_path, caplog):
     base, adapter = mis_built
     caplog.set_level(logging.INFO, logger="psoft_deploy")
@@ -296,6 +306,7 @@ def test_auto_exports_a_model_the_builder_would_mis_build_through_torch_onnx(mis
     assert refused.exit_code == 1 and "would wire the LM head onto a layer" in last and "--exporter torch" in last
 
 
+@pytest.mark.slow
 def test_the_demo_model_exports_and_its_graph_equals_the_merged_model(tiny_base, tmp_path):
     base = tiny_base("llama", **MODEL_SIZES)
     config = json.loads((base / "config.json").read_text())
@@ -322,6 +333,7 @@ def test_the_demo_model_exports_and_its_graph_equals_the_merged_model(tiny_base,
     assert deviation <= NOISE_FACTOR * noise, (deviation, noise)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
 def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path):
     """Qwen2's q/k/v carry biases (the builder keeps them unpacked with LoRA)."""
@@ -336,6 +348,7 @@ def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path
     assert "over 8 layers" in layerwise.output  # q, k, v and down, 2 layers
 
 
+@pytest.mark.slow
 def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
     """A byte-level token holding a lone byte decodes as U+FFFD in place; og's own decode drops
     everything after it, so the text after it was never printed."""
@@ -356,6 +369,7 @@ def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
     assert "".join(printed) == "The river\ufffd carries water"
 
 
+@pytest.mark.slow
 def test_an_export_of_the_base_alone_is_verified_against_the_base(two_adapters, mis_built, tmp_path):
     """No adapter: the graph itself is checked against the base in float64; a mis-built one fails."""
     from psoft_deploy.base import BaseCheckpoint

@@ -62,6 +62,7 @@ def without_root_override() -> list[str]:
     return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
 
 
+@pytest.mark.slow
 def test_unwritable_output_is_refused_before_any_work(servable, tmp_path):
     base, adapter = servable
     locked = tmp_path / "locked"
@@ -93,6 +94,7 @@ def test_unwritable_output_is_refused_before_any_work(servable, tmp_path):
     assert list(locked.iterdir()) == [], "no partial output"
 
 
+@pytest.mark.slow
 def test_read_only_output_parent(servable, tmp_path):
     base, adapter = servable
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
@@ -218,6 +220,7 @@ def test_outputs_are_readable_by_other_accounts_under_umask_022(tiny_base, tmp_p
         assert files and all(stat.S_IMODE(file.stat().st_mode) == 0o644 for file in files)
 
 
+@pytest.mark.slow
 def test_progress_and_quiet_third_parties_when_not_on_a_terminal(servable, tmp_path):
     """Stage and per-10 % lines on stderr; transformers' bars and torch.onnx's progress only with
     --verbose."""
@@ -256,6 +259,7 @@ def test_generated_text_is_passed_on_in_whole_characters(tmp_path):
     assert TextStream(tokenizer, pieces.append).finish(tokens[:splits[0]]) == prefixes[splits[0] - 1].rstrip("\ufffd")
 
 
+@pytest.mark.slow
 def test_overwrite_over_contents_that_cannot_be_removed_publishes_and_warns(servable, tmp_path):
     base, adapter = servable
     output = tmp_path / "out"

@@ -114,6 +114,7 @@ def server(tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow
 def test_named_adapters_of_two_formats_and_the_base_in_one_mixed_batch(server):
     url, expected = server["url"], server["expected"]
     jobs = [(name, i) for name in (server["base"], "a", "b") for i in range(len(PROMPTS))] * 2
@@ -124,6 +125,7 @@ def test_named_adapters_of_two_formats_and_the_base_in_one_mixed_batch(server):
         assert body["choices"][0]["token_ids"] == expected[name][i], f"{name} on prompt {i}"
 
 
+@pytest.mark.slow
 def test_resolver_serves_a_late_adapter_and_refuses_traversal(server):
     url, work = server["url"], server["work"]
     status, body = complete(url, "late_c", PROMPTS[0])
@@ -137,6 +139,7 @@ def test_resolver_serves_a_late_adapter_and_refuses_traversal(server):
     assert healthy(url)
 
 
+@pytest.mark.slow
 def test_bounded_load_with_unknown_names(server):
     url, expected = server["url"], server["expected"]
     if not (server["work"] / "root" / "late_c").exists():
@@ -155,6 +158,7 @@ def test_bounded_load_with_unknown_names(server):
     assert healthy(url)
 
 
+@pytest.mark.slow
 def test_float32_base_is_served_in_float32_with_a_sized_kv_cache_by_default(server):
     lines = server["log"].read_text().splitlines()
     assert any(re.search(r"psoft-deploy: serving on http://\S+/v1 \(float32\)", line) for line in lines), lines
@@ -170,6 +174,7 @@ def test_float32_base_is_served_in_float32_with_a_sized_kv_cache_by_default(serv
     assert not any("INFO" in line or "WARNING" in line for line in lines), "vLLM's own log goes to its file"
 
 
+@pytest.mark.slow
 def test_models_and_404s_name_the_users_models_only(server):
     url, base = server["url"], server["base"]
     status, listing = get(f"{url}/v1/models")
@@ -191,6 +196,7 @@ def test_models_and_404s_name_the_users_models_only(server):
     assert healthy(url)
 
 
+@pytest.mark.slow
 def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
     from psoft_deploy.serve import cache as cache_module
 
@@ -216,6 +222,7 @@ def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
     assert leftovers.stdout.strip() == b"", "vLLM must stop with serve"
 
 
+@pytest.mark.slow
 def test_serve_with_no_vllm_flags_then_its_engine_is_killed(tmp_path):
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     build_tiny_model(base, "llama", **MODEL_SIZES)

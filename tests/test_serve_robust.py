@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
 from helpers import complete, free_port, healthy, run, wait_for_serving
 
 from psoft_deploy.demo import MODEL_SIZES
@@ -53,6 +54,7 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
+@pytest.mark.slow
 def test_a_prompt_beyond_the_models_vocabulary_gets_400_and_the_engine_stays_up(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", **MODEL_SIZES)  # 384 embeddings
@@ -80,6 +82,7 @@ def test_a_prompt_beyond_the_models_vocabulary_gets_400_and_the_engine_stays_up(
         stop(process)
 
 
+@pytest.mark.slow
 def test_three_stops_leave_dev_shm_as_it_was(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", **MODEL_SIZES)

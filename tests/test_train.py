@@ -60,6 +60,7 @@ def test_training_lowers_the_loss_and_peft_reproduces_the_adapter(tiny_base, tmp
         assert converted.exit_code == 0 and "verification: PASS" in converted.output, converted.output
 
 
+@pytest.mark.slow
 def test_checkpoints_are_adapters_and_resuming_continues_the_same_run(tiny_base, tmp_path):
     base = tiny_base("llama")
     straight = run(*train_args(base, tmp_path / "straight", "--max_steps", 6, "--save_steps", 2))
@@ -89,6 +90,7 @@ def test_checkpoints_are_adapters_and_resuming_continues_the_same_run(tiny_base,
         assert torch.allclose(actual[key], expected[key], rtol=0, atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_quick_start_command_line(tmp_path):
     """The method's published quick start, with local paths for the hub names."""
     from psoft_deploy.testing import build_tiny_model
@@ -151,6 +153,7 @@ def eos_probability(model, tokenizer) -> float:
     return sum(probabilities) / len(probabilities)
 
 
+@pytest.mark.slow
 def test_a_chat_model_whose_pad_is_eos_learns_to_stop(chat_base, tmp_path):
     """The bug: a collator that leaves tokens equal to pad out of the loss never trains <|im_end|> when pad == EOS.
     Anchor: PEFT's own PSOFT layer trained by TRL's SFTTrainer on the same data and seed."""
@@ -202,6 +205,7 @@ def loss_over(model, tokenizer, sequences: list[tuple[list[int], list[bool]]]) -
     return total / count, total_no_eos / count_no_eos
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_format,flag", [("messages", None), ("messages", "--assistant_only_loss"),
                                               ("prompt-completion", None),
                                               ("prompt-completion", "--no-completion_only_loss"), ("text", None)])
@@ -242,6 +246,7 @@ def test_the_loss_covers_the_tokens_the_options_name_eos_included(data_format, f
     assert summary["first_loss"] == pytest.approx(expected, abs=1e-4), (summary["first_loss"], expected)
 
 
+@pytest.mark.slow
 def test_packing_fills_each_sequence_with_several_examples(tiny_base, tmp_path):
     result = run(*train_args(tiny_base("llama"), tmp_path / "out", "--packing", "--max_length", 256,
                              "--per_device_train_batch_size", 1))
@@ -257,6 +262,7 @@ def torchrun(*args, cwd=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny_base, tmp_path):
     base = tiny_base("llama")
     common = ["--max_steps", 5, "--per_device_train_batch_size", 2, "--save_steps", 1000]
@@ -275,6 +281,7 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny
     assert sorted(path.name for path in (tmp_path / "two").iterdir() if path.name.startswith(".")) == []
 
 
+@pytest.mark.slow
 def test_ranks_that_derive_other_factors_are_refused(tmp_path):
     (tmp_path / "ranks.py").write_text("""
 import torch, torch.distributed as dist

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from helpers import load_peft, make_peft_adapter, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,6 +60,7 @@ def transformers_greedy(model, tokenizer) -> list[list[int]]:
     return tokens
 
 
+@pytest.mark.slow
 def test_merged_model_and_exported_lora_in_vllm(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", hidden=128, heads=2)
