@@ -47,7 +47,8 @@ def writers(base, adapter, output):
     }
 
 
-@pytest.mark.parametrize("command", ["materialize", "merge", "export-lora", "export-onnx", "train"])
+@pytest.mark.parametrize("command", ["materialize", "merge", "export-lora",
+                                     pytest.param("export-onnx", marks=pytest.mark.slow), "train"])
 def test_no_output_is_contains_or_lies_inside_an_input_and_a_symlinked_output_is_written_through(
         command, inputs, tmp_path):
     base, adapter = inputs

@@ -276,6 +276,7 @@ def test_head_size_vllm_cpu_rejects_is_refused_before_start(tmp_path):
     assert not (tmp_path / "cache").exists(), "refused before anything was converted"
 
 
+@pytest.mark.slow
 def test_cpu_head_sizes_are_vllms_own():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 

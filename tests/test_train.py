@@ -60,7 +60,6 @@ def test_training_lowers_the_loss_and_peft_reproduces_the_adapter(tiny_base, tmp
         assert converted.exit_code == 0 and "verification: PASS" in converted.output, converted.output
 
 
-@pytest.mark.slow
 def test_checkpoints_are_adapters_and_resuming_continues_the_same_run(tiny_base, tmp_path):
     base = tiny_base("llama")
     straight = run(*train_args(base, tmp_path / "straight", "--max_steps", 6, "--save_steps", 2))
@@ -246,7 +245,6 @@ def test_the_loss_covers_the_tokens_the_options_name_eos_included(data_format, f
     assert summary["first_loss"] == pytest.approx(expected, abs=1e-4), (summary["first_loss"], expected)
 
 
-@pytest.mark.slow
 def test_packing_fills_each_sequence_with_several_examples(tiny_base, tmp_path):
     result = run(*train_args(tiny_base("llama"), tmp_path / "out", "--packing", "--max_length", 256,
                              "--per_device_train_batch_size", 1))
