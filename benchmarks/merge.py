@@ -63,7 +63,7 @@ def build_base(directory: Path, layers: int) -> None:
 
 def build_adapter(directory: Path, layers: int, rank: int) -> None:
     """A PEFT PSOFT adapter with trained-like R parameters (A and B are never saved by PEFT)."""
-    from psoft_deploy.tiny import llama_modules, write_psoft_adapter
+    from psoft_deploy.testing import llama_modules, write_psoft_adapter
 
     write_psoft_adapter(directory, llama_modules(layers, TARGETS), rank)
 

@@ -62,7 +62,7 @@ def run_measured(command: list[str]) -> tuple[float, int]:
 def build_base(directory: Path, shape: dict) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from psoft_deploy.tiny import build_tokenizer, bundled_text
+    from psoft_deploy.testing import build_tokenizer, bundled_text
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # never hold the model in fp32
@@ -131,7 +131,7 @@ def main() -> None:
 
     from psoft_deploy.converters.pipeline import read_report
     from psoft_deploy.converters.verify import Report
-    from psoft_deploy.tiny import llama_modules, write_psoft_adapter
+    from psoft_deploy.testing import llama_modules, write_psoft_adapter
 
     with tempfile.TemporaryDirectory(dir=".") as work:
         work = Path(work)

@@ -56,7 +56,7 @@ def build(work: Path, adapters: int) -> tuple[Path, list[Path]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from psoft_deploy.cli import cli
-    from psoft_deploy.tiny import llama_modules, write_psoft_adapter
+    from psoft_deploy.testing import llama_modules, write_psoft_adapter
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,

@@ -168,7 +168,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from psoft_deploy.tiny import build_tokenizer, bundled_text
+    from psoft_deploy.testing import build_tokenizer, bundled_text
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

@@ -11,7 +11,7 @@ import torch
 
 from .errors import UserError
 from .outputs import check_writable
-from .tiny import build_tiny_model
+from .testing import build_tiny_model
 
 TRAIN_STEPS = 30
 # The tiny Llama's sizes: head size 128 / 2 = 64, which vLLM's CPU attention supports (16 is refused);

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import torch
 
 from .base import HUB_ID, INDEX_FILE, SINGLE_FILE, BaseCheckpoint, base_tensor_key
+from .dtypes import BY_NAME, CHOICES
 from .errors import UserError
 from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_adapter
 from .options import DEFAULTS, ReadOptions
 from .progress import track
 from .psoft import ModuleFactors, principal_subspace, rotation
-from .dtypes import BY_NAME, CHOICES
 
 
 @dataclass

@@ -7,24 +7,12 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_peft_adapter
+from helpers import assert_one_line_error, make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.cli import cli
 
-
-@pytest.fixture(scope="module")
-def good(tiny_base, tmp_path_factory):
-    """A base and a valid PEFT adapter for it, copied per test before being broken."""
-    base_dir = tiny_base("llama")
-    adapter_dir = tmp_path_factory.mktemp("good") / "adapter"
-    make_peft_adapter(base_dir, adapter_dir, r=8)
-    return base_dir, adapter_dir
-
-
-def break_adapter(good, tmp_path, how):
-    base_dir, adapter_dir = good
+def break_adapter(llama_adapter, tmp_path, how):
+    base_dir, adapter_dir = llama_adapter
     broken = tmp_path / "adapter"
     shutil.copytree(adapter_dir, broken)
     weights, config_file = broken / "adapter_model.safetensors", broken / "adapter_config.json"
@@ -51,19 +39,6 @@ def break_adapter(good, tmp_path, how):
     return base_dir, broken
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 @pytest.mark.parametrize(
     "how,fragment",
     [
@@ -77,27 +52,27 @@ def assert_one_line_error(result, *fragments):
         ("wrong generator size", "expected (6,) for r=4"),
     ],
 )
-def test_broken_adapter(how, fragment, good, tmp_path):
-    base_dir, broken = break_adapter(good, tmp_path, how)
+def test_broken_adapter(how, fragment, llama_adapter, tmp_path):
+    base_dir, broken = break_adapter(llama_adapter, tmp_path, how)
     result = run("materialize", "--base", base_dir, "--adapter", broken, "--output", tmp_path / "out")
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"], "no partial output may be left behind"
 
 
-def test_missing_adapter_and_non_adapter_directory(good, tmp_path):
-    base_dir, _ = good
+def test_missing_adapter_and_non_adapter_directory(llama_adapter, tmp_path):
+    base_dir, _ = llama_adapter
     assert_one_line_error(run("inspect", tmp_path / "nowhere"), "does not exist")
     assert_one_line_error(run("inspect", base_dir), "no adapter_config.json")
 
 
-def test_adapter_for_another_base(good, tiny_base, tmp_path):
-    _, adapter_dir = good
+def test_adapter_for_another_base(llama_adapter, tiny_base, tmp_path):
+    base_dir, adapter_dir = llama_adapter
     fewer_layers = tiny_base("llama", layers=1)
     result = run("materialize", "--base", fewer_layers, "--adapter", adapter_dir, "--output", tmp_path / "out")
     assert_one_line_error(result, "has no tensor 'model.layers.1.")
     narrow = tiny_base("llama", hidden=32)
-    assert run("materialize", "--base", good[0], "--adapter", adapter_dir, "--output", tmp_path / "m").exit_code == 0
+    assert run("materialize", "--base", base_dir, "--adapter", adapter_dir, "--output", tmp_path / "m").exit_code == 0
     result = run("inspect", tmp_path / "m", "--base", narrow)
     assert_one_line_error(result, "another base")
 
@@ -109,8 +84,8 @@ def test_rank_larger_than_the_layer(tiny_base, tmp_path):
     assert_one_line_error(result, "rank r=32 exceeds the size")
 
 
-def test_base_errors(good, tmp_path):
-    base_dir, adapter_dir = good
+def test_base_errors(llama_adapter, tmp_path):
+    base_dir, adapter_dir = llama_adapter
     pickled = tmp_path / "pickled-base"
     pickled.mkdir()
     shutil.copy(base_dir / "config.json", pickled)
@@ -133,8 +108,8 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert process.stdout == ""
 
 
-def test_unusable_svd_device(good, tmp_path):
-    base_dir, adapter_dir = good
+def test_unusable_svd_device(llama_adapter, tmp_path):
+    base_dir, adapter_dir = llama_adapter
     result = run("materialize", "--base", base_dir, "--adapter", adapter_dir, "--output", tmp_path / "out",
                  "--svd-device", "quantum")
     assert_one_line_error(result, "--svd-device 'quantum' is not usable here")

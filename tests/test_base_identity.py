@@ -9,9 +9,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close_relative, load_peft, make_peft_adapter
+from helpers import assert_close_relative, assert_one_line_error, load_peft, make_peft_adapter, run
 from safetensors.torch import load_file, save_file
-from test_bad_input import assert_one_line_error, run
 
 from psoft_deploy import factors as factors_module
 from psoft_deploy.formats import BASE_RECORD

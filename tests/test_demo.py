@@ -2,13 +2,13 @@
 
 import json
 
-from click.testing import CliRunner
+import pytest
+from helpers import run
 
-from psoft_deploy.cli import cli
 
-
+@pytest.mark.slow
 def test_demo_trains_inspects_merges_and_exports(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", "--output", str(tmp_path / "demo")])
+    result = run("demo", "--output", tmp_path / "demo")
     assert result.exit_code == 0, result.output
     assert "max |Δlogits| PEFT vs psoft-deploy" in result.output
     assert result.output.count("verification: PASS") == 2
@@ -20,5 +20,5 @@ def test_demo_trains_inspects_merges_and_exports(tmp_path):
 
 def test_demo_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "file").write_text("x")
-    result = CliRunner().invoke(cli, ["demo", "--output", str(tmp_path)])
+    result = run("demo", "--output", tmp_path)
     assert result.exit_code == 1 and "not empty" in result.output

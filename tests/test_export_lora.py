@@ -4,17 +4,18 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import (
+from helpers import (
+    VARIANTS,
     assert_close_relative,
+    assert_one_line_error,
     input_ids,
     load_peft,
+    make_paper_checkpoint,
     make_peft_adapter,
+    run,
     verification_report,
 )
-from test_peft_adapters import VARIANTS
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters.lora_format import vllm_max_lora_rank
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
@@ -23,9 +24,7 @@ from psoft_deploy.options import ReadOptions
 
 
 def export(base_dir, adapter_dir, output, *extra):
-    result = CliRunner().invoke(cli, ["export-lora", "--base", str(base_dir), "--adapter", str(adapter_dir),
-                                      "--output", str(output), *map(str, extra)])
-    return result
+    return run("export-lora", "--base", base_dir, "--adapter", adapter_dir, "--output", output, *extra)
 
 
 def export_ok(*args):
@@ -88,7 +87,6 @@ def test_bert_classifier_keeps_modules_to_save(tiny_base, tmp_path):
 
 @pytest.mark.parametrize("terms", [5, None])
 def test_paper_checkpoint_export(terms, tiny_base, tmp_path):
-    from test_paper_format import make_paper_checkpoint
 
     base_dir = tiny_base("llama")
     make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")
@@ -113,7 +111,6 @@ def test_rank_k_truncation_is_the_best_rank_k_approximation(source, tiny_base, t
     if source == "peft":
         make_peft_adapter(base_dir, tmp_path / "adapter", r=8, ab_svd_init="pissa_init")
     else:
-        from test_paper_format import make_paper_checkpoint
 
         make_paper_checkpoint(base_dir, tmp_path / "adapter", tmp_path / "residual", r=8)
     export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--rank", 3)
@@ -173,7 +170,7 @@ def test_vllm_target_refuses_other_modules_to_save(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter", modules_to_save=["lm_head"])
     result = export(base_dir, tmp_path / "adapter", tmp_path / "lora", "--target", "vllm")
-    assert result.exit_code == 1 and result.output.startswith("Error: vLLM rejects LoRA adapters with modules_to_save")
+    assert_one_line_error(result, "vLLM rejects LoRA adapters with modules_to_save")
     assert not (tmp_path / "lora").exists()
     export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora")  # fine for PEFT
 
@@ -188,8 +185,8 @@ def test_bad_options_and_a_wrong_candidate(tiny_base, tmp_path):
     assert not (tmp_path / "lora").exists()
     make_peft_adapter(base_dir, tmp_path / "other", seed=7)
     export_ok(base_dir, tmp_path / "other", tmp_path / "other-lora")
-    result = CliRunner().invoke(cli, ["verify", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
-                                      "--candidate", str(tmp_path / "other-lora")])
+    result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate",
+                 tmp_path / "other-lora")
     assert result.exit_code == 1 and result.output.startswith("FAIL (full, float32)")
 
 

@@ -6,21 +6,24 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import input_ids, load_peft, make_peft_adapter, verification_report
+from helpers import (
+    assert_one_line_error,
+    input_ids,
+    load_peft,
+    make_paper_checkpoint,
+    make_peft_adapter,
+    run,
+    verification_report,
+)
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters.onnx import onnx_logits
 from psoft_deploy.factors import load_factors
 from psoft_deploy.generate import generate
 from psoft_deploy.model import reference_model
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_base, tmp_path):
     base = tiny_base(kind)
@@ -53,6 +56,7 @@ def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_b
         assert tokens == reference[0, encoded["input_ids"].shape[1]:].tolist()
 
 
+@pytest.mark.slow
 def test_generate_needs_no_torch_and_verify_takes_onnx(tiny_base, tmp_path):
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter")
@@ -74,9 +78,9 @@ def test_generate_needs_no_torch_and_verify_takes_onnx(tiny_base, tmp_path):
 
 def test_bad_input(tiny_base, tmp_path):
     result = run("export-onnx", "--base", tiny_base("t5"), "--output", tmp_path / "out")
-    assert result.exit_code == 1 and "export-onnx exports causal LMs" in result.output.strip().splitlines()[-1]
+    assert_one_line_error(result, "export-onnx exports causal LMs")
     result = run("export-onnx", "--base", tiny_base("bert"), "--output", tmp_path / "out", "--with-past")
-    assert result.exit_code == 1 and "with those options" in result.output.strip().splitlines()[-1]
+    assert_one_line_error(result, "with those options")
     make_peft_adapter(tiny_base("llama"), tmp_path / "adapter")
     result = run("export-onnx", "--base", tiny_base("opt"), "--adapter", tmp_path / "adapter", "--output",
                  tmp_path / "out")
@@ -88,10 +92,9 @@ def test_bad_input(tiny_base, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"], "no partial output"
 
 
+@pytest.mark.slow
 def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     import gc
-
-    from test_paper_format import make_paper_checkpoint
 
     from psoft_deploy.errors import UserError
     from psoft_deploy.generate import OnnxModel
@@ -153,6 +156,7 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     assert crossed.exit_code == 1 and crossed.output.startswith("FAIL"), crossed.output
 
 
+@pytest.mark.slow
 def test_float16_export_with_past_generates(tiny_base, tmp_path):
 
     base = tiny_base("llama")

@@ -9,11 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import load_peft, make_peft_adapter, verification_report
+from helpers import assert_one_line_error, load_peft, make_peft_adapter, run, verification_report
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters import genai, genai_runtime
 from psoft_deploy.converters.genai_runtime import GenaiModel, genai_generate
 from psoft_deploy.converters.verify.rule import NOISE_FACTOR
@@ -21,13 +19,9 @@ from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.factors import load_factors
 from psoft_deploy.generate import read_adapter_file
 from psoft_deploy.model import load_base_model
-from psoft_deploy.tiny import build_chat_model
+from psoft_deploy.testing import build_chat_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "def fibonacci(n):"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def token_ids(base, text: str) -> list[int]:
@@ -58,6 +52,7 @@ def two_adapters(tiny_base, tmp_path_factory):
     return base, work
 
 
+@pytest.mark.slow
 def test_fp32_export_equals_peft_and_greedy_generate_equals_transformers(two_adapters):
     base, work = two_adapters
     assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in (work / "merged-a").iterdir()}
@@ -80,6 +75,7 @@ def test_fp32_export_equals_peft_and_greedy_generate_equals_transformers(two_ada
         assert generated == transformers_greedy(load_base_model(base), tokens, 8)
 
 
+@pytest.mark.slow
 def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapters):
     base, work = two_adapters
     model = GenaiModel(work / "inputs", {name: work / "inputs" / "adapters" / f"{name}.onnx_adapter"
@@ -108,6 +104,7 @@ def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapte
     assert {name.split(".")[4] for name in names} == {"q_proj", "v_proj", "down_proj"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
 def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails(two_adapters, precision, tmp_path):
     import onnx
@@ -140,6 +137,7 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
     assert wrong.exit_code == 1 and "no LoRA factors in the export" in wrong.output, wrong.output
 
 
+@pytest.mark.slow
 def test_adapter_files_verify_one_by_one_and_crossed_ones_fail(two_adapters):
     base, work = two_adapters
     files = work / "inputs" / "adapters"
@@ -149,6 +147,7 @@ def test_adapter_files_verify_one_by_one_and_crossed_ones_fail(two_adapters):
     assert crossed.exit_code == 1 and crossed.output.startswith("FAIL"), crossed.output
 
 
+@pytest.mark.slow
 def test_generate_applies_the_chat_template_streams_and_needs_no_torch(tmp_path):
     build_chat_model(tmp_path / "base", layers=2)
     make_peft_adapter(tmp_path / "base", tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
@@ -178,11 +177,11 @@ def test_generate_applies_the_chat_template_streams_and_needs_no_torch(tmp_path)
     assert process.returncode == 0 and process.stdout.startswith("Name three colours."), process.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
     opt = tiny_base("opt")
     make_peft_adapter(opt, tmp_path / "adapter", kind="opt")
-    result = CliRunner().invoke(cli, ["export-onnx", "--base", str(opt), "--adapter", str(tmp_path / "adapter"),
-                                      "--output", str(tmp_path / "onnx")])
+    result = run("export-onnx", "--base", opt, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx")
     assert result.exit_code == 0 and "verification: PASS (full, float32)" in result.output, result.output
     assert (tmp_path / "onnx" / "model.onnx").is_file() and not (tmp_path / "onnx" / "genai_config.json").exists()
     assert "through torch.onnx: fp32, the adapter merged in float32" in (tmp_path / "onnx" / "README.md").read_text()
@@ -190,14 +189,14 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
                              (["--exporter", "genai"], "does not convert OPTForCausalLM")):
         result = run("export-onnx", "--base", opt, "--adapter", tmp_path / "adapter", "--output", tmp_path / "x",
                      *options)
-        assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
+        assert_one_line_error(result, message)
     gemma3 = tiny_base("gemma3")  # transformers 5 writes its rope_parameters per layer type
     make_peft_adapter(gemma3, tmp_path / "gemma3-adapter")
     for options, message in ((["--exporter", "genai"], "does not read Gemma3ForCausalLM's per-layer-type"),
                              (["--precision", "int4"], "need the onnxruntime-genai exporter, and its model builder")):
         result = run("export-onnx", "--base", gemma3, "--adapter", tmp_path / "gemma3-adapter", "--output",
                      tmp_path / "x", *options)
-        assert result.exit_code == 1 and message in result.output.strip().splitlines()[-1], result.output
+        assert_one_line_error(result, message)
     llama = tiny_base("llama")
     make_peft_adapter(llama, tmp_path / "saves-head", modules_to_save=["lm_head"])
     result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "saves-head", "--output", tmp_path / "x",
@@ -206,10 +205,11 @@ def test_exporter_choice_and_bad_options(tiny_base, tmp_path):
     make_peft_adapter(llama, tmp_path / "llama-adapter")
     result = run("export-onnx", "--base", llama, "--adapter", tmp_path / "llama-adapter", "--output", tmp_path / "x",
                  "--with-past")
-    assert result.exit_code == 1 and "pass --exporter torch" in result.output.strip().splitlines()[-1]
+    assert_one_line_error(result, "pass --exporter torch")
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_cuda_export_that_cannot_run_here_does_not_pass_on_its_factors_alone(two_adapters, tmp_path):
     import onnxruntime_genai as og
 
@@ -232,14 +232,14 @@ def test_a_cuda_export_that_cannot_run_here_does_not_pass_on_its_factors_alone(t
         assert "--verify-mode layerwise" not in failed.output
 
 
+@pytest.mark.slow
 def test_a_cuda_fp32_export_with_attention_adapters_names_the_precisions_that_take_them(two_adapters, tmp_path):
     """The builder's cuda fp32 graph fuses q/k/v into one Attention node and drops their LoRA; the
     torch exporter (the generic advice) cannot target cuda."""
     base, work = two_adapters
     refused = run("export-onnx", "--base", base, "--adapter", work / "a", "--output", tmp_path / "onnx",
                   "--execution-provider", "cuda", "--no-verify")
-    last = refused.output.strip().splitlines()[-1]
-    assert refused.exit_code == 1 and last.startswith("Error:") and "q_proj" in last, refused.output
+    last = assert_one_line_error(refused, "q_proj")
     assert "--precision fp16 or int4" in last and "--exporter torch" not in last and not (tmp_path / "onnx").exists()
 
 
@@ -278,6 +278,7 @@ def mis_built(tiny_base, tmp_path_factory):
     return base, adapter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_a_graph_with_the_head_wired_onto_a_layer_fails_in_every_mode(mis_built, precision, tmp_path):
     base, adapter = mis_built
@@ -290,6 +291,7 @@ def test_a_graph_with_the_head_wired_onto_a_layer_fails_in_every_mode(mis_built,
     assert "the graph at rank 0 vs the base: " in result.output
 
 
+@pytest.mark.slow
 def test_auto_exports_a_model_the_builder_would_mis_build_through_torch_onnx(mis_built, tmp_path, caplog):
     base, adapter = mis_built
     caplog.set_level(logging.INFO, logger="psoft_deploy")
@@ -305,6 +307,7 @@ def test_auto_exports_a_model_the_builder_would_mis_build_through_torch_onnx(mis
     assert refused.exit_code == 1 and "would wire the LM head onto a layer" in last and "--exporter torch" in last
 
 
+@pytest.mark.slow
 def test_the_demo_model_exports_and_its_graph_equals_the_merged_model(tiny_base, tmp_path):
     base = tiny_base("llama", **MODEL_SIZES)
     config = json.loads((base / "config.json").read_text())
@@ -331,6 +334,7 @@ def test_the_demo_model_exports_and_its_graph_equals_the_merged_model(tiny_base,
     assert deviation <= NOISE_FACTOR * noise, (deviation, noise)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
 def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path):
     """Qwen2's q/k/v carry biases (the builder keeps them unpacked with LoRA)."""
@@ -345,6 +349,7 @@ def test_other_builder_families_export_int4_and_verify(tiny_base, kind, tmp_path
     assert "over 8 layers" in layerwise.output  # q, k, v and down, 2 layers
 
 
+@pytest.mark.slow
 def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
     """A byte-level token holding a lone byte decodes as U+FFFD in place; og's own decode drops
     everything after it, so the text after it was never printed."""
@@ -365,6 +370,7 @@ def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
     assert "".join(printed) == "The river\ufffd carries water"
 
 
+@pytest.mark.slow
 def test_an_export_of_the_base_alone_is_verified_against_the_base(two_adapters, mis_built, tmp_path):
     """No adapter: the graph itself is checked against the base in float64; a mis-built one fails."""
     from psoft_deploy.base import BaseCheckpoint

@@ -12,17 +12,15 @@ import sys
 import warnings
 
 import pytest
-from click.testing import CliRunner
-from conftest import make_peft_adapter
+from helpers import assert_one_line_error, make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.cli import cli
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.generate import TextStream
 from psoft_deploy.options import ReadOptions
-from psoft_deploy.tiny import build_tokenizer, bundled_text
+from psoft_deploy.testing import build_tokenizer, bundled_text
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +30,6 @@ def servable(tiny_base, tmp_path_factory):
     adapter = tmp_path_factory.mktemp("servable") / "adapter"
     make_peft_adapter(base, adapter, r=8)
     return base, adapter
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def start(*args, prefix=(), env=None) -> subprocess.Popen:
@@ -68,6 +62,7 @@ def without_root_override() -> list[str]:
     return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
 
 
+@pytest.mark.slow
 def test_unwritable_output_is_refused_before_any_work(servable, tmp_path):
     base, adapter = servable
     locked = tmp_path / "locked"
@@ -99,6 +94,7 @@ def test_unwritable_output_is_refused_before_any_work(servable, tmp_path):
     assert list(locked.iterdir()) == [], "no partial output"
 
 
+@pytest.mark.slow
 def test_read_only_output_parent(servable, tmp_path):
     base, adapter = servable
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
@@ -152,10 +148,9 @@ def test_peft_adapter_for_another_base_is_refused_naming_both(tiny_base, tmp_pat
     narrow, wide = tiny_base("llama"), tiny_base("llama", hidden=128)
     make_peft_adapter(narrow, tmp_path / "adapter", r=8)
     result = run("merge", "--base", wide, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
-    assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
-    assert result.output.startswith(f"Error: adapter {tmp_path / 'adapter'} was trained on {narrow}, not on the "
-                                    f"base given ({wide}): ")
-    assert "model.layers.0.mlp.down_proj.weight is 64×128 there, 128×256 here" in result.output and not (tmp_path / "merged").exists()
+    assert_one_line_error(result, f"Error: adapter {tmp_path / 'adapter'} was trained on {narrow}, not on the base "
+                          f"given ({wide}): ", "model.layers.0.mlp.down_proj.weight is 64×128 there, 128×256 here")
+    assert not (tmp_path / "merged").exists()
     allowed = run("merge", "--base", wide, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged",
                   "--allow-base-mismatch")
     assert allowed.exit_code == 0, allowed.output
@@ -225,6 +220,7 @@ def test_outputs_are_readable_by_other_accounts_under_umask_022(tiny_base, tmp_p
         assert files and all(stat.S_IMODE(file.stat().st_mode) == 0o644 for file in files)
 
 
+@pytest.mark.slow
 def test_progress_and_quiet_third_parties_when_not_on_a_terminal(servable, tmp_path):
     """Stage and per-10 % lines on stderr; transformers' bars and torch.onnx's progress only with
     --verbose."""
@@ -263,6 +259,7 @@ def test_generated_text_is_passed_on_in_whole_characters(tmp_path):
     assert TextStream(tokenizer, pieces.append).finish(tokens[:splits[0]]) == prefixes[splits[0] - 1].rstrip("\ufffd")
 
 
+@pytest.mark.slow
 def test_overwrite_over_contents_that_cannot_be_removed_publishes_and_warns(servable, tmp_path):
     base, adapter = servable
     output = tmp_path / "out"

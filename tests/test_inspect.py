@@ -4,15 +4,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_peft_adapter, peft_deltas
+from helpers import make_peft_adapter, peft_deltas, run
 from safetensors.torch import load_file
-
-from psoft_deploy.cli import cli
 
 
 def inspect_json(*args):
-    result = CliRunner().invoke(cli, ["inspect", *map(str, args), "--json"])
+    result = run("inspect", *args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
 
@@ -58,10 +55,8 @@ def test_report_shows_neumann_approximation_error_and_missing_magnitudes(tiny_ba
 def test_human_report_of_a_materialized_adapter(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter")
-    runner = CliRunner()
-    runner.invoke(cli, ["materialize", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
-                        "--output", str(tmp_path / "m")])
-    result = runner.invoke(cli, ["inspect", str(tmp_path / "m")])
+    run("materialize", "--base", base_dir, "--adapter", tmp_path / "adapter", "--output", tmp_path / "m")
+    result = run("inspect", tmp_path / "m")
     assert result.exit_code == 0, result.output
     assert "materialized (from peft), PEFT 0.21.2" in result.output
     assert "model.layers.1.mlp.down_proj" in result.output

@@ -5,11 +5,16 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import assert_close_relative, input_ids, make_peft_adapter
+from helpers import (
+    assert_close_relative,
+    assert_one_line_error,
+    input_ids,
+    make_paper_checkpoint,
+    make_peft_adapter,
+    run,
+)
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.cli import cli
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
@@ -17,8 +22,7 @@ from psoft_deploy.options import ReadOptions
 
 
 def materialize(base_dir, adapter_dir, output, *extra):
-    args = ["materialize", "--base", str(base_dir), "--adapter", str(adapter_dir), "--output", str(output), *extra]
-    return CliRunner().invoke(cli, args)
+    return run("materialize", "--base", base_dir, "--adapter", adapter_dir, "--output", output, *extra)
 
 
 @pytest.fixture
@@ -82,9 +86,7 @@ def test_materialized_adapter_refuses_another_base_unless_allowed(tiny_base, tmp
     with pytest.warns(UserWarning, match="allow-base-mismatch"):
         load_factors(str(tmp_path / "m"), str(changed), ReadOptions(allow_base_mismatch=True))
 
-    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "m"), "--base", str(changed)])
-    assert result.exit_code == 1
-    assert result.output.strip().count("\n") == 0 and result.output.startswith("Error: base tensor")
+    assert_one_line_error(run("inspect", tmp_path / "m", "--base", changed), "Error: base tensor")
 
 
 def test_existing_output_is_kept_unless_overwrite(tiny_base, tmp_path):
@@ -101,7 +103,6 @@ def test_existing_output_is_kept_unless_overwrite(tiny_base, tmp_path):
 
 
 def test_materializing_a_paper_checkpoint_keeps_its_factors(tiny_base, tmp_path):
-    from test_paper_format import make_paper_checkpoint
 
     base_dir = tiny_base("llama")
     make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")

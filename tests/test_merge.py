@@ -7,18 +7,20 @@ from collections import namedtuple
 import pytest
 import torch
 import transformers
-from click.testing import CliRunner
-from conftest import assert_close_relative, input_ids, make_peft_adapter, verification_report
+from helpers import (
+    assert_close_relative,
+    assert_one_line_error,
+    input_ids,
+    make_paper_checkpoint,
+    make_peft_adapter,
+    run,
+    verification_report,
+)
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.cli import cli
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
-from psoft_deploy.tiny import build_tiny_model
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
+from psoft_deploy.testing import build_tiny_model
 
 
 def all_tensors(directory):
@@ -190,9 +192,7 @@ Case = namedtuple("Case", "name fragment")
 
 
 def assert_clean_failure(result, tmp_path, fragment, keep=("base", "adapter")):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert "Traceback" not in result.output and lines[-1].startswith("Error: ") and fragment in lines[-1], lines
+    assert_one_line_error(result, fragment)
     left = sorted(p.name for p in tmp_path.iterdir() if p.name not in keep)
     assert left == [] or left == ["existing"], f"partial output left behind: {left}"
 
@@ -295,7 +295,6 @@ def test_failed_verification_leaves_nothing(tiny_base, tmp_path, monkeypatch):
 
 
 def test_merge_reads_a_paper_checkpoint_and_a_materialized_adapter(tiny_base, tmp_path):
-    from test_paper_format import make_paper_checkpoint
 
     base_dir = tiny_base("llama")
     make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")

@@ -8,48 +8,26 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import make_peft_adapter
+from helpers import assert_one_line_error, run
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters import merge as merge_module
 
 DATA = Path(__file__).parent / "data" / "tiny_text.txt"
 
 
-@pytest.fixture(scope="module")
-def originals(tiny_base, tmp_path_factory):
-    base = tiny_base("llama")
-    adapter = tmp_path_factory.mktemp("safety") / "adapter"
-    make_peft_adapter(base, adapter, r=4)
-    return base, adapter
-
-
 @pytest.fixture
-def inputs(originals, tmp_path):
+def inputs(llama_adapter, tmp_path):
     """Own copies of the base and the adapter (a wrong write may destroy them): TMP/base, TMP/adapters/a."""
     base, adapter = tmp_path / "base", tmp_path / "adapters" / "a"
-    shutil.copytree(originals[0], base)
-    shutil.copytree(originals[1], adapter)
+    shutil.copytree(llama_adapter[0], base)
+    shutil.copytree(llama_adapter[1], adapter)
     return base, adapter
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def contents(directory: Path) -> dict[str, str]:
     """Every file under ``directory`` (relative name -> hash), links not followed."""
     return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(directory.rglob("*")) if path.is_file()}
-
-
-def assert_one_error(result, *fragments):
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert "Traceback" not in result.output and len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def assert_nothing_partial(tmp_path, keep=("base", "adapters")):
@@ -69,7 +47,8 @@ def writers(base, adapter, output):
     }
 
 
-@pytest.mark.parametrize("command", ["materialize", "merge", "export-lora", "export-onnx", "train"])
+@pytest.mark.parametrize("command", ["materialize", "merge", "export-lora",
+                                     pytest.param("export-onnx", marks=pytest.mark.slow), "train"])
 def test_no_output_is_contains_or_lies_inside_an_input_and_a_symlinked_output_is_written_through(
         command, inputs, tmp_path):
     base, adapter = inputs
@@ -81,7 +60,7 @@ def test_no_output_is_contains_or_lies_inside_an_input_and_a_symlinked_output_is
     (tmp_path / "into-base").symlink_to(base)  # through a symlink too
     cases.append((tmp_path / "into-base", "is the base"))
     for output, fragment in cases:
-        assert_one_error(run(*writers(base, adapter, output)[command]), fragment)
+        assert_one_line_error(run(*writers(base, adapter, output)[command]), fragment)
         assert contents(tmp_path) == before, f"{command} --output {output} changed its inputs"
     target = tmp_path / "elsewhere" / "target"
     target.mkdir(parents=True)
@@ -104,7 +83,7 @@ def test_verify_report_never_goes_into_an_input(inputs, tmp_path):
     for report, fragment in ((adapter / "adapter_config.json", "lies inside the adapter"),
                              (base / "report.json", "lies inside the base")):
         result = run("verify", "--base", base, "--adapter", adapter, "--candidate", adapter, "--report", report)
-        assert_one_error(result, fragment)
+        assert_one_line_error(result, fragment)
     assert contents(tmp_path) == before
 
 
@@ -112,7 +91,7 @@ def test_merge_onto_its_own_base_with_overwrite_is_refused(inputs, tmp_path):
     base, adapter = inputs
     before = contents(base)
     result = run("merge", "--base", base, "--adapter", adapter, "--output", base, "--overwrite")
-    assert_one_error(result, f"output {base} is the base")
+    assert_one_line_error(result, f"output {base} is the base")
     assert contents(base) == before
 
 
@@ -122,7 +101,7 @@ def test_train_into_the_base_directory_is_refused_before_anything_is_written(inp
     for output in (base, base / "adapter"):
         result = run("train", "--base_model_name_or_path", base, "--output_dir", output, "--data_path", DATA,
                      "--max_steps", 1)
-        assert_one_error(result, "the base")
+        assert_one_line_error(result, "the base")
     assert contents(base) == before
 
 
@@ -148,7 +127,7 @@ def test_disk_full_while_copying_side_files_or_the_card_is_one_line(where, input
     else:
         monkeypatch.setattr(merge_module, "write_card", no_space)
     result = run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--no-verify")
-    assert_one_error(result, f"disk full while writing {tmp_path / 'out'}")
+    assert_one_line_error(result, f"disk full while writing {tmp_path / 'out'}")
     assert_nothing_partial(tmp_path)
 
 
@@ -157,7 +136,7 @@ def test_free_space_refusal_gives_readable_sizes(inputs, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
     result = run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--no-verify")
-    assert_one_error(result, "not enough disk space", ", 1000 bytes are free")
+    assert_one_line_error(result, "not enough disk space", ", 1000 bytes are free")
     assert "0.00 GiB" not in result.output
     assert_nothing_partial(tmp_path)
 
@@ -167,7 +146,7 @@ def test_train_without_steps_is_refused(steps, inputs, tmp_path):
     base, _ = inputs
     result = run("train", "--base_model_name_or_path", base, "--output_dir", tmp_path / "out", "--data_path", DATA,
                  "--max_steps", steps)
-    assert_one_error(result, "--max_steps must be at least 1")
+    assert_one_line_error(result, "--max_steps must be at least 1")
     assert_nothing_partial(tmp_path)
 
 
@@ -186,11 +165,11 @@ def test_verbose_after_the_command_is_the_global_option(inputs):
 
     base, adapter = inputs
     result = run("merge", "--base", base, "--adapter", adapter, "--output", base, "--overwrite", "--verbose")
-    assert_one_error(result, "is the base")  # not click's "No such option: --verbose"
+    assert_one_line_error(result, "is the base")  # not click's "No such option: --verbose"
     assert progress.verbose()
 
 
 def test_verify_refusing_an_adapter_names_every_candidate_kind(inputs):
     base, adapter = inputs
     result = run("verify", "--base", base, "--adapter", adapter, "--candidate", adapter)
-    assert_one_error(result, "a merged model, a LoRA adapter or an ONNX export")
+    assert_one_line_error(result, "a merged model, a LoRA adapter or an ONNX export")

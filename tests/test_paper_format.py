@@ -5,56 +5,14 @@ The paper trains a LoRA with a ``pissa_orth`` init on a *residual* base ``W − 
 adapter to the *original* base as ``ΔW = s · B (R − I) A``; both must give the same model.
 """
 
-import shutil
-
 import pytest
 import torch
-from conftest import assert_close_relative, input_ids, paper_rotation_from_spec, write_adapter
-from safetensors.torch import load_file, save_file
+from helpers import assert_close_relative, input_ids, make_paper_checkpoint, paper_rotation_from_spec, write_adapter
 
 from psoft_deploy.errors import UserError
-from psoft_deploy.options import ReadOptions
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
-
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-
-
-def make_paper_checkpoint(base_dir, out_dir, residual_dir, r=4, alpha=4, orth=True, magnitudes=True, seed=0):
-    """Write a checkpoint as the paper repository saves it, plus the residual base it trains on.
-
-    Returns, per module, the tensors an independent reference forward needs."""
-    generator = torch.Generator().manual_seed(seed)
-    state = load_file(base_dir / "model.safetensors")
-    scale = alpha / r
-    tensors, parts = {}, {}
-    for key, weight in state.items():
-        module = key.removesuffix(".weight")
-        if module.rsplit(".", 1)[-1] not in TARGETS or not key.endswith(".weight"):
-            continue
-        U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
-        A, B = Vh[:r], U[:, :r] @ torch.diag(S[:r] / scale)
-        state[key] = weight - scale * B @ A
-        a_params = (0.1 * torch.randn(r * (r - 1) // 2, generator=generator) if orth
-                    else torch.eye(r) + 0.1 * torch.randn(r, r, generator=generator))
-        prefix = f"base_model.model.{module}"
-        tensors |= {
-            f"{prefix}.lora_A.weight": A,
-            f"{prefix}.lora_B.weight": B,
-            f"{prefix}.lora_orth.a_params": a_params,
-            f"{prefix}.lora_orth.indices_lower": torch.tril_indices(r, r, -1),
-        }
-        if magnitudes:
-            tensors[f"{prefix}.lora_orth.mag_vector_a"] = 1 + 0.05 * torch.randn(r, generator=generator)
-            tensors[f"{prefix}.lora_orth.mag_vector_b"] = 1 + 0.05 * torch.randn(r, generator=generator)
-        parts[module] = {name.rsplit(".", 1)[-1] if "lora_orth" in name else name.split(".")[-2]: value
-                         for name, value in tensors.items() if name.startswith(prefix + ".")}
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "init_lora_weights": "pissa_orth",
-              "target_modules": TARGETS, "base_model_name_or_path": None, "task_type": "CAUSAL_LM"}
-    write_adapter(out_dir, config, tensors)
-    shutil.copytree(base_dir, residual_dir)
-    save_file(state, residual_dir / "model.safetensors", metadata={"format": "pt"})
-    return scale, parts
+from psoft_deploy.options import ReadOptions
 
 
 def paper_forward(residual_dir, parts, scale, r, terms, ids):

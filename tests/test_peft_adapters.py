@@ -4,36 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import (
-    assert_close_relative,
-    input_ids,
-    load_peft,
-    make_peft_adapter,
-    peft_deltas,
-)
+from helpers import VARIANTS, assert_close_relative, input_ids, load_peft, make_peft_adapter, peft_deltas
 
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.options import ReadOptions
-
-VARIANTS = {
-    "default": {},
-    "no-orth": {"psoft_orth": False},
-    "mag-a-only": {"psoft_mag_b": False},
-    "mag-b-only": {"psoft_mag_a": False},
-    "no-magnitudes": {"psoft_mag_a": False, "psoft_mag_b": False},
-    "no-orth-no-magnitudes": {"psoft_orth": False, "psoft_mag_a": False, "psoft_mag_b": False},
-    **{f"neumann-t{t}": {"use_cayley_neumann": True, "num_cayley_neumann_terms": t} for t in range(1, 7)},
-    "neumann-t5-eps": {"use_cayley_neumann": True, "num_cayley_neumann_terms": 5, "cayley_neumann_eps": 0.3},
-    "pissa": {"ab_svd_init": "pissa_init"},
-    "pissa-neumann": {"ab_svd_init": "pissa_init", "use_cayley_neumann": True, "num_cayley_neumann_terms": 3},
-    "lowrank": {"psoft_svd": "lowrank", "psoft_svd_lowrank_niter": 3, "random_seed": 17},
-    "lowrank-pissa": {"psoft_svd": "lowrank", "ab_svd_init": "pissa_init", "random_seed": 0},
-    "rank-1": {"r": 1, "psoft_alpha": 1},
-    "rank-16": {"r": 16, "psoft_alpha": 32},
-    "rank-full": {"r": 64, "psoft_alpha": 64, "target_modules": ["q_proj"]},
-}
 
 
 def check_against_peft(base_dir, adapter_dir, peft_model, ids, **load_options):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close_relative
+from helpers import assert_close_relative
 from safetensors.torch import load_file
 
 from psoft_deploy.base import BaseCheckpoint

@@ -5,9 +5,9 @@ import json
 import shutil
 
 import click
+import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_peft_adapter
+from helpers import make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.base import BaseCheckpoint
@@ -20,10 +20,7 @@ REPORT_KEYS = {"tool", "artifact", "passed", "checks"}
 CHECK_KEYS = {"label", "mode", "dtype", "tolerance", "passed", "failed_checks"}
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
-
-
+@pytest.mark.slow
 def test_every_artifact_carries_one_report_schema(tiny_base, tmp_path):
     """materialize, merge, export-lora, export-onnx (merged and adapters as inputs) and a serve-cache
     conversion all publish through the pipeline, each with the same verification record."""
@@ -55,6 +52,7 @@ def test_every_artifact_carries_one_report_schema(tiny_base, tmp_path):
     assert read_report(cached)["checks"][0]["mode"] == "layerwise"
 
 
+@pytest.mark.slow
 def test_no_verify_writes_no_report(tiny_base, tmp_path):
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter", r=4)
@@ -75,6 +73,7 @@ def resolve(root, base, cache, name, options: ReadOptions, monkeypatch):
     return asyncio.run(resolver.resolve_lora(str(base), name))
 
 
+@pytest.mark.slow
 def test_the_resolver_honours_the_read_options(tiny_base, tmp_path, monkeypatch):
     base = tiny_base("llama")
     root = tmp_path / "root"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import paper_rotation_from_spec
+from helpers import paper_rotation_from_spec
 from peft.tuners.psoft.layer import OrthLayer
 
 from psoft_deploy.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, rotation, rotation_part

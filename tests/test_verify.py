@@ -8,20 +8,14 @@ import shutil
 import pytest
 import torch
 import transformers
-from click.testing import CliRunner
-from conftest import make_peft_adapter, verification_report
+from helpers import make_peft_adapter, run, verification_report
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters.verify.inputs import verification_inputs
 from psoft_deploy.converters.verify.rule import compare_logits
-from psoft_deploy.tiny import build_chat_model
+from psoft_deploy.testing import build_chat_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
 def verify(base, adapter, candidate, *extra):
@@ -61,6 +55,7 @@ def revert(merged_dir, base_dir, output, fragment):
     return output
 
 
+@pytest.mark.slow
 def test_correct_artifacts_pass_on_a_deep_chat_model(chat, tmp_path):
     base, adapter = chat / "base", chat / "adapter"
     for command, output, extra in (("merge", "merged", ()), ("export-lora", "lora", ()),
@@ -76,6 +71,7 @@ def test_correct_artifacts_pass_on_a_deep_chat_model(chat, tmp_path):
     assert code == 0 and report["passed"], "PEFT's own merge_and_unload is a correct candidate"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wrong_candidates_fail_on_a_deep_chat_model(dtype, chat, tmp_path):
     base, adapter = chat / "base", chat / "adapter"
@@ -97,6 +93,7 @@ def test_wrong_candidates_fail_on_a_deep_chat_model(dtype, chat, tmp_path):
         assert any("bound" in check for check in report["failed_checks"]), label
 
 
+@pytest.mark.slow
 def test_the_float32_bound_follows_the_measured_noise(tiny_base, tmp_path):
     """Logits in the hundreds put float32 rounding above the old fixed 1e-4: a correct merge still
     passes, because the bound is measured; on a tiny model the bound stays below that constant."""
@@ -115,6 +112,7 @@ def test_the_float32_bound_follows_the_measured_noise(tiny_base, tmp_path):
     assert report["bounds"]["max_abs_logits"] < 1e-5, "no loosening where the fixed bound was right"
 
 
+@pytest.mark.slow
 def test_chat_template_prompts_and_json_lines(chat, tmp_path):
     base, adapter = chat / "base", chat / "adapter"
     inputs, source = verification_inputs([base], None, json.loads((base / "config.json").read_text()))
@@ -178,6 +176,7 @@ def test_lora_candidates_are_checked_layer_by_layer(dtype, tiny_base, tmp_path):
     assert result.exit_code == 1 and "is a DoRA adapter" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_int4_exports_on_a_deep_chat_model_are_inconclusive_in_the_logits_and_a_wrong_adapter_fails(chat, tmp_path):
     """On 24 random layers int4's noise hides the adapter in the logits: the bare base passes the
     full bounds, so the full check refuses to vouch (nothing is written); checking the adapter's

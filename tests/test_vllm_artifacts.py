@@ -11,14 +11,13 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
-from click.testing import CliRunner
-from conftest import load_peft, make_peft_adapter
+from helpers import load_peft, make_peft_adapter, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from psoft_deploy.cli import cli
 from psoft_deploy.converters.lora_format import vllm_lora_target_modules
-from psoft_deploy.tiny import build_tiny_model
+from psoft_deploy.testing import build_tiny_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields", "The baker opens"]
 MAX_TOKENS = 12
@@ -61,14 +60,13 @@ def transformers_greedy(model, tokenizer) -> list[list[int]]:
     return tokens
 
 
+@pytest.mark.slow
 def test_merged_model_and_exported_lora_in_vllm(tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, "llama", hidden=128, heads=2)
     make_peft_adapter(base, tmp_path / "adapter", r=8, target_modules=TARGETS)
-    runner = CliRunner()
     for command in ("merge", "export-lora"):
-        result = runner.invoke(cli, [command, "--base", str(base), "--adapter", str(tmp_path / "adapter"),
-                                     "--output", str(tmp_path / command)])
+        result = run(command, "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / command)
         assert result.exit_code == 0, result.output
     tokenizer = AutoTokenizer.from_pretrained(base)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merge", dtype=torch.float32).eval()
