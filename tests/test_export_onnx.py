@@ -3,18 +3,10 @@
 import subprocess
 import sys
 
+import helpers
 import numpy as np
 import pytest
 import torch
-from helpers import (
-    assert_one_line_error,
-    input_ids,
-    load_peft,
-    make_paper_checkpoint,
-    make_peft_adapter,
-    run,
-    verification_report,
-)
 from transformers import AutoTokenizer
 
 from psoft_deploy.converters.onnx import onnx_logits
@@ -27,15 +19,15 @@ from psoft_deploy.model import reference_model
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_base, tmp_path):
     base = tiny_base(kind)
-    make_peft_adapter(base, tmp_path / "adapter", kind=kind, r=8)
-    result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
+    helpers.make_peft_adapter(base, tmp_path / "adapter", kind=kind, r=8)
+    result = helpers.run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
                  "--with-past", "--exporter", "torch")
     assert result.exit_code == 0, result.output
     assert "verification: PASS (full, float32)" in result.output
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "config.json"} <= {
         p.name for p in (tmp_path / "onnx").iterdir()}
 
-    ids = input_ids(batch=3, length=9)
+    ids = helpers.input_ids(batch=3, length=9)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     mask[2, 2:] = 0  # padded batch
@@ -47,7 +39,7 @@ def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_b
     assert np.abs(actual[keep] - expected[keep]).max() <= 1e-4
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    peft = load_peft(base, tmp_path / "adapter")
+    peft = helpers.load_peft(base, tmp_path / "adapter")
     for prompt in ("The river carries water", "A cat sleeps"):
         encoded = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
@@ -59,10 +51,10 @@ def test_merged_export_with_past_equals_the_reference_and_generates(kind, tiny_b
 @pytest.mark.slow
 def test_generate_needs_no_torch_and_verify_takes_onnx(tiny_base, tmp_path):
     base = tiny_base("llama")
-    make_peft_adapter(base, tmp_path / "adapter")
-    assert run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output",
+    helpers.make_peft_adapter(base, tmp_path / "adapter")
+    assert helpers.run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output",
                tmp_path / "onnx", "--exporter", "torch").exit_code == 0
-    assert run("export-onnx", "--base", base, "--output", tmp_path / "bare", "--exporter", "torch").exit_code == 0
+    assert helpers.run("export-onnx", "--base", base, "--output", tmp_path / "bare", "--exporter", "torch").exit_code == 0
     script = (f"import sys; from psoft_deploy.cli import main; sys.argv = ['psoft-deploy', 'generate', '--onnx', "
               f"{str(tmp_path / 'onnx')!r}, '--prompt', 'Snow covers', '--max-new-tokens', '5', '--temperature', "
               "'0.7', '--top-k', '10']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
@@ -70,24 +62,24 @@ def test_generate_needs_no_torch_and_verify_takes_onnx(tiny_base, tmp_path):
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert process.returncode == 0 and process.stdout.startswith("Snow covers"), process.stderr[-2000:]
 
-    ok = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "onnx")
+    ok = helpers.run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "onnx")
     assert ok.exit_code == 0 and ok.output.startswith("PASS (full, float32)"), ok.output
-    wrong = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "bare")
+    wrong = helpers.run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "bare")
     assert wrong.exit_code == 1 and wrong.output.startswith("FAIL (full, float32)"), wrong.output
 
 
 def test_bad_input(tiny_base, tmp_path):
-    result = run("export-onnx", "--base", tiny_base("t5"), "--output", tmp_path / "out")
-    assert_one_line_error(result, "export-onnx exports causal LMs")
-    result = run("export-onnx", "--base", tiny_base("bert"), "--output", tmp_path / "out", "--with-past")
-    assert_one_line_error(result, "with those options")
-    make_peft_adapter(tiny_base("llama"), tmp_path / "adapter")
-    result = run("export-onnx", "--base", tiny_base("opt"), "--adapter", tmp_path / "adapter", "--output",
+    result = helpers.run("export-onnx", "--base", tiny_base("t5"), "--output", tmp_path / "out")
+    helpers.assert_one_line_error(result, "export-onnx exports causal LMs")
+    result = helpers.run("export-onnx", "--base", tiny_base("bert"), "--output", tmp_path / "out", "--with-past")
+    helpers.assert_one_line_error(result, "with those options")
+    helpers.make_peft_adapter(tiny_base("llama"), tmp_path / "adapter")
+    result = helpers.run("export-onnx", "--base", tiny_base("opt"), "--adapter", tmp_path / "adapter", "--output",
                  tmp_path / "out")
     assert result.exit_code == 1 and "has no tensor" in result.output
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model.onnx").write_text("theirs")
-    result = run("export-onnx", "--base", tiny_base("llama"), "--output", tmp_path / "out")
+    result = helpers.run("export-onnx", "--base", tiny_base("llama"), "--output", tmp_path / "out")
     assert result.exit_code == 1 and "--overwrite" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"], "no partial output"
 
@@ -100,16 +92,16 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     from psoft_deploy.generate import OnnxModel
 
     base = tiny_base("llama")
-    make_peft_adapter(base, tmp_path / "p4", r=4, target_modules=["q_proj", "v_proj"])
-    make_peft_adapter(base, tmp_path / "p16", r=16, psoft_alpha=16, seed=3, target_modules=["o_proj", "down_proj"])
-    make_paper_checkpoint(base, tmp_path / "paper", tmp_path / "residual", r=8)
-    result = run("export-onnx", "--base", base, "--adapters-as-inputs", "--adapter", f"p4={tmp_path / 'p4'}",
+    helpers.make_peft_adapter(base, tmp_path / "p4", r=4, target_modules=["q_proj", "v_proj"])
+    helpers.make_peft_adapter(base, tmp_path / "p16", r=16, psoft_alpha=16, seed=3, target_modules=["o_proj", "down_proj"])
+    helpers.make_paper_checkpoint(base, tmp_path / "paper", tmp_path / "residual", r=8)
+    result = helpers.run("export-onnx", "--base", base, "--adapters-as-inputs", "--adapter", f"p4={tmp_path / 'p4'}",
                  "--adapter", f"p16={tmp_path / 'p16'}", "--adapter", f"paper={tmp_path / 'paper'}",
                  "--output", tmp_path / "onnx", "--with-past", "--exporter", "torch")
     assert result.exit_code == 0, result.output
     assert result.output.count("PASS (full, float32)") == 4  # the base and each adapter
 
-    ids = input_ids(batch=2, length=8)
+    ids = helpers.input_ids(batch=2, length=8)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     keep = mask.numpy().astype(bool)
@@ -132,7 +124,7 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
         assert np.abs(actual[keep] - base_logits[keep]).max() > 1e-3
 
     # an adapter for modules this graph has no inputs for is refused, not silently ignored
-    make_peft_adapter(base, tmp_path / "other", target_modules=["k_proj"])
+    helpers.make_peft_adapter(base, tmp_path / "other", target_modules=["k_proj"])
     from psoft_deploy.converters.onnx import write_onnx_adapter
 
     write_onnx_adapter(load_factors(str(tmp_path / "other"), str(base)), tmp_path / "other.onnx_adapter")
@@ -142,16 +134,16 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(base)
     encoded = tokenizer("The river carries water", return_tensors="pt")
     with torch.no_grad():
-        reference = load_peft(base, tmp_path / "p16").generate(**encoded, max_new_tokens=8, min_new_tokens=8,
+        reference = helpers.load_peft(base, tmp_path / "p16").generate(**encoded, max_new_tokens=8, min_new_tokens=8,
                                                                  do_sample=False)
     _, tokens = generate(tmp_path / "onnx", "The river carries water", max_new_tokens=8,
                          adapter_file=tmp_path / "onnx" / "adapters" / "p16.onnx_adapter")
     assert tokens == reference[0, encoded["input_ids"].shape[1]:].tolist()
 
-    good = run("verify", "--base", base, "--adapter", tmp_path / "p4", "--candidate",
+    good = helpers.run("verify", "--base", base, "--adapter", tmp_path / "p4", "--candidate",
                tmp_path / "onnx" / "adapters" / "p4.onnx_adapter")
     assert good.exit_code == 0 and good.output.startswith("PASS"), good.output
-    crossed = run("verify", "--base", base, "--adapter", tmp_path / "p4", "--candidate",
+    crossed = helpers.run("verify", "--base", base, "--adapter", tmp_path / "p4", "--candidate",
                   tmp_path / "onnx" / "adapters" / "p16.onnx_adapter")
     assert crossed.exit_code == 1 and crossed.output.startswith("FAIL"), crossed.output
 
@@ -160,11 +152,11 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
 def test_float16_export_with_past_generates(tiny_base, tmp_path):
 
     base = tiny_base("llama")
-    make_peft_adapter(base, tmp_path / "adapter", r=8)
-    result = run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
+    helpers.make_peft_adapter(base, tmp_path / "adapter", r=8)
+    result = helpers.run("export-onnx", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "onnx",
                  "--with-past", "--precision", "fp16", "--exporter", "torch")
     assert result.exit_code == 0 and "PASS (full, float16)" in result.output, result.output
-    report = verification_report(tmp_path / "onnx", "merged model")
+    report = helpers.verification_report(tmp_path / "onnx", "merged model")
     assert report["dtype"] == "float16" and report["decisive_top1_agreement"] == 1.0
     text, tokens = generate(tmp_path / "onnx", "The river carries water", max_new_tokens=6)
     assert len(tokens) == 6

@@ -3,16 +3,9 @@
 import json
 import shutil
 
+import helpers
 import pytest
 import torch
-from helpers import (
-    assert_close_relative,
-    assert_one_line_error,
-    input_ids,
-    make_paper_checkpoint,
-    make_peft_adapter,
-    run,
-)
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.errors import UserError
@@ -22,7 +15,7 @@ from psoft_deploy.options import ReadOptions
 
 
 def materialize(base_dir, adapter_dir, output, *extra):
-    return run("materialize", "--base", base_dir, "--adapter", adapter_dir, "--output", output, *extra)
+    return helpers.run("materialize", "--base", base_dir, "--adapter", adapter_dir, "--output", output, *extra)
 
 
 @pytest.fixture
@@ -41,20 +34,20 @@ def no_svd(monkeypatch):
 @pytest.mark.parametrize("variant", [{}, {"psoft_svd": "lowrank", "random_seed": 5}, {"ab_svd_init": "pissa_init"}])
 def test_materialized_adapter_reproduces_peft_without_any_svd(variant, tiny_base, tmp_path, request):
     base_dir = tiny_base("llama")
-    peft_model = make_peft_adapter(base_dir, tmp_path / "adapter", **variant)
+    peft_model = helpers.make_peft_adapter(base_dir, tmp_path / "adapter", **variant)
     result = materialize(base_dir, tmp_path / "adapter", tmp_path / "materialized")
     assert result.exit_code == 0, result.output
     request.getfixturevalue("no_svd")
     factors = load_factors(str(tmp_path / "materialized"), str(base_dir))
     assert factors.adapter.format == "materialized"
-    ids = input_ids()
+    ids = helpers.input_ids()
     with torch.no_grad():
-        assert_close_relative(reference_model(base_dir, factors)(ids).logits, peft_model(ids).logits)
+        helpers.assert_close_relative(reference_model(base_dir, factors)(ids).logits, peft_model(ids).logits)
 
 
 def test_materialized_metadata_records_provenance(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
-    make_peft_adapter(base_dir, tmp_path / "adapter")
+    helpers.make_peft_adapter(base_dir, tmp_path / "adapter")
     result = materialize(base_dir, tmp_path / "adapter", tmp_path / "m", "--svd-dtype", "bfloat16")
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "m" / "psoft_deploy.json").read_text())
@@ -73,7 +66,7 @@ def test_materialized_metadata_records_provenance(tiny_base, tmp_path):
 
 def test_materialized_adapter_refuses_another_base_unless_allowed(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
-    make_peft_adapter(base_dir, tmp_path / "adapter")
+    helpers.make_peft_adapter(base_dir, tmp_path / "adapter")
     assert materialize(base_dir, tmp_path / "adapter", tmp_path / "m").exit_code == 0
     changed = tmp_path / "changed-base"
     shutil.copytree(base_dir, changed)
@@ -86,12 +79,12 @@ def test_materialized_adapter_refuses_another_base_unless_allowed(tiny_base, tmp
     with pytest.warns(UserWarning, match="allow-base-mismatch"):
         load_factors(str(tmp_path / "m"), str(changed), ReadOptions(allow_base_mismatch=True))
 
-    assert_one_line_error(run("inspect", tmp_path / "m", "--base", changed), "Error: base tensor")
+    helpers.assert_one_line_error(helpers.run("inspect", tmp_path / "m", "--base", changed), "Error: base tensor")
 
 
 def test_existing_output_is_kept_unless_overwrite(tiny_base, tmp_path):
     base_dir = tiny_base("llama")
-    make_peft_adapter(base_dir, tmp_path / "adapter")
+    helpers.make_peft_adapter(base_dir, tmp_path / "adapter")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("mine")
     result = materialize(base_dir, tmp_path / "adapter", tmp_path / "m")
@@ -105,7 +98,7 @@ def test_existing_output_is_kept_unless_overwrite(tiny_base, tmp_path):
 def test_materializing_a_paper_checkpoint_keeps_its_factors(tiny_base, tmp_path):
 
     base_dir = tiny_base("llama")
-    make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")
+    helpers.make_paper_checkpoint(base_dir, tmp_path / "paper", tmp_path / "residual")
     assert materialize(base_dir, tmp_path / "paper", tmp_path / "m").exit_code == 0
     original = load_factors(str(tmp_path / "paper"), str(base_dir))
     materialized = load_factors(str(tmp_path / "m"), str(base_dir))
