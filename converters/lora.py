@@ -17,13 +17,17 @@ import torch.nn.functional as F
 
 from psoft_deploy import __version__
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
+from psoft_deploy.converters.mlx import mlx_layout, write_mlx_adapter
 from psoft_deploy.dtypes import BY_NAME, CHOICES
+from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.options import WRITE_DEFAULTS, WriteOptions
 from psoft_deploy.progress import track
 from psoft_deploy.psoft import rank_for_energy
 
 EXPORT_META = "psoft_lora_export.json"
+# Runtimes that read one rank per adapter: every layer is zero-padded to the largest rank (exact).
+UNIFORM_RANK_TARGETS = ("vllm", "sglang", "mlx")
 
 
 @dataclass
@@ -37,15 +41,21 @@ class LoraExport:
 
 
 def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
-                options: WriteOptions = WRITE_DEFAULTS) -> LoraExport:
+                options: WriteOptions = WRITE_DEFAULTS, num_base_layers: int | None = None) -> LoraExport:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) into ``staging``
-    (``options``: rank or energy, dtype, target).
+    (``options``: rank or energy, dtype, target), or with target ``mlx`` mlx-lm's
+    ``adapters.safetensors`` + ``adapter_config.json`` (`psoft_deploy.converters.mlx`; exact only,
+    ``num_base_layers``: the base's layer count).
 
-    With target ``vllm`` every layer gets the same rank (smaller ones zero-padded, which is
-    exact) since vLLM reads one ``r`` per adapter; otherwise differing ranks go to
-    ``rank_pattern``/``alpha_pattern``.
+    With targets ``vllm``, ``sglang`` and ``mlx`` every layer gets the same rank (smaller ones
+    zero-padded, which is exact) since they read one rank per adapter; otherwise differing ranks
+    go to ``rank_pattern``/``alpha_pattern``.
     """
     rank, energy, dtype, target = options.rank, options.energy, options.dtype, options.target
+    if target == "mlx":
+        if rank is not None or energy is not None:
+            raise UserError("--target mlx writes the exact adapter only; drop --rank/--energy")
+        layout = mlx_layout(factors.modules, factors.adapter.modules_to_save, num_base_layers)
     if dtype == "auto":  # the base's own dtype for its adapted weights, if a user can name it
         dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
         dtype = dtype if dtype in CHOICES else "float32"
@@ -60,19 +70,24 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
             pairs[name] = (lora_A, lora_B)
     ranks = {name: lora_A.shape[0] for name, (lora_A, _) in pairs.items()}
     top_rank = max(ranks.values())
-    pattern = {} if target == "vllm" else {name: r for name, r in ranks.items() if r != top_rank}
+    uniform = target in UNIFORM_RANK_TARGETS
+    pattern = {} if uniform else {name: r for name, r in ranks.items() if r != top_rank}
     adapter = LoraAdapter(
         r=top_rank, lora_alpha=top_rank, target_modules=sorted({name.rsplit(".", 1)[-1] for name in factors.modules}),
         rank_pattern=pattern, alpha_pattern=dict(pattern), modules_to_save=factors.adapter.modules_to_save,
         fan_in_fan_out=factors.adapter.fan_in_fan_out, base_model_name_or_path=base_name,
         task_type=factors.adapter.source.get("adapter_config", {}).get("task_type"))
-    max_lora_rank = None
-    if target == "vllm":
-        max_lora_rank = adapter.check_vllm("the export")
+    max_lora_rank = adapter.check_vllm("the export") if target == "vllm" else None
+    if target == "sglang":
+        adapter.check_sglang("the export")
+    if uniform:
         pairs = {name: _zero_pad(lora_A, lora_B, top_rank) for name, (lora_A, lora_B) in pairs.items()}
-    tensors = {key: tensor for name, pair in pairs.items() for key, tensor in zip(lora_keys(name), pair)}
     out_dtype = BY_NAME[dtype].torch
-    adapter.write(staging, {key: value.to(out_dtype) for key, value in (tensors | factors.replaced_tensors).items()})
+    if target == "mlx":
+        write_mlx_adapter(staging, pairs, num_layers=layout[0], keys=layout[1], base_name=base_name, dtype=out_dtype)
+    else:
+        tensors = {key: tensor for name, pair in pairs.items() for key, tensor in zip(lora_keys(name), pair)}
+        adapter.write(staging, {key: value.to(out_dtype) for key, value in (tensors | factors.replaced_tensors).items()})
     exact = all(error == 0.0 for error in errors.values())
     metadata = {
         "tool": {"name": "psoft-deploy", "version": __version__},

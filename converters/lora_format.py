@@ -126,6 +126,19 @@ class LoraAdapter:
         return vllm_max_lora_rank(self.max_rank, subject)
 
 
+    def check_sglang(self, subject: str) -> None:
+        """Refuse what SGLang's LoRA loader (``python/sglang/srt/lora/lora.py``, ``lora_manager.py``,
+        ``lora_config.py``) cannot apply: it applies lora_A/lora_B of ``layers.N`` modules only, with
+        one rank and one scaling ``lora_alpha / r`` per adapter."""
+        merge = "merge the adapter instead (psoft-deploy merge)"
+        if self.modules_to_save or self.use_dora or self.bias != "none":
+            what = "modules_to_save" if self.modules_to_save else "DoRA" if self.use_dora else "bias"
+            raise UserError(f"SGLang's LoRA loader cannot apply {what} ({subject}); {merge}")
+        if self.rank_pattern or self.alpha_pattern:
+            raise UserError(f"SGLang applies one rank and one scaling per LoRA adapter ({subject} has rank_pattern/"
+                            "alpha_pattern); export it with --target sglang (one rank, zero-padded)")
+
+
 def vllm_max_lora_rank(rank: int, subject: str = "the adapter") -> int:
     """The smallest ``--max-lora-rank`` vLLM accepts that fits ``rank``."""
     for allowed in VLLM_MAX_LORA_RANKS:

@@ -137,17 +137,18 @@ def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, 
 
 def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *,
                 options: WriteOptions = WRITE_DEFAULTS) -> Published:
-    """A PEFT LoRA adapter (``options``: rank, energy, dtype, target, as
+    """A PEFT LoRA adapter, or mlx-lm's (``options``: rank, energy, dtype, target, as
     `psoft_deploy.converters.lora.export_lora` takes them, verify_mode, overwrite)."""
     from psoft_deploy.converters.lora import export_lora as write_lora
 
     base_name = base.name if not Path(base.name).expanduser().is_dir() else str(base.path.absolute())
     mode = options.verify_mode
     checks = None if mode is None else [Check("LoRA adapter", lambda staging: (
-        verify_lora_layerwise(base, factors, staging) if mode == "layerwise"
+        verify_lora_layerwise(base, factors, staging) if mode == "layerwise" and options.target != "mlx"
         else verify_candidate(base, factors, staging, mode=mode)))]
+    layers = base.config.get("num_hidden_layers")
     return publish(output, "LoRA adapter", lambda staging: write_lora(factors, staging, base_name=base_name,
-                                                                      options=options),
+                                                                      options=options, num_base_layers=layers),
                    checks, overwrite=options.overwrite)
 
 

@@ -234,6 +234,8 @@ def export_lora_command(base, adapter, output, write_options, read_options):
                + ("" if result.exact else f", largest relative error {result.errors[worst]:.2e} ({worst})"))
     if result.max_lora_rank is not None:
         click.echo(f"serve with vLLM: --enable-lora --max-lora-rank {result.max_lora_rank}")
+    if write_options.target == "sglang":
+        click.echo(f"serve with SGLang: --lora-paths NAME={output}")
 
 
 @cli.command(name="export-onnx")

@@ -102,8 +102,9 @@ class WriteOptions:
         "help": "Per layer, the smallest rank keeping this fraction of ‖ΔW‖² (e.g. 0.99).",
         "type": click.FloatRange(0, 1, min_open=True)})
     target: str = field(default="peft", metadata={
-        "help": "vllm: one rank for all layers (zero-padded) and vLLM's limits checked now, not at serve time.",
-        "type": click.Choice(["peft", "vllm"]), "show_default": True})
+        "help": "vllm, sglang: one rank for all layers (zero-padded) and that server's limits checked now, not at "
+                "serve time; mlx: an mlx-lm adapter directory (adapters.safetensors).",
+        "type": click.Choice(["peft", "vllm", "sglang", "mlx"]), "show_default": True})
 
     def __post_init__(self):
         if self.rank is not None and self.energy is not None:

@@ -1,6 +1,7 @@
 """`psoft-deploy export-lora`: exact and truncated LoRA forms, loaded back through PEFT's LoRA code."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from helpers import (
     run,
     verification_report,
 )
+from safetensors.torch import load_file
 
-from psoft_deploy.converters.lora_format import vllm_max_lora_rank
+from psoft_deploy.converters.lora_format import LoraAdapter, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
@@ -196,3 +198,59 @@ def test_half_precision_lora(tiny_base, tmp_path):
     export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--dtype", "bfloat16")
     report = verification_report(tmp_path / "lora")
     assert report["dtype"] == "bfloat16" and report["decisive_top1_agreement"] == 1.0
+
+
+def test_mlx_target_writes_the_exact_factors_in_mlx_layout(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "mlx", "--target", "mlx")
+    config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
+    parameters = config["lora_parameters"]
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == layers
+    assert parameters == {"rank": 8, "scale": 1.0, "dropout": 0.0,
+                          "keys": ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]}
+    tensors = load_file(tmp_path / "mlx" / "adapters.safetensors")
+    factors = load_factors(str(tmp_path / "adapter"), str(base_dir))
+    assert len(tensors) == 2 * len(factors.modules)
+    for name, module in factors.modules.items():
+        lora_A, lora_B = module.lora()
+        torch.testing.assert_close(tensors[f"{name}.lora_a"], lora_A.T.float())  # (in, r)
+        torch.testing.assert_close(tensors[f"{name}.lora_b"], lora_B.T.float())  # (r, out)
+    report = verification_report(tmp_path / "mlx")
+    assert report["passed"] and "not run (mlx does not run here)" in report["tolerance"]
+
+
+def test_mlx_verification_fails_a_wrong_adapter(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
+    make_peft_adapter(base_dir, tmp_path / "other", r=8, seed=7)
+    export_ok(base_dir, tmp_path / "other", tmp_path / "mlx", "--target", "mlx")
+    result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "mlx")
+    assert result.exit_code == 1 and result.output.startswith("FAIL (layerwise, float32)"), result.output
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"modules_to_save": ["lm_head"]}, "mlx-lm adapters hold LoRA layers only"),
+    ({"layers_to_transform": [0]}, "mlx-lm applies one set of modules to the last num_layers layers"),
+])
+def test_mlx_target_refuses_what_mlx_lm_cannot_express(config, fragment, tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", **config)
+    assert_one_line_error(export(base_dir, tmp_path / "adapter", tmp_path / "mlx", "--target", "mlx"), fragment)
+    assert not (tmp_path / "mlx").exists()
+
+
+def test_sglang_target_is_one_rank_and_refuses_what_sglang_cannot_apply(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=16, psoft_alpha=16)
+    result = export_ok(base_dir, tmp_path / "adapter", tmp_path / "sglang", "--energy", 0.8, "--target", "sglang")
+    assert f"--lora-paths NAME={tmp_path / 'sglang'}" in result.output
+    adapter = LoraAdapter.read(tmp_path / "sglang")
+    assert adapter.rank_pattern == {} and adapter.alpha_pattern == {} and adapter.r == adapter.lora_alpha
+    adapter.check_sglang("the export")
+    with pytest.raises(UserError, match="SGLang applies one rank"):
+        replace(adapter, rank_pattern={"q_proj": 2}).check_sglang("a PEFT export")
+    make_peft_adapter(base_dir, tmp_path / "saved", modules_to_save=["lm_head"])
+    result = export(base_dir, tmp_path / "saved", tmp_path / "sglang-saved", "--target", "sglang")
+    assert_one_line_error(result, "SGLang's LoRA loader cannot apply modules_to_save")

@@ -21,6 +21,7 @@ from pathlib import Path
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.genai_runtime import is_genai_export
 from psoft_deploy.converters.lora import read_export_metadata
+from psoft_deploy.converters.mlx import MLX_WEIGHTS
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.formats import ADAPTER_CONFIG, read_json
@@ -30,6 +31,7 @@ from .candidates import (
     verify_full,
     verify_layerwise,
     verify_lora_layerwise,
+    verify_mlx_adapter,
     verify_truncated_lora,
 )
 from .genai_exports import verify_base_export, verify_genai
@@ -57,6 +59,8 @@ def verify_candidate(
         return verify_full(base, factors, graph_dir, prompts, kind="onnx", adapter_file=candidate_dir)
     if is_genai_export(candidate_dir):
         return verify_genai(base, factors, candidate_dir, prompts, mode=mode)
+    if (candidate_dir / MLX_WEIGHTS).is_file():
+        return verify_mlx_adapter(base, factors, candidate_dir)
     if (candidate_dir / ADAPTER_CONFIG).is_file():
         config = read_json(candidate_dir / ADAPTER_CONFIG)
         if str(config.get("peft_type", "")).upper() != "LORA":

@@ -26,7 +26,7 @@ from psoft_deploy.model import load_base_model
 from .inputs import family_outputs, verification_inputs
 from .reference import reference_merged_weight, reference_runs
 from .report import Report
-from .rule import NOISE_FACTOR, compare_logits, dtype_name, judge
+from .rule import NOISE_FACTOR, compare_logits, dtype_name, judge, lora_factor_errors
 
 FULL_MODE_MAX_PARAMETERS = 500_000_000
 # A candidate may deviate from the float64 truth by these multiples of the noise measured in the
@@ -215,6 +215,29 @@ def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candida
     missing, extra = sorted(set(factors.modules) - lora_modules), sorted(lora_modules - set(factors.modules))
     failed = [f"{len(missing)} adapted modules missing from the LoRA, {len(extra)} extra"] if missing or extra else []
     return checks.report(failed, candidate="lora", modules_missing=missing[:10], modules_extra=extra[:10])
+
+
+def verify_mlx_adapter(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> Report:
+    """An mlx-lm adapter read back (`read_mlx_adapter`: the modules its config's keys and
+    num_layers reach, scale applied) and each module checked against the exact ΔW by
+    `lora_factor_errors`; mlx-lm itself is not run (it does not run here)."""
+    from psoft_deploy.converters.mlx import read_mlx_adapter
+
+    stored = read_mlx_adapter(candidate_dir, base.config["num_hidden_layers"])
+    failed, errors, ratios = lora_factor_errors(factors, stored)
+    extra = sorted(set(stored) - set(factors.modules))
+    if extra:
+        failed.append(f"{len(extra)} modules the PSOFT adapter does not adapt ({extra[0]}, ...)")
+    dtypes = {pair[0].dtype for pair in stored.values() if pair is not None}
+    return Report("layerwise", dtype_name(min(dtypes, key=str) if dtypes else torch.float32),
+                  f"each module's lora_a/lora_b, as mlx-lm's config reaches them, reproduce the exact ΔW within "
+                  f"{NOISE_FACTOR:g}× what rounding them to their dtype costs; read back; not run (mlx does not "
+                  "run here)", failed, {
+                      "candidate": "mlx",
+                      "layers_checked": len(errors),
+                      "max_layer_relative_error": max(errors.values(), default=0.0),
+                      "worst_ratio_to_bound": max(ratios.values(), default=0.0),
+                  })
 
 
 def parameter_count(checkpoint: BaseCheckpoint) -> int:

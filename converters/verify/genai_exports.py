@@ -31,6 +31,7 @@ from .rule import (
     dtype_name,
     judge,
     judge_behaviour,
+    lora_factor_errors,
     with_behaviour,
 )
 
@@ -181,23 +182,12 @@ def verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str, gr
     with ``graph``, the run of the graph at rank 0 (`verify_base_graph`), or why it was not run
     (then the verdict is FAIL: factors alone do not show the graph computes the model)."""
 
-    failed, errors, ratios = [], {}, {}
-    for module, module_factors in factors.modules.items():
+    stored = {}
+    for module in factors.modules:
         names = [genai.lora_input(module, factor) for factor in ("lora_A", "lora_B")]
-        if any(name not in arrays or 0 in arrays[name].shape for name in names):
-            failed.append(f"{module}: no LoRA factors in the export")
-            continue
-        lora_A, lora_B = (factor.double() for factor in module_factors.lora())
-        stored = torch.tensor(arrays[names[1]]).double().T @ torch.tensor(arrays[names[0]]).double().T
-        dtype = torch.tensor(arrays[names[0]][:0]).dtype
-        exact = lora_B @ lora_A
-        scale = torch.linalg.norm(exact).clamp_min(torch.finfo(torch.float64).tiny)
-        rounded = lora_B.to(dtype).double() @ lora_A.to(dtype).double()
-        bound = NOISE_FACTOR * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(dtype).eps)
-        errors[module] = (torch.linalg.norm(stored - exact) / scale).item()
-        ratios[module] = errors[module] / bound
-        if errors[module] > bound:
-            failed.append(f"{module}: relative error {errors[module]:.2e} > bound {bound:.2e}")
+        present = all(name in arrays and 0 not in arrays[name].shape for name in names)
+        stored[module] = tuple(torch.tensor(arrays[name]).T for name in names) if present else None
+    failed, errors, ratios = lora_factor_errors(factors, stored)
     if isinstance(graph, str):
         failed.append(graph)
     elif graph.failed_checks:

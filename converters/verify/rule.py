@@ -197,3 +197,28 @@ def with_behaviour(report: Report, behaviour: dict) -> Report:
                                           " (the logits' deviation is reported, not judged, at int4)")
     return Report(report.mode, report.dtype, tolerance, failed,
                   {**report.numbers, "behaviour": {key: behaviour[key] for key in ("kept", "conclusive")}})
+
+
+def lora_factor_errors(factors, stored: dict) -> tuple[list[str], dict[str, float], dict[str, float]]:
+    """Each module's LoRA factors as an export stores them, ``stored[module] = (lora_A, lora_B)`` in
+    PEFT's layout (r×in, out×r, any scaling folded into lora_B; None: absent), against the exact ΔW
+    of ``factors`` (an `AdapterFactors`), within `NOISE_FACTOR` times the error of rounding the exact
+    factors to the stored type: the failed checks, and per module the relative error and its ratio
+    to the bound."""
+    failed, errors, ratios = [], {}, {}
+    for module, module_factors in factors.modules.items():
+        if stored.get(module) is None:
+            failed.append(f"{module}: no LoRA factors in the export")
+            continue
+        stored_A, stored_B = stored[module]
+        lora_A, lora_B = (factor.double() for factor in module_factors.lora())
+        dtype = stored_A.dtype
+        exact = lora_B @ lora_A
+        scale = torch.linalg.norm(exact).clamp_min(torch.finfo(torch.float64).tiny)
+        rounded = lora_B.to(dtype).double() @ lora_A.to(dtype).double()
+        bound = NOISE_FACTOR * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(dtype).eps)
+        errors[module] = (torch.linalg.norm(stored_B.double() @ stored_A.double() - exact) / scale).item()
+        ratios[module] = errors[module] / bound
+        if errors[module] > bound:
+            failed.append(f"{module}: relative error {errors[module]:.2e} > bound {bound:.2e}")
+    return failed, errors, ratios
