@@ -125,7 +125,6 @@ class LoraAdapter:
                             "merge the adapter instead (psoft-deploy merge)")
         return vllm_max_lora_rank(self.max_rank, subject)
 
-
     def check_sglang(self, subject: str) -> None:
         """Refuse what SGLang's LoRA loader (``python/sglang/srt/lora/lora.py``, ``lora_manager.py``,
         ``lora_config.py``) cannot apply: it applies lora_A/lora_B of ``layers.N`` modules only, with
