@@ -46,7 +46,7 @@ def verify_full(
     run by onnxruntime, with ``adapter_file`` active when given). ``factors`` None means the
     candidate should be the bare base."""
     if kind == "lora":
-        dtype = lora_dtype(candidate_dir)
+        dtype = lora_dtype(LoraAdapter.read(candidate_dir))
     elif kind == "onnx":
         dtype = onnx_dtype(candidate_dir)
     else:
@@ -78,9 +78,9 @@ def candidate_dtype(candidate: BaseCheckpoint, factors: AdapterFactors) -> torch
     return from_safetensors(candidate.index[first].dtype).torch
 
 
-def lora_dtype(candidate_dir: Path) -> torch.dtype:
+def lora_dtype(lora: LoraAdapter) -> torch.dtype:
     """The dtype of a LoRA adapter's weights."""
-    return from_safetensors(next(iter(LoraAdapter.read(candidate_dir).tensors.values())).dtype).torch
+    return from_safetensors(next(iter(lora.tensors.values())).dtype).torch
 
 
 def onnx_dtype(candidate_dir: Path) -> torch.dtype:
@@ -204,7 +204,7 @@ def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candida
     with open_safetensors(candidate_dir / ADAPTER_WEIGHTS) as handle:
         tensors = {key.removeprefix(PEFT_PREFIX): handle.get_tensor(key) for key in handle.keys()}
     lora_modules = set(lora.modules)
-    checks = LayerChecks(lora_dtype(candidate_dir))
+    checks = LayerChecks(lora_dtype(lora))
     for name, module in factors.modules.items():
         if name not in lora_modules:
             continue
@@ -223,6 +223,9 @@ def verify_mlx_adapter(base: BaseCheckpoint, factors: AdapterFactors, candidate_
     `lora_factor_errors`; mlx-lm itself is not run (it does not run here)."""
     from psoft_deploy.converters.mlx import read_mlx_adapter
 
+    if not base.config.get("num_hidden_layers"):
+        raise UserError(f"an mlx-lm adapter applies to the last num_layers layers; base {base.name} has no "
+                        "num_hidden_layers in its config.json to place them")
     stored = read_mlx_adapter(candidate_dir, base.config["num_hidden_layers"])
     failed, errors, ratios = lora_factor_errors(factors, stored)
     extra = sorted(set(stored) - set(factors.modules))
