@@ -1,0 +1,57 @@
+"""The package's shape (issue 26): `psoft_deploy.converters` and `psoft_deploy.serve` are the top-level
+folders, and no module imports one that imports it back (imports inside functions included)."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+PACKAGES = {"psoft_deploy": "psoft_deploy", "psoft_deploy.converters": "converters", "psoft_deploy.serve": "serve"}
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Each of our modules and the modules of ours it imports, anywhere in its body."""
+    files = {}
+    for package, folder in PACKAGES.items():
+        for file in (ROOT / folder).rglob("*.py"):
+            parts = [part for part in file.relative_to(ROOT / folder).with_suffix("").parts if part != "__init__"]
+            files[".".join([package, *parts])] = file
+    graph = {}
+    for module, file in files.items():
+        package = module if file.name == "__init__.py" else module.rsplit(".", 1)[0]
+        imported = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, one level up per extra dot
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parent, *filter(None, [base])])
+                imported |= {base, *(f"{base}.{alias.name}" for alias in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[module] = {name for name in imported if name in files and name != module}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = module_imports()
+    assert len(graph) > 40 and graph["psoft_deploy.converters.pipeline"], "the walk found our modules and imports"
+
+    def reaches(start: str, target: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for name in graph[todo.pop()] - seen:
+                if name == target:
+                    return True
+                seen.add(name)
+                todo.append(name)
+        return False
+
+    cycles = sorted(f"{module} -> {other}" for module, imports in graph.items() for other in imports
+                    if reaches(other, module))
+    assert not cycles, cycles
+
+
+def test_the_subpackages_are_the_top_level_folders():
+    for package, folder in list(PACKAGES.items())[1:]:
+        link = ROOT / Path(*package.split("."))
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve()
