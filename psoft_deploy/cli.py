@@ -439,13 +439,17 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Where vLLM's log goes, replaced at each start (default: vllm-PORT.log beside the cache directory).")
 @click.option("--verbose", is_flag=True, help="Also copy vLLM's own log to stderr (it always goes to a log file).")
+@click.option("--adapter-form", type=click.Choice(["auto", "shared", "lora"]), default="auto", show_default=True,
+              help="How vLLM holds the adapters: as r×r cores over the base's shared basis (shared), as exact "
+                   "LoRA (lora), or cores for those in the basis and LoRA for the others (auto).")
 @read_options
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose, vllm_args, read_options):
+def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose, adapter_form, vllm_args, read_options):
     """Serve many PSOFT adapters at once through vLLM's OpenAI-compatible server.
 
-    Each adapter is converted once to its exact LoRA form (cached by content hash), then vLLM
-    starts with --enable-lora and every adapter as a model name; the base keeps its own name.
+    Each adapter is converted once to its exact LoRA form (cached by content hash); those that lie
+    in the base's own singular vectors are served as r×r cores over that shared basis, the others
+    as LoRA. vLLM starts with --enable-lora and every adapter as a model name; the base keeps its own name.
     The base's stored dtype is served unless you pass --dtype; on CPU the KV cache and the
     context length are sized to the memory available. Arguments after -- go to vLLM unchanged
     and win over what serve chooses.
@@ -467,7 +471,7 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port, cache_dir=cache_dir,
-                      vllm_args=vllm_args, read_options=read_options)
+                      vllm_args=vllm_args, read_options=read_options, adapter_form=adapter_form)
     log = Path(log_file) if log_file else default_log_file(cache_dir, port)
     raise SystemExit(run_server(plan, host, port, log, verbose=verbose))
 

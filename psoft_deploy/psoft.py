@@ -220,3 +220,25 @@ class ModuleFactors:
         lora_A, lora_B = self.lora()
         delta = lora_B @ lora_A
         return delta.T if self.fan_in_fan_out else delta
+
+
+def shared_basis(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U ``(out, r)``, V ``(in, r)`` and the top ``r + 1`` singular values of an ``(out, in)``
+    weight, by PEFT's full SVD: every full-SVD PSOFT adapter of rank ≤ r on this weight is
+    ``ΔW = U[:, :k] · C · V[:, :k]ᵀ`` with an r×r (k×k) core C (the singular vectors are nested)."""
+    U, S, Vh = singular_triplets(weight.to(torch.float32), r + 1, SubspaceSpec())
+    return U[:, :r].contiguous(), Vh[:r].T.contiguous(), S
+
+
+def core_in_basis(lora_A: torch.Tensor, lora_B: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The core ``C = Uᵀ ΔW V`` of ``ΔW = lora_B @ lora_A`` in an orthonormal basis (U, V), and
+    the relative residual ‖ΔW − U C Vᵀ‖_F / ‖ΔW‖_F (0: ΔW lies in the basis), from r×r products
+    only. Sign and rotation conventions of the SVD that built the factors do not matter."""
+    A, B, U, V = (t.double() for t in (lora_A, lora_B, U, V))
+    B_in, A_in = U @ (U.T @ B), (A @ V) @ V.T
+    # ΔW − U C Vᵀ = (B − B_in) A + B_in (A − A_in): one product of (out, 2r) and (2r, in) factors.
+    left, right = torch.cat([B - B_in, B_in], dim=1), torch.cat([A, A - A_in], dim=0)
+    squared = float(((left.T @ left) * (right @ right.T)).sum())  # ‖X Y‖²_F = trace(XᵀX · Y Yᵀ)
+    total = float(((B.T @ B) * (A @ A.T)).sum())
+    residual = (max(squared, 0.0) / total) ** 0.5 if total > 0 else 0.0
+    return ((U.T @ B) @ (A @ V)).float(), residual

@@ -34,9 +34,10 @@ import psutil
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.lora_format import LoraAdapter, vllm_lora_target_modules, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
+from psoft_deploy.formats import adapter_format
 from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import check_writable
-from psoft_deploy.progress import stage
+from psoft_deploy.progress import stage, warning
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.names import check_served_names
 from psoft_deploy.serve.preflight import (
@@ -46,9 +47,11 @@ from psoft_deploy.serve.preflight import (
     stored_dtype,
     vllm_flag,
 )
+from psoft_deploy.serve.shared import SharedBasis, missing_vllm_internals
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
+SHARED_CPU_HEADROOM = 1024  # adapters resolved later kept in vLLM's CPU cache when cores are served
 HEALTH_TIMEOUT_S = 900  # for vLLM to start
 HEALTH_INTERVAL_S = 5  # between health checks while serving
 HEALTH_GRACE_S = 60  # without an answer to /health before serve gives up on vLLM
@@ -90,24 +93,31 @@ def plan_serve(
     cache_dir: Path,
     vllm_args: tuple[str, ...] = (),
     read_options: ReadOptions = DEFAULTS,
+    adapter_form: str = "auto",
     cpu: bool | None = None,
     free_bytes: int | None = None,
 ) -> ServePlan:
-    """Check the base, convert the adapters (or find them in the cache) and lay out the vLLM
-    invocation; on CPU size the KV cache from ``free_bytes`` (default: the memory available now)."""
+    """Check the base, convert the adapters (or find them in the cache), choose which are served as
+    cores over the base's shared basis (``adapter_form``: auto, shared or lora) and lay out the
+    vLLM invocation; on CPU size the KV cache from ``free_bytes`` (default: the memory available now)."""
     check_served_names(base, adapters, adapter_root)
     checkpoint = BaseCheckpoint(base)
     cpu = on_cpu() if cpu is None else cpu
     check_base(checkpoint, cpu)
     vocab_guard = check_tokenizer(checkpoint, vllm_args)
     cache = LoraCache(cache_dir, checkpoint, read_options)
-    served, ranks = {}, []
+    loras, ranks, psoft = {}, [], []
     for name, path in adapters.items():
         stage(f"preparing adapter {name} from {path}")
-        served[name], rank = cache.prepare(Path(path))
+        loras[name], rank = cache.prepare(Path(path))
         ranks.append(rank)
+        if adapter_format(Path(path)) != "lora":
+            psoft.append(name)
+    basis, served = _choose_forms(checkpoint, cache_dir, loras, psoft, adapter_form, vllm_args)
     if cpu:
-        served[base] = cache.zero_adapter(_zero_target(checkpoint, served))
+        zero_target = _zero_target(checkpoint, loras)
+        served[base] = (basis.zero_adapter(zero_target, cache_dir) if basis and zero_target in basis.modules
+                        else cache.zero_adapter(zero_target))
     max_rank = vllm_max_lora_rank(max(ranks, default=1)) if adapter_root is None else max(
         vllm_max_lora_rank(max(ranks, default=1)), 64)
     max_rank = int(vllm_flag(vllm_args, "--max-lora-rank") or max_rank)
@@ -121,14 +131,21 @@ def plan_serve(
         "--enable-lora",
         "--lora-modules", *[f"{name}={path}" for name, path in served.items()],
     ]
-    targets = vllm_lora_target_modules(_lora_modules(served))
+    targets = vllm_lora_target_modules(_lora_modules(loras))
     if targets and not adapter_root and vllm_flag(vllm_args, "--lora-target-modules") is None:
         command += ["--lora-target-modules", *targets]
-    for flag, value in (("--max-lora-rank", max_rank), ("--max-loras", max_loras), ("--dtype", dtype),
-                        ("--shutdown-timeout", SHUTDOWN_TIMEOUT_S)):
+    chosen = [("--max-lora-rank", max_rank), ("--max-loras", max_loras), ("--dtype", dtype),
+              ("--shutdown-timeout", SHUTDOWN_TIMEOUT_S)]
+    if basis:  # cores cost k² per module: keep every adapter resident rather than reload it from disk
+        chosen.append(("--max-cpu-loras", max(max_loras, len(served) + (SHARED_CPU_HEADROOM if adapter_root else 0))))
+    for flag, value in chosen:
         if vllm_flag(vllm_args, flag) is None:
             command += [flag, str(value)]
+    if basis and not cpu and "--enforce-eager" not in vllm_args:
+        command.append("--enforce-eager")  # the core path branches on which slots hold cores
     env = dict(os.environ)
+    if basis:
+        env["PSOFT_DEPLOY_SHARED_BASIS"] = str(basis.path.absolute())
     if cpu:
         command += cpu_memory_args(checkpoint, dtype, vllm_args, max_loras, max_rank, free_bytes)
         command += ["--middleware", "psoft_deploy.serve.middleware.HideInternalName"]
@@ -150,8 +167,8 @@ def plan_serve(
             "PSOFT_DEPLOY_CACHE": str(Path(cache_dir).absolute()),
             "PSOFT_DEPLOY_MAX_LORA_RANK": str(max_rank),
         } | read_options.to_env()
-        if env.get("VLLM_PLUGINS") is not None and "psoft_deploy" not in env["VLLM_PLUGINS"].split(","):
-            env["VLLM_PLUGINS"] = ",".join(filter(None, [env["VLLM_PLUGINS"], "psoft_deploy"]))
+    if (adapter_root or basis) and env.get("VLLM_PLUGINS") is not None and "psoft_deploy" not in env["VLLM_PLUGINS"].split(","):
+        env["VLLM_PLUGINS"] = ",".join(filter(None, [env["VLLM_PLUGINS"], "psoft_deploy"]))
     return ServePlan(command=command, env=env, served=served, base_name=base, dtype=dtype)
 
 
@@ -307,14 +324,55 @@ def _shm_mapped(pid: int) -> set[Path]:
     return mapped
 
 
-def _lora_modules(served: dict[str, Path]) -> list[str]:
-    """The module names the served LoRA adapters adapt."""
-    return [module for lora_dir in served.values() for module in LoraAdapter.read(lora_dir).modules]
+def _choose_forms(checkpoint: BaseCheckpoint, cache_dir: Path, loras: dict[str, Path], psoft: list[str],
+                  adapter_form: str, vllm_args) -> tuple[SharedBasis | None, dict[str, Path]]:
+    """The shared basis (None: none is used) and what vLLM gets per name: cores over the basis for
+    the adapters that lie in it, their exact LoRA form for the others. Says so in one line."""
+    if adapter_form == "lora" or not psoft:
+        return None, dict(loras)
+    why_not = _why_no_cores(vllm_args)
+    if why_not:
+        if adapter_form == "shared":
+            raise UserError(f"--adapter-form shared: {why_not}; use --adapter-form auto or lora")
+        warning(f"every adapter is served as exact LoRA: {why_not}")
+        return None, dict(loras)
+    modules = sorted({module for name in psoft for module in LoraAdapter.read(loras[name]).modules})
+    rank = max(LoraAdapter.read(loras[name]).max_rank for name in psoft)
+    basis = SharedBasis.build(cache_dir, checkpoint, modules, rank)
+    served, shared, apart = {}, [], []
+    for name, lora_dir in loras.items():
+        cores, why = basis.shared_form(lora_dir, cache_dir)
+        if cores is None and adapter_form == "shared":
+            raise UserError(f"--adapter-form shared: adapter {name} is not in the base's shared basis ({why}); "
+                            "use --adapter-form auto to serve it as exact LoRA")
+        served[name] = cores or lora_dir
+        (shared if cores else apart).append(name if cores else f"{name} ({why})")
+    if not shared:
+        warning(f"no adapter lies in the base's shared basis; exact LoRA: {', '.join(apart)}")
+        return None, served
+    stage(f"shared basis (rank ≤ {rank}, {len(modules)} modules), as cores: {', '.join(shared)}"
+          + (f"; exact LoRA: {', '.join(apart)}" if apart else ""))
+    return basis, served
 
 
-def _zero_target(checkpoint: BaseCheckpoint, served: dict[str, Path]) -> str:
-    """A module the all-zero base adapter can sit on: one the served adapters target, else a q_proj."""
-    modules = _lora_modules(served)
+def _why_no_cores(vllm_args) -> str | None:
+    """Why cores cannot be served with these vLLM arguments and this vLLM (None: they can)."""
+    for flag in ("--tensor-parallel-size", "-tp"):
+        if int(vllm_flag(vllm_args, flag) or 1) > 1:
+            return "tensor parallelism above 1 (cores are served at tensor parallelism 1)"
+    if "--fully-sharded-loras" in vllm_args:
+        return "--fully-sharded-loras"
+    return missing_vllm_internals()
+
+
+def _lora_modules(loras: dict[str, Path]) -> list[str]:
+    """The module names the exact LoRA adapters adapt."""
+    return [module for lora_dir in loras.values() for module in LoraAdapter.read(lora_dir).modules]
+
+
+def _zero_target(checkpoint: BaseCheckpoint, loras: dict[str, Path]) -> str:
+    """A module the all-zero base adapter can sit on: one the adapters target, else a q_proj."""
+    modules = _lora_modules(loras)
     if modules:
         return modules[0]
     for key in checkpoint.files:

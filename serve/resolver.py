@@ -1,10 +1,11 @@
 """A vLLM LoRA resolver: a request for an unknown model ``NAME`` is served from
 ``ADAPTER_ROOT/NAME`` when that directory holds a PSOFT (or LoRA) adapter for the served base.
 
-Registered through the ``vllm.general_plugins`` entry point ``psoft_deploy``; configured by
-the environment `psoft-deploy serve` sets (``PSOFT_DEPLOY_ADAPTER_ROOT``, ``PSOFT_DEPLOY_BASE``,
-``PSOFT_DEPLOY_CACHE``, ``PSOFT_DEPLOY_MAX_LORA_RANK``, and the adapter-reading options as
-``PSOFT_DEPLOY_READ_OPTIONS``). vLLM consults it only with
+Registered by psoft-deploy's vLLM plugin (`psoft_deploy.serve.plugin`); configured by the
+environment `psoft-deploy serve` sets (``PSOFT_DEPLOY_ADAPTER_ROOT``, ``PSOFT_DEPLOY_BASE``,
+``PSOFT_DEPLOY_CACHE``, ``PSOFT_DEPLOY_MAX_LORA_RANK``, the adapter-reading options as
+``PSOFT_DEPLOY_READ_OPTIONS``, and ``PSOFT_DEPLOY_SHARED_BASIS`` where adapters that lie in the
+base's shared basis are served as its cores). vLLM consults it only with
 ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
 """
 
@@ -39,11 +40,12 @@ def adapter_directory(root: Path, name: str) -> Path | None:
 class PsoftResolver(LoRAResolver):
     """Resolves adapter names to exact LoRA conversions of ``ADAPTER_ROOT/NAME``."""
 
-    def __init__(self, root: Path, base: str, cache_dir: Path, max_lora_rank: int | None):
+    def __init__(self, root: Path, base: str, cache_dir: Path, max_lora_rank: int | None, basis: Path | None = None):
         self.root = Path(root)
         self.base = base
         self.cache_dir = Path(cache_dir)
         self.max_lora_rank = max_lora_rank
+        self.basis = basis
         self._cache = None
 
     def _prepare(self, directory: Path) -> tuple[Path, int]:
@@ -53,7 +55,15 @@ class PsoftResolver(LoRAResolver):
             from psoft_deploy.serve.cache import LoraCache
 
             self._cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base), ReadOptions.from_env(os.environ))
-        return self._cache.prepare(directory)
+        lora_path, rank = self._cache.prepare(directory)
+        if self.basis is not None:
+            from psoft_deploy.serve.shared import SharedBasis
+
+            cores, why = SharedBasis(self.basis).shared_form(lora_path, self.cache_dir)
+            logger.info("psoft-deploy resolver: %s served %s", directory,
+                        f"as cores over the shared basis ({why})" if cores else f"as exact LoRA ({why})")
+            lora_path = cores or lora_path
+        return lora_path, rank
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         if Path(base_model_name).resolve() != Path(self.base).resolve():
@@ -75,8 +85,7 @@ class PsoftResolver(LoRAResolver):
 
 
 def register() -> None:
-    """Entry point for vLLM's plugin loader; does nothing unless serve configured it, and is
-    safe to call more than once (vLLM loads plugins in every process)."""
+    """Register the resolver serve configured (``PSOFT_DEPLOY_ADAPTER_ROOT``), once per process."""
     root = os.environ.get("PSOFT_DEPLOY_ADAPTER_ROOT")
     if not root or RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
         return
@@ -86,5 +95,6 @@ def register() -> None:
         base=os.environ["PSOFT_DEPLOY_BASE"],
         cache_dir=Path(os.environ["PSOFT_DEPLOY_CACHE"]),
         max_lora_rank=int(max_rank) if max_rank else None,
+        basis=Path(os.environ["PSOFT_DEPLOY_SHARED_BASIS"]) if os.environ.get("PSOFT_DEPLOY_SHARED_BASIS") else None,
     )
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)

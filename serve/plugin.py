@@ -1,0 +1,25 @@
+"""psoft-deploy's vLLM plugin (entry point ``vllm.general_plugins: psoft_deploy``), loaded by vLLM in
+each of its processes. It does nothing unless `psoft-deploy serve` configured it through the
+environment: ``PSOFT_DEPLOY_ADAPTER_ROOT`` registers the adapter resolver
+(`psoft_deploy.serve.resolver`), ``PSOFT_DEPLOY_SHARED_BASIS`` extends vLLM's LoRA layers to hold
+PSOFT adapters as cores over that basis (`psoft_deploy.serve.vllm_shared`)."""
+
+from __future__ import annotations
+
+import os
+
+_installed: set[str] = set()
+
+
+def register() -> None:
+    """Entry point for vLLM's plugin loader; safe to call more than once per process."""
+    if os.environ.get("PSOFT_DEPLOY_ADAPTER_ROOT"):
+        from psoft_deploy.serve import resolver
+
+        resolver.register()
+    basis = os.environ.get("PSOFT_DEPLOY_SHARED_BASIS")
+    if basis and "shared" not in _installed:
+        from psoft_deploy.serve import vllm_shared
+
+        vllm_shared.install(basis)
+        _installed.add("shared")

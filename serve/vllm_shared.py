@@ -1,0 +1,201 @@
+"""vLLM's LoRA layers, extended to hold PSOFT adapters as k×k cores over one shared basis.
+
+Installed by psoft-deploy's vLLM plugin (`psoft_deploy.serve.plugin`) in vLLM's processes when
+serve sets ``PSOFT_DEPLOY_SHARED_BASIS`` (see `psoft_deploy.serve.shared`). What it changes:
+
+- loading: a directory with ``psoft_cores.safetensors`` (no ``adapter_model.*``, so a vLLM without
+  this extension refuses it) becomes a ``LoRAModel`` whose modules hold only their core (lora_b)
+  and an empty marker (lora_a): k² numbers per module in vLLM's CPU cache;
+- layers: each linear LoRA layer of a module in the basis (separate or packed q/k/v and gate/up,
+  column-, row-parallel or replicated, tensor parallelism 1) gets the basis once and one k×k core
+  slot per LoRA slot. A slot holds either a core or an ordinary LoRA; the forward adds
+  ``((x·V) · core[slot of token]) · Uᵀ`` for the core slots (one GEMM each side, whatever the
+  number of adapters), and runs vLLM's own LoRA path only while an ordinary LoRA is loaded.
+
+Everything else (slots, LRU caches, the token → slot mapping, adapter loading by name or endpoint)
+stays vLLM's. Relies on vLLM's internals checked by `missing_internals` (vLLM 0.32).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from vllm.lora.layers import (
+    ColumnParallelLinearWithLoRA,
+    MergedColumnParallelLinearWithLoRA,
+    MergedQKVParallelLinearWithLoRA,
+    ReplicatedLinearWithLoRA,
+    RowParallelLinearWithLoRA,
+)
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.lora_weights import LoRALayerWeights
+from vllm.lora.model_manager import LoRAModelManager
+from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+from vllm.lora.utils import get_lora_id
+
+from psoft_deploy.serve.shared import CORES_FILE
+
+# The layer classes whose forward ends in `_apply_lora_to_output` at tensor parallelism 1.
+SHAREABLE_LAYERS = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
+                    MergedQKVParallelLinearWithLoRA, RowParallelLinearWithLoRA, ReplicatedLinearWithLoRA)
+# What is relied on: method parameters by name, and attributes.
+RELIED_ON = {
+    (LoRAModelManager, "register_module"): ("module_name", "module"),
+    (LoRAModel, "from_local_checkpoint"): ("lora_dir", "expected_lora_modules", "peft_helper", "lora_model_id", "dtype"),
+    (LoRALayerWeights, "__init__"): ("module_name", "rank", "lora_alpha", "lora_a", "lora_b", "scaling"),
+    (BaseLinearLayerWithLoRA, "_apply_lora_to_output"): ("x", "output"),
+    (BaseLinearLayerWithLoRA, "set_lora"): ("index", "lora_a", "lora_b"),
+    (BaseLinearLayerWithLoRA, "reset_lora"): ("index",),
+    (PunicaWrapperBase, "token_lora_indices"): (),
+}
+CORE_MARKER = torch.empty(0, 0)  # the lora_a of a module held as a core
+logger = logging.getLogger(__name__)
+
+
+def missing_internals() -> str | None:
+    """What this vLLM lacks of the internals the extension relies on (None: nothing)."""
+    for (owner, name), parameters in RELIED_ON.items():
+        member = inspect.getattr_static(owner, name, None)
+        if member is None:
+            return f"vLLM's {owner.__name__}.{name} is gone"
+        if parameters and not set(parameters) <= set(inspect.signature(getattr(owner, name)).parameters):
+            return f"vLLM's {owner.__name__}.{name} no longer takes {', '.join(parameters)}"
+    return None
+
+
+class SharedBasisLayer:
+    """Mixed into a vLLM LoRA layer: one basis per slice, a k×k core per LoRA slot and slice."""
+
+    def attach_basis(self, manager: LoRAModelManager, bases: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """``bases``: (U, V) per output slice, None where the slice's module is not in the basis;
+        ``manager`` assigns the slots."""
+        self.psoft_manager = manager
+        slots = self.lora_a_stacked[0].shape[0]
+        dtype, device = self.lora_a_stacked[0].dtype, self.lora_a_stacked[0].device
+        self.psoft_zero_slot = slots  # tokens without an adapter (-1) read this all-zero core
+        self.psoft_slices, columns = [], []
+        start, offset = 0, 0
+        for size, basis in zip(self.output_slices, bases):
+            if basis is not None:
+                U, V = (t.to(dtype=dtype, device=device) for t in basis)
+                cores = torch.zeros(slots + 1, V.shape[1], V.shape[1], dtype=dtype, device=device)
+                self.psoft_slices.append((start, size, offset, U.T.contiguous(), cores))
+                columns.append(V)
+                offset += V.shape[1]
+            else:
+                self.psoft_slices.append(None)
+            start += size
+        self.psoft_V = torch.cat(columns, dim=1).contiguous()
+        self.psoft_core_slots: set[int] = set()
+        self.psoft_lora_slots: set[int] = set()
+
+    def reset_lora(self, index: int):
+        super().reset_lora(index)
+        for piece in filter(None, self.psoft_slices):
+            piece[4][index] = 0
+        self.psoft_core_slots.discard(index)
+        self.psoft_lora_slots.discard(index)
+
+    def set_lora(self, index: int, lora_a, lora_b):
+        a_list = lora_a if isinstance(lora_a, list) else [lora_a]
+        b_list = lora_b if isinstance(lora_b, list) else [lora_b]
+        if not any(a is CORE_MARKER or (a is not None and a.numel() == 0) for a in a_list):
+            super().set_lora(index, lora_a, lora_b)
+            self.psoft_lora_slots.add(index)
+            return
+        self.reset_lora(index)
+        for piece, core in zip(self.psoft_slices, b_list):
+            if core is None:
+                continue
+            if piece is None:
+                raise ValueError("a PSOFT core arrived for a module outside the shared basis")
+            piece[4][index, :core.shape[0], :core.shape[1]].copy_(core)
+        self.psoft_core_slots.add(index)
+
+    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        # vLLM leaves a deactivated adapter's weights in its slot: only assigned slots count.
+        assigned = self.psoft_manager.lora_index_to_id
+        if any(assigned[index] is not None for index in self.psoft_lora_slots):
+            output = super()._apply_lora_to_output(x, output)
+        if not self.psoft_core_slots:
+            return output
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
+        slots = self.punica_wrapper.token_lora_indices
+        slots = torch.where(slots < 0, self.psoft_zero_slot, slots)
+        coordinates = flat_x.to(self.psoft_V.dtype) @ self.psoft_V  # x·V for every slice at once
+        for piece in filter(None, self.psoft_slices):
+            start, size, offset, U_t, cores = piece
+            rank = cores.shape[-1]
+            mixed = torch.bmm(cores[slots], coordinates[:, offset:offset + rank, None])[:, :, 0]
+            flat_out[:, start:start + size].addmm_(mixed.to(flat_out.dtype), U_t.to(flat_out.dtype))
+        return output
+
+
+_SHARED_CLASSES: dict[type, type] = {}
+
+
+def _shared_class(cls: type) -> type:
+    if cls not in _SHARED_CLASSES:
+        _SHARED_CLASSES[cls] = type(f"PsoftShared{cls.__name__}", (SharedBasisLayer, cls), {})
+    return _SHARED_CLASSES[cls]
+
+
+def install(basis_path: str) -> None:
+    """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``."""
+    with safe_open(basis_path, framework="pt") as handle:
+        digest = Path(basis_path).parent.name.removeprefix("basis-")
+        names = {key.removesuffix(".U") for key in handle.keys() if key.endswith(".U")}
+    basis = {}
+
+    def module_basis(name: str):
+        if name not in names:
+            return None
+        if not basis:
+            basis.update(load_file(basis_path))
+        return basis[f"{name}.U"], basis[f"{name}.V"]
+
+    register_module = LoRAModelManager.register_module
+
+    def register_with_basis(self, module_name, module):
+        register_module(self, module_name, module)
+        if type(module) not in SHAREABLE_LAYERS or module.tp_size != 1:
+            return
+        prefix, _, leaf = module_name.rpartition(".")
+        packed = self.packed_modules_mapping.get(leaf) or [leaf]
+        if len(packed) != module.n_slices:
+            return
+        bases = [module_basis(f"{prefix}.{sub}" if prefix else sub) for sub in packed]
+        if any(bases):
+            module.__class__ = _shared_class(type(module))
+            module.attach_basis(self, bases)
+            logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
+
+    load_checkpoint = LoRAModel.from_local_checkpoint.__func__
+
+    def load_cores(cls, lora_dir, expected_lora_modules, *args, peft_helper, lora_model_id=None, dtype=None, **kwargs):
+        path = Path(lora_dir) / CORES_FILE
+        if not path.is_file():
+            return load_checkpoint(cls, lora_dir, expected_lora_modules, *args, peft_helper=peft_helper,
+                                   lora_model_id=lora_model_id, dtype=dtype, **kwargs)
+        with safe_open(path, framework="pt") as handle:
+            if handle.metadata().get("basis") != digest:
+                raise ValueError(f"{lora_dir} holds cores over another basis than the one this server holds")
+        cores = load_file(path)
+        outside = sorted(set(cores) - names)
+        if outside:
+            raise ValueError(f"{lora_dir} has cores for modules outside the shared basis: {', '.join(outside)}")
+        loras = {name: LoRALayerWeights(module_name=name, rank=core.shape[0], lora_alpha=core.shape[0],
+                                        lora_a=CORE_MARKER, lora_b=core.to(dtype) if dtype else core, scaling=1.0)
+                 for name, core in cores.items()}
+        return cls(get_lora_id() if lora_model_id is None else lora_model_id, peft_helper.r, loras)
+
+    LoRAModelManager.register_module = register_with_basis
+    LoRAModel.from_local_checkpoint = classmethod(load_cores)
+    logger.info("psoft-deploy: vLLM's LoRA layers hold PSOFT cores over the shared basis %s (%d modules)",
+                digest, len(names))
