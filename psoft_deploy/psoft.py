@@ -234,7 +234,7 @@ def core_in_basis(lora_A: torch.Tensor, lora_B: torch.Tensor, U: torch.Tensor, V
     """The core ``C = Uᵀ ΔW V`` of ``ΔW = lora_B @ lora_A`` in an orthonormal basis (U, V), and
     the relative residual ‖ΔW − U C Vᵀ‖_F / ‖ΔW‖_F (0: ΔW lies in the basis), from r×r products
     only. Sign and rotation conventions of the SVD that built the factors do not matter."""
-    A, B, U, V = (t.double() for t in (lora_A, lora_B, U, V))
+    A, B, U, V = (t.detach().double() for t in (lora_A, lora_B, U, V))
     B_in, A_in = U @ (U.T @ B), (A @ V) @ V.T
     # ΔW − U C Vᵀ = (B − B_in) A + B_in (A − A_in): one product of (out, 2r) and (2r, in) factors.
     left, right = torch.cat([B - B_in, B_in], dim=1), torch.cat([A, A - A_in], dim=0)

@@ -1,0 +1,127 @@
+"""`psoft-deploy serve` with PSOFT adapters held as k×k cores over the base's shared basis, through a
+real vLLM (CPU) over loopback HTTP.
+
+One base; PSOFT adapters of different ranks and alphas, psoft_init and pissa_init, with and without
+magnitude vectors (in the basis: served as cores); a low-rank-SVD PSOFT adapter and a plain LoRA
+(outside it: exact LoRA); the bare base; an adapter dropped into the adapter root later. Every
+greedy completion, in mixed batches with fewer LoRA slots than adapters (so slots pass between
+cores and LoRAs), must equal transformers + PEFT in float32 and the same server run with
+``--adapter-form lora``.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from helpers import MAX_TOKENS, complete, free_port, load_peft, make_peft_adapter, wait_for_serving
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer
+
+from psoft_deploy.demo import MODEL_SIZES
+from psoft_deploy.model import load_base_model
+from psoft_deploy.testing import build_tiny_model
+
+PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields"]
+ALL_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+# Fewer LoRA slots than served models: adapters of both forms take turns in the same slots.
+VLLM_ARGS = ["--enforce-eager", "--max-num-seqs", "32", "--max-loras", "3"]
+IN_BASIS, OUTSIDE = ("psoft", "pissa", "plain-r"), ("lowrank", "lora")
+
+
+def greedy(model, tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+def serve(work, form: str, adapters: dict, log_name: str):
+    port = free_port()
+    log = open(work / log_name, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(work / "base"),
+         *[arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")],
+         "--adapter-root", str(work / "root"), "--adapter-form", form, "--port", str(port),
+         "--cache-dir", str(work / "cache"), "--", *VLLM_ARGS],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    wait_for_serving(process, work / log_name)
+    return process, log, f"http://127.0.0.1:{port}"
+
+
+def answers(url: str, names: list[str]) -> dict[str, list[list[int]]]:
+    jobs = [(name, i) for name in names for i in range(len(PROMPTS))] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: complete(url, job[0], PROMPTS[job[1]]), jobs))
+    got: dict[str, list] = {name: [None] * len(PROMPTS) for name in names}
+    for (name, i), (status, body) in zip(jobs, results):
+        assert status == 200, body
+        tokens = body["choices"][0]["token_ids"]
+        assert got[name][i] in (None, tokens), f"{name} answered prompt {i} two ways in one server"
+        got[name][i] = tokens
+    return got
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve-shared")
+    base = work / "base"
+    build_tiny_model(base, "llama", **MODEL_SIZES)
+    make_peft_adapter(base, work / "psoft", r=8, strength=3, target_modules=["q_proj", "v_proj", "down_proj"])
+    make_peft_adapter(base, work / "pissa", r=4, psoft_alpha=16, seed=2, strength=3, ab_svd_init="pissa_init",
+                      target_modules=ALL_LAYERS)
+    make_peft_adapter(base, work / "plain-r", r=16, psoft_alpha=32, seed=3, strength=3, psoft_mag_a=False,
+                      psoft_mag_b=False, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(base, work / "lowrank", r=8, seed=4, strength=3, psoft_svd="lowrank", random_seed=17,
+                      target_modules=["q_proj", "v_proj"])
+    lora = get_peft_model(load_base_model(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    lora.save_pretrained(work / "lora")
+    (work / "root").mkdir()
+    make_peft_adapter(base, work / "root" / "late", r=8, seed=6, strength=3, target_modules=["q_proj", "v_proj"])
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    expected = {"base": [greedy(load_base_model(base), tokenizer, p) for p in PROMPTS]}
+    for name in (*IN_BASIS, *OUTSIDE):
+        expected[name] = [greedy(load_peft(base, work / name), tokenizer, p) for p in PROMPTS]
+    expected["late"] = [greedy(load_peft(base, work / "root" / "late"), tokenizer, p) for p in PROMPTS]
+    assert len({json.dumps(v) for v in expected.values()}) == len(expected), "each model must answer differently"
+
+    adapters = {name: work / name for name in (*IN_BASIS, *OUTSIDE)}
+    names = [str(base), *adapters, "late"]
+    results = {}
+    for form in ("lora", "auto"):
+        process, log, url = serve(work, form, adapters, f"serve-{form}.log")
+        try:
+            results[form] = answers(url, names)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=90)
+            log.close()
+    for form in results:
+        results[form]["base"] = results[form].pop(str(base))
+    return {"work": work, "expected": expected, "results": results}
+
+
+@pytest.mark.slow
+def test_cores_answer_as_peft_and_as_exact_lora_in_mixed_batches(served):
+    expected, results = served["expected"], served["results"]
+    for name, tokens in expected.items():
+        assert results["auto"][name] == tokens, f"{name} through the shared basis"
+        assert results["lora"][name] == tokens, f"{name} as exact LoRA"
+
+
+@pytest.mark.slow
+def test_serve_says_in_one_line_which_adapters_are_cores_and_serves_late_ones_as_cores(served):
+    work = served["work"]
+    lines = [line for line in (work / "serve-auto.log").read_text().splitlines() if "shared basis" in line]
+    assert len(lines) == 1, lines
+    assert "as cores: psoft, pissa, plain-r; exact LoRA: lowrank (residual" in lines[0] and "lora (residual" in lines[0]
+    assert not any("shared basis" in line for line in (work / "serve-lora.log").read_text().splitlines())
+    # The late adapter lies in the basis: the resolver gave vLLM its cores (a cores directory of its own).
+    late_config = [json.loads(path.read_text()) for path in (work / "cache").glob("cores-*/adapter_config.json")]
+    assert len([config for config in late_config if config["psoft_shared"] != "zero"]) == len(IN_BASIS) + 1
