@@ -1,13 +1,18 @@
-"""Generation throughput: PSOFT adapters through vLLM (exact LoRA form) vs the base through vLLM vs
-transformers + PEFT's PSOFT layer, same model, prompts and token budget, one run.
+"""Generation through vLLM: PSOFT adapters as k×k cores over the base's shared basis vs the same
+adapters as exact LoRA vs the base alone, same model, prompts and token budget, one run.
 
-A ~100M-parameter Llama (768 wide, 12 layers, random weights) and N PSOFT adapters (PEFT format,
-r = 32 on q_proj and v_proj). 16 prompts × 64 greedy tokens (EOS ignored). Each vLLM
-configuration runs in its own process (offline engine, float32, after a warm-up): the base
-alone, and N = 1, 4, 8 adapters assigned round-robin to the prompts, with LoRA restricted to
-the adapted layers as `psoft-deploy serve` configures it (``--lora-target-modules``).
+Two Llama shapes with random weights: 768 wide × 12 layers (~100M), and SmolLM2-135M's (576 wide,
+30 layers, head size 64, tied embeddings). PSOFT adapters r = 32 on q_proj and v_proj, their exact
+LoRA form built with psoft-deploy's math (one principal subspace per module, a random R per adapter),
+their cores by `SharedBasis.shared_form`, as `psoft-deploy serve` does. Each configuration runs in its
+own process (vLLM's offline engine, float32, enforce-eager, after a warm-up); requests are spread
+round-robin over 1, 8 or 64 distinct adapters, and in the last run over 1,000 registered adapters,
+each answering its own request. Printed per configuration: tokens/s (and its ratio to the base
+alone, measured in the same run), the median time to first token, and for the cores the engine's RSS
+growth per registered adapter against r² × modules × 4 bytes. The answers of the 1,000-adapter run's
+first 64 adapters are compared with the exact-LoRA run's.
 
-    python benchmarks/serve.py [--prompts 16] [--tokens 64]
+    python benchmarks/serve.py [--prompts 64] [--tokens 32] [--model 768x12|smollm|both]
 """
 
 from __future__ import annotations
@@ -17,113 +22,159 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from psoft_deploy.converters.lora_format import vllm_lora_target_modules
+from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_lora_target_modules
 
-HIDDEN, LAYERS, HEADS, INTERMEDIATE, VOCAB = 768, 12, 12, 2048, 32000
+MODELS = {
+    "768x12": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                   intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False),
+    "smollm": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                   intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
+}
 RANK, TARGETS = 32, ["q_proj", "v_proj"]
-ADAPTER_COUNTS = (1, 4, 8)
+SPREADS = (1, 8, 64)
+REGISTERED = 1000
 
-VLLM_RUN = """
-import json, os, sys, time
+ENGINE_RUN = """
+import json, os, statistics, sys, time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import psutil
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
-model, loras, prompts, tokens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-options = dict(enable_lora=True, max_lora_rank=RANK, max_loras=len(loras),
-               lora_target_modules=TARGET_MODULES) if loras else {}
-llm = LLM(model=model, dtype="float32", max_model_len=256, kv_cache_memory_bytes=256 << 20, enforce_eager=True,
-          distributed_executor_backend="uni", skip_tokenizer_init=True, **options)
-requests = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(loras)]
-assigned = [requests[k % len(requests)] for k in range(len(prompts))] if requests else None
+model, paths, distinct, prompts, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+options = dict(enable_lora=True, max_lora_rank=RANK, max_loras=max(1, min(distinct, 64)), max_cpu_loras=max(1, len(paths)),
+               lora_target_modules=TARGET_MODULES) if paths else {}
+llm = LLM(model=model, dtype="float32", max_model_len=256, kv_cache_memory_bytes=512 << 20, enforce_eager=True,
+          max_num_seqs=64, distributed_executor_backend="uni", skip_tokenizer_init=True, **options)
+engine = llm.llm_engine
+requests = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(paths)]
+rss = psutil.Process().memory_info().rss
+for request in requests:
+    engine.add_lora(request)
+growth = (psutil.Process().memory_info().rss - rss) / max(1, len(requests))
+assigned = [requests[k % distinct] for k in range(len(prompts))] if requests else [None] * len(prompts)
 params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, detokenize=False)
-inputs = [{"prompt_token_ids": ids} for ids in prompts]
-llm.generate(inputs, SamplingParams(temperature=0, max_tokens=4, detokenize=False), lora_request=assigned)  # warm-up
+llm.generate([{"prompt_token_ids": ids} for ids in prompts[:8]], SamplingParams(temperature=0, max_tokens=4, detokenize=False),
+             lora_request=assigned[:8] if requests else None, use_tqdm=False)  # warm-up
 start = time.perf_counter()
-outputs = llm.generate(inputs, params, lora_request=assigned)
+for k, (ids, lora) in enumerate(zip(prompts, assigned)):
+    engine.add_request(str(k), {"prompt_token_ids": ids}, params, lora_request=lora)
+first, answers = {}, {}
+while engine.has_unfinished_requests():
+    for output in engine.step():
+        if output.outputs and output.outputs[0].token_ids and output.request_id not in first:
+            first[output.request_id] = time.perf_counter() - start
+        if output.finished:
+            answers[output.request_id] = list(output.outputs[0].token_ids)
 seconds = time.perf_counter() - start
-print("RESULT " + json.dumps({"tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": seconds}))
+print("RESULT " + json.dumps({"tokens": sum(map(len, answers.values())), "seconds": seconds,
+                              "ttft": statistics.median(first.values()), "rss_per_adapter": growth,
+                              "answers": [answers[str(k)] for k in range(len(prompts))]}))
 """.replace("RANK", str(RANK)).replace("TARGET_MODULES", repr(vllm_lora_target_modules(TARGETS)))
 
 
-def build(work: Path, adapters: int) -> tuple[Path, list[Path]]:
-    """The base model and ``adapters`` PSOFT adapters, each exported to its exact LoRA form."""
+def build(work: Path, shape: str, count: int) -> tuple[Path, list[Path], list[Path]]:
+    """The base, ``count`` PSOFT adapters' exact LoRA directories (the first 64 kept) and their cores."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from psoft_deploy.cli import cli
-    from psoft_deploy.testing import llama_modules, write_psoft_adapter
+    from psoft_deploy.base import BaseCheckpoint
+    from psoft_deploy.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, rotation
+    from psoft_deploy.serve.shared import SharedBasis
+    from psoft_deploy.testing import llama_modules
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB,
-                         max_position_embeddings=512, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(work / "base")
-    loras = []
-    for index in range(adapters):
-        directory = write_psoft_adapter(work / f"psoft-{index}", llama_modules(LAYERS, TARGETS), RANK, seed=index + 1,
-                                        std=0.1)
-        cli.main(["export-lora", "--base", str(work / "base"), "--adapter", str(directory), "--output",
-                  str(work / f"lora-{index}"), "--no-verify"], standalone_mode=False)
-        loras.append(work / f"lora-{index}")
-    return work / "base", loras
+    LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, **MODELS[shape])).save_pretrained(work / "base")
+    checkpoint = BaseCheckpoint(work / "base")
+    modules = llama_modules(MODELS[shape]["num_hidden_layers"], TARGETS)
+    subspaces = {m: principal_subspace(checkpoint.tensor(f"{m}.weight"), RANK, 1.0, SubspaceSpec()) for m in modules}
+    basis = SharedBasis.build(work / "cache", checkpoint, modules, RANK)
+    generator = torch.Generator().manual_seed(1)
+    loras, cores = [], []
+    for index in range(count):
+        tensors = {}
+        for module, (A, B) in subspaces.items():
+            R = rotation(0.1 * torch.randn(RANK * (RANK - 1) // 2, generator=generator), RANK, RotationSpec())
+            lora_A, lora_B = ModuleFactors(A=A, B=B, R=R, scale=1.0).lora()
+            tensors |= dict(zip(lora_keys(module), (lora_A, lora_B)))
+        directory = work / f"lora-{index}"
+        directory.mkdir()
+        LoraAdapter(r=RANK, lora_alpha=RANK, target_modules=TARGETS).write(directory, tensors)
+        core_dir, why = basis.shared_form(directory, work / "cache")
+        if core_dir is None:
+            raise SystemExit(f"adapter {index} is not in the shared basis: {why}")
+        cores.append(core_dir)
+        if index < max(SPREADS):
+            loras.append(directory)
+        else:
+            for file in directory.iterdir():
+                file.unlink()
+            directory.rmdir()
+    return work / "base", loras, cores, basis
 
 
-def vllm_throughput(base: Path, loras: list[Path], prompts: list[list[int]], tokens: int) -> float:
-    process = subprocess.run(
-        [sys.executable, "-c", VLLM_RUN, str(base), json.dumps([str(p) for p in loras]), json.dumps(prompts),
-         str(tokens)], capture_output=True, text=True,
-    )
+def run_engine(base: Path, paths: list[Path], distinct: int, prompts: list[list[int]], tokens: int,
+               basis=None) -> dict:
+    import os
+
+    env = dict(os.environ) | ({"PSOFT_DEPLOY_SHARED_BASIS": str(basis.path)} if basis else {})
+    process = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(base), json.dumps([str(p) for p in paths]),
+                              str(distinct), json.dumps(prompts), str(tokens)], capture_output=True, text=True, env=env)
     if process.returncode != 0:
         raise SystemExit(process.stderr[-4000:])
-    result = json.loads(next(l for l in process.stdout.splitlines() if l.startswith("RESULT ")).split(" ", 1)[1])
-    return result["tokens"] / result["seconds"]
+    return json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
 
 
-def peft_throughput(base: Path, adapter: Path, prompts: list[list[int]], tokens: int) -> float:
-    """transformers ``generate`` with PEFT's PSOFT layer (the adapter as trained), one batch."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-    input_ids = torch.tensor(prompts)
-    with torch.no_grad():
-        model.generate(input_ids=input_ids, max_new_tokens=4, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens,
-                             min_new_tokens=tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-    return (out.shape[1] - input_ids.shape[1]) * out.shape[0] / seconds
+def bench(shape: str, prompts_count: int, tokens: int) -> None:
+    config = MODELS[shape]
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, config["vocab_size"], (prompts_count, 16), generator=generator).tolist()
+    many = torch.randint(10, config["vocab_size"], (REGISTERED, 16), generator=generator).tolist()
+    many[:prompts_count] = prompts
+    with tempfile.TemporaryDirectory() as work:
+        base, loras, cores, basis = build(Path(work), shape, REGISTERED)
+        rows = {"base alone (anchor)": run_engine(base, [], 1, prompts, tokens)}
+        for spread in SPREADS:
+            rows[f"exact LoRA, {spread} registered, {spread} distinct"] = run_engine(base, loras[:spread], spread, prompts, tokens)
+            rows[f"cores, {spread} registered, {spread} distinct"] = run_engine(base, cores[:spread], spread, prompts, tokens,
+                                                                                 basis)
+        rows[f"cores, {REGISTERED} registered, 64 distinct"] = run_engine(base, cores, 64, prompts, tokens, basis)
+        short = max(4, tokens // 4)
+        rows[f"cores, {REGISTERED} registered, each its own request ({short} tokens)"] = everyone = run_engine(
+            base, cores, REGISTERED, many, short, basis)
+    anchor = rows["base alone (anchor)"]["tokens"] / rows["base alone (anchor)"]["seconds"]
+    modules = config["num_hidden_layers"] * len(TARGETS)
+    per_adapter = RANK * RANK * modules * 4
+    print(f"\nLlama {shape} ({config['hidden_size']} wide, {config['num_hidden_layers']} layers), PSOFT r={RANK} on "
+          f"{', '.join(TARGETS)}, {prompts_count} prompts × {tokens} greedy tokens, float32, torch threads="
+          f"{torch.get_num_threads()}; r² × modules × 4 B = {per_adapter / 1024:.0f} KiB")
+    for label, row in rows.items():
+        rate = row["tokens"] / row["seconds"]
+        rss = f"   RSS +{row['rss_per_adapter'] / 1024:7.0f} KiB/adapter ({row['rss_per_adapter'] / per_adapter:4.2f}x)" \
+            if "registered" in label and "cores" in label else ""
+        print(f"  {label:<62} {rate:8.1f} tok/s  {rate / anchor:5.2f}x base   TTFT {row['ttft'] * 1000:7.0f} ms{rss}")
+    lora_answers = rows["exact LoRA, 64 registered, 64 distinct"]["answers"]
+    equal = sum(a[:short] == b for a, b in zip(lora_answers, everyone["answers"][:prompts_count]))
+    answered = sum(len(a) == short for a in everyone["answers"])
+    print(f"  1,000 adapters: {answered}/{REGISTERED} answered; the first {prompts_count} equal the exact-LoRA run's: "
+          f"{equal}/{prompts_count}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, VOCAB, (args.prompts, 16), generator=generator).tolist()
-    with tempfile.TemporaryDirectory() as work:
-        base, loras = build(Path(work), max(ADAPTER_COUNTS))
-        results = {"vLLM, base model alone (anchor)": vllm_throughput(base, [], prompts, args.tokens)}
-        for count in ADAPTER_COUNTS:
-            results[f"vLLM, {count} PSOFT adapter(s) as exact LoRA"] = vllm_throughput(base, loras[:count], prompts,
-                                                                                        args.tokens)
-        peft = peft_throughput(base, Path(work) / "psoft-0", prompts, args.tokens)
-        results["transformers + PEFT PSOFT generate"] = peft
-    anchor = results["vLLM, base model alone (anchor)"]
-    print(f"Llama {HIDDEN}×{LAYERS} (~100M), PSOFT r={RANK} on {', '.join(TARGETS)}, {args.prompts} prompts × "
-          f"{args.tokens} greedy tokens, float32, torch threads={torch.get_num_threads()}")
-    for label, rate in results.items():
-        print(f"  {label:<44} {rate:8.1f} tok/s   {rate / anchor:5.2f}x base   {rate / peft:5.2f}x transformers+PEFT")
+    for shape in MODELS if args.model == "both" else [args.model]:
+        bench(shape, args.prompts, args.tokens)
 
 
 if __name__ == "__main__":
