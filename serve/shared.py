@@ -12,8 +12,10 @@ module instead of k·(in+out)) and runs ``x·V`` once for all tokens, each token
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +38,15 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 def missing_vllm_internals() -> str | None:
     """Why the installed vLLM cannot hold shared-basis cores (None: it can)."""
+    quiet = logging.getLogger("vllm")  # its import notices (Triton on CPU) are not the user's business
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         from psoft_deploy.serve import vllm_shared
     except ImportError as error:
         return f"vLLM's LoRA internals are not where psoft-deploy expects them ({error})"
+    finally:
+        quiet.setLevel(level)
     return vllm_shared.missing_internals()
 
 
@@ -80,43 +87,54 @@ class SharedBasis:
         with safe_open(self.path, framework="pt") as handle:
             return int(handle.metadata()["rank"])
 
+    @functools.cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
         return load_file(self.path)
 
-    def shared_form(self, lora_dir: Path, cache_root: Path) -> tuple[Path | None, str]:
-        """The cores of the exact LoRA adapter in ``lora_dir`` over this basis, written once into the
-        cache (its path, and the worst residual over its tolerance), or None and why not."""
+    def cores_of(self, lora_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The k×k core per module of the exact LoRA adapter in ``lora_dir`` over this basis and the
+        worst residual over its tolerance; or None and why the adapter does not lie in the basis."""
         lora = LoraAdapter.read(lora_dir)
+        if lora.use_dora or lora.modules_to_save or lora.bias != "none" or lora.fan_in_fan_out:
+            return None, "a LoRA feature cores do not hold (DoRA, bias, modules_to_save or fan_in_fan_out)"
+        weights = load_file(Path(lora_dir) / ADAPTER_WEIGHTS)
+        cores, worst = {}, 0.0
+        for module in lora.modules:
+            key_a, key_b = (PEFT_PREFIX + key for key in lora_keys(module))
+            A, B = weights[key_a].float(), weights[key_b].float() * lora.scaling(module)
+            k = A.shape[0]
+            if f"{module}.U" not in self.tensors or k > self.tensors[f"{module}.U"].shape[1]:
+                return None, f"{module} is outside the basis (rank {k}, basis rank {self.rank})"
+            U, V, S = (self.tensors[f"{module}.{part}"] for part in "UVS")
+            cores[module], residual = core_in_basis(A, B, U[:, :k], V[:, :k])
+            tolerance = self.tolerance(S, k, max(U.shape[0], V.shape[0]))
+            if residual > tolerance:
+                return None, f"residual {residual:.1e} > float32 noise {tolerance:.1e} on {module}"
+            worst = max(worst, residual / tolerance)
+        return cores, f"residual ≤ {worst:.2f}× float32 noise"
+
+    def shared_form(self, lora_dir: Path, cache_root: Path) -> tuple[Path | None, str]:
+        """`cores_of` the exact LoRA adapter in ``lora_dir``, written once into the cache as a
+        directory vLLM (with psoft-deploy's plugin) loads: its path and the residual, or None and why."""
         digest = hashlib.sha256(self.digest.encode())
         for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             digest.update((Path(lora_dir) / file).read_bytes())
         entry = Path(cache_root) / f"cores-{digest.hexdigest()[:32]}"
         if (entry / CORES_FILE).is_file():
             return entry, json.loads((entry / ADAPTER_CONFIG).read_text())["psoft_shared"]
-        if lora.use_dora or lora.modules_to_save or lora.bias != "none" or lora.fan_in_fan_out:
-            return None, "a LoRA feature cores do not hold (DoRA, bias, modules_to_save or fan_in_fan_out)"
-        basis, weights = self.tensors(), load_file(lora_dir / ADAPTER_WEIGHTS)
-        cores, worst = {}, 0.0
-        for module in lora.modules:
-            key_a, key_b = (PEFT_PREFIX + key for key in lora_keys(module))
-            A, B = weights[key_a].float(), weights[key_b].float() * lora.scaling(module)
-            k = A.shape[0]
-            if f"{module}.U" not in basis or k > basis[f"{module}.U"].shape[1]:
-                return None, f"{module} is outside the basis (rank {k}, basis rank {self.rank})"
-            U, V, S = basis[f"{module}.U"][:, :k], basis[f"{module}.V"][:, :k], basis[f"{module}.S"]
-            cores[module], residual = core_in_basis(A, B, U, V)
-            tolerance = self.tolerance(S, k, max(U.shape[0], V.shape[0]))
-            if residual > tolerance:
-                return None, f"residual {residual:.1e} > float32 noise {tolerance:.1e} on {module}"
-            worst = max(worst, residual / tolerance)
+        cores, summary = self.cores_of(lora_dir)
+        if cores is None:
+            return None, summary
+        self._write(entry, cores, summary)
+        return entry, summary
+
+    def _write(self, entry: Path, cores: dict[str, torch.Tensor], summary: str) -> None:
         rank = max(core.shape[0] for core in cores.values())
-        summary = f"residual ≤ {worst:.2f}× float32 noise"
         with atomic_output_dir(entry, overwrite=True) as staging:
             save_file(cores, staging / CORES_FILE, metadata={"basis": self.digest})
             config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(
                 {module.rsplit(".", 1)[-1] for module in cores}), "psoft_shared": summary, "psoft_basis": self.digest}
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        return entry, summary
 
     @staticmethod
     def tolerance(singular_values: torch.Tensor, k: int, dim: int) -> float:
@@ -132,9 +150,5 @@ class SharedBasis:
         """An all-zero 1×1 core on ``module``: the bare base, served as an adapter on CPU (see serve)."""
         entry = Path(cache_root) / f"cores-zero-{self.digest}"
         if not (entry / CORES_FILE).is_file():
-            with atomic_output_dir(entry, overwrite=True) as staging:
-                save_file({module: torch.zeros(1, 1)}, staging / CORES_FILE, metadata={"basis": self.digest})
-                config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": [module.rsplit(".", 1)[-1]],
-                          "psoft_shared": "zero", "psoft_basis": self.digest}
-                (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            self._write(entry, {module: torch.zeros(1, 1)}, "zero")
         return entry

@@ -39,7 +39,8 @@ from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.utils import get_lora_id
 
-from psoft_deploy.serve.shared import CORES_FILE
+from psoft_deploy.formats import ADAPTER_WEIGHTS
+from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 
 # The layer classes whose forward ends in `_apply_lora_to_output` at tensor parallelism 1.
 SHAREABLE_LAYERS = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
@@ -55,7 +56,7 @@ RELIED_ON = {
     (PunicaWrapperBase, "token_lora_indices"): (),
 }
 CORE_MARKER = torch.empty(0, 0)  # the lora_a of a module held as a core
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.psoft_deploy")  # under vLLM's logger: its lines go to vLLM's log
 
 
 def missing_internals() -> str | None:
@@ -148,17 +149,11 @@ def _shared_class(cls: type) -> type:
 
 def install(basis_path: str) -> None:
     """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``."""
-    with safe_open(basis_path, framework="pt") as handle:
-        digest = Path(basis_path).parent.name.removeprefix("basis-")
-        names = {key.removesuffix(".U") for key in handle.keys() if key.endswith(".U")}
-    basis = {}
+    shared = SharedBasis(Path(basis_path))
+    names = shared.modules
 
     def module_basis(name: str):
-        if name not in names:
-            return None
-        if not basis:
-            basis.update(load_file(basis_path))
-        return basis[f"{name}.U"], basis[f"{name}.V"]
+        return (shared.tensors[f"{name}.U"], shared.tensors[f"{name}.V"]) if name in names else None
 
     register_module = LoRAModelManager.register_module
 
@@ -179,14 +174,20 @@ def install(basis_path: str) -> None:
     load_checkpoint = LoRAModel.from_local_checkpoint.__func__
 
     def load_cores(cls, lora_dir, expected_lora_modules, *args, peft_helper, lora_model_id=None, dtype=None, **kwargs):
+        """Cores serve wrote (``psoft_cores.safetensors``), or those of a LoRA adapter loaded
+        through vLLM (its load endpoint) that lies in the basis; else vLLM's own loader."""
         path = Path(lora_dir) / CORES_FILE
-        if not path.is_file():
+        if path.is_file():
+            with safe_open(path, framework="pt") as handle:
+                if handle.metadata().get("basis") != shared.digest:
+                    raise ValueError(f"{lora_dir} holds cores over another basis than the one this server holds")
+            cores = load_file(path)
+        else:
+            cores, why = shared.cores_of(Path(lora_dir)) if (Path(lora_dir) / ADAPTER_WEIGHTS).is_file() else (None, "")
+            logger.info("psoft-deploy: %s loaded as %s (%s)", lora_dir, "cores" if cores else "exact LoRA", why)
+        if cores is None:
             return load_checkpoint(cls, lora_dir, expected_lora_modules, *args, peft_helper=peft_helper,
                                    lora_model_id=lora_model_id, dtype=dtype, **kwargs)
-        with safe_open(path, framework="pt") as handle:
-            if handle.metadata().get("basis") != digest:
-                raise ValueError(f"{lora_dir} holds cores over another basis than the one this server holds")
-        cores = load_file(path)
         outside = sorted(set(cores) - names)
         if outside:
             raise ValueError(f"{lora_dir} has cores for modules outside the shared basis: {', '.join(outside)}")
@@ -198,4 +199,4 @@ def install(basis_path: str) -> None:
     LoRAModelManager.register_module = register_with_basis
     LoRAModel.from_local_checkpoint = classmethod(load_cores)
     logger.info("psoft-deploy: vLLM's LoRA layers hold PSOFT cores over the shared basis %s (%d modules)",
-                digest, len(names))
+                shared.digest, len(names))

@@ -3,21 +3,24 @@ real vLLM (CPU) over loopback HTTP.
 
 One base; PSOFT adapters of different ranks and alphas, psoft_init and pissa_init, with and without
 magnitude vectors (in the basis: served as cores); a low-rank-SVD PSOFT adapter and a plain LoRA
-(outside it: exact LoRA); the bare base; an adapter dropped into the adapter root later. Every
+(outside it: exact LoRA); the bare base; an adapter dropped into the adapter root later, and an exact
+LoRA posted to vLLM's load endpoint (both held as cores). Every
 greedy completion, in mixed batches with fewer LoRA slots than adapters (so slots pass between
 cores and LoRAs), must equal transformers + PEFT in float32 and the same server run with
 ``--adapter-form lora``.
 """
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import MAX_TOKENS, complete, free_port, load_peft, make_peft_adapter, wait_for_serving
+from helpers import MAX_TOKENS, complete, free_port, load_peft, make_peft_adapter, run, wait_for_serving
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
@@ -66,6 +69,12 @@ def answers(url: str, names: list[str]) -> dict[str, list[list[int]]]:
     return got
 
 
+def post(url: str, body: dict) -> None:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("serve-shared")
@@ -83,20 +92,26 @@ def served(tmp_path_factory):
     lora.save_pretrained(work / "lora")
     (work / "root").mkdir()
     make_peft_adapter(base, work / "root" / "late", r=8, seed=6, strength=3, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(base, work / "posted", r=8, seed=7, strength=3, target_modules=["q_proj", "v_proj"])
+    assert run("export-lora", "--base", str(base), "--adapter", str(work / "posted"), "--output",
+               str(work / "posted-lora")).exit_code == 0
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     expected = {"base": [greedy(load_base_model(base), tokenizer, p) for p in PROMPTS]}
     for name in (*IN_BASIS, *OUTSIDE):
         expected[name] = [greedy(load_peft(base, work / name), tokenizer, p) for p in PROMPTS]
     expected["late"] = [greedy(load_peft(base, work / "root" / "late"), tokenizer, p) for p in PROMPTS]
+    expected["posted"] = [greedy(load_peft(base, work / "posted"), tokenizer, p) for p in PROMPTS]
     assert len({json.dumps(v) for v in expected.values()}) == len(expected), "each model must answer differently"
 
     adapters = {name: work / name for name in (*IN_BASIS, *OUTSIDE)}
-    names = [str(base), *adapters, "late"]
+    names = [str(base), *adapters, "late", "posted"]
     results = {}
     for form in ("lora", "auto"):
         process, log, url = serve(work, form, adapters, f"serve-{form}.log")
         try:
+            # An exact LoRA loaded through vLLM's own endpoint: held as cores when it lies in the basis.
+            post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": str(work / "posted-lora")})
             results[form] = answers(url, names)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -125,3 +140,6 @@ def test_serve_says_in_one_line_which_adapters_are_cores_and_serves_late_ones_as
     # The late adapter lies in the basis: the resolver gave vLLM its cores (a cores directory of its own).
     late_config = [json.loads(path.read_text()) for path in (work / "cache").glob("cores-*/adapter_config.json")]
     assert len([config for config in late_config if config["psoft_shared"] != "zero"]) == len(IN_BASIS) + 1
+    # The LoRA posted to vLLM's load endpoint was projected in the engine (and answered as PEFT does).
+    vllm_log = "\n".join(path.read_text() for path in work.glob("vllm-*.log"))
+    assert re.search(r"posted-lora loaded as cores \(residual ≤ [0-9.]+× float32 noise\)", vllm_log)
