@@ -18,6 +18,7 @@ killed engine still leaves there (segments seen mapped by vLLM's processes) is r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -47,7 +48,7 @@ from psoft_deploy.serve.preflight import (
     stored_dtype,
     vllm_flag,
 )
-from psoft_deploy.serve.shared import SharedBasis, missing_vllm_internals
+from psoft_deploy.serve.shared import SharedBasis
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
@@ -362,7 +363,16 @@ def _why_no_cores(vllm_args) -> str | None:
             return "tensor parallelism above 1 (cores are served at tensor parallelism 1)"
     if "--fully-sharded-loras" in vllm_args:
         return "--fully-sharded-loras"
-    return missing_vllm_internals()
+    quiet = logging.getLogger("vllm")  # its import notices (Triton on CPU) are not the user's business
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from psoft_deploy.serve import vllm_shared
+    except ImportError as error:
+        return f"vLLM's LoRA internals are not where psoft-deploy expects them ({error})"
+    finally:
+        quiet.setLevel(level)
+    return vllm_shared.missing_internals()
 
 
 def _lora_modules(loras: dict[str, Path]) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,20 +33,6 @@ BASIS_VERSION = b"psoft-deploy/shared-basis/v1"
 CORES_FILE = "psoft_cores.safetensors"  # module name -> k×k core; vLLM alone cannot load it (no adapter_model.*)
 ADAPTER_FORMS = ("auto", "shared", "lora")
 FLOAT32_EPS = torch.finfo(torch.float32).eps
-
-
-def missing_vllm_internals() -> str | None:
-    """Why the installed vLLM cannot hold shared-basis cores (None: it can)."""
-    quiet = logging.getLogger("vllm")  # its import notices (Triton on CPU) are not the user's business
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        from psoft_deploy.serve import vllm_shared
-    except ImportError as error:
-        return f"vLLM's LoRA internals are not where psoft-deploy expects them ({error})"
-    finally:
-        quiet.setLevel(level)
-    return vllm_shared.missing_internals()
 
 
 @dataclass(frozen=True)
