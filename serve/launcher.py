@@ -42,6 +42,7 @@ from psoft_deploy.progress import stage, warning
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.names import check_served_names
 from psoft_deploy.serve.preflight import (
+    CPU_MAX_NUM_SEQS,
     check_base,
     check_tokenizer,
     cpu_memory_args,
@@ -122,7 +123,10 @@ def plan_serve(
     max_rank = vllm_max_lora_rank(max(ranks, default=1)) if adapter_root is None else max(
         vllm_max_lora_rank(max(ranks, default=1)), 64)
     max_rank = int(vllm_flag(vllm_args, "--max-lora-rank") or max_rank)
-    max_loras = int(vllm_flag(vllm_args, "--max-loras") or len(served) + (RESOLVER_HEADROOM if adapter_root else 0))
+    slots = len(served) + (RESOLVER_HEADROOM if adapter_root else 0)
+    if basis:  # no batch holds more distinct adapters than sequences
+        slots = min(slots, int(vllm_flag(vllm_args, "--max-num-seqs") or CPU_MAX_NUM_SEQS))
+    max_loras = int(vllm_flag(vllm_args, "--max-loras") or slots)
     dtype = vllm_flag(vllm_args, "--dtype") or stored_dtype(checkpoint)
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -147,6 +151,8 @@ def plan_serve(
     env = dict(os.environ)
     if basis:
         env["PSOFT_DEPLOY_SHARED_BASIS"] = str(basis.path.absolute())
+        if not adapter_root and all(path.name.startswith("cores-") for path in served.values()):
+            env["PSOFT_DEPLOY_CORES_ONLY"] = "1"  # vLLM's per-slot LoRA buffers are not needed
     if cpu:
         command += cpu_memory_args(checkpoint, dtype, vllm_args, max_loras, max_rank, free_bytes)
         command += ["--middleware", "psoft_deploy.serve.middleware.HideInternalName"]

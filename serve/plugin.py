@@ -2,7 +2,8 @@
 each of its processes. It does nothing unless `psoft-deploy serve` configured it through the
 environment: ``PSOFT_DEPLOY_ADAPTER_ROOT`` registers the adapter resolver
 (`psoft_deploy.serve.resolver`), ``PSOFT_DEPLOY_SHARED_BASIS`` extends vLLM's LoRA layers to hold
-PSOFT adapters as cores over that basis (`psoft_deploy.serve.vllm_shared`)."""
+PSOFT adapters as cores over that basis (`psoft_deploy.serve.vllm_shared`), with
+``PSOFT_DEPLOY_CORES_ONLY`` when no adapter will be served as LoRA."""
 
 from __future__ import annotations
 
@@ -21,5 +22,5 @@ def register() -> None:
     if basis and "shared" not in _installed:
         from psoft_deploy.serve import vllm_shared
 
-        vllm_shared.install(basis)
+        vllm_shared.install(basis, cores_only=os.environ.get("PSOFT_DEPLOY_CORES_ONLY") == "1")
         _installed.add("shared")

@@ -73,10 +73,17 @@ def missing_internals() -> str | None:
 class SharedBasisLayer:
     """Mixed into a vLLM LoRA layer: one basis per slice, a k×k core per LoRA slot and slice."""
 
-    def attach_basis(self, manager: LoRAModelManager, bases: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+    def attach_basis(self, manager: LoRAModelManager, bases: list[tuple[torch.Tensor, torch.Tensor] | None],
+                     cores_only: bool) -> None:
         """``bases``: (U, V) per output slice, None where the slice's module is not in the basis;
-        ``manager`` assigns the slots."""
+        ``manager`` assigns the slots. ``cores_only``: no slot will hold a LoRA, so vLLM's LoRA
+        buffers keep their shapes (vLLM reads them) without their memory."""
         self.psoft_manager = manager
+        self.psoft_cores_only = cores_only
+        if cores_only:
+            self.lora_a_stacked, self.lora_b_stacked = (
+                tuple(torch.zeros(1, dtype=t.dtype, device=t.device).expand(t.shape) for t in stacked)
+                for stacked in (self.lora_a_stacked, self.lora_b_stacked))
         slots = self.lora_a_stacked[0].shape[0]
         dtype, device = self.lora_a_stacked[0].dtype, self.lora_a_stacked[0].device
         self.psoft_zero_slot = slots  # tokens without an adapter (-1) read this all-zero core
@@ -97,7 +104,8 @@ class SharedBasisLayer:
         self.psoft_lora_slots: set[int] = set()
 
     def reset_lora(self, index: int):
-        super().reset_lora(index)
+        if not self.psoft_cores_only:
+            super().reset_lora(index)
         for piece in filter(None, self.psoft_slices):
             piece[4][index] = 0
         self.psoft_core_slots.discard(index)
@@ -107,6 +115,9 @@ class SharedBasisLayer:
         a_list = lora_a if isinstance(lora_a, list) else [lora_a]
         b_list = lora_b if isinstance(lora_b, list) else [lora_b]
         if not any(a is CORE_MARKER or (a is not None and a.numel() == 0) for a in a_list):
+            if self.psoft_cores_only:  # vLLM's warm-up: an all-zero dummy LoRA (others are refused on load)
+                self.reset_lora(index)
+                return
             super().set_lora(index, lora_a, lora_b)
             self.psoft_lora_slots.add(index)
             return
@@ -147,8 +158,9 @@ def _shared_class(cls: type) -> type:
     return _SHARED_CLASSES[cls]
 
 
-def install(basis_path: str) -> None:
-    """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``."""
+def install(basis_path: str, cores_only: bool = False) -> None:
+    """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``;
+    ``cores_only``: refuse, on load, an adapter that does not lie in it."""
     shared = SharedBasis(Path(basis_path))
     names = shared.modules
 
@@ -168,7 +180,7 @@ def install(basis_path: str) -> None:
         bases = [module_basis(f"{prefix}.{sub}" if prefix else sub) for sub in packed]
         if any(bases):
             module.__class__ = _shared_class(type(module))
-            module.attach_basis(self, bases)
+            module.attach_basis(self, bases, cores_only)
             logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
 
     load_checkpoint = LoRAModel.from_local_checkpoint.__func__
@@ -185,6 +197,9 @@ def install(basis_path: str) -> None:
         else:
             cores, why = shared.cores_of(Path(lora_dir)) if (Path(lora_dir) / ADAPTER_WEIGHTS).is_file() else (None, "")
             logger.info("psoft-deploy: %s loaded as %s (%s)", lora_dir, "cores" if cores else "exact LoRA", why)
+        if cores is None and cores_only:
+            raise ValueError(f"{lora_dir} does not lie in the shared basis ({why}) and this server holds cores only; "
+                             "serve it with psoft-deploy serve --adapter to have it served as exact LoRA")
         if cores is None:
             return load_checkpoint(cls, lora_dir, expected_lora_modules, *args, peft_helper=peft_helper,
                                    lora_model_id=lora_model_id, dtype=dtype, **kwargs)

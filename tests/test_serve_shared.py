@@ -11,10 +11,12 @@ cores and LoRAs), must equal transformers + PEFT in float32 and the same server 
 """
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -143,3 +145,30 @@ def test_serve_says_in_one_line_which_adapters_are_cores_and_serves_late_ones_as
     # The LoRA posted to vLLM's load endpoint was projected in the engine (and answered as PEFT does).
     vllm_log = "\n".join(path.read_text() for path in work.glob("vllm-*.log"))
     assert re.search(r"posted-lora loaded as cores \(residual ≤ [0-9.]+× float32 noise\)", vllm_log)
+
+
+@pytest.mark.slow
+def test_a_server_of_cores_only_answers_as_peft_and_refuses_a_lora_outside_the_basis(served, tmp_path):
+    work = served["work"]
+    adapters = {name: work / name for name in IN_BASIS}
+    port = free_port()
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(work / "base"),
+             *[arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")],
+             "--port", str(port), "--cache-dir", str(work / "cache"), "--log-file", str(tmp_path / "vllm.log"),
+             "--", *VLLM_ARGS],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+        )
+    try:
+        wait_for_serving(process, tmp_path / "serve.log")
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(urllib.error.HTTPError):  # vLLM's LoRA buffers are gone: a LoRA is refused on load
+            post(f"{url}/v1/load_lora_adapter", {"lora_name": "lora", "lora_path": str(work / "lora")})
+        got = answers(url, [str(work / "base"), *IN_BASIS])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+    got["base"] = got.pop(str(work / "base"))
+    assert got == {name: served["expected"][name] for name in ("base", *IN_BASIS)}
+    assert "does not lie in the shared basis" in (tmp_path / "vllm.log").read_text()

@@ -99,6 +99,9 @@ def test_serve_says_which_adapters_share_the_basis_and_gives_vllm_their_cores(de
     assert not plan.served["low"].name.startswith("cores-")
     assert plan.served[str(base)].name.startswith("cores-zero-")  # the bare base, on CPU
     assert int(vllm_flag(plan.command, "--max-cpu-loras")) >= len(plan.served)
+    assert "PSOFT_DEPLOY_CORES_ONLY" not in plan.env  # "low" needs vLLM's LoRA buffers
+    cores_only = _plan(base, tmp_path, {name: adapters[name] for name in ("a", "b")})
+    assert cores_only.env["PSOFT_DEPLOY_CORES_ONLY"] == "1"
 
     plan = _plan(base, tmp_path, adapters, form="lora")
     assert "PSOFT_DEPLOY_SHARED_BASIS" not in plan.env and not any(p.name.startswith("cores-") for p in plan.served.values())
