@@ -10,6 +10,7 @@ file written here; an Ollama ``Modelfile`` goes beside each file.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.dtypes import GGUF_FILE_TYPES
 from psoft_deploy.errors import UserError
+from psoft_deploy.progress import verbose
 
 MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
@@ -28,17 +30,49 @@ MODELFILE = "Modelfile"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 PERMUTED = {"llama"}  # llama.cpp's Llama graph wants q/k rows in its own rotary order
 LORA_TYPES = ("F32", "F16", "BF16", "Q8_0")
-LLAMA_CPP_HINT = "pip install llama-cpp-python==0.3.36 (it builds llama.cpp, minutes), or pass --no-verify"
+FLOAT_TYPES = ("F32", "F16", "BF16")  # written here; the others by llama.cpp's quantizer
+JUDGED_BY_LOGITS = (*FLOAT_TYPES, "Q8_0")  # lower types are judged by behaviour alone (4-bit-like noise)
 
 
-def llama_cpp():
-    """The ``llama_cpp`` module (llama-cpp-python), or a one-line `UserError` saying how to get it."""
+def llama_cpp(purpose: str = "verifies GGUF files", alternative: str = ", or pass --no-verify"):
+    """The ``llama_cpp`` module (llama-cpp-python), its log (the quantizer's included) shown only with
+    ``--verbose``; or a one-line `UserError` saying how to get it."""
     try:
         import llama_cpp
+        from llama_cpp._logger import set_verbose
     except ImportError:
-        raise UserError(f"llama.cpp runs GGUF files through llama-cpp-python, which is not installed: "
-                        f"{LLAMA_CPP_HINT}") from None
+        raise UserError(f"psoft-deploy {purpose} with llama.cpp through llama-cpp-python, which is not installed: "
+                        f"pip install llama-cpp-python==0.3.36 (it builds llama.cpp: minutes){alternative}") from None
+    set_verbose(verbose())
     return llama_cpp
+
+
+def load(model: Path, lora: Path | None = None, **options):
+    """``model`` (a GGUF file) in llama.cpp (``llama_cpp.Llama``, quiet), with the LoRA GGUF ``lora``
+    applied. Weights stay in ggml's plain CPU layout (``use_extra_bufts`` off): the AMX repacking of
+    quantized weights crashed decoding (segmentation fault, any quantized file) on a virtual machine
+    that reports AMX, with llama-cpp-python 0.3.36."""
+    low = llama_cpp().llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        values = default()
+        values.use_extra_bufts = False
+        return values
+
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp().Llama(model_path=str(model), lora_path=str(lora) if lora else None, verbose=False,
+                                 **options)
+    finally:
+        low.llama_model_default_params = default
+
+
+def gguf_file(candidate: Path) -> Path | None:
+    """The GGUF file a candidate is: itself (``*.gguf``), or the adapter or model file in it."""
+    if candidate.suffix == ".gguf":
+        return candidate
+    return next((candidate / name for name in (ADAPTER_FILE, MODEL_FILE) if (candidate / name).is_file()), None)
 
 
 @dataclass(frozen=True)
@@ -121,7 +155,7 @@ def _finish(writer) -> None:
 def write_model(model_dir: Path, file: Path, quant: str = "F32") -> None:
     """The transformers decoder in ``model_dir`` as one GGUF model file of type ``quant`` (F32, F16
     and BF16 written here, tensor by tensor; the others by llama.cpp's quantizer from an F32 file)."""
-    if quant not in ("F32", "F16", "BF16"):
+    if quant not in FLOAT_TYPES:
         with tempfile.TemporaryDirectory(prefix=".gguf-", dir=file.parent) as scratch:
             source = Path(scratch) / "f32.gguf"
             write_model(model_dir, source, "F32")
@@ -242,10 +276,10 @@ def check_adapter(quant: str, config: dict, modules_to_save) -> str:
 
 def quantize(source: Path, destination: Path, quant: str) -> None:
     """``source`` (an F32 or F16 GGUF model) as ``quant`` by llama.cpp's own quantizer."""
-    llama = llama_cpp()
+    llama = llama_cpp(f"quantizes to {quant}", "; or write F32, F16 or BF16")
     params = llama.llama_model_quantize_default_params()
     params.ftype = GGUF_FILE_TYPES[quant]
-    if llama.llama_model_quantize(str(source).encode(), str(destination).encode(), params) != 0:
+    if llama.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params)) != 0:
         raise UserError(f"llama.cpp's quantizer could not write {quant} from {source}")
 
 

@@ -61,9 +61,7 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
         raise UserError(f"--target {target} writes the exact adapter only; drop --rank/--energy")
     if target == "mlx":
         layout = mlx_layout(factors.modules, factors.adapter.modules_to_save, base_config.get("num_hidden_layers"))
-    if dtype == "auto":  # the base's own dtype for its adapted weights, if a user can name it
-        dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
-        dtype = dtype if dtype in CHOICES else "float32"
+    dtype = adapted_dtype(factors) if dtype == "auto" else dtype
     if target == "gguf":
         quant = gguf.check_adapter(options.gguf_quant(dtype), base_config, factors.adapter.modules_to_save)
     psoft_rank = factors.adapter.rank
@@ -115,6 +113,13 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
     }
     (staging / EXPORT_META).write_text(json.dumps(metadata, indent=2) + "\n")
     return LoraExport(ranks=ranks, errors=errors, exact=exact, max_lora_rank=max_lora_rank)
+
+
+def adapted_dtype(factors: AdapterFactors) -> str:
+    """What ``--dtype auto`` stands for: the base's dtype of its adapted weights, if a user can name
+    it (else float32)."""
+    dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
+    return dtype if dtype in CHOICES else "float32"
 
 
 def _zero_pad(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
