@@ -130,19 +130,33 @@ def _writer(file: Path, layout: Layout, name: str):
     return writer
 
 
-def _add_tensor(writer, name: str, tensor: torch.Tensor, quant: str) -> None:
-    """``tensor`` under ``name`` as ``quant`` (1-d tensors stay float32, as llama.cpp keeps them; a
-    Q8_0 tensor whose rows are not whole blocks is written as F16, as convert_hf_to_gguf does)."""
+def _packed(tensor: torch.Tensor, quant: str):
+    """``tensor`` packed as ``quant`` and the type it got: 1-d tensors stay float32, as llama.cpp keeps
+    them; a Q8_0 tensor whose rows are not whole blocks becomes F16, as convert_hf_to_gguf does it."""
     import gguf
 
     data = tensor.detach().to(torch.float32).contiguous().numpy()
     qtype = gguf.GGMLQuantizationType[quant if tensor.dim() > 1 else "F32"]
     if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         qtype = gguf.GGMLQuantizationType.F16
-    packed = gguf.quants.quantize(data, qtype)
-    writer.add_tensor(name, packed, raw_shape=data.shape if qtype in (gguf.GGMLQuantizationType.F32,
-                                                                       gguf.GGMLQuantizationType.F16) else None,
-                      raw_dtype=qtype)
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def _add_tensor(writer, name: str, tensor: torch.Tensor, quant: str) -> None:
+    """``tensor`` under ``name`` as ``quant`` (`_packed`)."""
+    import gguf
+
+    packed, qtype = _packed(tensor, quant)
+    plain = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    writer.add_tensor(name, packed, raw_shape=tensor.shape if plain else None, raw_dtype=qtype)
+
+
+def rounded(tensor: torch.Tensor, quant: str) -> torch.Tensor:
+    """``tensor`` as this writer stores it in ``quant``, read back (float32)."""
+    import gguf
+
+    packed, qtype = _packed(tensor, quant)
+    return torch.from_numpy(gguf.quants.dequantize(packed, qtype).reshape(tensor.shape).copy())
 
 
 def _finish(writer) -> None:
@@ -221,8 +235,12 @@ def add_vocab(writer, model_dir: Path, config: dict) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model.get("merges", [])]
-    if not merges:  # llama.cpp refuses a BPE vocabulary without merges, and GGUF stores no empty array
-        raise UserError(f"the tokenizer in {model_dir} has no BPE merges; llama.cpp's byte-level BPE needs them")
+    if not merges:  # a byte-level vocabulary: llama.cpp needs the merges key and GGUF stores no empty array, so
+        # one merge of two multi-character special tokens, which no merge builds from characters: it never applies
+        inert = [text for index, text in sorted(by_id.items()) if index in special and len(text) > 1 and " " not in text]
+        if len(inert) < 2:
+            raise UserError(f"the tokenizer in {model_dir} has no BPE merges; llama.cpp's byte-level BPE needs them")
+        merges = [" ".join(inert[:2])]
     writer.add_token_merges(merges)
     vocab = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=size)
     vocab.add_to_gguf(writer, quiet=True)

@@ -15,7 +15,7 @@ import torch
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.families import FAMILIES
-from psoft_deploy.model import reference_model
+from psoft_deploy.model import load_base_model, reference_model
 
 from .inputs import family_outputs, right_padded
 from .reference import greedy, strip_adapter
@@ -35,12 +35,16 @@ class Runtime(Protocol):
 def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: list[list[int]], prompt_source: str,
                      precision: str, runtime: Callable[[], AbstractContextManager[Runtime]], *,
                      names: dict[str, object], base_run: str, stop: set[int], float_type: torch.dtype,
-                     lossy: bool, judged_logits: bool = True) -> Report:
+                     lossy: bool, judged_logits: bool = True,
+                     stored_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Report:
     """The verdict on the candidate ``runtime()`` runs as ``names["candidate"]`` (the base at the
     export's precision: ``names["base"]``, described by ``base_run``) on ``sequences``, each run
     alone from position 0.
     ``lossy``: also judged by behaviour; ``judged_logits`` False: by behaviour alone (the logits'
-    deviation reported, not judged: 4-bit weights)."""
+    deviation reported, not judged: 4-bit weights). ``stored_lora``: each module's (lora_A, lora_B)
+    rounded as the export stores them, when that rounding is coarser than ``float_type``'s: the
+    rounding noise is then the base in ``float_type`` with ``W + lora_B·lora_A`` instead of the
+    reference in ``float_type``."""
     family = FAMILIES["causal-lm"]
     inputs = right_padded(sequences)
 
@@ -68,7 +72,7 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
     # update: the reference in the runtime's float type.
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (runtime_base - base_truth)),
-            "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
+            "rounding": compare_logits(truth, forward(_rounded_reference(base, factors, float_type, stored_lora))),
             "bare_base": compare_logits(truth, runtime_base)}
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
                    noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
@@ -80,3 +84,16 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
         {"truth": truth_continuations, "base_truth": base_continuations,
          "candidate": runtime_continuations["candidate"], "graph_base": runtime_continuations["base"]}, precision),
         judged_logits)
+
+
+def _rounded_reference(base: BaseCheckpoint, factors: AdapterFactors, float_type: torch.dtype,
+                       stored_lora: dict | None):
+    """The reference in ``float_type``, or (``stored_lora``) the base in ``float_type`` with every
+    adapted weight ``W + lora_B·lora_A`` from the stored factors (summed in float64)."""
+    if stored_lora is None:
+        return reference_model(base.path, factors, float_type)
+    model = load_base_model(base.path, float_type)
+    for name, (lora_A, lora_B) in stored_lora.items():
+        weight = model.get_submodule(name).weight
+        weight.data = (weight.double() + lora_B.double() @ lora_A.double()).to(float_type)
+    return model
