@@ -4,8 +4,9 @@
 names, the rotary row permutation of Llama's q/k projections) and ``convert_lora_to_gguf.py``
 (``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, tensors
 ``blk.N.attn_q.weight.lora_a`` (r×in) and ``.lora_b`` (out×r), the permutation applied to q/k's
-lora_b). Types below 8 bits come from llama.cpp's own quantizer (`quantize`), run on the float32
-file written here; an Ollama ``Modelfile`` goes beside each file.
+lora_b). A model's types other than F32, F16 and BF16 come from llama.cpp's own quantizer
+(`quantize`), run on the F32 file written here; a LoRA's Q8_0 from gguf-py's. An Ollama
+``Modelfile`` goes beside each file.
 """
 
 from __future__ import annotations
@@ -248,14 +249,16 @@ def add_vocab(writer, model_dir: Path, config: dict) -> None:
 
 def _pre_tokenizer(pre: dict) -> str:
     """llama.cpp's name of a byte-level pre-tokenizer: GPT-2's regex alone, or with digits split one
-    by one first (SmolLM's); llama.cpp's default otherwise (verification compares tokenizations)."""
+    by one first (SmolLM's); a split regex whose numbers go in runs of up to three (Llama 3's) or one
+    by one (Qwen2's); llama.cpp's default otherwise. Verification compares the tokenizations."""
     parts = pre.get("pretokenizers", [pre])
     kinds = [part.get("type") for part in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
-    return "default"
+    pattern = (parts[0].get("pattern") or {}).get("Regex", "") if kinds[:1] == ["Split"] else ""
+    return "llama-bpe" if r"\p{N}{1,3}" in pattern else "qwen2" if r"\p{L}+|\p{N}|" in pattern else "default"
 
 
 def write_adapter(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], file: Path, config: dict, quant: str,

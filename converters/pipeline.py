@@ -122,10 +122,10 @@ def materialize(factors: AdapterFactors, output: str | Path, *, base_name: str, 
 
 
 def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, adapter_name: str,
-          options: WriteOptions = WRITE_DEFAULTS, max_shard_size="5GB") -> Published:
+          options: WriteOptions = WRITE_DEFAULTS, max_shard_size="5GB", prompts=None) -> Published:
     """A dense merged model directory, or with ``options.to`` gguf one llama.cpp model file
     (``model.gguf`` of type ``options.quant``) and an Ollama ``Modelfile`` (``options``: dtype,
-    verify_mode, overwrite)."""
+    verify_mode, overwrite; ``prompts``: verification prompts, None: verify's defaults)."""
     from psoft_deploy.converters.lora import adapted_dtype
     from psoft_deploy.converters.merge import merge_to_directory, merged_checkpoint, write_model_card
 
@@ -145,7 +145,8 @@ def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, 
         return quant
 
     checks = None if options.verify_mode is None else [
-        Check("merged model", lambda staging: verify_candidate(base, factors, staging, mode=options.verify_mode))]
+        Check("merged model", lambda staging: verify_candidate(base, factors, staging, mode=options.verify_mode,
+                                                               prompts=prompts))]
     return publish(
         output, "merged model", write, checks, overwrite=options.overwrite,
         model_card=lambda staging, verification: write_model_card(staging, base=base, adapter=adapter_name,
@@ -154,9 +155,10 @@ def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, 
 
 
 def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *,
-                options: WriteOptions = WRITE_DEFAULTS) -> Published:
-    """A PEFT LoRA adapter, or mlx-lm's (``options``: rank, energy, dtype, target, as
-    `psoft_deploy.converters.lora.export_lora` takes them, verify_mode, overwrite)."""
+                options: WriteOptions = WRITE_DEFAULTS, prompts=None) -> Published:
+    """A PEFT LoRA adapter, mlx-lm's or llama.cpp's (``options``: rank, energy, dtype, target, quant,
+    as `psoft_deploy.converters.lora.export_lora` takes them, verify_mode, overwrite; ``prompts``:
+    verification prompts, None: verify's defaults)."""
     from psoft_deploy.converters.lora import export_lora as write_lora
 
     base_name = base.name if not Path(base.name).expanduser().is_dir() else str(base.path.absolute())
@@ -166,7 +168,7 @@ def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Pat
     checks = None if mode is None else [Check("LoRA adapter", lambda staging: (
         verify_lora_layerwise(base, factors, staging) if mode == "layerwise" and options.target in ("peft", "vllm",
                                                                                                       "sglang")
-        else verify_candidate(base, factors, staging, mode=mode)))]
+        else verify_candidate(base, factors, staging, mode=mode, prompts=prompts)))]
     return publish(output, "LoRA adapter", lambda staging: write_lora(
         factors, staging, base_name=base_name, options=options, base_config=base.config, base_dir=base.path),
                    checks, overwrite=options.overwrite)

@@ -174,9 +174,10 @@ def inspect_command(adapter_path, adapter, base, as_json, read_options):
 @output_option("the merged model")
 @click.option("--max-shard-size", type=ShardSize(), default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB, 500MB.")
+@PROMPTS
 @write_options("dtype", "to", "quant", "verify_mode")
 @read_options
-def merge(base, adapter, output, max_shard_size, write_options, read_options):
+def merge(base, adapter, output, max_shard_size, prompts, write_options, read_options):
     """Fold the adapter into the base: one dense model directory for any runtime, or one GGUF file.
 
     Streams the base shard by shard (float32 accumulation), keeps every other tensor
@@ -195,7 +196,7 @@ def merge(base, adapter, output, max_shard_size, write_options, read_options):
 
     checkpoint, factors = _load(base, adapter, read_options)
     published = pipeline.merge(checkpoint, factors, output, adapter_name=adapter, options=write_options,
-                               max_shard_size=max_shard_size)
+                               max_shard_size=max_shard_size, prompts=_prompts(prompts))
     _echo_verdicts(published)
     plan = published.written
     if write_options.to == "gguf":
@@ -210,9 +211,10 @@ def merge(base, adapter, output, max_shard_size, write_options, read_options):
 @cli.command(name="export-lora")
 @base_and_adapter
 @output_option("the LoRA adapter")
+@PROMPTS
 @write_options("rank", "energy", "dtype", "target", "quant", "verify_mode")
 @read_options
-def export_lora_command(base, adapter, output, write_options, read_options):
+def export_lora_command(base, adapter, output, prompts, write_options, read_options):
     """Write the adapter as a PEFT LoRA adapter: exact (lora_B = s·B(R−I), lora_A = A), or truncated.
 
     The result loads with PeftModel.from_pretrained and serves with vLLM, LoRAX, SGLang or
@@ -235,7 +237,7 @@ def export_lora_command(base, adapter, output, write_options, read_options):
         warnings.warn(f"--rank {rank} is above the adapter's rank r={factors.adapter.rank}: writing the exact "
                       f"export at r={factors.adapter.rank}")
         write_options = replace(write_options, rank=None)
-    published = pipeline.export_lora(checkpoint, factors, output, options=write_options)
+    published = pipeline.export_lora(checkpoint, factors, output, options=write_options, prompts=_prompts(prompts))
     _echo_verdicts(published)
     result = published.written
     ranks = sorted(set(result.ranks.values()))
@@ -297,7 +299,6 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
       psoft-deploy export-onnx --base ./bert --adapter ./psoft-adapter --output ./onnx
     """
     from psoft_deploy.converters import pipeline
-    from psoft_deploy.converters.verify import read_prompts
 
     from .base import BaseCheckpoint
     from .factors import load_factors
@@ -312,7 +313,7 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
     merged = load_factors(adapters[0], checkpoint, read_options) if adapters and not adapters_as_inputs else None
     published = pipeline.export_onnx(checkpoint, output, merged=merged, adapters=named, exporter=exporter,
                                      precision=precision, execution_provider=execution_provider,
-                                     options=write_options, prompts=read_prompts(prompts) if prompts else None,
+                                     options=write_options, prompts=_prompts(prompts),
                                      quantize_adapted=quantize_adapted_modules, with_past=with_past, opset=opset)
     _echo_verdicts(published)
     from psoft_deploy.converters.genai_runtime import is_genai_export
@@ -343,6 +344,13 @@ def _load(base: str, adapter: str, read_options):
 
     checkpoint = BaseCheckpoint(base)
     return checkpoint, load_factors(adapter, checkpoint, read_options)
+
+
+def _prompts(file):
+    """The verification prompts in ``file`` (None: verify's defaults)."""
+    from psoft_deploy.converters.verify import read_prompts
+
+    return read_prompts(file) if file else None
 
 
 def _echo_verdicts(published) -> None:
@@ -426,14 +434,14 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
     """
     from pathlib import Path
 
-    from psoft_deploy.converters.verify import read_prompts, verify_candidate
+    from psoft_deploy.converters.verify import verify_candidate
 
     if report:
         check_apart(report, {"base": base, "adapter": adapter, "candidate": candidate})
         check_writable(report, "report")
     checkpoint, factors = _load(base, adapter, read_options)
     result = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode,
-                              prompts=read_prompts(prompts) if prompts else None)
+                              prompts=_prompts(prompts))
     if report:
         atomic_write_text(report, json.dumps(result.to_dict(), indent=2) + "\n")
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())

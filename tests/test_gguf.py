@@ -153,6 +153,21 @@ def test_a_tokenization_difference_fails(exported):
     assert failed and "llama.cpp tokenizes 4 of 4 prompts otherwise" in failed[0]
 
 
+def test_pre_tokenizer_names():
+    from psoft_deploy.converters.gguf import _pre_tokenizer
+
+    def split(regex):
+        return {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": regex}},
+                                                      {"type": "ByteLevel", "use_regex": False}]}
+
+    assert _pre_tokenizer({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+    assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                 {"type": "ByteLevel"}]}) == "smollm"
+    assert _pre_tokenizer(split(r"(?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+")) == "llama-bpe"
+    assert _pre_tokenizer(split(r"(?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+")) == "qwen2"
+    assert _pre_tokenizer({"type": "Whitespace"}) == "default"
+
+
 def test_bad_input_is_one_line(exported, tiny_base, tmp_path, monkeypatch):
     base, work = exported
     adapter = work / "adapter"
