@@ -300,7 +300,11 @@ def quantize(source: Path, destination: Path, quant: str) -> None:
     llama = llama_cpp(f"quantizes to {quant}", "; or write F32, F16 or BF16")
     params = llama.llama_model_quantize_default_params()
     params.ftype = GGUF_FILE_TYPES[quant]
-    if llama.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params)) != 0:
+    from llama_cpp._utils import suppress_stdout_stderr  # the quantizer writes to stderr past llama.cpp's log
+
+    with suppress_stdout_stderr(disable=verbose()):
+        failed = llama.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params))
+    if failed:
         raise UserError(f"llama.cpp's quantizer could not write {quant} from {source}")
 
 

@@ -51,7 +51,7 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
     ``base_dir`` (`psoft_deploy.converters.gguf`); those two exact only (``base_config``: the base's
     config.json).
 
-    With targets ``vllm``, ``sglang`` and ``mlx`` every layer gets the same rank (smaller ones
+    With targets ``vllm``, ``sglang``, ``mlx`` and ``gguf`` every layer gets the same rank (smaller ones
     zero-padded, which is exact) since they read one rank per adapter; otherwise differing ranks
     go to ``rank_pattern``/``alpha_pattern``.
     """

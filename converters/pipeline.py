@@ -131,10 +131,12 @@ def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, 
 
     to_gguf = options.to == "gguf"
     quant = options.gguf_quant(adapted_dtype(factors)) if to_gguf else None
-    if to_gguf:
+    if to_gguf:  # refused before any work: what llama.cpp cannot run, and a missing llama.cpp
         gguf.Layout.of(base.config)
-        if quant not in gguf.FLOAT_TYPES or options.verify_mode is not None:
-            gguf.llama_cpp(*(() if options.verify_mode is not None else (f"quantizes to {quant}", "")))
+        if options.verify_mode is not None:
+            gguf.llama_cpp()
+        elif quant not in gguf.FLOAT_TYPES:
+            gguf.llama_cpp(f"quantizes to {quant}", "")
 
     def write(staging: Path):
         if not to_gguf:

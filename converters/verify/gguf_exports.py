@@ -5,6 +5,7 @@ checked: llama.cpp tokenizes the prompts' text as the base's tokenizer does."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,10 @@ class LlamaCpp:
 
     def __init__(self, files: dict[str, tuple[Path, Path | None]], context: int, stop: set[int]):
         self.stop = stop
-        self.models = {name: gguf.load(model, lora, n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True)
+        # half the cores: llama.cpp's threads wait by spinning, and on 2 busy cores 2 threads took 10× 1's time
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        self.models = {name: gguf.load(model, lora, n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True,
+                                       n_threads=threads, n_threads_batch=threads)
                        for name, (model, lora) in files.items()}
 
     def logits(self, tokens: list[int], name: str) -> np.ndarray:
