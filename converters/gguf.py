@@ -98,8 +98,9 @@ class Layout:
 
     @property
     def heads(self) -> tuple[int, int]:
-        return self.config["num_attention_heads"], self.config.get("num_key_value_heads") or self.config[
-            "num_attention_heads"]
+        """Attention heads and key/value heads."""
+        heads = self.config["num_attention_heads"]
+        return heads, self.config.get("num_key_value_heads") or heads
 
     def name(self, key: str) -> str:
         """llama.cpp's name of the transformers tensor ``key`` (e.g. ``blk.0.attn_q.weight``)."""
