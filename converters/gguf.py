@@ -90,11 +90,24 @@ class Layout:
         if architecture not in ARCHITECTURES:
             raise UserError(f"GGUF export supports {', '.join(ARCHITECTURES)} (llama.cpp's llama and qwen2), not "
                             f"{architecture}; merge the adapter and convert it with llama.cpp's convert_hf_to_gguf.py")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UserError(f"GGUF export writes the default rotary embedding only, not {rope.get('rope_type')!r}; "
-                            "merge the adapter and convert it with llama.cpp's convert_hf_to_gguf.py")
-        return cls(ARCHITECTURES[architecture], config)
+        layout = cls(ARCHITECTURES[architecture], config)
+        if layout.rope_type not in ("default", *(["llama3"] if layout.arch == "llama" else [])):
+            raise UserError(f"GGUF export writes the default rotary embedding (and Llama 3's), not "
+                            f"{layout.rope_type!r}; merge the adapter and convert it with llama.cpp's "
+                            "convert_hf_to_gguf.py")
+        return layout
+
+    @property
+    def rope(self) -> dict:
+        """The rotary embedding's parameters (transformers 5's ``rope_parameters``, or the older
+        ``rope_theta`` and ``rope_scaling``)."""
+        config = self.config
+        return {"rope_theta": config.get("rope_theta", 10000.0), **(config.get("rope_scaling") or {}),
+                **(config.get("rope_parameters") or {})}
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope.get("rope_type", self.rope.get("type", "default"))
 
     @property
     def heads(self) -> tuple[int, int]:
@@ -185,7 +198,6 @@ def write_model(model_dir: Path, file: Path, quant: str = "F32") -> None:
     writer = _writer(file, layout, model_dir.name)
     heads, kv_heads = layout.heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -196,7 +208,7 @@ def write_model(model_dir: Path, file: Path, quant: str = "F32") -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_rope_freq_base(float(layout.rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(GGUF_FILE_TYPES[quant])
@@ -206,7 +218,20 @@ def write_model(model_dir: Path, file: Path, quant: str = "F32") -> None:
         if key == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # llama.cpp reuses token_embd where output is absent
         _add_tensor(writer, layout.name(key), layout.rows(key, checkpoint.tensor(key)), quant)
+    if layout.rope_type == "llama3":
+        _add_tensor(writer, "rope_freqs.weight", llama3_rope_factors(layout.rope, head_dim), "F32")
     _finish(writer)
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor:
+    """What llama.cpp divides each rotary frequency by for Llama 3's rope scaling (its ``rope_freqs``
+    tensor; transformers' ``_compute_llama3_parameters`` scales the frequencies the same way)."""
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings", 8192)
+    frequencies = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelengths = 2 * torch.pi / frequencies
+    smooth = ((context / wavelengths - low) / (high - low)).clamp(0, 1)
+    return 1 / ((1 - smooth) / factor + smooth)
 
 
 def add_vocab(writer, model_dir: Path, config: dict) -> None:

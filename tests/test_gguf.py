@@ -141,6 +141,50 @@ def test_other_supported_architectures(kind, tiny_base, tmp_path):
     ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora"))
 
 
+def test_llama_3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path, monkeypatch):
+    """A Llama with Llama 3's rope scaling (its smoothed band inside the prompt's positions): llama.cpp
+    computes the base's logits within 1e-2 of transformers with the rope_freqs tensor, not without it,
+    and a merged GGUF passes verification."""
+    import numpy as np
+    import transformers
+
+    from psoft_deploy.model import load_base_model
+    from psoft_deploy.testing import build_tokenizer, bundled_text
+
+    base = tmp_path / "llama3"
+    build_tokenizer(base, bundled_text())
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        rope_parameters=rope))
+    with torch.no_grad():  # weights 3× their initial size: attention far from uniform, positions matter
+        for parameter in model.parameters():
+            parameter.mul_(3 if parameter.dim() > 1 else 1)
+    model.save_pretrained(base)
+    ids = list(range(10, 130))
+    with torch.no_grad():
+        expected = load_base_model(base, torch.float32)(torch.tensor([ids])).logits[0].numpy()
+
+    def deviation(file) -> float:
+        model = gguf.load(file, n_ctx=256, logits_all=True, n_threads=1, n_threads_batch=1)
+        model.eval(ids)
+        deviation = float(np.abs(np.array(model.scores[:len(ids)]) - expected).max())
+        model.close()
+        return deviation
+
+    gguf.write_model(base, tmp_path / "base.gguf")
+    assert "rope_freqs.weight" in {tensor.name for tensor in gguf_py.GGUFReader(tmp_path / "base.gguf").tensors}
+    monkeypatch.setattr(gguf, "llama3_rope_factors", lambda rope, head_dim: torch.ones(head_dim // 2))
+    gguf.write_model(base, tmp_path / "unscaled.gguf")
+    monkeypatch.undo()
+    assert deviation(tmp_path / "base.gguf") < 1e-2 < 0.1 < deviation(tmp_path / "unscaled.gguf")
+    make_peft_adapter(base, tmp_path / "adapter", r=8)
+    ok(merge(base, tmp_path / "adapter", tmp_path / "merged"))
+
+
 def test_a_tokenization_difference_fails(exported):
     base, _ = exported
 
