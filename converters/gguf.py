@@ -339,8 +339,11 @@ def file_quant(file: Path) -> str:
     import gguf
 
     field = gguf.GGUFReader(file).get_field(gguf.Keys.General.FILE_TYPE)
-    number = int(field.parts[field.data[0]][0]) if field is not None else 0
-    return next((name for name, value in GGUF_FILE_TYPES.items() if value == number), f"file type {number}")
+    number = int(field.contents()) if field is not None else 0
+    try:
+        return gguf.LlamaFileType(number).name.removeprefix("ALL_").removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file type {number}"
 
 
 def is_adapter(file: Path) -> bool:

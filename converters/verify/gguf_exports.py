@@ -15,6 +15,8 @@ import torch
 
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters import gguf
+from psoft_deploy.dtypes import GGUF_FILE_TYPES
+from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.generate import eos_token_ids
 
@@ -66,6 +68,9 @@ def verify_gguf(base: BaseCheckpoint, factors: AdapterFactors, file: Path, promp
     logits bounds and behaviour, lower types by behaviour alone (`gguf.JUDGED_BY_LOGITS`)."""
     gguf.llama_cpp()
     quant, adapter = gguf.file_quant(file), gguf.is_adapter(file)
+    if quant not in GGUF_FILE_TYPES:
+        raise UserError(f"{file} holds {quant}; psoft-deploy verifies the GGUF types it writes "
+                        f"({', '.join(GGUF_FILE_TYPES)}), running the base written in the same type beside it")
     inputs, prompt_source = verification_inputs([file.parent, base.path], prompts, base.config)
     sequences = prompt_sequences(inputs)
     context = min(max(map(len, sequences)) + GENERATED_TOKENS + 1, base.config.get("max_position_embeddings", 4096))
