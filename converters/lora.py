@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from psoft_deploy import __version__
+from psoft_deploy.converters import gguf
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.mlx import mlx_layout, write_mlx_adapter
 from psoft_deploy.dtypes import BY_NAME, CHOICES
@@ -27,7 +28,7 @@ from psoft_deploy.psoft import rank_for_energy
 
 EXPORT_META = "psoft_lora_export.json"
 # Runtimes that read one rank per adapter: every layer is zero-padded to the largest rank (exact).
-UNIFORM_RANK_TARGETS = ("vllm", "sglang", "mlx")
+UNIFORM_RANK_TARGETS = ("vllm", "sglang", "mlx", "gguf")
 
 
 @dataclass
@@ -41,24 +42,28 @@ class LoraExport:
 
 
 def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
-                options: WriteOptions = WRITE_DEFAULTS, num_base_layers: int | None = None) -> LoraExport:
+                options: WriteOptions = WRITE_DEFAULTS, base_config: dict | None = None,
+                base_dir: Path | None = None) -> LoraExport:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) into ``staging``
     (``options``: rank or energy, dtype, target), or with target ``mlx`` mlx-lm's
-    ``adapters.safetensors`` + ``adapter_config.json`` (`psoft_deploy.converters.mlx`; exact only,
-    ``num_base_layers``: the base's layer count).
+    ``adapters.safetensors`` + ``adapter_config.json`` (`psoft_deploy.converters.mlx`), with target
+    ``gguf`` llama.cpp's ``adapter.gguf`` (``options.quant``) and an Ollama ``Modelfile`` on
+    ``base_dir`` (`psoft_deploy.converters.gguf`); those two exact only (``base_config``: the base's
+    config.json).
 
-    With targets ``vllm``, ``sglang`` and ``mlx`` every layer gets the same rank (smaller ones
+    With targets ``vllm``, ``sglang``, ``mlx`` and ``gguf`` every layer gets the same rank (smaller ones
     zero-padded, which is exact) since they read one rank per adapter; otherwise differing ranks
     go to ``rank_pattern``/``alpha_pattern``.
     """
     rank, energy, dtype, target = options.rank, options.energy, options.dtype, options.target
+    base_config = base_config or {}
+    if target in ("mlx", "gguf") and (rank is not None or energy is not None):
+        raise UserError(f"--target {target} writes the exact adapter only; drop --rank/--energy")
     if target == "mlx":
-        if rank is not None or energy is not None:
-            raise UserError("--target mlx writes the exact adapter only; drop --rank/--energy")
-        layout = mlx_layout(factors.modules, factors.adapter.modules_to_save, num_base_layers)
-    if dtype == "auto":  # the base's own dtype for its adapted weights, if a user can name it
-        dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
-        dtype = dtype if dtype in CHOICES else "float32"
+        layout = mlx_layout(factors.modules, factors.adapter.modules_to_save, base_config.get("num_hidden_layers"))
+    dtype = adapted_dtype(factors) if dtype == "auto" else dtype
+    if target == "gguf":
+        quant = gguf.check_adapter(options.gguf_quant(dtype), base_config, factors.adapter.modules_to_save)
     psoft_rank = factors.adapter.rank
     pairs, errors = {}, {}
     for name, module in track(factors.modules.items(), desc="export-lora"):
@@ -85,6 +90,9 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
     out_dtype = BY_NAME[dtype].torch
     if target == "mlx":
         write_mlx_adapter(staging, pairs, num_layers=layout[0], keys=layout[1], base_name=base_name, dtype=out_dtype)
+    elif target == "gguf":
+        gguf.write_adapter(pairs, staging / gguf.ADAPTER_FILE, base_config, quant, name=f"PSOFT adapter on {base_name}")
+        gguf.write_modelfile(staging, str(base_dir.absolute()), f"./{gguf.ADAPTER_FILE}")
     else:
         tensors = {key: tensor for name, pair in pairs.items() for key, tensor in zip(lora_keys(name), pair)}
         adapter.write(staging, {key: value.to(out_dtype) for key, value in (tensors | factors.replaced_tensors).items()})
@@ -95,7 +103,7 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
         "base": {"name_or_path": base_name},
         "exact": exact,
         "psoft_rank": psoft_rank,
-        "dtype": dtype,
+        "dtype": quant if target == "gguf" else dtype,
         "target": None if target == "peft" else target,
         "vllm_max_lora_rank": max_lora_rank,
         "modules": {
@@ -105,6 +113,13 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
     }
     (staging / EXPORT_META).write_text(json.dumps(metadata, indent=2) + "\n")
     return LoraExport(ranks=ranks, errors=errors, exact=exact, max_lora_rank=max_lora_rank)
+
+
+def adapted_dtype(factors: AdapterFactors) -> str:
+    """What ``--dtype auto`` stands for: the base's dtype of its adapted weights, if a user can name
+    it (else float32)."""
+    dtype = next(iter(factors.fingerprints.values()), {}).get("dtype", "float32")
+    return dtype if dtype in CHOICES else "float32"
 
 
 def _zero_pad(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

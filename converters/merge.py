@@ -172,11 +172,15 @@ def _copy_side_files(base_dir: Path, staging: Path, dtype: str, untied: bool) ->
 
 
 def write_model_card(staging: Path, *, base: BaseCheckpoint, adapter: str, factors: AdapterFactors,
-                     verification: str) -> None:
-    """A short README.md saying how the merged model was made and whether it verified."""
-    write_card(staging, base, "Merged PSOFT model", ["psoft", "merged"], [
+                     verification: str, gguf: str | None = None) -> None:
+    """A short README.md saying how the merged model was made (``gguf``: written as a GGUF of that
+    type) and whether it verified."""
+    written = [f"written as one GGUF file ({gguf}) for llama.cpp; Ollama: `ollama create NAME -f Modelfile`"
+               ] if gguf else []
+    write_card(staging, base, "Merged PSOFT model", ["psoft", "merged", *(["gguf"] if gguf else [])], [
         f"adapter: {describe_adapter(adapter, factors)}",
         f"merged by psoft-deploy {__version__}: `W' = W + s·B(R−I)A` with float32 accumulation",
+        *written,
         f"verification: {verification}",
     ])
 

@@ -19,6 +19,7 @@ import torch
 
 from psoft_deploy import __version__
 from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.converters import gguf
 from psoft_deploy.converters.verify import (
     Report,
     VerificationFailed,
@@ -121,34 +122,57 @@ def materialize(factors: AdapterFactors, output: str | Path, *, base_name: str, 
 
 
 def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, adapter_name: str,
-          options: WriteOptions = WRITE_DEFAULTS, max_shard_size="5GB") -> Published:
-    """A dense merged model directory (``options``: dtype, verify_mode, overwrite)."""
-    from psoft_deploy.converters.merge import merge_to_directory, write_model_card
+          options: WriteOptions = WRITE_DEFAULTS, max_shard_size="5GB", prompts=None) -> Published:
+    """A dense merged model directory, or with ``options.to`` gguf one llama.cpp model file
+    (``model.gguf`` of type ``options.quant``) and an Ollama ``Modelfile`` (``options``: dtype,
+    verify_mode, overwrite; ``prompts``: verification prompts, None: verify's defaults)."""
+    from psoft_deploy.converters.lora import adapted_dtype
+    from psoft_deploy.converters.merge import merge_to_directory, merged_checkpoint, write_model_card
+
+    to_gguf = options.to == "gguf"
+    quant = options.gguf_quant(adapted_dtype(factors)) if to_gguf else None
+    if to_gguf:  # refused before any work: what llama.cpp cannot run, and a missing llama.cpp
+        gguf.Layout.of(base.config)
+        if options.verify_mode is not None:
+            gguf.llama_cpp()
+        elif quant not in gguf.FLOAT_TYPES:
+            gguf.llama_cpp(f"quantizes to {quant}", "")
+
+    def write(staging: Path):
+        if not to_gguf:
+            return merge_to_directory(base, factors, staging, dtype=options.dtype, max_shard_size=max_shard_size)
+        with merged_checkpoint(base, factors, staging, dtype="float32") as merged:
+            gguf.write_model(merged, staging / gguf.MODEL_FILE, quant)
+        gguf.write_modelfile(staging, f"./{gguf.MODEL_FILE}")
+        return quant
 
     checks = None if options.verify_mode is None else [
-        Check("merged model", lambda staging: verify_candidate(base, factors, staging, mode=options.verify_mode))]
+        Check("merged model", lambda staging: verify_candidate(base, factors, staging, mode=options.verify_mode,
+                                                               prompts=prompts))]
     return publish(
-        output, "merged model",
-        lambda staging: merge_to_directory(base, factors, staging, dtype=options.dtype, max_shard_size=max_shard_size),
-        checks, overwrite=options.overwrite,
+        output, "merged model", write, checks, overwrite=options.overwrite,
         model_card=lambda staging, verification: write_model_card(staging, base=base, adapter=adapter_name,
-                                                                  factors=factors, verification=verification))
+                                                                  factors=factors, verification=verification,
+                                                                  gguf=quant))
 
 
 def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *,
-                options: WriteOptions = WRITE_DEFAULTS) -> Published:
-    """A PEFT LoRA adapter, or mlx-lm's (``options``: rank, energy, dtype, target, as
-    `psoft_deploy.converters.lora.export_lora` takes them, verify_mode, overwrite)."""
+                options: WriteOptions = WRITE_DEFAULTS, prompts=None) -> Published:
+    """A PEFT LoRA adapter, mlx-lm's or llama.cpp's (``options``: rank, energy, dtype, target, quant,
+    as `psoft_deploy.converters.lora.export_lora` takes them, verify_mode, overwrite; ``prompts``:
+    verification prompts, None: verify's defaults)."""
     from psoft_deploy.converters.lora import export_lora as write_lora
 
     base_name = base.name if not Path(base.name).expanduser().is_dir() else str(base.path.absolute())
     mode = options.verify_mode
+    if options.target == "gguf" and mode is not None:
+        gguf.llama_cpp()
     checks = None if mode is None else [Check("LoRA adapter", lambda staging: (
-        verify_lora_layerwise(base, factors, staging) if mode == "layerwise" and options.target != "mlx"
-        else verify_candidate(base, factors, staging, mode=mode)))]
-    layers = base.config.get("num_hidden_layers")
-    return publish(output, "LoRA adapter", lambda staging: write_lora(factors, staging, base_name=base_name,
-                                                                      options=options, num_base_layers=layers),
+        verify_lora_layerwise(base, factors, staging) if mode == "layerwise" and options.target in ("peft", "vllm",
+                                                                                                      "sglang")
+        else verify_candidate(base, factors, staging, mode=mode, prompts=prompts)))]
+    return publish(output, "LoRA adapter", lambda staging: write_lora(
+        factors, staging, base_name=base_name, options=options, base_config=base.config, base_dir=base.path),
                    checks, overwrite=options.overwrite)
 
 

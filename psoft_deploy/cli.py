@@ -174,27 +174,36 @@ def inspect_command(adapter_path, adapter, base, as_json, read_options):
 @output_option("the merged model")
 @click.option("--max-shard-size", type=ShardSize(), default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB, 500MB.")
-@write_options("dtype", "verify_mode")
+@PROMPTS
+@write_options("dtype", "to", "quant", "verify_mode")
 @read_options
-def merge(base, adapter, output, max_shard_size, write_options, read_options):
-    """Fold the adapter into the base: one dense model directory for any runtime.
+def merge(base, adapter, output, max_shard_size, prompts, write_options, read_options):
+    """Fold the adapter into the base: one dense model directory for any runtime, or one GGUF file.
 
     Streams the base shard by shard (float32 accumulation), keeps every other tensor
     unchanged, copies config and tokenizer files, writes a model card, and verifies the
-    result against the reference forward before it appears at OUTPUT.
+    result against the reference forward before it appears at OUTPUT. With --to gguf:
+    OUTPUT/model.gguf for llama.cpp (Llama, Mistral, Qwen2), quantized by llama.cpp with
+    --quant, verified in llama.cpp, and an Ollama Modelfile.
 
     \b
-    Example:
+    Examples:
       psoft-deploy merge --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./merged
+      psoft-deploy merge --base ./smollm2 --adapter ./psoft-adapter --output ./gguf --to gguf --quant Q4_K_M
     """
     check_output(output, write_options.overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
 
     checkpoint, factors = _load(base, adapter, read_options)
     published = pipeline.merge(checkpoint, factors, output, adapter_name=adapter, options=write_options,
-                               max_shard_size=max_shard_size)
+                               max_shard_size=max_shard_size, prompts=_prompts(prompts))
     _echo_verdicts(published)
     plan = published.written
+    if write_options.to == "gguf":
+        size = (Path(output) / "model.gguf").stat().st_size
+        click.echo(f"merged {len(factors.modules)} modules into {output}/model.gguf ({plan}, {size / 2**20:.1f} MiB); "
+                   f"Ollama: ollama create NAME -f {output}/Modelfile")
+        return
     click.echo(f"merged {len(factors.modules)} modules into {output} "
                f"({len(plan.shards)} shard(s), {plan.total_size / 2**20:.1f} MiB)")
 
@@ -202,18 +211,22 @@ def merge(base, adapter, output, max_shard_size, write_options, read_options):
 @cli.command(name="export-lora")
 @base_and_adapter
 @output_option("the LoRA adapter")
-@write_options("rank", "energy", "dtype", "target", "verify_mode")
+@PROMPTS
+@write_options("rank", "energy", "dtype", "target", "quant", "verify_mode")
 @read_options
-def export_lora_command(base, adapter, output, write_options, read_options):
+def export_lora_command(base, adapter, output, prompts, write_options, read_options):
     """Write the adapter as a PEFT LoRA adapter: exact (lora_B = s·B(R−I), lora_A = A), or truncated.
 
     The result loads with PeftModel.from_pretrained and serves with vLLM, LoRAX, SGLang or
     TensorRT-LLM. Truncation uses the SVD of a small r×r core per layer, never a dense SVD.
+    --target mlx writes an mlx-lm adapter; --target gguf a llama.cpp LoRA (adapter.gguf,
+    verified in llama.cpp on the base written as GGUF) and an Ollama Modelfile.
 
     \b
     Examples:
       psoft-deploy export-lora --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./lora
       psoft-deploy export-lora --base ... --adapter ... --output ./lora-99 --energy 0.99 --target vllm
+      psoft-deploy export-lora --base ./smollm2 --adapter ./psoft-adapter --output ./gguf --target gguf --quant Q8_0
     """
     check_output(output, write_options.overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
@@ -224,7 +237,7 @@ def export_lora_command(base, adapter, output, write_options, read_options):
         warnings.warn(f"--rank {rank} is above the adapter's rank r={factors.adapter.rank}: writing the exact "
                       f"export at r={factors.adapter.rank}")
         write_options = replace(write_options, rank=None)
-    published = pipeline.export_lora(checkpoint, factors, output, options=write_options)
+    published = pipeline.export_lora(checkpoint, factors, output, options=write_options, prompts=_prompts(prompts))
     _echo_verdicts(published)
     result = published.written
     ranks = sorted(set(result.ranks.values()))
@@ -236,6 +249,9 @@ def export_lora_command(base, adapter, output, write_options, read_options):
         click.echo(f"serve with vLLM: --enable-lora --max-lora-rank {result.max_lora_rank}")
     if write_options.target == "sglang":
         click.echo(f"serve with SGLang: --lora-paths NAME={output}")
+    if write_options.target == "gguf":
+        click.echo(f"llama.cpp: --lora {output}/adapter.gguf with a GGUF of the base; Ollama: ollama create NAME -f "
+                   f"{output}/Modelfile")
 
 
 @cli.command(name="export-onnx")
@@ -283,7 +299,6 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
       psoft-deploy export-onnx --base ./bert --adapter ./psoft-adapter --output ./onnx
     """
     from psoft_deploy.converters import pipeline
-    from psoft_deploy.converters.verify import read_prompts
 
     from .base import BaseCheckpoint
     from .factors import load_factors
@@ -298,7 +313,7 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
     merged = load_factors(adapters[0], checkpoint, read_options) if adapters and not adapters_as_inputs else None
     published = pipeline.export_onnx(checkpoint, output, merged=merged, adapters=named, exporter=exporter,
                                      precision=precision, execution_provider=execution_provider,
-                                     options=write_options, prompts=read_prompts(prompts) if prompts else None,
+                                     options=write_options, prompts=_prompts(prompts),
                                      quantize_adapted=quantize_adapted_modules, with_past=with_past, opset=opset)
     _echo_verdicts(published)
     from psoft_deploy.converters.genai_runtime import is_genai_export
@@ -329,6 +344,13 @@ def _load(base: str, adapter: str, read_options):
 
     checkpoint = BaseCheckpoint(base)
     return checkpoint, load_factors(adapter, checkpoint, read_options)
+
+
+def _prompts(file):
+    """The verification prompts in ``file`` (None: verify's defaults)."""
+    from psoft_deploy.converters.verify import read_prompts
+
+    return read_prompts(file) if file else None
 
 
 def _echo_verdicts(published) -> None:
@@ -396,7 +418,8 @@ def generate(onnx_dir, adapter, adapter_file, prompt, no_chat_template, max_new_
 @cli.command()
 @base_and_adapter
 @click.option("--candidate", required=True, type=click.Path(exists=True),
-              help="The artifact to check: a merged model, a LoRA adapter, an ONNX export or an .onnx_adapter.")
+              help="The artifact to check: a merged model, a LoRA adapter, an ONNX export, an .onnx_adapter, or a "
+                   "GGUF file or export.")
 @PROMPTS
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of one line.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report to this file.")
@@ -411,14 +434,14 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
     """
     from pathlib import Path
 
-    from psoft_deploy.converters.verify import read_prompts, verify_candidate
+    from psoft_deploy.converters.verify import verify_candidate
 
     if report:
         check_apart(report, {"base": base, "adapter": adapter, "candidate": candidate})
         check_writable(report, "report")
     checkpoint, factors = _load(base, adapter, read_options)
     result = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode,
-                              prompts=read_prompts(prompts) if prompts else None)
+                              prompts=_prompts(prompts))
     if report:
         atomic_write_text(report, json.dumps(result.to_dict(), indent=2) + "\n")
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())

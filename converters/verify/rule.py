@@ -179,13 +179,14 @@ def judge_behaviour(logits: dict[str, torch.Tensor], continuations: dict[str, li
                          "short"}
 
 
-def with_behaviour(report: Report, behaviour: dict) -> Report:
-    """A lossy export's verdict. int4: the behaviour rule alone (`judge_behaviour`); the logits
-    statistics are reported, not judged: at int4 the bounds scale with a noise as large as the
-    adapter's effect, and on a trained adapter they passed a collapsed export and failed a working
-    one (docs/int4.md). fp16: both rules, every conclusive check passing and at least one
-    conclusive. Where nothing can tell the bare base from the adapter: FAIL, inconclusive."""
-    judged_logits = report.dtype != "int4"
+def with_behaviour(report: Report, behaviour: dict, judged_logits: bool | None = None) -> Report:
+    """A lossy export's verdict. int4 (and ``judged_logits`` False: other 4-bit weights): the
+    behaviour rule alone (`judge_behaviour`); the logits statistics are reported, not judged: at
+    int4 the bounds scale with a noise as large as the adapter's effect, and on a trained adapter
+    they passed a collapsed export and failed a working one (docs/int4.md). fp16: both rules, every
+    conclusive check passing and at least one conclusive. Where nothing can tell the bare base from
+    the adapter: FAIL, inconclusive."""
+    judged_logits = report.dtype != "int4" if judged_logits is None else judged_logits
     logits_conclusive = judged_logits and not report.numbers["bare_base"]["passes_bounds"]
     failed = [check for check in report.failed_checks if judged_logits and not check.startswith("inconclusive")]
     failed += behaviour["failed_checks"]
@@ -194,7 +195,7 @@ def with_behaviour(report: Report, behaviour: dict) -> Report:
                       f"is below {report.dtype}'s own loss); verify with prompts where the adapter changes the "
                       "answers (--prompts)")
     tolerance = behaviour["tolerance"] + (f"; {report.tolerance}" if judged_logits else
-                                          " (the logits' deviation is reported, not judged, at int4)")
+                                          f" (the logits' deviation is reported, not judged, at {report.dtype})")
     return Report(report.mode, report.dtype, tolerance, failed,
                   {**report.numbers, "behaviour": {key: behaviour[key] for key in ("kept", "conclusive")}})
 

