@@ -208,8 +208,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def complete(url: str, model: str, prompt: str, timeout: float = 60) -> tuple[int, dict]:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+def complete(url: str, model: str, prompt: str | list[int], timeout: float = 60,
+             max_tokens: int = MAX_TOKENS) -> tuple[int, dict]:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "return_token_ids": True}).encode()
     request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
     try:

