@@ -35,13 +35,13 @@ class Runtime(Protocol):
 def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: list[list[int]], prompt_source: str,
                      precision: str, runtime: Callable[[], AbstractContextManager[Runtime]], *,
                      names: dict[str, object], base_run: str, stop: set[int], float_type: torch.dtype,
-                     lossy: bool, judged_logits: bool = True,
+                     lossy: bool, judged_logits: bool | None = None,
                      stored_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Report:
     """The verdict on the candidate ``runtime()`` runs as ``names["candidate"]`` (the base at the
     export's precision: ``names["base"]``, described by ``base_run``) on ``sequences``, each run
     alone from position 0.
     ``lossy``: also judged by behaviour; ``judged_logits`` False: by behaviour alone (the logits'
-    deviation reported, not judged: 4-bit weights). ``stored_lora``: each module's (lora_A, lora_B)
+    deviation reported, not judged: 4-bit weights; None: `with_behaviour`'s rule, int4 alone). ``stored_lora``: each module's (lora_A, lora_B)
     rounded as the export stores them, when that rounding is coarser than ``float_type``'s: the
     rounding noise is then the base in ``float_type`` with ``W + lora_B·lora_A`` instead of the
     reference in ``float_type``."""
