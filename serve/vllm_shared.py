@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -70,6 +71,17 @@ def missing_internals() -> str | None:
     return None
 
 
+class BasisSlice(NamedTuple):
+    """One output slice of a layer in the basis: its columns ``start:start+size`` of the output,
+    its coordinates at ``offset`` of ``x·V``, ``U_t`` (Uᵀ) and a k×k core per slot."""
+
+    start: int
+    size: int
+    offset: int
+    U_t: torch.Tensor
+    cores: torch.Tensor
+
+
 class SharedBasisLayer:
     """Mixed into a vLLM LoRA layer: one basis per slice, a k×k core per LoRA slot and slice."""
 
@@ -93,7 +105,7 @@ class SharedBasisLayer:
             if basis is not None:
                 U, V = (t.to(dtype=dtype, device=device) for t in basis)
                 cores = torch.zeros(slots + 1, V.shape[1], V.shape[1], dtype=dtype, device=device)
-                self.psoft_slices.append((start, size, offset, U.T.contiguous(), cores))
+                self.psoft_slices.append(BasisSlice(start, size, offset, U.T.contiguous(), cores))
                 columns.append(V)
                 offset += V.shape[1]
             else:
@@ -107,7 +119,7 @@ class SharedBasisLayer:
         if not self.psoft_cores_only:
             super().reset_lora(index)
         for piece in filter(None, self.psoft_slices):
-            piece[4][index] = 0
+            piece.cores[index] = 0
         self.psoft_core_slots.discard(index)
         self.psoft_lora_slots.discard(index)
 
@@ -127,7 +139,7 @@ class SharedBasisLayer:
                 continue
             if piece is None:
                 raise ValueError("a PSOFT core arrived for a module outside the shared basis")
-            piece[4][index, :core.shape[0], :core.shape[1]].copy_(core)
+            piece.cores[index, :core.shape[0], :core.shape[1]].copy_(core)
         self.psoft_core_slots.add(index)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
