@@ -31,7 +31,6 @@ from psoft_deploy.psoft import core_in_basis, shared_basis
 
 BASIS_VERSION = b"psoft-deploy/shared-basis/v1"
 CORES_FILE = "psoft_cores.safetensors"  # module name -> k×k core; vLLM alone cannot load it (no adapter_model.*)
-ADAPTER_FORMS = ("auto", "shared", "lora")
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -125,11 +124,14 @@ class SharedBasis:
     def tolerance(singular_values: torch.Tensor, k: int, dim: int) -> float:
         """How far from the basis an adapter built by another float32 SVD of the same weight may
         lie: the SVD's backward error (ε·√dim) and the perturbation of the top-k subspace it
-        causes (Davis–Kahan, ε·σ₁ / (σ_k − σ_k+1)), times NOISE_FACTOR."""
+        causes (Davis–Kahan, ε·σ₁ / (σ_k − σ_k+1)), times NOISE_FACTOR. A gap within that backward
+        error (a rank-deficient weight, tied singular values) leaves the top-k subspace to chance:
+        then only the backward error is allowed."""
         S = singular_values.double()
+        backward = NOISE_FACTOR * FLOAT32_EPS * dim ** 0.5
         gap = float(S[k - 1] - S[k]) if k < len(S) else float(S[k - 1])
-        spread = float(S[0]) / gap if gap > 0 else float("inf")
-        return NOISE_FACTOR * FLOAT32_EPS * (dim ** 0.5 + spread)
+        subspace = NOISE_FACTOR * FLOAT32_EPS * float(S[0]) / gap if gap > backward * float(S[0]) else 0.0
+        return backward + subspace
 
     def zero_adapter(self, module: str, cache_root: Path) -> Path:
         """An all-zero 1×1 core on ``module``: the bare base, served as an adapter on CPU (see serve)."""

@@ -73,6 +73,23 @@ def test_shared_form_keeps_psoft_adapters_and_refuses_others_in_one_reason(base,
         assert cores is None and reason in why, (name, why)
 
 
+
+def test_a_subspace_the_weight_does_not_determine_gives_no_allowance():
+    """A rank-2 weight's singular vectors past 2 are any of its null space: an adapter built on other
+    null vectors is not in the basis, however small the (float32 noise) gap past them."""
+    generator = torch.Generator().manual_seed(0)
+    left, right = torch.randn(64, 2, generator=generator), torch.randn(2, 48, generator=generator)
+    U, V, S = shared_basis(left @ right, 4)
+    tolerance = SharedBasis.tolerance(S, 4, 64)
+    assert tolerance < 1e-4, tolerance  # the SVD's backward error alone, not σ₁ / (a gap of rounding noise)
+    other_U = torch.linalg.qr(torch.cat([U[:, :2], torch.randn(64, 2, generator=generator)], dim=1)).Q
+    other_V = torch.linalg.qr(torch.cat([V[:, :2], torch.randn(48, 2, generator=generator)], dim=1)).Q
+    core = torch.randn(4, 4, generator=generator)
+    _, residual = core_in_basis(other_V.T, other_U @ core, U, V)
+    assert residual > 100 * tolerance, (residual, tolerance)
+    _, residual = core_in_basis(V.T, U @ core, U, V)  # the same vectors: in the basis
+    assert residual <= tolerance, (residual, tolerance)
+
 def _plan(base, tmp_path, adapters, *vllm_args, form="auto"):
     return plan_serve(str(base), adapters, adapter_root=None, host="127.0.0.1", port=1, cache_dir=tmp_path / "cache",
                       vllm_args=vllm_args, cpu=True, free_bytes=8 * 10**9, adapter_form=form)
