@@ -242,3 +242,10 @@ def core_in_basis(lora_A: torch.Tensor, lora_B: torch.Tensor, U: torch.Tensor, V
     total = float(((B.T @ B) * (A @ A.T)).sum())
     residual = (max(squared, 0.0) / total) ** 0.5 if total > 0 else 0.0
     return ((U.T @ B) @ (A @ V)).float(), residual
+
+
+def lora_of_core(core: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact LoRA ``(lora_A, lora_B) = (V_kᵀ, U_k C)`` (scaling 1) of the k×k core ``C`` over the
+    basis (U, V): ``lora_B @ lora_A = U_k C V_kᵀ``."""
+    k = core.shape[0]
+    return V[:, :k].T.contiguous(), U[:, :k] @ core

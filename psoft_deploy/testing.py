@@ -111,6 +111,11 @@ def tiny_config(kind: str, vocab_size: int = 256, hidden: int = 64, layers: int 
             **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
             bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
         )
+    if kind == "phi3":  # q/k/v and gate/up fused in the checkpoint itself
+        return transformers.Phi3Config(
+            **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+        )
     if kind == "opt":
         return transformers.OPTConfig(
             vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -128,6 +133,7 @@ MODEL_CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "opt": "OPTForCausalLM",
     "bert": "BertForSequenceClassification",
     "llama-cls": "LlamaForSequenceClassification",

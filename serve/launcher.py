@@ -115,7 +115,7 @@ def plan_serve(
         ranks.append(rank)
         if adapter_format(Path(path)) != "lora":
             psoft.append(name)
-    basis, served = _choose_forms(checkpoint, cache_dir, loras, psoft, adapter_form, vllm_args)
+    basis, served = _choose_forms(checkpoint, cache_dir, loras, psoft, adapter_form)
     if cpu:
         zero_target = _zero_target(checkpoint, loras)
         served[base] = (basis.zero_adapter(zero_target, cache_dir) if basis and zero_target in basis.modules
@@ -153,6 +153,8 @@ def plan_serve(
         env["PSOFT_DEPLOY_SHARED_BASIS"] = str(basis.path.absolute())
         if not adapter_root and all(path.name.startswith("cores-") for path in served.values()):
             env["PSOFT_DEPLOY_CORES_ONLY"] = "1"  # vLLM's per-slot LoRA buffers are not needed
+        if adapter_form == "shared":
+            env["PSOFT_DEPLOY_REQUIRE_CORES"] = "1"
     if cpu:
         command += cpu_memory_args(checkpoint, dtype, vllm_args, max_loras, max_rank, free_bytes)
         command += ["--middleware", "psoft_deploy.serve.middleware.HideInternalName"]
@@ -332,12 +334,12 @@ def _shm_mapped(pid: int) -> set[Path]:
 
 
 def _choose_forms(checkpoint: BaseCheckpoint, cache_dir: Path, loras: dict[str, Path], psoft: list[str],
-                  adapter_form: str, vllm_args) -> tuple[SharedBasis | None, dict[str, Path]]:
+                  adapter_form: str) -> tuple[SharedBasis | None, dict[str, Path]]:
     """The shared basis (None: none is used) and what vLLM gets per name: cores over the basis for
     the adapters that lie in it, their exact LoRA form for the others. Says so in one line."""
     if adapter_form == "lora" or not psoft:
         return None, dict(loras)
-    why_not = _why_no_cores(vllm_args)
+    why_not = _why_no_cores()
     if why_not:
         if adapter_form == "shared":
             raise UserError(f"--adapter-form shared: {why_not}; use --adapter-form auto or lora")
@@ -362,13 +364,9 @@ def _choose_forms(checkpoint: BaseCheckpoint, cache_dir: Path, loras: dict[str, 
     return basis, served
 
 
-def _why_no_cores(vllm_args) -> str | None:
-    """Why cores cannot be served with these vLLM arguments and this vLLM (None: they can)."""
-    for flag in ("--tensor-parallel-size", "-tp"):
-        if int(vllm_flag(vllm_args, flag) or 1) > 1:
-            return "tensor parallelism above 1 (cores are served at tensor parallelism 1)"
-    if "--fully-sharded-loras" in vllm_args:
-        return "--fully-sharded-loras"
+def _why_no_cores() -> str | None:
+    """Why this vLLM cannot hold cores (None: it can). Which layers hold them (tensor parallelism,
+    sharded LoRA layers, fused modules) is decided in vLLM's workers, from the layers they build."""
     quiet = logging.getLogger("vllm")  # its import notices (Triton on CPU) are not the user's business
     level = quiet.level
     quiet.setLevel(logging.ERROR)

@@ -6,9 +6,11 @@ serve sets ``PSOFT_DEPLOY_SHARED_BASIS`` (see `psoft_deploy.serve.shared`). What
 - loading: a directory with ``psoft_cores.safetensors`` (no ``adapter_model.*``, so a vLLM without
   this extension refuses it) becomes a ``LoRAModel`` whose modules hold only their core (lora_b)
   and an empty marker (lora_a): k² numbers per module in vLLM's CPU cache;
-- layers: each linear LoRA layer of a module in the basis (separate or packed q/k/v and gate/up,
-  column-, row-parallel or replicated, tensor parallelism 1) gets the basis once and one k×k core
-  slot per LoRA slot. A slot holds either a core or an ordinary LoRA; the forward adds
+- layers: each linear LoRA layer of a module in the basis (separate, packed or fused q/k/v and
+  gate/up, column-, row-parallel or replicated, tensor parallelism 1), whose output slices are its
+  modules' rows (`why_no_cores`), gets the basis once and one k×k core slot per LoRA slot (an
+  adapter's module whose layer holds none gets its exact LoRA when the adapter loads). A slot
+  holds either a core or an ordinary LoRA; the forward adds
   ``((x·V) · core[slot of token]) · Uᵀ`` for the core slots (one GEMM each side, whatever the
   number of adapters), and runs vLLM's own LoRA path only while an ordinary LoRA is loaded.
 
@@ -30,6 +32,7 @@ from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
     MergedColumnParallelLinearWithLoRA,
     MergedQKVParallelLinearWithLoRA,
+    QKVParallelLinearWithLoRA,
     ReplicatedLinearWithLoRA,
     RowParallelLinearWithLoRA,
 )
@@ -41,10 +44,12 @@ from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.utils import get_lora_id
 
 from psoft_deploy.formats import ADAPTER_WEIGHTS
+from psoft_deploy.psoft import lora_of_core
 from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 
-# The layer classes whose forward ends in `_apply_lora_to_output` at tensor parallelism 1.
-SHAREABLE_LAYERS = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
+# The layer classes (exactly these, not subclasses) whose forward ends in `_apply_lora_to_output` and
+# whose output slices are the packed modules' rows, at tensor parallelism 1.
+SHAREABLE_LAYERS = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
                     MergedQKVParallelLinearWithLoRA, RowParallelLinearWithLoRA, ReplicatedLinearWithLoRA)
 # What is relied on: method parameters by name, and attributes.
 RELIED_ON = {
@@ -170,11 +175,33 @@ def _shared_class(cls: type) -> type:
     return _SHARED_CLASSES[cls]
 
 
-def install(basis_path: str, cores_only: bool = False) -> None:
-    """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``;
-    ``cores_only``: refuse, on load, an adapter that does not lie in it."""
+def why_no_cores(layer, packed: list[str], bases: list) -> str | None:
+    """Why the vLLM LoRA ``layer`` built for the modules ``packed`` (one per output slice) cannot
+    hold cores over ``bases`` ((U, V) per module, None outside the basis); None when it can."""
+    kind = type(layer).__name__
+    if type(layer) not in SHAREABLE_LAYERS:
+        return f"vLLM built it as {kind}, which psoft-deploy does not extend"
+    if layer.tp_size != 1:
+        return f"tensor parallel size {layer.tp_size} (cores are held at tensor parallelism 1)"
+    if not len(packed) == layer.n_slices == len(layer.output_slices):
+        return f"{len(packed)} packed modules for {kind}'s {layer.n_slices} output slices"
+    inputs = layer.lora_a_stacked[0].shape[-1]
+    for name, rows, basis in zip(packed, layer.output_slices, bases):
+        if basis is not None and (basis[0].shape[0], basis[1].shape[0]) != (rows, inputs):
+            return (f"its slice for {name} is {rows}×{inputs}, the basis of {name} "
+                    f"{basis[0].shape[0]}×{basis[1].shape[0]}")
+    return None
+
+
+def install(basis_path: str, cores_only: bool = False, require_cores: bool = False) -> None:
+    """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``.
+    Which modules hold cores is decided here, from the layers vLLM builds (`why_no_cores`); a
+    module whose layer holds none gets its exact LoRA, or, with ``require_cores``, refuses the
+    adapter on load. ``cores_only``: refuse, on load, an adapter that does not lie in the basis."""
     shared = SharedBasis(Path(basis_path))
     names = shared.modules
+    held: set[str] = set()  # modules whose layer holds their cores
+    not_held: dict[str, str] = {}  # module -> its layer, and why it holds no cores
 
     def module_basis(name: str):
         return (shared.tensors[f"{name}.U"], shared.tensors[f"{name}.V"]) if name in names else None
@@ -183,23 +210,27 @@ def install(basis_path: str, cores_only: bool = False) -> None:
 
     def register_with_basis(self, module_name, module):
         register_module(self, module_name, module)
-        if type(module) not in SHAREABLE_LAYERS or module.tp_size != 1:
-            return
         prefix, _, leaf = module_name.rpartition(".")
-        packed = self.packed_modules_mapping.get(leaf) or [leaf]
-        if len(packed) != module.n_slices:
+        packed = [f"{prefix}.{sub}" if prefix else sub for sub in self.packed_modules_mapping.get(leaf) or [leaf]]
+        bases = [module_basis(name) for name in packed]
+        in_basis = [name for name, basis in zip(packed, bases) if basis is not None]
+        if not in_basis:
             return
-        bases = [module_basis(f"{prefix}.{sub}" if prefix else sub) for sub in packed]
-        if any(bases):
-            module.__class__ = _shared_class(type(module))
-            module.attach_basis(self, bases, cores_only)
-            logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
+        why = why_no_cores(module, packed, bases)
+        if why:
+            not_held.update(dict.fromkeys(in_basis, f"its layer {module_name}: {why}"))
+            return
+        module.__class__ = _shared_class(type(module))
+        module.attach_basis(self, bases, cores_only)
+        held.update(in_basis)
+        logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
 
     load_checkpoint = LoRAModel.from_local_checkpoint.__func__
 
     def load_cores(cls, lora_dir, expected_lora_modules, *args, peft_helper, lora_model_id=None, dtype=None, **kwargs):
         """Cores serve wrote (``psoft_cores.safetensors``), or those of a LoRA adapter loaded
-        through vLLM (its load endpoint) that lies in the basis; else vLLM's own loader."""
+        through vLLM (its load endpoint) that lies in the basis; else vLLM's own loader. A module
+        whose layer holds no cores gets its exact LoRA, read off the pair: ``(V_kᵀ, U_k·C)``."""
         path = Path(lora_dir) / CORES_FILE
         if path.is_file():
             with safe_open(path, framework="pt") as handle:
@@ -218,9 +249,27 @@ def install(basis_path: str, cores_only: bool = False) -> None:
         outside = sorted(set(cores) - names)
         if outside:
             raise ValueError(f"{lora_dir} has cores for modules outside the shared basis: {', '.join(outside)}")
-        loras = {name: LoRALayerWeights(module_name=name, rank=core.shape[0], lora_alpha=core.shape[0],
-                                        lora_a=CORE_MARKER, lora_b=core.to(dtype) if dtype else core, scaling=1.0)
-                 for name, core in cores.items()}
+        apart = {module: not_held.get(module, "vLLM built no LoRA layer for it")
+                 for module in cores if module not in held}
+        if apart:
+            module, why = next(iter(apart.items()))
+            if require_cores:
+                raise ValueError(f"{lora_dir}: {module} cannot be held as a core here ({why}); "
+                                 "serve it with --adapter-form auto or lora")
+            unexpected = sorted({module.rsplit(".", 1)[-1] for module in apart} - set(expected_lora_modules))
+            if unexpected:
+                raise ValueError(f"While loading {lora_dir}, expected target modules in {expected_lora_modules} "
+                                 f"but received {unexpected}")
+            if any(cores[name].any() for name in apart):  # not the bare base's all-zero core
+                logger.warning("psoft-deploy: %s: %d of %d modules served as exact LoRA, their layers hold no cores "
+                               "(%s, %s)", lora_dir, len(apart), len(cores), module, why)
+        loras = {}
+        for name, core in cores.items():
+            lora_a, lora_b = lora_of_core(core, *module_basis(name)) if name in apart else (CORE_MARKER, core)
+            if dtype:
+                lora_a, lora_b = (t if t is CORE_MARKER else t.to(dtype) for t in (lora_a, lora_b))
+            loras[name] = LoRALayerWeights(module_name=name, rank=core.shape[0], lora_alpha=core.shape[0],
+                                           lora_a=lora_a, lora_b=lora_b, scaling=1.0)
         return cls(get_lora_id() if lora_model_id is None else lora_model_id, peft_helper.r, loras)
 
     LoRAModelManager.register_module = register_with_basis

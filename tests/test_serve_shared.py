@@ -43,14 +43,15 @@ def greedy(model, tokenizer, prompt: str) -> list[int]:
     return out[0, ids["input_ids"].shape[1]:].tolist()
 
 
-def serve(work, form: str, adapters: dict, log_name: str):
+def serve(work, form: str, adapters: dict, log_name: str, vllm_args=VLLM_ARGS):
+    """serve with an adapter root (``work/root``); vLLM's log is ``work/vllm-LOG_NAME``."""
     port = free_port()
     log = open(work / log_name, "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(work / "base"),
          *[arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")],
          "--adapter-root", str(work / "root"), "--adapter-form", form, "--port", str(port),
-         "--cache-dir", str(work / "cache"), "--", *VLLM_ARGS],
+         "--cache-dir", str(work / "cache"), "--log-file", str(work / f"vllm-{log_name}"), "--", *vllm_args],
         stdout=log, stderr=subprocess.STDOUT,
     )
     wait_for_serving(process, work / log_name)
@@ -115,9 +116,7 @@ def served(tmp_path_factory):
             post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": str(work / "posted-lora")})
             results[form] = answers(url, names)
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=90)
-            log.close()
+            stop(process, log)
     for form in results:
         results[form]["base"] = results[form].pop(str(base))
     return {"work": work, "expected": expected, "results": results}
@@ -172,3 +171,71 @@ def test_a_server_of_cores_only_answers_as_peft_and_refuses_a_lora_outside_the_b
     loads = [line for line in vllm_log.splitlines() if "loaded as" in line]
     assert got == {name: served["expected"][name] for name in ("base", *IN_BASIS, "posted")}, loads
     assert "does not lie in the shared basis" in vllm_log
+
+
+def stop(process, log) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=90)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    """A Phi-3 (q/k/v and gate/up fused in the checkpoint itself) and three PSOFT adapters on every
+    projection, with PEFT's greedy answers."""
+    work = tmp_path_factory.mktemp("serve-phi3")
+    base = work / "base"
+    build_tiny_model(base, "phi3", hidden=256, heads=4, layers=2, vocab_size=384)
+    (work / "root").mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    expected = {"base": [greedy(load_base_model(base), tokenizer, p) for p in PROMPTS]}
+    for seed, rank in enumerate((8, 16, 24)):
+        name = f"r{rank}"
+        make_peft_adapter(base, work / name, r=rank, psoft_alpha=2 * rank, seed=seed, strength=3,
+                          target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+        expected[name] = [greedy(load_peft(base, work / name), tokenizer, p) for p in PROMPTS]
+    assert len({json.dumps(v) for v in expected.values()}) == len(expected), "each model must answer differently"
+    return work, expected
+
+
+def served_answers(work, form, adapters, log_name, vllm_args=VLLM_ARGS):
+    process, log, url = serve(work, form, adapters, log_name, vllm_args)
+    try:
+        got = answers(url, [str(work / "base"), *adapters])
+    finally:
+        stop(process, log)
+    got["base"] = got.pop(str(work / "base"))
+    return got
+
+
+@pytest.mark.slow
+def test_modules_fused_in_the_checkpoint_are_held_as_cores_and_answer_as_peft(phi3):
+    work, expected = phi3
+    adapters = {name: work / name for name in expected if name != "base"}
+    assert served_answers(work, "shared", adapters, "serve-phi3.log") == expected
+    assert "as cores: r8, r16, r24" in (work / "serve-phi3.log").read_text()
+    assert "served as exact LoRA" not in (work / "vllm-serve-phi3.log").read_text()  # every module held cores
+
+
+@pytest.mark.slow
+def test_a_module_whose_layer_holds_no_cores_gets_its_exact_lora_in_one_line(phi3):
+    """vLLM's sharded LoRA layers (``--fully-sharded-loras``, here or in a vLLM config file) hold no
+    cores: each adapter says so in one line and answers as PEFT through its exact LoRA; with
+    ``--adapter-form shared`` the adapter is refused in one line."""
+    work, expected = phi3
+    adapters = {name: work / name for name in expected if name != "base"}
+    sharded = [*VLLM_ARGS, "--fully-sharded-loras"]
+    assert served_answers(work, "auto", adapters, "serve-sharded.log", sharded) == expected
+    lines = [line for line in (work / "vllm-serve-sharded.log").read_text().splitlines()
+             if "served as exact LoRA, their layers hold no cores" in line]
+    assert len(lines) == len(adapters), lines  # one per adapter (none for the bare base's zero core)
+    assert all("8 of 8 modules" in line and "ShardedLoRA, which psoft-deploy does not extend" in line for line in lines)
+
+    port = free_port()
+    refused = subprocess.run(
+        [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(work / "base"), "--adapter", f"r8={work / 'r8'}",
+         "--adapter-form", "shared", "--port", str(port), "--cache-dir", str(work / "cache"),
+         "--log-file", str(work / "vllm-refused.log"), "--", *sharded],
+        capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "cannot be held as a core here" in refused.stderr and "ShardedLoRA" in refused.stderr, refused.stderr[-3000:]

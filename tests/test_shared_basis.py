@@ -14,7 +14,7 @@ from psoft_deploy.converters.lora_format import LoraAdapter
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.errors import UserError
 from psoft_deploy.model import load_base_model
-from psoft_deploy.psoft import core_in_basis, shared_basis
+from psoft_deploy.psoft import core_in_basis, lora_of_core, shared_basis
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.launcher import plan_serve
 from psoft_deploy.serve.preflight import vllm_flag
@@ -50,6 +50,10 @@ def test_cores_reproduce_peft_delta_weights_and_only_full_svd_adapters_lie_in_th
         assert residual <= tolerance, (module, residual, tolerance)
         rebuilt = U[:, :k].double() @ core.double() @ V[:, :k].double().T
         assert (rebuilt - delta.double()).norm() <= 2 * tolerance * delta.double().norm()
+        # the exact LoRA a layer without cores gets, read off the pair
+        lora_A, lora_B = lora_of_core(core, U, V)
+        assert lora_A.shape == (k, weight.shape[1]) and lora_B.shape == (weight.shape[0], k)
+        assert (lora_B.double() @ lora_A.double() - delta.double()).norm() <= 2 * tolerance * delta.double().norm()
 
 
 def test_shared_form_keeps_psoft_adapters_and_refuses_others_in_one_reason(base, tmp_path):
@@ -118,7 +122,10 @@ def test_serve_says_which_adapters_share_the_basis_and_gives_vllm_their_cores(de
     assert int(vllm_flag(plan.command, "--max-cpu-loras")) >= len(plan.served)
     assert "PSOFT_DEPLOY_CORES_ONLY" not in plan.env  # "low" needs vLLM's LoRA buffers
     cores_only = _plan(base, tmp_path, {name: adapters[name] for name in ("a", "b")})
-    assert cores_only.env["PSOFT_DEPLOY_CORES_ONLY"] == "1"
+    assert cores_only.env["PSOFT_DEPLOY_CORES_ONLY"] == "1" and "PSOFT_DEPLOY_REQUIRE_CORES" not in cores_only.env
+    # vLLM's workers refuse, on load, an adapter whose layers they cannot all hold as cores
+    required = _plan(base, tmp_path, {name: adapters[name] for name in ("a", "b")}, form="shared")
+    assert required.env["PSOFT_DEPLOY_REQUIRE_CORES"] == "1"
 
     plan = _plan(base, tmp_path, adapters, form="lora")
     assert "PSOFT_DEPLOY_SHARED_BASIS" not in plan.env and not any(p.name.startswith("cores-") for p in plan.served.values())
@@ -126,22 +133,18 @@ def test_serve_says_which_adapters_share_the_basis_and_gives_vllm_their_cores(de
         _plan(base, tmp_path, adapters, form="shared")
 
 
-def test_without_the_vllm_internals_or_at_tensor_parallelism_every_adapter_is_exact_lora(
-        demo_adapters, tmp_path, caplog, monkeypatch):
+def test_without_the_vllm_internals_every_adapter_is_exact_lora(demo_adapters, tmp_path, caplog, monkeypatch):
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     base, adapters = demo_adapters
-    for vllm_args, reason in ((("--tensor-parallel-size", "2"), "tensor parallelism above 1"),
-                              ((), "vLLM's BaseLinearLayerWithLoRA._apply_lora_to_output is gone")):
-        with monkeypatch.context() as patch:
-            if not vllm_args:  # another vLLM release: the layer hook the extension relies on is missing
-                patch.delattr(BaseLinearLayerWithLoRA, "_apply_lora_to_output")
-            caplog.clear()
-            plan = _plan(base, tmp_path, adapters, *vllm_args)
-            warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-            assert any(line.startswith("warning: every adapter is served as exact LoRA: ") and reason in line
-                       for line in warnings), warnings
-            assert "PSOFT_DEPLOY_SHARED_BASIS" not in plan.env
-            assert not any(path.name.startswith("cores-") for path in plan.served.values())
-            with pytest.raises(UserError, match=re.escape(f"--adapter-form shared: {reason}")):
-                _plan(base, tmp_path, adapters, *vllm_args, form="shared")
+    reason = "vLLM's BaseLinearLayerWithLoRA._apply_lora_to_output is gone"
+    # another vLLM release: the layer hook the extension relies on is missing
+    monkeypatch.delattr(BaseLinearLayerWithLoRA, "_apply_lora_to_output")
+    plan = _plan(base, tmp_path, adapters)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any(line.startswith("warning: every adapter is served as exact LoRA: ") and reason in line
+               for line in warnings), warnings
+    assert "PSOFT_DEPLOY_SHARED_BASIS" not in plan.env
+    assert not any(path.name.startswith("cores-") for path in plan.served.values())
+    with pytest.raises(UserError, match=re.escape(f"--adapter-form shared: {reason}")):
+        _plan(base, tmp_path, adapters, form="shared")
