@@ -16,7 +16,7 @@ import urllib.request
 
 import psutil
 import pytest
-from helpers import complete, free_port, healthy, run, wait_for_serving
+from helpers import complete, free_port, healthy, make_peft_adapter, run, wait_for_serving
 
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.testing import build_tiny_model, build_tokenizer, bundled_text
@@ -140,6 +140,30 @@ def test_a_stop_during_start_up_says_so_and_stops_vllm(tmp_path, signum):
     gone, alive = psutil.wait_procs(vllm, timeout=30)
     assert not alive, "serve stops all of vLLM's processes"
     assert not [path for path in segments if os.path.exists(path)]
+
+
+@pytest.mark.slow
+def test_a_stop_while_adapters_are_prepared_says_so_before_vllm_starts(tmp_path):
+    base = tmp_path / "base"
+    build_tiny_model(base, "llama", **MODEL_SIZES)
+    make_peft_adapter(base, tmp_path / "adapter", r=8, target_modules=["q_proj", "v_proj"])
+    port = free_port()
+    with open(tmp_path / "serve.log", "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(base), "--adapter",
+             f"a={tmp_path / 'adapter'}", "--port", str(port), "--cache-dir", str(tmp_path / "cache")],
+            stdout=output, stderr=subprocess.STDOUT)
+    try:
+        while "preparing adapter a" not in (tmp_path / "serve.log").read_text():  # then converted, then vLLM
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.1)
+        assert stop(process, signal.SIGTERM) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    assert lines[-1] == "Error: stopped during start-up, before vLLM started" and "Traceback" not in lines, lines
+    assert not (tmp_path / f"vllm-{port}.log").exists()
 
 
 @pytest.mark.slow
