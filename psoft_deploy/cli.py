@@ -509,12 +509,14 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose
     from psoft_deploy.serve.launcher import default_log_file, plan_serve, run_server
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # until vLLM starts, SIGTERM stops as Ctrl-C does
+    on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops start-up as Ctrl-C does
     try:
         plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port, cache_dir=cache_dir,
                           vllm_args=vllm_args, read_options=read_options, adapter_form=adapter_form)
     except KeyboardInterrupt:
         raise UserError("stopped during start-up, before vLLM started") from None
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     log = Path(log_file) if log_file else default_log_file(cache_dir, port)
     raise SystemExit(run_server(plan, host, port, log, verbose=verbose))
 

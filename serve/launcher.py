@@ -206,8 +206,7 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
         elif announced:
             _signal(process.pid, signal.SIGTERM)  # the API server stops its engine and workers itself
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     done = threading.Event()
     follower = threading.Thread(target=_follow, args=(log, done), daemon=True) if verbose else None
     if follower:
@@ -253,6 +252,8 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
             follower.join()
         for path in shm_used - shm_before:
             path.unlink(missing_ok=True)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     if stop_requested:
         return 0
     cause = last_error_line(log)

@@ -420,13 +420,10 @@ def test_a_server_that_stops_answering_health_is_stopped_with_its_cause(tmp_path
     plan = launcher.ServePlan(command=[sys.executable, "-c", HUNG_SERVER, str(port)], env=dict(os.environ),
                               base_name="base", dtype="float32")
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(UserError, match=r"vLLM stopped answering /health for 2 s and was stopped: "
-                                            r"RuntimeError: the engine hung \(log: .+\)$"):
-            launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    with pytest.raises(UserError, match=r"vLLM stopped answering /health for 2 s and was stopped: "
+                                        r"RuntimeError: the engine hung \(log: .+\)$"):
+        launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers, "serve's stop handlers are gone"
     assert not healthy(f"http://127.0.0.1:{port}")
 
 
@@ -438,12 +435,7 @@ def test_a_server_that_never_answers_health_is_stopped_in_one_line(tmp_path, mon
     never = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(600)"
     plan = launcher.ServePlan(command=[sys.executable, "-c", never], env=dict(os.environ), base_name="base",
                               dtype="float32")
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(UserError, match=rf"^vLLM did not answer http://127.0.0.1:{port}/health within 2 s and "
-                                            r"was stopped: no error in its log \(log: .+\)$"):
-            launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    with pytest.raises(UserError, match=rf"^vLLM did not answer http://127.0.0.1:{port}/health within 2 s and "
+                                        r"was stopped: no error in its log \(log: .+\)$"):
+        launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
     assert not psutil.pid_exists(int(pid_file.read_text()))
