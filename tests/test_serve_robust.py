@@ -97,7 +97,7 @@ def test_a_prompt_beyond_the_models_vocabulary_gets_400_and_the_engine_stays_up(
         assert status == 200, body
         assert healthy(url)
     finally:
-        stop(process)
+        assert stop(process) == 0
 
 
 @pytest.mark.slow
