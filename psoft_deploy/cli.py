@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import traceback
 import warnings
 from dataclasses import replace
@@ -42,6 +43,20 @@ def verbose_first(args: list[str]) -> list[str]:
     if "--verbose" not in args[command:end]:
         return args
     return ["--verbose", *args[:command], *[arg for arg in args[command:end] if arg != "--verbose"], *args[end:]]
+
+
+class ServeCommand(click.Command):
+    """serve's own options parsed strictly (a typo is refused at once, with click's "Did you mean");
+    what follows the first ``--`` goes to vLLM unchanged, as ``vllm_args``."""
+
+    def parse_args(self, ctx, args):
+        split = args.index("--") if "--" in args else len(args)
+        rest = super().parse_args(ctx, args[:split])
+        ctx.params["vllm_args"] = tuple(args[split + 1:])
+        return rest
+
+    def collect_usage_pieces(self, ctx):
+        return [*super().collect_usage_pieces(ctx), "[-- VLLM_ARGS]..."]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -449,7 +464,7 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
         raise click.exceptions.Exit(1)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(cls=ServeCommand)
 @click.option("--base", required=True, help="Base model: a local directory or a hub id.")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
               help="Serve the adapter at PATH (any PSOFT format, or LoRA) as model NAME. Repeatable.")
@@ -466,7 +481,6 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
               help="How vLLM holds the adapters: as r×r cores over the base's shared basis (shared), as exact "
                    "LoRA (lora), or cores for those in the basis and LoRA for the others (auto).")
 @read_options
-@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose, adapter_form, vllm_args, read_options):
     """Serve many PSOFT adapters at once through vLLM's OpenAI-compatible server.
 
@@ -475,26 +489,34 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose
     as LoRA. vLLM starts with --enable-lora and every adapter as a model name; the base keeps its own name.
     The base's stored dtype is served unless you pass --dtype; on CPU the KV cache and the
     context length are sized to the memory available. Arguments after -- go to vLLM unchanged
-    and win over what serve chooses.
+    and win over what serve chooses (a --host or --port there is where serve waits for vLLM);
+    before --, only serve's own options are taken.
 
     \b
     Example (the demo's tiny model and its trained adapter):
       psoft-deploy demo --output ./demo
       psoft-deploy serve --base ./demo/base --adapter demo=./demo/psoft-adapter
     """
-    from psoft_deploy.serve.names import check_port, check_served_names
+    from psoft_deploy.serve.names import check_port, check_served_names, listen_address
 
     named = parse_named_adapters(adapters)
     if not named and not adapter_root:
         raise UserError("nothing to serve: pass --adapter NAME=PATH and/or --adapter-root DIR")
     check_served_names(base, named, adapter_root)  # before torch and vLLM are imported
+    host, port = listen_address(host, port, vllm_args)
     check_port(host, port)
     from psoft_deploy.serve.cache import default_cache_dir
     from psoft_deploy.serve.launcher import default_log_file, plan_serve, run_server
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port, cache_dir=cache_dir,
-                      vllm_args=vllm_args, read_options=read_options, adapter_form=adapter_form)
+    on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops start-up as Ctrl-C does
+    try:
+        plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port, cache_dir=cache_dir,
+                          vllm_args=vllm_args, read_options=read_options, adapter_form=adapter_form)
+    except KeyboardInterrupt:
+        raise UserError("stopped during start-up, before vLLM started") from None
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     log = Path(log_file) if log_file else default_log_file(cache_dir, port)
     raise SystemExit(run_server(plan, host, port, log, verbose=verbose))
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from safetensors import SafetensorError
 
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.lora import EXPORT_META, read_export_metadata
@@ -21,9 +25,10 @@ from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_max
 from psoft_deploy.converters.pipeline import export_lora
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import base_tensor_key, derive_factors
-from psoft_deploy.formats import ADAPTER_WEIGHTS, adapter_format, read_adapter
+from psoft_deploy.formats import adapter_format, read_adapter
 from psoft_deploy.options import DEFAULTS, ReadOptions, WriteOptions
 from psoft_deploy.outputs import atomic_output_dir, check_writable
+from psoft_deploy.progress import warning
 
 CACHE_VERSION = b"psoft-deploy/lora-cache/v2"  # v2: entries carry a layerwise verification report
 
@@ -33,6 +38,31 @@ def default_cache_dir() -> Path:
     if os.environ.get("PSOFT_DEPLOY_CACHE"):
         return Path(os.environ["PSOFT_DEPLOY_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "psoft-deploy" / "lora"
+
+
+T = TypeVar("T")
+
+
+def read_back(entry: Path, read: Callable[[Path], T]) -> T | None:
+    """``read(entry)`` for a cache entry, None where there is none. An entry that does not read back
+    (truncated, corrupt, tensors missing) is removed, with one line, to be built again."""
+    if not entry.exists():
+        return None
+    try:
+        return read(entry)
+    except (UserError, SafetensorError, OSError, ValueError, KeyError) as error:
+        warning(f"cache entry {entry} does not read back ({error}); building it again")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def _converted_rank(entry: Path) -> int:
+    """The PSOFT rank of the conversion in ``entry``, once its LoRA form reads back whole."""
+    record = json.loads((entry / EXPORT_META).read_text())
+    missing = set(record["modules"]) - set(LoraAdapter.read(entry).modules)
+    if missing:
+        raise KeyError(f"no LoRA weights for {', '.join(sorted(missing))}")
+    return record["psoft_rank"]
 
 
 class LoraCache:
@@ -63,7 +93,8 @@ class LoraCache:
             digest.update(self.base.fingerprint(base_tensor_key(name))["sha256"].encode())
         digest.update(json.dumps(asdict(self.options), sort_keys=True).encode())
         entry = self.root / digest.hexdigest()[:32]
-        if not (entry / EXPORT_META).is_file():
+        rank = read_back(entry, _converted_rank)
+        if rank is None:
             check_writable(entry, "converted adapter")
             factors = derive_factors(adapter, self.base, self.options)
             try:
@@ -71,7 +102,8 @@ class LoraCache:
             except UserError:
                 if not (entry / EXPORT_META).is_file():  # not a concurrent conversion of the same adapter
                     raise
-        return entry, json.loads((entry / EXPORT_META).read_text())["psoft_rank"]
+            rank = _converted_rank(entry)
+        return entry, rank
 
     def _check_lora(self, adapter_path: Path) -> int:
         """A LoRA adapter checked (PEFT's rules, its shapes against the base, vLLM's limits and, for
@@ -89,7 +121,7 @@ class LoraCache:
         """A rank-1 all-zero LoRA on one module: served in place of the bare base on CPU (see serve)."""
         out_features, in_features = self.base.shape(base_tensor_key(module))
         entry = self.root / f"zero-{hashlib.sha256(f'{module}:{out_features}x{in_features}'.encode()).hexdigest()[:16]}"
-        if not (entry / ADAPTER_WEIGHTS).is_file():
+        if read_back(entry, LoraAdapter.read) is None:
             with atomic_output_dir(entry, overwrite=True) as staging:
                 zero = LoraAdapter(r=1, lora_alpha=1, target_modules=[module.rsplit(".", 1)[-1]],
                                    base_model_name_or_path=str(self.base.path))

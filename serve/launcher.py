@@ -17,7 +17,6 @@ killed engine still leaves there (segments seen mapped by vLLM's processes) is r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -162,7 +161,6 @@ def plan_serve(
             "VLLM_TARGET_DEVICE": "cpu",
             "PSOFT_DEPLOY_INTERNAL_NAME": INTERNAL_BASE_NAME,
             "PSOFT_DEPLOY_BASE_NAME": base,
-            "PSOFT_DEPLOY_SERVED_NAMES": json.dumps([base, *adapters]),
         }
     if vocab_guard is not None:
         command += ["--middleware", "psoft_deploy.serve.middleware.RefuseUnknownTokens"]
@@ -188,10 +186,11 @@ def default_log_file(cache_dir: Path, port: int) -> Path:
 
 def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool = False) -> int:
     """Start vLLM with its output in ``log`` (also copied to stderr with ``verbose``), wait for
-    /health and print the endpoint. On Ctrl-C or SIGTERM let vLLM stop itself (a second one, or
-    `STOP_TIMEOUT_S`, kills it) and return 0; if vLLM exits or stops answering /health on its own,
-    stop it and raise a `UserError` naming the cause (the last error in its log). Either way, remove
-    the shared memory its processes left in /dev/shm."""
+    /health and print the endpoint. On Ctrl-C or SIGTERM while serving, let vLLM stop itself (a
+    second one, or `STOP_TIMEOUT_S`, kills it) and return 0; during start-up, kill it and raise a
+    `UserError` saying so. If vLLM exits, never answers /health or stops answering it, stop it and
+    raise a `UserError` naming the cause (the last error in its log). Either way, remove the shared
+    memory its processes left in /dev/shm."""
     log = Path(log).absolute()
     check_writable(log, "vLLM log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -200,29 +199,31 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
         process = subprocess.Popen(plan.command, env=plan.env, start_new_session=True, stdin=subprocess.DEVNULL,
                                    stdout=output, stderr=subprocess.STDOUT)
     stop_requested: list[float] = []
+    announced = False
 
     def request_stop(signum, frame):
         stop_requested.append(time.monotonic())
-        if len(stop_requested) == 1:
-            _signal(process.pid, signal.SIGTERM)  # the API server stops its engine and workers itself
-        else:
+        if len(stop_requested) > 1:
             _signal_group(process, signal.SIGKILL)
+        elif announced:
+            _signal(process.pid, signal.SIGTERM)  # the API server stops its engine and workers itself
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     done = threading.Event()
     follower = threading.Thread(target=_follow, args=(log, done), daemon=True) if verbose else None
     if follower:
         follower.start()
     health = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}/health"
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    announced, unhealthy = False, False
+    unhealthy = False
     last_healthy = last_check = time.monotonic()
     shm_used: set[Path] = set()
     try:
         while process.poll() is None:
             now = time.monotonic()
             if stop_requested:
+                if not announced:  # nothing in flight: vLLM's processes are stopped at once
+                    raise UserError("stopped during start-up, before vLLM answered")
                 if now - stop_requested[0] > STOP_TIMEOUT_S:
                     _signal_group(process, signal.SIGKILL)
             elif not announced:
@@ -232,7 +233,8 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
                     names = ", ".join(dict.fromkeys([plan.base_name, *plan.served]))
                     stage(f"serving on http://{host}:{port}/v1 ({plan.dtype}) — models: {names}; vLLM log: {log}")
                 elif now > deadline:
-                    raise UserError(f"vLLM did not become healthy within {HEALTH_TIMEOUT_S} s (log: {log})")
+                    raise UserError(f"vLLM did not answer {health} within {HEALTH_TIMEOUT_S} s and was stopped: "
+                                    f"{last_error_line(log)} (log: {log})")
             elif now - last_check > HEALTH_INTERVAL_S:
                 last_check = now
                 if _healthy(health, timeout=HEALTH_INTERVAL_S):
@@ -244,6 +246,7 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
                 shm_used |= _shm_mapped(process.pid)
             time.sleep(0.5)
     finally:
+        shm_used |= _shm_mapped(process.pid)
         _signal_group(process, signal.SIGKILL)
         process.wait()
         done.set()
@@ -251,6 +254,8 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
             follower.join()
         for path in shm_used - shm_before:
             path.unlink(missing_ok=True)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     if stop_requested:
         return 0
     cause = last_error_line(log)

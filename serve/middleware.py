@@ -3,9 +3,9 @@ prompts the model has no embedding for refused.
 
 On CPU the engine's own name for the bare base is an internal alias (see the launcher); the
 base is served under the user's name as an all-zero LoRA. This middleware refuses requests to
-the alias as an unknown model, lists the user's names (not the alias) in 404 answers, and shows
-the base under the user's name in ``/v1/models``. Configured by the environment serve sets:
-``PSOFT_DEPLOY_INTERNAL_NAME``, ``PSOFT_DEPLOY_BASE_NAME``, ``PSOFT_DEPLOY_SERVED_NAMES`` (JSON list).
+the alias as an unknown model, shows the base under the user's name in ``/v1/models``, and lists
+in 404 answers what ``/v1/models`` lists at that moment (adapters loaded later included), never the
+alias. Configured by the environment serve sets: ``PSOFT_DEPLOY_INTERNAL_NAME``, ``PSOFT_DEPLOY_BASE_NAME``.
 
 vLLM checks prompt token ids against the larger of the tokenizer's and the model's vocabulary, so
 where the tokenizer is larger, one prompt holding such an id kills the engine for every user;
@@ -31,7 +31,6 @@ class HideInternalName:
         self.app = app
         self.internal = os.environ["PSOFT_DEPLOY_INTERNAL_NAME"]
         self.base = os.environ["PSOFT_DEPLOY_BASE_NAME"]
-        self.names = json.loads(os.environ["PSOFT_DEPLOY_SERVED_NAMES"])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -39,7 +38,7 @@ class HideInternalName:
         if scope["method"] == "POST":
             body, receive = await _read_body(receive)
             if _requested_model(body) == self.internal:
-                return await _send_json(send, 404, self.not_found(self.internal))
+                return await _send_json(send, 404, await self.not_found(scope, self.internal))
         start: dict = {}
         chunks: list[bytes] = []
 
@@ -51,38 +50,45 @@ class HideInternalName:
             elif message["type"] == "http.response.body" and start:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body"):
-                    await _send_json(send, start["status"], self.rewritten(b"".join(chunks)),
+                    await _send_json(send, start["status"], await self.rewritten(scope, b"".join(chunks)),
                                      [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"])
                 return
             await send(message)
 
         await self.app(scope, receive, rewrite)
 
-    def not_found(self, model: str) -> dict:
-        return {"error": {"message": f"The model `{model}` does not exist. Served models: {', '.join(self.names)}.",
+    async def not_found(self, scope, model: str) -> dict:
+        """vLLM's 404 for ``model``, naming what is served now (adapters loaded since start included)."""
+        status, body = await _call(self.app, scope, "/v1/models")
+        listing = self.listing(json.loads(body)) if status == 200 else {}
+        names = [card.get("id") for card in listing.get("data", [])] or [self.base]
+        return {"error": {"message": f"The model `{model}` does not exist. Served models: {', '.join(names)}.",
                           "type": "NotFoundError", "param": "model", "code": 404}}
 
-    def rewritten(self, body: bytes) -> dict | bytes:
+    def listing(self, content: dict) -> dict:
+        """vLLM's model list with the base under the user's name, first, and the alias gone."""
+        cards = {card.get("id"): card for card in content["data"]}
+        if self.internal in cards:  # the engine's base card, under the user's name, first
+            base_card = cards.pop(self.internal) | {"id": self.base}
+            cards.pop(self.base, None)  # the all-zero LoRA that stands for the base
+            cards = {self.base: base_card, **cards}
+        for card in cards.values():
+            if card.get("parent") == self.internal:
+                card["parent"] = self.base
+        return content | {"data": list(cards.values())}
+
+    async def rewritten(self, scope, body: bytes) -> dict | bytes:
         """A 404 naming the user's models, or the model list with the base under the user's name."""
         try:
             content = json.loads(body)
         except ValueError:
             return body
         if isinstance(content, dict) and isinstance(content.get("data"), list):
-            cards = {card.get("id"): card for card in content["data"]}
-            if self.internal in cards:  # the engine's base card, under the user's name, first
-                base_card = cards.pop(self.internal) | {"id": self.base}
-                cards.pop(self.base, None)  # the all-zero LoRA that stands for the base
-                cards = {self.base: base_card, **cards}
-            for card in cards.values():
-                if card.get("parent") == self.internal:
-                    card["parent"] = self.base
-            content["data"] = list(cards.values())
-            return content
+            return self.listing(content)
         error = content.get("error") if isinstance(content, dict) else None
         if isinstance(error, dict) and "does not exist" in str(error.get("message")):
             model = str(error["message"]).split("`")[1] if "`" in str(error["message"]) else ""
-            content["error"]["message"] = self.not_found(model)["error"]["message"]
+            content["error"]["message"] = (await self.not_found(scope, model))["error"]["message"]
         return content
 
 
@@ -135,34 +141,43 @@ class RefuseUnknownTokens:
 
     async def _tokenize(self, scope, payload: dict) -> list[int] | None:
         """vLLM's /tokenize answer for ``payload``, called in-process; None where it refused."""
-        body = json.dumps(payload).encode()
-        headers = [(name, value) for name, value in scope.get("headers", [])
-                   if name.lower() not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        inner = dict(scope, path="/tokenize", raw_path=b"/tokenize", query_string=b"", headers=headers)
-        delivered = False
-
-        async def receive():
-            nonlocal delivered
-            if delivered:  # the client stays connected until the answer is complete
-                await asyncio.Future()
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        status, chunks = 0, []
-
-        async def collect(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(inner, receive, collect)
+        status, body = await _call(self.app, scope, "/tokenize", payload)
         if status != 200:
             return None
-        tokens = json.loads(b"".join(chunks)).get("tokens")
+        tokens = json.loads(body).get("tokens")
         return tokens if isinstance(tokens, list) else None
+
+
+async def _call(app, scope, path: str, payload: dict | None = None) -> tuple[int, bytes]:
+    """``app``'s status and body for a GET of ``path`` (a JSON POST of ``payload``), called in-process
+    with the headers of the request in ``scope`` (an API key included)."""
+    body = b"" if payload is None else json.dumps(payload).encode()
+    headers = [(name, value) for name, value in scope.get("headers", [])
+               if name.lower() not in (b"content-type", b"content-length")]
+    if payload is not None:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    inner = dict(scope, method="GET" if payload is None else "POST", path=path, raw_path=path.encode(),
+                 query_string=b"", headers=headers)
+    delivered = False
+
+    async def receive():
+        nonlocal delivered
+        if delivered:  # the client stays connected until the answer is complete
+            await asyncio.Future()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    status, chunks = 0, []
+
+    async def collect(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(inner, receive, collect)
+    return status, b"".join(chunks)
 
 
 async def _send_json(send, status: int, content: dict | bytes, headers=None) -> None:

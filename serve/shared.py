@@ -28,6 +28,7 @@ from psoft_deploy.converters.verify.rule import NOISE_FACTOR
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from psoft_deploy.outputs import atomic_output_dir
 from psoft_deploy.psoft import core_in_basis, shared_basis
+from psoft_deploy.serve.cache import read_back
 
 BASIS_VERSION = b"psoft-deploy/shared-basis/v1"
 CORES_FILE = "psoft_cores.safetensors"  # module name -> k×k core; vLLM alone cannot load it (no adapter_model.*)
@@ -104,8 +105,9 @@ class SharedBasis:
         for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             digest.update((Path(lora_dir) / file).read_bytes())
         entry = Path(cache_root) / f"cores-{digest.hexdigest()[:32]}"
-        if (entry / CORES_FILE).is_file():
-            return entry, json.loads((entry / ADAPTER_CONFIG).read_text())["psoft_shared"]
+        summary = read_back(entry, functools.partial(_cores_summary, modules=LoraAdapter.read(lora_dir).modules))
+        if summary is not None:
+            return entry, summary
         cores, summary = self.cores_of(lora_dir)
         if cores is None:
             return None, summary
@@ -139,3 +141,12 @@ class SharedBasis:
         if not (entry / CORES_FILE).is_file():
             self._write(entry, {module: torch.zeros(1, 1)}, "zero")
         return entry
+
+
+def _cores_summary(entry: Path, modules: list[str]) -> str:
+    """The residual summary of the cores in ``entry``, once they read back with a core for each of ``modules``."""
+    with safe_open(entry / CORES_FILE, framework="pt") as handle:
+        missing = set(modules) - set(handle.keys())
+    if missing:
+        raise KeyError(f"no core for {', '.join(sorted(missing))}")
+    return json.loads((entry / ADAPTER_CONFIG).read_text())["psoft_shared"]

@@ -1,5 +1,6 @@
-"""A fast command line (issue #24): every `--help` and every refused argument answers before torch,
-transformers, trl, vLLM or onnxruntime is imported."""
+"""A light command line (issue #24): every `--help` and every refused argument answers before torch,
+transformers, trl, vLLM or onnxruntime is imported (counted in sys.modules, not timed: timings
+belong in benchmarks/)."""
 
 import json
 import subprocess
@@ -10,10 +11,9 @@ import pytest
 from psoft_deploy.cli import cli
 
 HEAVY = ("torch", "transformers", "trl", "vllm", "onnxruntime", "onnxruntime_genai", "peft", "datasets")
-# Runs the CLI on sys.argv[1:], then reports its exit status, the heavy modules imported and the time taken.
+# Runs the CLI on sys.argv[1:], then reports its exit status and the heavy modules imported.
 PROBE = f"""
-import json, sys, time
-start = time.perf_counter()
+import json, sys
 from psoft_deploy.cli import main
 sys.argv = ["psoft-deploy", *sys.argv[1:]]
 try:
@@ -22,9 +22,8 @@ try:
 except SystemExit as exit:
     code = exit.code
 heavy = [name for name in {HEAVY!r} if name in sys.modules]
-print("PROBE " + json.dumps({{"code": code, "heavy": heavy, "seconds": time.perf_counter() - start}}))
+print("PROBE " + json.dumps({{"code": code, "heavy": heavy}}))
 """
-LIMIT_S = 5  # generous for a busy machine; a heavy import takes 10-50 s
 
 
 def probe(*args) -> tuple[dict, str]:
@@ -38,12 +37,18 @@ def probe(*args) -> tuple[dict, str]:
 def test_help_imports_nothing_heavy(command):
     report, output = probe(*([command] if command else []), "--help")
     assert report["code"] == 0 and "usage" in output.lower(), output
-    assert report["heavy"] == [] and report["seconds"] < LIMIT_S, report
+    assert report["heavy"] == [], report
 
 
 @pytest.mark.parametrize("args, fragment", [
     (["serve", "--base", "b", "--adapter", "a=x", "--adapter", "a=y"], "distinct names"),
     (["serve", "--base", "b", "--adapter", "bad name=x"], "adapter name 'bad name'"),
+    # serve's own options are strict: a typo is not handed to vLLM (which would refuse it after loading)
+    (["serve", "--base", "b", "--adaptor", "y=x"], "No such option '--adaptor'. (Did you mean one of: '--adapter'"),
+    (["serve", "--base", "b", "--adapter", "y=x", "--adapter-from", "lora", "--", "--dtype", "float32"],
+     "No such option '--adapter-from'. (Did you mean one of: '--adapter', '--adapter-form'"),
+    (["serve", "--base", "b", "--adapter", "y=x", "float32"], "unexpected extra argument (float32)"),
+    (["serve", "--base", "b", "--adapter", "y=x", "--", "--port", "http"], "-- --port http: not a port number"),
     (["merge", "--base", "b", "--adapter", "a", "--output", "o", "--max-shard-size", "0"], "--max-shard-size"),
     (["train", "--base_model_name_or_path", "b", "--output_dir", "o", "--data_path", "d", "--max_steps", "0"],
      "--max_steps"),
@@ -52,4 +57,4 @@ def test_help_imports_nothing_heavy(command):
 def test_refused_arguments_answer_before_heavy_imports(args, fragment):
     report, output = probe(*args)
     assert report["code"] in (1, 2) and fragment in output, output
-    assert report["heavy"] == [] and report["seconds"] < LIMIT_S, report
+    assert report["heavy"] == [], report

@@ -8,6 +8,8 @@ import pytest
 import torch
 from helpers import VARIANTS, make_peft_adapter, peft_deltas
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from psoft_deploy.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.converters.lora_format import LoraAdapter
@@ -18,11 +20,25 @@ from psoft_deploy.psoft import core_in_basis, lora_of_core, shared_basis
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.launcher import plan_serve
 from psoft_deploy.serve.preflight import vllm_flag
-from psoft_deploy.serve.shared import SharedBasis
+from psoft_deploy.serve import cache as cache_module
+from psoft_deploy.serve import shared
+from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 from psoft_deploy.testing import build_tiny_model
 
 BASIS_RANK = 64  # the largest rank among VARIANTS ("rank-full")
 OUTSIDE = {"lowrank", "lowrank-pissa"}  # PEFT's randomized low-rank SVD: another basis
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` so that each call is recorded (the work done); returns the record."""
+    calls, original = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +72,7 @@ def test_cores_reproduce_peft_delta_weights_and_only_full_svd_adapters_lie_in_th
         assert (lora_B.double() @ lora_A.double() - delta.double()).norm() <= 2 * tolerance * delta.double().norm()
 
 
-def test_shared_form_keeps_psoft_adapters_and_refuses_others_in_one_reason(base, tmp_path):
+def test_shared_form_keeps_psoft_adapters_and_refuses_others_in_one_reason(base, tmp_path, monkeypatch):
     checkpoint = BaseCheckpoint(base)
     cache = LoraCache(tmp_path / "cache", checkpoint)
     make_peft_adapter(base, tmp_path / "psoft", r=8, target_modules=["q_proj", "v_proj"])
@@ -65,12 +81,17 @@ def test_shared_form_keeps_psoft_adapters_and_refuses_others_in_one_reason(base,
     lora = get_peft_model(load_base_model(base), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "lora")
     psoft_dir, _ = cache.prepare(tmp_path / "psoft")
-    basis = SharedBasis.build(tmp_path / "cache", checkpoint, LoraAdapter.read(psoft_dir).modules, 8)
-    assert SharedBasis.build(tmp_path / "cache", checkpoint, LoraAdapter.read(psoft_dir).modules, 8) == basis  # cached
+    modules = LoraAdapter.read(psoft_dir).modules
+    svds, projections = count_calls(monkeypatch, shared, "shared_basis"), count_calls(monkeypatch, SharedBasis, "cores_of")
+    basis = SharedBasis.build(tmp_path / "cache", checkpoint, modules, 8)
+    assert len(svds) == len(modules)
+    assert SharedBasis.build(tmp_path / "cache", checkpoint, modules, 8) == basis
+    assert len(svds) == len(modules), "the basis is computed once"
 
     cores, why = basis.shared_form(psoft_dir, tmp_path / "cache")
-    assert cores is not None and "float32 noise" in why
-    assert basis.shared_form(psoft_dir, tmp_path / "cache") == (cores, why)  # converted once
+    assert cores is not None and "float32 noise" in why and len(projections) == 1
+    assert basis.shared_form(psoft_dir, tmp_path / "cache") == (cores, why)
+    assert len(projections) == 1, "the cores are projected once"
     for name, reason in (("lowrank", "> float32 noise"), ("lora", "> float32 noise"), ("wide", "outside the basis")):
         lora_dir, _ = cache.prepare(tmp_path / name)
         cores, why = basis.shared_form(lora_dir, tmp_path / "cache")
@@ -148,3 +169,34 @@ def test_without_the_vllm_internals_every_adapter_is_exact_lora(demo_adapters, t
     assert not any(path.name.startswith("cores-") for path in plan.served.values())
     with pytest.raises(UserError, match=re.escape(f"--adapter-form shared: {reason}")):
         _plan(base, tmp_path, adapters, form="shared")
+
+
+def truncate(file):
+    file.write_bytes(file.read_bytes()[:-16])
+
+
+def test_cache_entries_that_do_not_read_back_are_built_again(demo_adapters, tmp_path, caplog, monkeypatch):
+    base, adapters = demo_adapters
+    one = {"a": adapters["a"]}
+    plan = _plan(base, tmp_path, one)
+    cores_dir = plan.served["a"]
+    lora_dir = next(path for path in cores_dir.parent.iterdir() if (path / cache_module.EXPORT_META).is_file())
+    conversions = count_calls(monkeypatch, cache_module, "derive_factors")
+    projections = count_calls(monkeypatch, SharedBasis, "cores_of")
+    assert _plan(base, tmp_path, one).served == plan.served and not conversions and not projections  # reused
+
+    truncate(cores_dir / CORES_FILE)  # a disk that filled, a copy cut short
+    truncate(lora_dir / "adapter_model.safetensors")
+    with caplog.at_level("WARNING", logger="psoft_deploy"):
+        again = _plan(base, tmp_path, one)
+    assert again.served == plan.served
+    assert len(conversions) == 1 and len(projections) == 1, "each broken entry is built again, once"
+    warnings = [record.getMessage() for record in caplog.records if "does not read back" in record.getMessage()]
+    assert len(warnings) == 2 and all("building it again" in line for line in warnings), warnings
+    with safe_open(cores_dir / CORES_FILE, framework="pt") as handle:
+        assert set(handle.keys()) == set(LoraAdapter.read(lora_dir).modules)
+
+    cores = load_file(cores_dir / CORES_FILE)  # a core missing, in a file that reads
+    save_file(dict(list(cores.items())[1:]), cores_dir / CORES_FILE)
+    assert _plan(base, tmp_path, one).served == plan.served and len(projections) == 2
+    assert load_file(cores_dir / CORES_FILE).keys() == cores.keys()
