@@ -1,12 +1,12 @@
 """GGUF for llama.cpp and Ollama, written with PyPI's ``gguf`` (llama.cpp's gguf-py): a model file
-(``merge --to gguf``, and the base a LoRA GGUF is verified on) and a LoRA adapter file
-(``export-lora --target gguf``), after llama.cpp's ``convert_hf_to_gguf.py`` (metadata, tensor
-names, the rotary row permutation of Llama's q/k projections) and ``convert_lora_to_gguf.py``
-(``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, tensors
-``blk.N.attn_q.weight.lora_a`` (r×in) and ``.lora_b`` (out×r), the permutation applied to q/k's
-lora_b). A model's types other than F32, F16 and BF16 come from llama.cpp's own quantizer
-(`quantize`), run on the F32 file written here; a LoRA's Q8_0 from gguf-py's. An Ollama
-``Modelfile`` goes beside each file.
+(``merge --to gguf``, ``export-lora --target gguf --with-base``'s base, and the base a LoRA GGUF
+is verified on) and a LoRA adapter file (``export-lora --target gguf``), after llama.cpp's
+``convert_hf_to_gguf.py`` (metadata, tensor names, the rotary row permutation of Llama's q/k
+projections) and ``convert_lora_to_gguf.py`` (``general.type = adapter``, ``adapter.type = lora``,
+``adapter.lora.alpha``, tensors ``blk.N.attn_q.weight.lora_a`` (r×in) and ``.lora_b`` (out×r), the
+permutation applied to q/k's lora_b). A model's types other than F32, F16 and BF16 come from
+llama.cpp's own quantizer (`quantize`), run on the F32 file written here; a LoRA's Q8_0 from
+gguf-py's. An Ollama ``Modelfile`` goes beside each, its paths relative to it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from psoft_deploy.progress import verbose
 
 MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
+BASE_FILE = "base.gguf"  # the base beside a LoRA GGUF (export-lora --target gguf --with-base)
 MODELFILE = "Modelfile"
 # transformers architecture → llama.cpp's (Mistral is Llama to llama.cpp; Qwen2 keeps its own rotary layout).
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -355,10 +356,14 @@ def is_adapter(file: Path) -> bool:
 
 
 def write_modelfile(directory: Path, source: str, adapter: str | None = None) -> None:
-    """Ollama's ``Modelfile``: ``FROM source`` (a GGUF file, or a model directory Ollama imports)
-    and, for a LoRA, ``ADAPTER adapter`` (``ollama create NAME -f Modelfile``)."""
-    lines = [f"# ollama create NAME -f {MODELFILE}", f"FROM {source}"]
+    """Ollama's ``Modelfile``: ``FROM source`` and, for a LoRA, ``ADAPTER adapter``, each a path
+    relative to the Modelfile (``ollama create NAME -f Modelfile``), so the directory works where
+    it is copied; a note where ``source`` is not (yet) beside it."""
+    lines = [f"# ollama create NAME -f {MODELFILE}"]
+    if not (directory / source).is_file():
+        lines.append(f"# FROM needs the base as a GGUF at {source}: write it with psoft-deploy export-lora --target "
+                     "gguf --with-base, or copy one there")
+    lines.append(f"FROM {source}")
     if adapter is not None:
         lines.append(f"ADAPTER {adapter}")
     (directory / MODELFILE).write_text("\n".join(lines) + "\n")
-

@@ -47,8 +47,9 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA) into ``staging``
     (``options``: rank or energy, dtype, target), or with target ``mlx`` mlx-lm's
     ``adapters.safetensors`` + ``adapter_config.json`` (`psoft_deploy.converters.mlx`), with target
-    ``gguf`` llama.cpp's ``adapter.gguf`` (``options.quant``) and an Ollama ``Modelfile`` on
-    ``base_dir`` (`psoft_deploy.converters.gguf`); those two exact only (``base_config``: the base's
+    ``gguf`` llama.cpp's ``adapter.gguf`` (``options.quant``), with ``options.with_base`` the base
+    in ``base_dir`` as ``base.gguf`` of the same type, and an Ollama ``Modelfile`` reading both from
+    beside it (`psoft_deploy.converters.gguf`); those two exact only (``base_config``: the base's
     config.json).
 
     With targets ``vllm``, ``sglang``, ``mlx`` and ``gguf`` every layer gets the same rank (smaller ones
@@ -92,7 +93,9 @@ def export_lora(factors: AdapterFactors, staging: Path, *, base_name: str,
         write_mlx_adapter(staging, pairs, num_layers=layout[0], keys=layout[1], base_name=base_name, dtype=out_dtype)
     elif target == "gguf":
         gguf.write_adapter(pairs, staging / gguf.ADAPTER_FILE, base_config, quant, name=f"PSOFT adapter on {base_name}")
-        gguf.write_modelfile(staging, str(base_dir.absolute()), f"./{gguf.ADAPTER_FILE}")
+        if options.with_base:
+            gguf.write_model(base_dir, staging / gguf.BASE_FILE, quant)
+        gguf.write_modelfile(staging, f"./{gguf.BASE_FILE}", f"./{gguf.ADAPTER_FILE}")
     else:
         tensors = {key: tensor for name, pair in pairs.items() for key, tensor in zip(lora_keys(name), pair)}
         adapter.write(staging, {key: value.to(out_dtype) for key, value in (tensors | factors.replaced_tensors).items()})

@@ -2,9 +2,9 @@
 
 The base's safetensors are read one tensor at a time; each targeted weight gets
 ``W + ΔW`` accumulated in float32 and cast to the output dtype; every other tensor is
-copied unchanged (bit-identical when the dtype is kept). Output shards follow
-transformers' convention (``model-0000i-of-0000n.safetensors`` + index) and are written
-one tensor at a time (`psoft_deploy.streaming`), so peak memory is about one layer,
+copied unchanged (bit-identical when the dtype is kept). The output follows transformers'
+convention (one ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` + index) and
+is written one tensor at a time (`psoft_deploy.streaming`), so peak memory is about one layer,
 whatever the shard size.
 """
 

@@ -227,7 +227,7 @@ def merge(base, adapter, output, max_shard_size, prompts, write_options, read_op
 @base_and_adapter
 @output_option("the LoRA adapter")
 @PROMPTS
-@write_options("rank", "energy", "dtype", "target", "quant", "verify_mode")
+@write_options("rank", "energy", "dtype", "target", "with_base", "quant", "verify_mode")
 @read_options
 def export_lora_command(base, adapter, output, prompts, write_options, read_options):
     """Write the adapter as a PEFT LoRA adapter: exact (lora_B = s·B(R−I), lora_A = A), or truncated.
@@ -235,13 +235,14 @@ def export_lora_command(base, adapter, output, prompts, write_options, read_opti
     The result loads with PeftModel.from_pretrained and serves with vLLM, LoRAX, SGLang or
     TensorRT-LLM. Truncation uses the SVD of a small r×r core per layer, never a dense SVD.
     --target mlx writes an mlx-lm adapter; --target gguf a llama.cpp LoRA (adapter.gguf,
-    verified in llama.cpp on the base written as GGUF) and an Ollama Modelfile.
+    verified in llama.cpp on the base written as GGUF) and an Ollama Modelfile; --with-base
+    also writes that base beside it (base.gguf), which the Modelfile reads.
 
     \b
     Examples:
       psoft-deploy export-lora --base meta-llama/Llama-3.2-1B --adapter ./psoft-adapter --output ./lora
       psoft-deploy export-lora --base ... --adapter ... --output ./lora-99 --energy 0.99 --target vllm
-      psoft-deploy export-lora --base ./smollm2 --adapter ./psoft-adapter --output ./gguf --target gguf --quant Q8_0
+      psoft-deploy export-lora --base ./smollm2 --adapter ./psoft-adapter --output ./gguf --target gguf --with-base
     """
     check_output(output, write_options.overwrite, {"base": base, "adapter": adapter})
     from psoft_deploy.converters import pipeline
@@ -264,9 +265,12 @@ def export_lora_command(base, adapter, output, prompts, write_options, read_opti
         click.echo(f"serve with vLLM: --enable-lora --max-lora-rank {result.max_lora_rank}")
     if write_options.target == "sglang":
         click.echo(f"serve with SGLang: --lora-paths NAME={output}")
-    if write_options.target == "gguf":
-        click.echo(f"llama.cpp: --lora {output}/adapter.gguf with a GGUF of the base; Ollama: ollama create NAME -f "
-                   f"{output}/Modelfile")
+    if write_options.target == "gguf" and write_options.with_base:
+        click.echo(f"llama.cpp: llama-cli -m {output}/base.gguf --lora {output}/adapter.gguf; Ollama: ollama create "
+                   f"NAME -f {output}/Modelfile")
+    elif write_options.target == "gguf":
+        click.echo(f"llama.cpp: --lora {output}/adapter.gguf on a GGUF of the base, which export-lora --target gguf "
+                   f"--with-base writes beside it ({output}/base.gguf, read by {output}/Modelfile for Ollama)")
 
 
 @cli.command(name="export-onnx")

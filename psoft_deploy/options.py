@@ -109,6 +109,10 @@ class WriteOptions:
     to: str = field(default="safetensors", metadata={
         "help": "safetensors: a model directory; gguf: one llama.cpp model file (model.gguf) and an Ollama Modelfile.",
         "type": click.Choice(["safetensors", "gguf"]), "show_default": True})
+    with_base: bool = field(default=False, metadata={
+        "help": "--target gguf: also write the base as base.gguf beside adapter.gguf (the LoRA's GGUF type), "
+                "checked against transformers; the LoRA is verified on it and the Modelfile reads it.",
+        "is_flag": True})
     quant: str | None = field(default=None, metadata={
         "help": "GGUF type (--target gguf, --to gguf): F32, F16, BF16 or Q8_0 for a LoRA; for a model also the "
                 "k-quants (Q4_K_M, ...), made by llama.cpp's quantizer. Default: --dtype's type.",
@@ -119,6 +123,8 @@ class WriteOptions:
             raise UserError("pass --rank or --energy, not both")
         if self.quant is not None and "gguf" not in (self.target, self.to):
             raise UserError("--quant is a GGUF type; it applies with --target gguf (export-lora) or --to gguf (merge)")
+        if self.with_base and self.target != "gguf":
+            raise UserError("--with-base writes the base as GGUF beside a llama.cpp LoRA; it applies to --target gguf")
 
     def gguf_quant(self, auto: str = "float32") -> str:
         """The GGUF type to write: --quant, else --dtype's (``auto``: the dtype auto stands for)."""

@@ -108,6 +108,15 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert process.stdout == ""
 
 
+def test_usage_errors_exit_2_and_errors_in_the_input_1(tmp_path):
+    """As README says: click's usage errors exit 2 (with usage), errors in the input 1 (one line)."""
+    for usage in (["merge", "--bogus"], ["merge", "--base", tmp_path],
+                  ["verify", "--base", tmp_path, "--adapter", tmp_path, "--candidate", tmp_path / "missing"]):
+        result = run(*usage)
+        assert result.exit_code == 2 and "Usage:" in result.output, result.output
+    assert_one_line_error(run("inspect", tmp_path / "missing"), "does not exist")
+
+
 def test_unusable_svd_device(llama_adapter, tmp_path):
     base_dir, adapter_dir = llama_adapter
     result = run("materialize", "--base", base_dir, "--adapter", adapter_dir, "--output", tmp_path / "out",

@@ -4,6 +4,7 @@ does not; quantized files pass the noise rule and a wrong adapter fails it; bad 
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -43,15 +44,14 @@ def verify(base, adapter, candidate):
 
 @pytest.fixture(scope="module")
 def exported(tiny_base, tmp_path_factory):
-    """A tiny trained Llama, an adapter and another one, the adapter's LoRA GGUF and merged GGUF (F32),
-    and the base written as a F32 GGUF by the same writer."""
+    """A tiny trained Llama, an adapter and another one, the adapter's LoRA GGUF with the base's GGUF
+    beside it (--with-base) and merged GGUF (F32)."""
     base = tiny_base("llama", trained=True)
     work = tmp_path_factory.mktemp("gguf")
     make_peft_adapter(base, work / "adapter", r=8)
     make_peft_adapter(base, work / "other", r=8, seed=7)
-    ok(export_lora(base, work / "adapter", work / "lora"))
+    ok(export_lora(base, work / "adapter", work / "lora", "--with-base"))
     ok(merge(base, work / "adapter", work / "merged"))
-    gguf.write_model(base, work / "base.gguf")
     return base, work
 
 
@@ -70,11 +70,12 @@ def greedy_runs(base, adapter, files: dict) -> tuple[list, dict]:
         runtime.close()
 
 
-def test_llama_cpp_applies_the_lora_gguf_and_runs_the_merged_gguf_as_peft_does(exported):
+def test_llama_cpp_runs_the_lora_gguf_on_the_base_gguf_beside_it_and_the_merged_gguf_as_peft_does(exported):
     base, work = exported
+    base_gguf = work / "lora" / "base.gguf"  # written by export-lora --with-base
     expected, actual = greedy_runs(base, work / "adapter", {
-        "lora": (work / "base.gguf", work / "lora" / "adapter.gguf"), "merged": (work / "merged" / "model.gguf", None),
-        "base": (work / "base.gguf", None)})
+        "lora": (base_gguf, work / "lora" / "adapter.gguf"), "merged": (work / "merged" / "model.gguf", None),
+        "base": (base_gguf, None)})
     assert actual["lora"] == expected and actual["merged"] == expected
     assert actual["base"] != expected
     assert sum(map(len, expected)) > 4 * len(expected)  # continuations, not just an end of sequence
@@ -97,12 +98,29 @@ def test_the_lora_gguf_is_llama_cpps_lora_format_with_an_ollama_modelfile(export
         torch.testing.assert_close(tensors[f"{target}.lora_b"], layout.rows(name, lora_B).float())  # out × r
     q_proj = "model.layers.0.self_attn.q_proj"
     assert not torch.equal(layout.rows(q_proj, factors.modules[q_proj].lora()[1]), factors.modules[q_proj].lora()[1])
-    assert (work / "lora" / "Modelfile").read_text().splitlines()[1:] == [f"FROM {base.absolute()}",
-                                                                         "ADAPTER ./adapter.gguf"]
-    assert (work / "merged" / "Modelfile").read_text().splitlines()[1:] == ["FROM ./model.gguf"]
     assert "GGUF" in (work / "merged" / "README.md").read_text()
     report = verification_report(work / "lora")
     assert report["runtime"].startswith("llama.cpp") and report["bare_base"]["passes_bounds"] is False
+    assert report["base_gguf"]["passed"] and report["base_gguf"]["dtype"] == "F32"
+
+
+def test_the_modelfiles_name_files_beside_them_and_work_where_the_directory_is_copied(exported, tmp_path):
+    """Every path in a Modelfile is relative to it and names a file in the directory, copied anywhere."""
+    base, work = exported
+
+    def paths(directory: Path) -> list[Path]:
+        lines = [line.split(" ", 1) for line in (directory / "Modelfile").read_text().splitlines()
+                 if not line.startswith("#")]
+        return [directory / path for instruction, path in lines if instruction in ("FROM", "ADAPTER")]
+
+    for name, names in (("lora", ["base.gguf", "adapter.gguf"]), ("merged", ["model.gguf"])):
+        copy = shutil.copytree(work / name, tmp_path / name)
+        assert [path.name for path in paths(copy)] == names and all(path.is_file() for path in paths(copy))
+        assert str(work) not in (copy / "Modelfile").read_text()
+    ok(export_lora(base, work / "adapter", tmp_path / "alone"))  # no --with-base: the Modelfile says what it needs
+    assert not (tmp_path / "alone" / "base.gguf").exists()
+    assert "--with-base" in (tmp_path / "alone" / "Modelfile").read_text()
+    assert [path.name for path in paths(tmp_path / "alone")] == ["base.gguf", "adapter.gguf"]
 
 
 def test_a_wrong_adapter_fails_verification(exported):
@@ -124,6 +142,28 @@ def test_a_lora_gguf_without_llama_cpps_rotary_row_order_fails(exported, tmp_pat
     assert result.exit_code == 1 and "FAIL (full, F32)" in result.output, result.output
 
 
+def test_a_writer_bug_shared_by_the_base_gguf_and_the_candidate_fails(exported, tmp_path, monkeypatch):
+    """q/k rows left in transformers' order in the candidate and in the base GGUF verify writes as its
+    noise (one writer): the base's run would widen its own bound; checked against transformers, it fails."""
+    base, work = exported
+    monkeypatch.setattr(gguf.Layout, "rows", lambda self, key, tensor: tensor)
+    for name, command, *extra in (("lora", export_lora), ("lora-with-base", export_lora, "--with-base"),
+                                  ("merged", merge)):
+        result = command(base, work / "adapter", tmp_path / name, *extra)
+        assert result.exit_code == 1 and "FAIL (full, F32)" in result.output, result.output
+        assert "the base GGUF vs transformers: mean_abs_logits" in result.output, result.output
+        assert not (tmp_path / name).exists()
+
+
+def test_a_base_gguf_beside_the_lora_that_is_not_the_base_fails(exported, tmp_path):
+    """The merged model's GGUF put beside the LoRA as its base: the LoRA would run on it; the base check fails."""
+    base, work = exported
+    shutil.copy(work / "lora" / "adapter.gguf", tmp_path / "adapter.gguf")
+    shutil.copy(work / "merged" / "model.gguf", tmp_path / "base.gguf")
+    result = verify(base, work / "adapter", tmp_path)
+    assert result.exit_code == 1 and "the base GGUF vs transformers" in result.output, result.output
+
+
 def test_q8_0_lora_and_q4_k_m_merge_pass_the_noise_rule_and_a_wrong_adapter_fails(exported, tmp_path):
     base, work = exported
     ok(export_lora(base, work / "adapter", tmp_path / "q8", "--quant", "q8_0"))
@@ -134,6 +174,65 @@ def test_q8_0_lora_and_q4_k_m_merge_pass_the_noise_rule_and_a_wrong_adapter_fail
     assert report["behaviour"]["conclusive"] and "not judged, at Q4_K_M" in report["tolerance"]
     result = verify(base, work / "other", tmp_path / "q4")
     assert result.exit_code == 1 and "FAIL (full, Q4_K_M)" in result.output, result.output
+    shutil.copy(tmp_path / "q4" / "model.gguf", tmp_path / "q8" / "base.gguf")  # a base that cannot be checked
+    assert_one_line_error(verify(base, work / "adapter", tmp_path / "q8"), "base.gguf holds Q4_K_M",
+                          "verified on a base GGUF beside it of type F32, F16, BF16, Q8_0")
+
+
+def test_a_behaviour_rule_that_asks_nothing_is_not_judged_and_never_passes_alone():
+    """At a coarse type's noise no top-1 margin is decisive: that rule reports "not judged" (line and
+    JSON), never "kept 0/0", and the continuations decide; where the type keeps no continuation of the
+    base either, nothing is judged: FAIL (inconclusive)."""
+    from psoft_deploy.converters.verify.report import Report
+    from psoft_deploy.converters.verify.rule import GENERATED_TOKENS, judge_behaviour, with_behaviour
+
+    truth = torch.eye(6, 8)  # margins of 1, and the type's noise 1 at every position: none decisive
+    logits = {"truth": truth, "base_truth": truth, "candidate": truth, "graph_base": truth.roll(1, -1)}
+    exact, base, lost = list(range(GENERATED_TOKENS)), [99] * GENERATED_TOKENS, [98] * GENERATED_TOKENS
+    numbers = {"bounds": {"mean_abs_logits": 1.0}, "mean_abs_logits": 0.5, "positions": 6, "bare_base": None}
+
+    def verdict(type_keeps_the_base: bool) -> Report:
+        continuations = {"truth": [exact] * 2, "base_truth": [base] * 2, "candidate": [exact] * 2,
+                         "graph_base": [base if type_keeps_the_base else lost] * 2}
+        return with_behaviour(Report("full", "Q4_K_M", "logits", [], dict(numbers)),
+                              judge_behaviour(logits, continuations, "Q4_K_M"), judged_logits=False)
+
+    report = verdict(type_keeps_the_base=True)
+    assert report.passed and report.numbers["behaviour"]["kept"]["top-1 decisions"]["judged"] is False
+    assert report.numbers["behaviour"]["conclusive"] == ["continuation tokens"]
+    assert "top-1 decisions not judged (0/0 kept, none required)" in report.line()
+    assert "continuation tokens kept 32/32" in report.line()
+    alone = verdict(type_keeps_the_base=False)
+    assert not alone.passed and "inconclusive" in alone.failed_checks[0]
+    assert "continuation tokens not judged (32/32 kept, none required)" in alone.line()
+
+
+def test_a_behaviour_rule_that_asks_nothing_is_not_judged_and_never_passes_alone():
+    """At a coarse type's noise no top-1 margin is decisive: that rule reports "not judged" (line and
+    JSON), never "kept 0/0", and the continuations decide; where the type keeps no continuation of the
+    base either, nothing is judged: FAIL (inconclusive)."""
+    from psoft_deploy.converters.verify.report import Report
+    from psoft_deploy.converters.verify.rule import GENERATED_TOKENS, judge_behaviour, with_behaviour
+
+    truth = torch.eye(6, 8)  # margins of 1, and the type's noise 1 at every position: none decisive
+    logits = {"truth": truth, "base_truth": truth, "candidate": truth, "graph_base": truth.roll(1, -1)}
+    exact, base, lost = list(range(GENERATED_TOKENS)), [99] * GENERATED_TOKENS, [98] * GENERATED_TOKENS
+    numbers = {"bounds": {"mean_abs_logits": 1.0}, "mean_abs_logits": 0.5, "positions": 6, "bare_base": None}
+
+    def verdict(type_keeps_the_base: bool) -> Report:
+        continuations = {"truth": [exact] * 2, "base_truth": [base] * 2, "candidate": [exact] * 2,
+                         "graph_base": [base if type_keeps_the_base else lost] * 2}
+        return with_behaviour(Report("full", "Q4_K_M", "logits", [], dict(numbers)),
+                              judge_behaviour(logits, continuations, "Q4_K_M"), judged_logits=False)
+
+    report = verdict(type_keeps_the_base=True)
+    assert report.passed and report.numbers["behaviour"]["kept"]["top-1 decisions"]["judged"] is False
+    assert report.numbers["behaviour"]["conclusive"] == ["continuation tokens"]
+    assert "top-1 decisions not judged (0/0 kept, none required)" in report.line()
+    assert "continuation tokens kept 32/32" in report.line()
+    alone = verdict(type_keeps_the_base=False)
+    assert not alone.passed and "inconclusive" in alone.failed_checks[0]
+    assert "continuation tokens not judged (32/32 kept, none required)" in alone.line()
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
@@ -229,6 +328,8 @@ def test_bad_input_is_one_line(exported, tiny_base, tmp_path, monkeypatch):
     assert_one_line_error(export_lora(base, adapter, tmp_path / "out", "--quant", "Q4_K_M"),
                           "a LoRA GGUF is written as F32, F16, BF16, Q8_0, not Q4_K_M")
     assert_one_line_error(export_lora(base, adapter, tmp_path / "out", "--rank", "2"), "--target gguf writes the exact")
+    assert_one_line_error(run("export-lora", "--base", base, "--adapter", adapter, "--output", tmp_path / "out",
+                              "--with-base"), "--with-base writes the base as GGUF", "applies to --target gguf")
     assert_one_line_error(run("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out", "--quant",
                               "Q8_0"), "--quant is a GGUF type")
     assert not (tmp_path / "out").exists()
@@ -258,12 +359,12 @@ def test_a_deep_chat_model_in_llama_cpp(tmp_path):
     build_chat_model(base, layers=24)
     make_peft_adapter(base, tmp_path / "adapter", r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
     make_peft_adapter(base, tmp_path / "other", r=8, seed=7, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
-    ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora"))
+    ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora", "--with-base"))
     ok(merge(base, tmp_path / "adapter", tmp_path / "merged"))
-    gguf.write_model(base, tmp_path / "base.gguf")
+    base_gguf = tmp_path / "lora" / "base.gguf"
     expected, actual = greedy_runs(base, tmp_path / "adapter", {
-        "lora": (tmp_path / "base.gguf", tmp_path / "lora" / "adapter.gguf"),
-        "merged": (tmp_path / "merged" / "model.gguf", None), "base": (tmp_path / "base.gguf", None)})
+        "lora": (base_gguf, tmp_path / "lora" / "adapter.gguf"),
+        "merged": (tmp_path / "merged" / "model.gguf", None), "base": (base_gguf, None)})
     assert actual["lora"] == expected and actual["merged"] == expected and actual["base"] != expected
     ok(export_lora(base, tmp_path / "adapter", tmp_path / "q8", "--quant", "Q8_0"))
     ok(merge(base, tmp_path / "adapter", tmp_path / "q4", "--quant", "Q4_K_M"))

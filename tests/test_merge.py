@@ -59,6 +59,7 @@ def test_merged_causal_lm_equals_the_reference(kind, tiny_base, tmp_path):
             assert torch.equal(out[key], tensor), f"{key} must be bit-identical"
     for file in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / file).read_bytes() == (base_dir / file).read_bytes()
+    assert [file.name for file in (tmp_path / "merged").glob("model*")] == ["model.safetensors"]  # one shard, no index
     report = verification_report(tmp_path / "merged")
     assert report["passed"] and report["mode"] == "full" and report["max_abs_logits"] <= 1e-4
     card = (tmp_path / "merged" / "README.md").read_text()

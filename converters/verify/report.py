@@ -57,7 +57,8 @@ class Report:
                 ratio = numbers["bare_base"]["mean_abs_logits"] / bounds["mean_abs_logits"]
                 summary += f"; bare base {ratio:.3g}× the bound"
             for kind, kept in numbers.get("behaviour", {}).get("kept", {}).items():
-                summary += f"; {kind} kept {kept['candidate']}/{kept['of']} (≥ {kept['least']:g})"
+                summary += (f"; {kind} kept {kept['candidate']}/{kept['of']} (≥ {kept['least']:g})" if kept["judged"]
+                            else f"; {kind} not judged ({kept['candidate']}/{kept['of']} kept, none required)")
         elif self.mode == "layerwise":
             summary = (f"max layer relative error {numbers['max_layer_relative_error']:.2e} "
                        f"({numbers['worst_ratio_to_bound']:.2g}× its bound) over {numbers['layers_checked']} layers")

@@ -142,7 +142,9 @@ def judge_behaviour(logits: dict[str, torch.Tensor], continuations: dict[str, li
     prompt's continuation) and must keep at least 1/`MEAN_NOISE_FACTOR` as much: a gentle precision
     (fp16) is held by the first bound, a destructive one (int4 on a small model) by the second. The
     bare base is held to the same bounds against the truth; where it passes too, that kind of
-    agreement cannot tell the adapter apart (inconclusive). ``logits``: truth, base_truth,
+    agreement cannot tell the adapter apart (inconclusive). A kind that asks nothing of the
+    candidate (no decisive position, or the precision keeps none of it on the base) is not judged:
+    reported so, never failed, never conclusive. ``logits``: truth, base_truth,
     candidate, graph_base (positions × vocabulary); ``continuations``: the same four, one token
     list per prompt."""
     top1 = {name: values.argmax(-1) for name, values in logits.items()}
@@ -165,7 +167,10 @@ def judge_behaviour(logits: dict[str, torch.Tensor], continuations: dict[str, li
         precision_kept = kept["precision"][kind] / base_totals[kind] * total  # as a share of the truth's decisions
         least = max(precision_kept / MEAN_NOISE_FACTOR,
                     total - MEAN_NOISE_FACTOR * (total - precision_kept) - BEHAVIOUR_SLACK[kind])
-        checks[kind] = {"of": total, "least": least, **{who: counts[kind] for who, counts in kept.items()}}
+        checks[kind] = {"of": total, "judged": least > 0, "least": least,
+                        **{who: counts[kind] for who, counts in kept.items()}}
+        if least <= 0:  # nothing to decide, or nothing any candidate must keep: not judged, never conclusive
+            continue
         if kept["candidate"][kind] < least:
             failed.append(f"{kind} kept {kept['candidate'][kind]}/{total} < {least:.3g} ({precision} keeps "
                           f"{kept['precision'][kind]}/{base_totals[kind]} on the base)")
