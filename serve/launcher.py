@@ -63,6 +63,8 @@ SHM_PREFIXES = ("psm_", "sem.mp-")  # Python's shared memory and semaphores, as 
 # An exception line, after vLLM's "(EngineCore pid=N) ERROR 11-23 15:51:54 [core.py:1512] " prefix.
 ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \S+ \S+ \[[^\]]+\] )?(?:[A-Za-z_]\w*\.)*(\w+(?:Error|Exception): .+)$")
 NOTICE_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:DEBUG|INFO|WARNING)\b")
+# What psoft-deploy's plugin warns of in vLLM's processes (a module served as exact LoRA), said by serve too.
+PLUGIN_WARNING = re.compile(r"WARNING \S+ \S+ \[[^\]]+\] psoft-deploy: (.+)$")
 # vLLM's follow-ups once its engine died; the cause, where there is one, was logged before them.
 GENERIC_ERRORS = ("EngineDeadError", "EngineGenerateError")
 
@@ -218,9 +220,12 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
     unhealthy = False
     last_healthy = last_check = time.monotonic()
     shm_used: set[Path] = set()
+    relayed = 0
     try:
         while process.poll() is None:
             now = time.monotonic()
+            if not verbose:
+                relayed = _relay_plugin_warnings(log, relayed)
             if stop_requested:
                 if not announced:  # nothing in flight: vLLM's processes are stopped at once
                     raise UserError("stopped during start-up, before vLLM answered")
@@ -276,6 +281,19 @@ def last_error_line(log: Path) -> str:
     specific = [error for error in errors if not error.startswith(GENERIC_ERRORS)]
     others = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE) and not NOTICE_LINE.match(line)]
     return (specific or errors or others or ["no error in its log"])[-1]
+
+
+def _relay_plugin_warnings(log: Path, offset: int) -> int:
+    """Say, as serve's own warnings, what psoft-deploy's plugin warned of in ``log`` past ``offset``
+    (complete lines only); return the offset read up to."""
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        chunk = handle.read()
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    for line in complete.decode(errors="replace").splitlines():
+        if match := PLUGIN_WARNING.search(line):
+            warning(match.group(1))
+    return offset + len(complete)
 
 
 def _follow(log: Path, done: threading.Event) -> None:

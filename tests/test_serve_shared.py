@@ -230,6 +230,8 @@ def test_a_module_whose_layer_holds_no_cores_gets_its_exact_lora_in_one_line(phi
              if "served as exact LoRA, their layers hold no cores" in line]
     assert len(lines) == len(adapters), lines  # one per adapter (none for the bare base's zero core)
     assert all("8 of 8 modules" in line and "ShardedLoRA, which psoft-deploy does not extend" in line for line in lines)
+    said = [line for line in (work / "serve-sharded.log").read_text().splitlines() if "their layers hold no cores" in line]
+    assert len(said) == len(adapters) and all(line.startswith("psoft-deploy: warning: ") for line in said), said
 
     port = free_port()
     refused = subprocess.run(
