@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import traceback
 import warnings
@@ -513,16 +514,21 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose
     from psoft_deploy.serve.launcher import default_log_file, plan_serve, run_server
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops start-up as Ctrl-C does
+    # A stop before vLLM starts exits at once (libraries may swallow a KeyboardInterrupt raised in them).
+    handlers = {signum: signal.signal(signum, _stopped_before_vllm) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port, cache_dir=cache_dir,
                           vllm_args=vllm_args, read_options=read_options, adapter_form=adapter_form)
-    except KeyboardInterrupt:
-        raise UserError("stopped during start-up, before vLLM started") from None
     finally:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     log = Path(log_file) if log_file else default_log_file(cache_dir, port)
     raise SystemExit(run_server(plan, host, port, log, verbose=verbose))
+
+
+def _stopped_before_vllm(signum, frame):
+    click.echo("Error: stopped during start-up, before vLLM started", err=True)
+    os._exit(1)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
