@@ -95,7 +95,8 @@ def verify_gguf(base: BaseCheckpoint, factors: AdapterFactors, file: Path, promp
             base_run=f"the base written as a {quant} GGUF, in llama.cpp", stop=stop, float_type=torch.float32,
             lossy=True, judged_logits=quant in gguf.JUDGED_BY_LOGITS, stored_lora={
                 name: tuple(gguf.rounded(factor, quant) for factor in module.lora())
-                for name, module in factors.modules.items()} if adapter and quant != "F32" else None)
+                for name, module in factors.modules.items()} if adapter and quant != "F32" else None,
+            attention_type=torch.float16)  # llama.cpp's KV cache, and the queries multiplied with it
     failed = report.failed_checks + tokenization
     form = "LoRA GGUF on the base's GGUF" if adapter else "GGUF model"
     return Report(report.mode, report.dtype, f"{form}, run by llama.cpp: {report.tolerance}", failed,

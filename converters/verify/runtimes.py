@@ -22,6 +22,8 @@ from .reference import greedy, strip_adapter
 from .report import Report
 from .rule import GENERATED_TOKENS, compare_logits, dtype_name, judge, judge_behaviour, with_behaviour
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
 
 class Runtime(Protocol):
     """A loaded export: logits at every position of a token sequence, and greedy continuations, of a
@@ -36,7 +38,8 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
                      precision: str, runtime: Callable[[], AbstractContextManager[Runtime]], *,
                      names: dict[str, object], base_run: str, stop: set[int], float_type: torch.dtype,
                      lossy: bool, judged_logits: bool | None = None,
-                     stored_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Report:
+                     stored_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     attention_type: torch.dtype | None = None) -> Report:
     """The verdict on the candidate ``runtime()`` runs as ``names["candidate"]`` (the base at the
     export's precision: ``names["base"]``, described by ``base_run``) on ``sequences``, each run
     alone from position 0.
@@ -44,7 +47,9 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     deviation reported, not judged: 4-bit weights; None: `with_behaviour`'s rule, int4 alone). ``stored_lora``: each module's (lora_A, lora_B)
     rounded as the export stores them, when that rounding is coarser than ``float_type``'s: the
     rounding noise is then the base in ``float_type`` with ``W + lora_B·lora_A`` instead of the
-    reference in ``float_type``."""
+    reference in ``float_type``. ``attention_type``: the type the runtime holds attention's queries,
+    keys and values in (llama.cpp's float16 KV cache), simulated in that rounding run: the noise it
+    adds depends on the adapted model's own activations, which the base's run does not show."""
     family = FAMILIES["causal-lm"]
     inputs = right_padded(sequences)
 
@@ -72,11 +77,14 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
     # update: the reference in the runtime's float type.
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (runtime_base - base_truth)),
-            "rounding": compare_logits(truth, forward(_rounded_reference(base, factors, float_type, stored_lora))),
+            "rounding": compare_logits(truth, forward(_rounded_reference(base, factors, float_type, stored_lora,
+                                                                          attention_type))),
             "bare_base": compare_logits(truth, runtime_base)}
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
                    noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
-                                f"float64 truth, plus the reference in {dtype_name(float_type)} vs float64")
+                                f"float64 truth, plus the reference in {dtype_name(float_type)}"
+                                + (f" with attention's q, k, v in {dtype_name(attention_type)}" if attention_type else "")
+                                + " vs float64")
     if not lossy:
         return report
     return with_behaviour(report, judge_behaviour(
@@ -87,13 +95,19 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
 
 
 def _rounded_reference(base: BaseCheckpoint, factors: AdapterFactors, float_type: torch.dtype,
-                       stored_lora: dict | None):
+                       stored_lora: dict | None, attention_type: torch.dtype | None = None):
     """The reference in ``float_type``, or (``stored_lora``) the base in ``float_type`` with every
-    adapted weight ``W + lora_B·lora_A`` from the stored factors (summed in float64)."""
+    adapted weight ``W + lora_B·lora_A`` from the stored factors (summed in float64); with
+    ``attention_type``, the outputs of every ``q_proj``, ``k_proj`` and ``v_proj`` rounded to it."""
     if stored_lora is None:
-        return reference_model(base.path, factors, float_type)
-    model = load_base_model(base.path, float_type)
-    for name, (lora_A, lora_B) in stored_lora.items():
-        weight = model.get_submodule(name).weight
-        weight.data = (weight.double() + lora_B.double() @ lora_A.double()).to(float_type)
+        model = reference_model(base.path, factors, float_type)
+    else:
+        model = load_base_model(base.path, float_type)
+        for name, (lora_A, lora_B) in stored_lora.items():
+            weight = model.get_submodule(name).weight
+            weight.data = (weight.double() + lora_B.double() @ lora_A.double()).to(float_type)
+    if attention_type is not None:
+        for name, module in model.named_modules():
+            if name.endswith(ATTENTION_PROJECTIONS):
+                module.register_forward_hook(lambda module, args, output: output.to(attention_type).to(output.dtype))
     return model
