@@ -6,6 +6,7 @@ runtime's float type, is the noise (`rule.judge`). Lossy precisions are also jud
 
 from __future__ import annotations
 
+import gc
 from contextlib import AbstractContextManager
 from typing import Callable, Protocol
 
@@ -18,7 +19,7 @@ from psoft_deploy.families import FAMILIES
 from psoft_deploy.model import load_base_model, reference_model
 
 from .inputs import family_outputs, right_padded
-from .reference import greedy, strip_adapter
+from .reference import greedy, outputs_freed, strip_adapter
 from .report import Report
 from .rule import GENERATED_TOKENS, compare_logits, dtype_name, judge, judge_behaviour, with_behaviour
 
@@ -65,6 +66,9 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     strip_adapter(model, factors, base)
     base_truth, base_continuations = forward(model), continuations(model)
     del model
+    gc.collect()  # the model's reference cycles: freed now, not beside the next model or the runtime's
+    rounding = compare_logits(truth, outputs_freed(lambda: _rounded_reference(base, factors, float_type, stored_lora,
+                                                                            attention_type), forward))
     with runtime() as loaded:
         def outputs(which: str) -> torch.Tensor:
             return torch.cat([torch.from_numpy(np.asarray(loaded.logits(tokens, names[which]), dtype=np.float64))
@@ -77,9 +81,7 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
     # update: the reference in the runtime's float type.
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (runtime_base - base_truth)),
-            "rounding": compare_logits(truth, forward(_rounded_reference(base, factors, float_type, stored_lora,
-                                                                          attention_type))),
-            "bare_base": compare_logits(truth, runtime_base)}
+            "rounding": rounding, "bare_base": compare_logits(truth, runtime_base)}
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
                    noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
                                 f"float64 truth, plus the reference in {dtype_name(float_type)}"
