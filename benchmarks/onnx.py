@@ -32,6 +32,9 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 SHAPES = {
+    # just above verify's 0.5B full-mode limit: auto runs the layerwise checks, in minutes on 2 cores
+    "llama-0.55b": {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 18,
+                    "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000},
     "tinyllama-1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                        "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
     "llama-3.2-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,

@@ -15,7 +15,7 @@ from psoft_deploy.converters import genai, genai_runtime
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
 from psoft_deploy.generate import read_adapter_file
-from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.model import load_base_model, reference_model, reference_model_stored
 
 from .candidates import FULL_MODE_MAX_PARAMETERS, parameter_count, resolve_mode
 from .inputs import prompt_sequences, verification_inputs
@@ -107,7 +107,8 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
     module than its own fails here, where the factors alone and the graph at rank 0 pass.
 
     Each torch model's outputs are computed, and the model freed, before the next model or the graph
-    loads: one model in memory at a time. At int4 KL is not judged: the simulation rounds to nearest,
+    loads: one model in memory at a time; the references keep the checkpoint's weights as stored
+    (`reference_model_stored`: a bfloat16 base computed in float32 holds half the memory). At int4 KL is not judged: the simulation rounds to nearest,
     the export k-quantizes; the sizes of their errors compare, not their shapes (KL weighs the few
     largest logits; seen 1.5× on a tiny Qwen2)."""
     inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
@@ -120,11 +121,11 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
     big = parameter_count(base) > FULL_MODE_MAX_PARAMETERS
     reference = torch.float32 if big else torch.float64
     simulated = {"fp16": torch.float16, "fp32": torch.bfloat16 if big else torch.float32}.get(precision, torch.float32)
-    truth = outputs_freed(lambda: load_base_model(base.path, reference), forward)
+    truth = outputs_freed(lambda: reference_model_stored(base.path, None, reference), forward)
     noise = compare_logits(truth, outputs_freed(
         lambda: genai.round_like_builder(load_base_model(base.path, simulated), precision), forward))
     if factors is not None:
-        adapted = outputs_freed(lambda: reference_model(base.path, factors, reference), forward)
+        adapted = outputs_freed(lambda: reference_model_stored(base.path, factors, reference), forward)
         adapted_noise = compare_logits(adapted, outputs_freed(
             lambda: genai.round_like_builder(reference_model(base.path, factors, simulated), precision), forward))
     with tempfile.TemporaryDirectory() as scratch:
