@@ -139,7 +139,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as work:
         work = Path(work)
         build_base(work / "base", shape)
-        write_psoft_adapter(work / "peft-adapter", llama_modules(shape["num_hidden_layers"], TARGETS), RANK, std=0.1)
+        write_psoft_adapter(work / "peft-adapter", llama_modules(shape["num_hidden_layers"], TARGETS), RANK, std=0.1,
+                            base=work / "base")
         # PEFT saves R only: its A and B come from an SVD of every adapted weight. Materialize once
         # (as a deployment does), so that no export below repeats those SVDs.
         start = time.perf_counter()
