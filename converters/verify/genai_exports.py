@@ -108,9 +108,9 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
 
     Each torch model's outputs are computed, and the model freed, before the next model or the graph
     loads: one model in memory at a time; the references keep the checkpoint's weights as stored
-    (`reference_model_stored`: a bfloat16 base computed in float32 holds half the memory). At int4 KL is not judged: the simulation rounds to nearest,
-    the export k-quantizes; the sizes of their errors compare, not their shapes (KL weighs the few
-    largest logits; seen 1.5× on a tiny Qwen2)."""
+    (`reference_model_stored`: a bfloat16 base computed in float32 holds half the memory). At int4
+    KL is not judged: the simulation rounds to nearest, the export k-quantizes; the sizes of their
+    errors compare, not their shapes (KL weighs the few largest logits; seen 1.5× on a tiny Qwen2)."""
     inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
     sequences = prompt_sequences(inputs)
 
