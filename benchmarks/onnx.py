@@ -2,8 +2,8 @@
 
 A Llama with random bf16 weights (TinyLlama's 1.1B shape by default; ``--shape llama-3.2-3b``:
 hidden 3072, 28 layers, 24 heads, 8 KV heads, vocab 128256; ``--shape llama-0.55b``: hidden 1536, 18
-layers, just above verify's full-mode limit, so the same layerwise checks in a few minutes) and a PEFT PSOFT adapter (r = 32 on
-q_proj, v_proj, down_proj), materialized once. For each precision, in its own process with the
+layers, just above verify's full-mode limit, so the same layerwise checks in a few minutes) and a
+PEFT PSOFT adapter (r = 32 on q_proj, v_proj, down_proj), materialized once. For each precision, in its own process with the
 peak RSS of its whole process tree sampled: `psoft-deploy export-onnx` with the adapter, and, as
 the anchor, onnxruntime-genai's model builder on the base alone. Then prefill (128 tokens) and
 decode ms/token of the exports through og.Generator against PyTorch eager fp32; each export's own

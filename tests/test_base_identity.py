@@ -134,7 +134,8 @@ def test_a_base_that_cannot_be_compared_is_refused_unless_allowed(recorded, tiny
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter")
     with_config(tmp_path / "adapter", base_model_name_or_path=recorded)
-    reason = "records neither its base's fingerprints nor" if recorded is None else f"({recorded}): that base is neither"
+    reason = ("records neither its base's fingerprints nor" if recorded is None
+              else f"({recorded}): that base is neither")
     for command in (("merge", "--output", tmp_path / "merged"), ("verify", "--candidate", base)):
         result = run(command[0], "--base", base, "--adapter", tmp_path / "adapter", *command[1:])
         assert_one_line_error(result, f"cannot check that {base} is the base adapter", reason, "--allow-base-mismatch")

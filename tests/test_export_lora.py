@@ -158,8 +158,8 @@ def test_a_truncated_lora_is_held_to_the_optimum_verify_computes_not_to_its_reco
         assert result.exit_code == 0 and result.output.startswith("PASS (truncated-lora"), result.output
     worse = {name: (lora_A[:3], lora_B[:, :3]) for name, (lora_A, lora_B) in  # rank 3, not the best rank 3
              ((name, module.lora()) for name, module in factors.modules.items())}
-    other = {name: (tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"])
-             for tensors in [load_file(tmp_path / "other-lora" / "adapter_model.safetensors")] for name in factors.modules}
+    stored = load_file(tmp_path / "other-lora" / "adapter_model.safetensors")
+    other = {name: tuple(stored[f"base_model.model.{key}"] for key in lora_keys(name)) for name in factors.modules}
     for label, pairs in (("worse", worse), ("another", other)):
         shutil.copytree(tmp_path / "lora", tmp_path / label)
         rewrite_truncated(tmp_path / label, pairs, factors)

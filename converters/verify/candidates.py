@@ -131,8 +131,8 @@ def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candida
             failed.append(f"{name}: relative error {errors[name]:.4e} > {bound:.4e} (the optimal at rank {rank} "
                           f"{optimal_error:.4e})")
     worst = max(ratios, key=ratios.get, default=None)
-    return Report("truncated-lora", dtype_name(dtype), "each layer's relative error ≤ the optimal error at the rank of "
-                  "its stored factors (from the SVD of the exact factors' r×r core) + "
+    return Report("truncated-lora", dtype_name(dtype), "each layer's relative error ≤ the optimal error at the rank "
+                  "of its stored factors (from the SVD of the exact factors' r×r core) + "
                   f"{NOISE_FACTOR:g}× what rounding the optimal factors to {dtype_name(dtype)} costs (measured per "
                   "layer in this run); a layer of rank 0 fails", failed, {
                       "max_layer_relative_error": max(errors.values(), default=0.0),

@@ -88,7 +88,8 @@ def verify_base_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, prec
 
 
 def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision: str, prompts,
-                 factors: AdapterFactors | None = None, adapter_file: Path | None = None) -> tuple[Report, Report | None]:
+                 factors: AdapterFactors | None = None,
+                 adapter_file: Path | None = None) -> tuple[Report, Report | None]:
     """Run the export's graph on the verification prompts and `judge` it against torch references in
     float64 (float32 above `FULL_MODE_MAX_PARAMETERS`).
 
@@ -146,8 +147,8 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
     simulation = dtype_name(simulated) + (" with int4-rounded weights and int8-rounded inputs" if precision == "int4"
                                           else "")
     bounds = bound_factors(truth.numel())
-    rule = (f"by max |Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {bounds['mean_abs_logits']:g}× and (but at int4) KL ≤ "
-            f"{bounds['kl_divergence']:g}×")
+    rule = (f"by max |Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {bounds['mean_abs_logits']:g}× and (but at int4) "
+            f"KL ≤ {bounds['kl_divergence']:g}×")
     base_report = _graph_report(
         judge({"truth": truth, "precision": noise, "rounding": None, "bare_base": None},
               compare_logits(truth, actual), precision, prompt_source), precision, reference, simulation,

@@ -42,11 +42,13 @@ def reference_runs(base: BaseCheckpoint, factors: AdapterFactors | None, dtype: 
         model.load_state_dict({key: tensor.double() for key, tensor in factors.replaced_tensors.items()}, strict=False)
         runs["rounding"] = compare_logits(truth, forward(model))
     del model
-    runs["precision"] = compare_logits(truth, outputs_freed(lambda: reference_model(base.path, factors, dtype), forward))
+    runs["precision"] = compare_logits(truth, outputs_freed(lambda: reference_model(base.path, factors, dtype),
+                                                            forward))
     return runs
 
 
-def outputs_freed(load: Callable[[], torch.nn.Module], forward: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
+def outputs_freed(load: Callable[[], torch.nn.Module],
+                  forward: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
     """``forward(load())``, the model freed before it returns: transformers models hold reference
     cycles, so dropping the last reference leaves one in memory until the garbage collector runs,
     beside whatever loads next (another model, an exported graph)."""

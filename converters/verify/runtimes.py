@@ -82,11 +82,10 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     # update: the reference in the runtime's float type.
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (runtime_base - base_truth)),
             "rounding": rounding, "bare_base": compare_logits(truth, runtime_base)}
+    attention = f" with attention's q, k, v in {dtype_name(attention_type)}" if attention_type else ""
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
                    noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
-                                f"float64 truth, plus the reference in {dtype_name(float_type)}"
-                                + (f" with attention's q, k, v in {dtype_name(attention_type)}" if attention_type else "")
-                                + " vs float64")
+                                f"float64 truth, plus the reference in {dtype_name(float_type)}{attention} vs float64")
     if not lossy:
         return report
     return with_behaviour(report, judge_behaviour(
