@@ -65,7 +65,7 @@ def main() -> None:
         base_dir, adapter_dir = work / "base", work / "adapter"
         build_tiny_model(base_dir, "llama", hidden=args.hidden, layers=args.layers, vocab_size=1024,
                          with_tokenizer=False)
-        write_psoft_adapter(adapter_dir, llama_modules(args.layers, TARGETS), args.rank)
+        write_psoft_adapter(adapter_dir, llama_modules(args.layers, TARGETS), args.rank, base=base_dir)
 
         peft_e2e, peft_model = timed(lambda: PeftModel.from_pretrained(load_base_model(base_dir), adapter_dir))
         save_seconds, _ = timed(lambda: save_as_lora(work / "peft-lora", peft_model, rank=args.rank))

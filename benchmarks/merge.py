@@ -61,11 +61,11 @@ def build_base(directory: Path, layers: int) -> None:
     config.save_pretrained(directory)
 
 
-def build_adapter(directory: Path, layers: int, rank: int) -> None:
-    """A PEFT PSOFT adapter with trained-like R parameters (A and B are never saved by PEFT)."""
+def build_adapter(directory: Path, base: Path, layers: int, rank: int) -> None:
+    """A PEFT PSOFT adapter for ``base`` with trained-like R parameters (A and B are never saved by PEFT)."""
     from psoft_deploy.testing import llama_modules, write_psoft_adapter
 
-    write_psoft_adapter(directory, llama_modules(layers, TARGETS), rank)
+    write_psoft_adapter(directory, llama_modules(layers, TARGETS), rank, base=base)
 
 
 def step(name: str, work: Path) -> None:
@@ -124,7 +124,7 @@ def main() -> None:
         work = Path(scratch)
         (work / "base").mkdir()
         build_base(work / "base", args.layers)
-        build_adapter(work / "adapter", args.layers, args.rank)
+        build_adapter(work / "adapter", work / "base", args.layers, args.rank)
         from psoft_deploy.cli import cli
 
         cli.main(["materialize", "--base", str(work / "base"), "--adapter", str(work / "adapter"),

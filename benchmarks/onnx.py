@@ -1,8 +1,9 @@
 """export-onnx through onnxruntime-genai at real LLM shapes, one run.
 
 A Llama with random bf16 weights (TinyLlama's 1.1B shape by default; ``--shape llama-3.2-3b``:
-hidden 3072, 28 layers, 24 heads, 8 KV heads, vocab 128256) and a PEFT PSOFT adapter (r = 32 on
-q_proj, v_proj, down_proj), materialized once. For each precision, in its own process with the
+hidden 3072, 28 layers, 24 heads, 8 KV heads, vocab 128256; ``--shape llama-0.55b``: hidden 1536, 18
+layers, just above verify's full-mode limit, so the same layerwise checks in a few minutes) and a
+PEFT PSOFT adapter (r = 32 on q_proj, v_proj, down_proj), materialized once. For each precision, in its own process with the
 peak RSS of its whole process tree sampled: `psoft-deploy export-onnx` with the adapter, and, as
 the anchor, onnxruntime-genai's model builder on the base alone. Then prefill (128 tokens) and
 decode ms/token of the exports through og.Generator against PyTorch eager fp32; each export's own
@@ -32,6 +33,9 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 SHAPES = {
+    # just above verify's 0.5B full-mode limit: auto runs the layerwise checks, in minutes on 2 cores
+    "llama-0.55b": {"hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 18,
+                    "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000},
     "tinyllama-1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
                        "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
     "llama-3.2-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
@@ -136,7 +140,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as work:
         work = Path(work)
         build_base(work / "base", shape)
-        write_psoft_adapter(work / "peft-adapter", llama_modules(shape["num_hidden_layers"], TARGETS), RANK, std=0.1)
+        write_psoft_adapter(work / "peft-adapter", llama_modules(shape["num_hidden_layers"], TARGETS), RANK, std=0.1,
+                            base=work / "base")
         # PEFT saves R only: its A and B come from an SVD of every adapted weight. Materialize once
         # (as a deployment does), so that no export below repeats those SVDs.
         start = time.perf_counter()

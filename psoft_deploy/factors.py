@@ -157,20 +157,26 @@ def check_targets(adapter: PsoftAdapter, base: BaseCheckpoint) -> None:
 
 
 def check_base_identity(adapter: PsoftAdapter, base: BaseCheckpoint, options: ReadOptions = DEFAULTS) -> None:
-    """Refuse (`UserError`, one line) a ``base`` that is not the one ``adapter`` was made for; a
-    warning instead with ``options.allow_base_mismatch``. An adapter that records its base's
-    fingerprints (materialized, or PEFT written by psoft-deploy) is compared tensor by tensor, dtype
-    included. Otherwise its ``base_model_name_or_path``: where that base is on this machine (a
-    directory, or a hub id in the hub cache), by architecture, adapted layer shapes and weights;
-    else by hub id, where both bases have one. What cannot be compared (a path on another machine,
-    a hub model whose weights are not cached here, a local base of unknown origin) passes; a
-    comparison that fails (an error, or weights that cannot be read) refuses: fail closed."""
+    """Refuse (`UserError`, one line) a ``base`` that is not the one ``adapter`` was made for, or that
+    cannot be compared with it; a warning instead with ``options.allow_base_mismatch``. An adapter
+    that records its base's fingerprints (materialized, or PEFT written by psoft-deploy) is compared
+    tensor by tensor, dtype included. Otherwise its ``base_model_name_or_path``: the same name as
+    ``base`` was given by, or where that base is on this machine (a directory, or a hub id in the hub
+    cache), by architecture, adapted layer shapes and weights; else by hub id, where both bases have
+    one. What cannot be compared (no record of the base, a path on another machine, a hub model whose
+    weights are not cached here beside a local base of unknown origin) and a comparison that fails
+    (an error, or weights that cannot be read) are refused too: fail closed."""
     claimed = adapter.base_model_name_or_path
-    if not adapter.base_fingerprints and (not claimed or claimed == base.name):
+    if not adapter.base_fingerprints and claimed and claimed == base.name:
         return
     try:
-        message = _recorded_difference(adapter, base) if adapter.base_fingerprints else _claimed_difference(
-            claimed, adapter, base)
+        if adapter.base_fingerprints:
+            message = _recorded_difference(adapter, base)
+        elif claimed:
+            message = _claimed_difference(claimed, adapter, base)
+        else:
+            message = (f"cannot check that {base.name} is the base adapter {adapter.path} was made for: it records "
+                       "neither its base's fingerprints nor its base_model_name_or_path")
     except Exception as error:  # fail closed: a comparison that could not be made is no match
         detail = str(error).splitlines()[0] if str(error) else ""
         message = (f"could not check that {base.name} is the base adapter {adapter.path} was trained on "
@@ -201,21 +207,21 @@ def _described(fingerprint: dict) -> str:
 
 
 def _claimed_difference(claimed: str, adapter: PsoftAdapter, base: BaseCheckpoint) -> str | None:
-    difference = _base_difference(claimed, adapter, base)
-    if difference is None:
-        return None
-    return f"adapter {adapter.path} was trained on {claimed}, not on the base given ({base.name}): {difference}"
-
-
-def _base_difference(claimed: str, adapter: PsoftAdapter, base: BaseCheckpoint) -> str | None:
-    """How the base the adapter names differs from ``base`` (None: same, or not comparable)."""
+    """How the base the adapter names differs from ``base``, or why they cannot be compared (None: same)."""
     other = _local_base(claimed)
-    if other is not None:
-        return None if other.path.resolve() == base.path.resolve() else _weights_difference(adapter, other, base)
     ids = base.hub_ids()
-    if HUB_ID.fullmatch(claimed) and ids and claimed.lower() not in ids:
-        return f"the base is {', '.join(sorted(ids))} on the hub"
-    return None
+    if other is not None:
+        if other.path.resolve() == base.path.resolve():
+            return None
+        difference = _weights_difference(adapter, other, base)
+    elif HUB_ID.fullmatch(claimed) and ids:
+        difference = None if claimed.lower() in ids else f"the base is {', '.join(sorted(ids))} on the hub"
+    else:
+        return (f"cannot check that {base.name} is the base adapter {adapter.path} was trained on ({claimed}): that "
+                "base is neither on this machine nor in the hub cache to compare weights with, and the base given "
+                "has no hub id to compare names with")
+    return None if difference is None else (f"adapter {adapter.path} was trained on {claimed}, not on the base given "
+                                            f"({base.name}): {difference}")
 
 
 def _local_base(claimed: str) -> BaseCheckpoint | None:

@@ -198,28 +198,38 @@ class ModuleFactors:
         return self.A, self.scale * (self.B @ (self.R - eye))
 
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``ΔW = U diag(S) Vh`` (U: out×r, Vh: r×in, S descending) from two thin QRs of the
-        LoRA factors and the SVD of their r×r core; the dense ΔW is never formed."""
-        lora_A, lora_B = (factor.double() for factor in self.lora())
-        Q_b, R_b = torch.linalg.qr(lora_B)
-        Q_a, R_a = torch.linalg.qr(lora_A.T)
-        U_core, S, Vh_core = torch.linalg.svd(R_b @ R_a.T)
-        return (Q_b @ U_core).float(), S.float(), (Vh_core @ Q_a.T).float()
+        """``ΔW = U diag(S) Vh`` (U: out×r, Vh: r×in, S descending) by `lora_spectrum`: the dense
+        ΔW is never formed."""
+        return tuple(part.float() for part in lora_spectrum(*self.lora()))
 
     def truncated_lora(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """The best rank-``rank`` approximation of ΔW as LoRA factors (scaling 1), and its
         relative Frobenius error ‖ΔW − ΔW_k‖ / ‖ΔW‖."""
         U, S, Vh = self.spectrum()
-        total = float(S.double().square().sum())
-        kept = float(S[:rank].double().square().sum())
-        error = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
-        return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous(), error
+        return Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous(), truncation_error(S, rank)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW in the layout the base stores (transposed when ``fan_in_fan_out``)."""
         lora_A, lora_B = self.lora()
         delta = lora_B @ lora_A
         return delta.T if self.fan_in_fan_out else delta
+
+
+def lora_spectrum(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lora_B @ lora_A = U diag(S) Vh`` (U: out×r, Vh: r×in, S descending) from two thin QRs of
+    the factors and the SVD of their r×r core, in float64."""
+    Q_b, R_b = torch.linalg.qr(lora_B.double())
+    Q_a, R_a = torch.linalg.qr(lora_A.double().T)
+    U_core, S, Vh_core = torch.linalg.svd(R_b @ R_a.T)
+    return Q_b @ U_core, S, Vh_core @ Q_a.T
+
+
+def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
+    """The relative Frobenius error ‖ΔW − ΔW_k‖ / ‖ΔW‖ of the optimal rank-``rank`` truncation of a
+    ΔW with these singular values (Eckart–Young: the norm of the ones left out)."""
+    squares = singular_values.double().square()
+    total = float(squares.sum())
+    return (max(total - float(squares[:rank].sum()), 0.0) / total) ** 0.5 if total > 0 else 0.0
 
 
 def shared_basis(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

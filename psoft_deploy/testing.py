@@ -216,11 +216,15 @@ def memorize_texts(
     model.eval()
 
 
-def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed: int = 1, std: float = 0.05) -> Path:
+def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed: int = 1, std: float = 0.05,
+                        base: Path | None = None) -> Path:
     """A PEFT-format PSOFT adapter for ``modules`` (full module names) with trained-like R
-    parameters (generator ~ N(0, std²), magnitudes 1 ± std), written as PEFT saves it."""
+    parameters (generator ~ N(0, std²), magnitudes 1 ± std), written as PEFT saves it; with the
+    ``base`` directory it is for recorded as psoft-deploy's `train` records it (else a base that
+    cannot be compared: refused without --allow-base-mismatch)."""
     from peft import PsoftConfig
 
+    from .base import BaseCheckpoint
     from .formats import write_peft_adapter
 
     directory = Path(directory)
@@ -230,7 +234,7 @@ def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed:
                          "vector_a": 1 + std * torch.randn(rank, generator=generator),
                          "vector_b": 1 + std * torch.randn(rank, generator=generator)} for name in modules}
     config = PsoftConfig(r=rank, psoft_alpha=rank, target_modules=targets, task_type="CAUSAL_LM")
-    write_peft_adapter(directory, config, parameters)
+    write_peft_adapter(directory, config, parameters, BaseCheckpoint(str(base)) if base else None)
     return directory
 
 

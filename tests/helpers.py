@@ -174,7 +174,8 @@ def make_paper_checkpoint(base_dir, out_dir, residual_dir, r=4, alpha=4, orth=Tr
         parts[module] = {name.rsplit(".", 1)[-1] if "lora_orth" in name else name.split(".")[-2]: value
                          for name, value in tensors.items() if name.startswith(prefix + ".")}
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "init_lora_weights": "pissa_orth",
-              "target_modules": PAPER_TARGETS, "base_model_name_or_path": None, "task_type": "CAUSAL_LM"}
+              "target_modules": PAPER_TARGETS, "base_model_name_or_path": str(base_dir),
+              "task_type": "CAUSAL_LM"}
     write_adapter(out_dir, config, tensors)
     shutil.copytree(base_dir, residual_dir)
     save_file(state, residual_dir / "model.safetensors", metadata={"format": "pt"})

@@ -126,6 +126,28 @@ def test_the_base_check_fails_closed(tiny_base, tmp_path, monkeypatch):
     assert allowed.exit_code == 0 and allowed.output.startswith("Warning: could not check"), allowed.output
 
 
+@pytest.mark.parametrize("recorded", [None, "/home/someone/models/llama", "someorg/uncached-llama"])
+def test_a_base_that_cannot_be_compared_is_refused_unless_allowed(recorded, tiny_base, tmp_path):
+    """No record of the base, a path on another machine, a hub id neither cached here nor the name
+    of the base given (a local directory): nothing to compare, refused in one line; a one-line
+    warning with --allow-base-mismatch."""
+    base = tiny_base("llama")
+    make_peft_adapter(base, tmp_path / "adapter")
+    with_config(tmp_path / "adapter", base_model_name_or_path=recorded)
+    reason = ("records neither its base's fingerprints nor" if recorded is None
+              else f"({recorded}): that base is neither")
+    for command in (("merge", "--output", tmp_path / "merged"), ("verify", "--candidate", base)):
+        result = run(command[0], "--base", base, "--adapter", tmp_path / "adapter", *command[1:])
+        assert_one_line_error(result, f"cannot check that {base} is the base adapter", reason, "--allow-base-mismatch")
+    assert not (tmp_path / "merged").exists()
+    allowed = run("merge", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged",
+                  "--allow-base-mismatch")
+    assert allowed.exit_code == 0 and "verification: PASS" in allowed.output, allowed.output
+    warnings_shown = [line for line in allowed.output.splitlines() if "cannot check" in line]
+    assert len(warnings_shown) == 1 and warnings_shown[0].startswith("Warning: cannot check")
+    assert "proceeding because --allow-base-mismatch was given" in warnings_shown[0]
+
+
 def with_config(adapter, **changes):
     config_file = adapter / "adapter_config.json"
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | changes))

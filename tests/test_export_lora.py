@@ -1,6 +1,7 @@
 """`psoft-deploy export-lora`: exact and truncated LoRA forms, loaded back through PEFT's LoRA code."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -16,9 +17,9 @@ from helpers import (
     run,
     verification_report,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from psoft_deploy.converters.lora_format import LoraAdapter, vllm_max_lora_rank
+from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import reference_model
@@ -126,6 +127,50 @@ def test_rank_k_truncation_is_the_best_rank_k_approximation(source, tiny_base, t
         assert_close_relative(delta_k.double(), best)
         expected_error = (torch.linalg.norm(dense - best) / torch.linalg.norm(dense)).item()
         assert meta["modules"][name]["relative_error"] == pytest.approx(expected_error, rel=1e-4)
+
+
+def rewrite_truncated(lora_dir, pairs, exact_factors):
+    """Replace a truncated export's factors by ``pairs`` (module → lora_A, lora_B) and make its record
+    say the errors they have against ``exact_factors``: a record that matches what the file holds."""
+    weights = lora_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    meta = json.loads((lora_dir / "psoft_lora_export.json").read_text())
+    for name, (lora_A, lora_B) in pairs.items():
+        for key, tensor in zip(lora_keys(name), (lora_A, lora_B)):
+            tensors[f"base_model.model.{key}"] = tensor.contiguous()
+        delta = exact_factors.modules[name].delta_weight().double()
+        error = torch.linalg.norm(lora_B.double() @ lora_A.double() - delta) / torch.linalg.norm(delta)
+        meta["modules"][name]["relative_error"] = error.item()
+    save_file(tensors, weights)
+    (lora_dir / "psoft_lora_export.json").write_text(json.dumps(meta))
+
+
+def test_a_truncated_lora_is_held_to_the_optimum_verify_computes_not_to_its_record(tiny_base, tmp_path):
+    base_dir = tiny_base("llama")
+    make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
+    make_peft_adapter(base_dir, tmp_path / "other", r=8, seed=7)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--rank", 3)
+    export_ok(base_dir, tmp_path / "adapter", tmp_path / "vllm", "--energy", 0.8, "--target", "vllm")  # zero-padded
+    export_ok(base_dir, tmp_path / "other", tmp_path / "other-lora", "--rank", 3)
+    factors = load_factors(str(tmp_path / "adapter"), str(base_dir))
+    for honest in ("lora", "vllm"):
+        result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / honest)
+        assert result.exit_code == 0 and result.output.startswith("PASS (truncated-lora"), result.output
+    worse = {name: (lora_A[:3], lora_B[:, :3]) for name, (lora_A, lora_B) in  # rank 3, not the best rank 3
+             ((name, module.lora()) for name, module in factors.modules.items())}
+    stored = load_file(tmp_path / "other-lora" / "adapter_model.safetensors")
+    other = {name: tuple(stored[f"base_model.model.{key}"] for key in lora_keys(name)) for name in factors.modules}
+    for label, pairs in (("worse", worse), ("another", other)):
+        shutil.copytree(tmp_path / "lora", tmp_path / label)
+        rewrite_truncated(tmp_path / label, pairs, factors)
+        result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / label)
+        assert result.exit_code == 1 and result.output.startswith("FAIL (truncated-lora"), result.output
+        assert "the optimal at rank 3" in result.output
+    zero = {name: (lora_A, torch.zeros_like(lora_B)) for name, (lora_A, lora_B) in worse.items()}
+    shutil.copytree(tmp_path / "lora", tmp_path / "zero")
+    rewrite_truncated(tmp_path / "zero", zero, factors)
+    result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "zero")
+    assert result.exit_code == 1 and "update is zero (rank 0)" in result.output, result.output
 
 
 def test_energy_picks_the_smallest_sufficient_rank(tiny_base, tmp_path):

@@ -138,6 +138,36 @@ def test_reduced_precision_exports_pass_the_noise_rule_and_a_wrong_adapter_fails
 
 
 @pytest.mark.slow
+def test_layerwise_runs_the_adapter_through_the_graph_and_a_factor_wired_to_another_layer_fails(two_adapters,
+                                                                                                tmp_path):
+    """Layer 0's and layer 1's q_proj LoRA inputs swapped where the graph consumes them: each input still
+    holds its module's factors and the graph at rank 0 is still the base; only running the adapter shows it."""
+    import shutil
+
+    import onnx
+
+    base, work = two_adapters
+    shutil.copytree(work / "merged-a", tmp_path / "swapped")
+    graph_file = tmp_path / "swapped" / "model.onnx"
+    graph = onnx.load(str(graph_file), load_external_data=False)
+    swap = {}
+    for factor in genai.FACTORS:
+        first, second = (genai.lora_input(f"model.layers.{layer}.self_attn.q_proj", factor) for layer in (0, 1))
+        swap |= {first: second, second: first}
+    for node in graph.graph.node:
+        node.input[:] = [swap.get(name, name) for name in node.input]
+    onnx.save(graph, str(graph_file))
+    layerwise = ("verify", "--base", base, "--adapter", work / "a", "--verify-mode", "layerwise", "--candidate")
+    good = run(*layerwise, work / "merged-a")
+    assert good.exit_code == 0 and good.output.startswith("PASS (layerwise, fp32)"), good.output
+    assert verification_report(work / "merged-a")["mode"] == "full"  # the export's own check ran in full mode
+    swapped = run(*layerwise, tmp_path / "swapped")
+    assert swapped.exit_code == 1 and swapped.output.startswith("FAIL (layerwise, fp32)"), swapped.output
+    assert "the graph with the adapter vs the reference:" in swapped.output
+    assert "the graph at rank 0 vs the base" not in swapped.output  # the base is intact
+
+
+@pytest.mark.slow
 def test_adapter_files_verify_one_by_one_and_crossed_ones_fail(two_adapters):
     base, work = two_adapters
     files = work / "inputs" / "adapters"

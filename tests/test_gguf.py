@@ -370,3 +370,21 @@ def test_a_deep_chat_model_in_llama_cpp(tmp_path):
     ok(merge(base, tmp_path / "adapter", tmp_path / "q4", "--quant", "Q4_K_M"))
     result = verify(base, tmp_path / "other", tmp_path / "q4")
     assert result.exit_code == 1 and "FAIL (full, Q4_K_M)" in result.output, result.output
+
+
+def test_a_merged_gguf_of_half_the_adapter_fails(exported, tmp_path):
+    """The noise of llama.cpp's float16 KV cache is measured on the adapted model too (it passes above);
+    a merge with v_proj's update left out still fails."""
+    from safetensors.torch import load_file, save_file
+
+    base, _ = exported
+    make_peft_adapter(base, tmp_path / "adapter", r=4)
+    shutil.copytree(tmp_path / "adapter", tmp_path / "half")
+    weights = tmp_path / "half" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({key: torch.zeros_like(value) if ".v_proj." in key else value for key, value in tensors.items()},
+              weights)  # R = I: no update there
+    assert run("merge", "--base", base, "--adapter", tmp_path / "half", "--output", tmp_path / "merged", "--to",
+               "gguf", "--no-verify").exit_code == 0
+    result = verify(base, tmp_path / "adapter", tmp_path / "merged")
+    assert result.exit_code == 1 and "FAIL (full, F32)" in result.output, result.output

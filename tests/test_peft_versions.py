@@ -23,6 +23,12 @@ CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def in_fixture_directory(monkeypatch):
+    """The fixtures record their base as ``base``, relative to the directory they were made in."""
+    monkeypatch.chdir(DATA)
+
+
 def svd_tolerance(weight: torch.Tensor, rank: int) -> float:
     """How far float32 rounding (another machine's LAPACK) may move ΔW rebuilt from ``weight``'s top
     singular vectors: 4 × eps · σ₁ / the smallest gap among the top rank + 1 singular values (the

@@ -193,3 +193,21 @@ def test_int4_exports_on_a_deep_chat_model_are_inconclusive_in_the_logits_and_a_
     assert code == 1 and any("no LoRA factors" in check for check in report["failed_checks"]), output
     code, report, output = verify(base, chat / "other-modules", tmp_path / "int4", "--verify-mode", "full")
     assert code == 1 and output.startswith("FAIL (full, int4)"), output
+
+
+def test_a_reference_kept_in_its_stored_bfloat16_computes_as_the_float32_one(tiny_base, tmp_path):
+    """What the layerwise graph checks run on above 0.5B parameters: half the memory, the same logits."""
+    from psoft_deploy.factors import load_factors
+    from psoft_deploy.model import load_base_model, reference_model, reference_model_stored
+
+    shutil.copytree(tiny_base("llama"), tmp_path / "bf16")
+    load_base_model(tmp_path / "bf16", torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    make_peft_adapter(tmp_path / "bf16", tmp_path / "adapter", r=4)
+    factors = load_factors(str(tmp_path / "adapter"), str(tmp_path / "bf16"))
+    ids = torch.randint(4, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    stored = reference_model_stored(tmp_path / "bf16", factors, torch.float32)
+    with torch.no_grad():
+        expected = reference_model(tmp_path / "bf16", factors, torch.float32)(input_ids=ids).logits
+        actual = stored(input_ids=ids).logits
+    assert actual.dtype == torch.float32 and torch.equal(actual, expected)
+    assert {parameter.dtype for parameter in stored.parameters()} == {torch.bfloat16}

@@ -25,7 +25,7 @@ from psoft_deploy.model import load_base_model
 from .inputs import prompt_sequences, verification_inputs
 from .report import Report
 from .rule import GENERATED_TOKENS, NOISE_FACTOR, STATISTICS, bound_factors, compare_logits, judge
-from .runtimes import judge_in_runtime
+from .runtimes import judge_in_runtime, round_attention
 
 
 class LlamaCpp:
@@ -104,7 +104,8 @@ def verify_gguf(base: BaseCheckpoint, factors: AdapterFactors, file: Path, promp
             base_run=f"the base as a {precision} GGUF, in llama.cpp", stop=stop, float_type=torch.float32,
             lossy=True, judged_logits=precision in gguf.JUDGED_BY_LOGITS, stored_lora={
                 name: tuple(gguf.rounded(factor, quant) for factor in module.lora())
-                for name, module in factors.modules.items()} if adapter and quant != "F32" else None)
+                for name, module in factors.modules.items()} if adapter and quant != "F32" else None,
+            attention_type=torch.float16)  # llama.cpp's KV cache, and the queries multiplied with it
         base_check = verify_base_gguf(base, checked_logits[0], sequences, gguf.file_quant(checked), prompt_source)
     failed = (report.failed_checks + tokenization
               + [f"the base GGUF vs transformers: {check}" for check in base_check.failed_checks])
@@ -157,8 +158,7 @@ def verify_base_gguf(base: BaseCheckpoint, logits: torch.Tensor, sequences: list
         if isinstance(module, torch.nn.Linear):  # ggml rounds a matmul's input to its weights' type
             module.register_forward_pre_hook(lambda module, args: gguf.rounded(args[0].flatten(0, -2), quant)
                                              .reshape(args[0].shape))
-        if name.endswith(("q_proj", "k_proj", "v_proj")):
-            module.register_forward_hook(lambda module, args, output: output.half().float())
+    round_attention(simulated, torch.float16)  # llama.cpp's KV cache
     report = judge({"truth": truth, "precision": compare_logits(truth, forward(simulated)), "rounding": None,
                     "bare_base": None}, compare_logits(truth, logits), quant, prompt_source)
     factors = bound_factors(truth.numel())

@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import gc
+from typing import Callable
+
 import torch
 
 from psoft_deploy.base import BaseCheckpoint
@@ -39,8 +42,22 @@ def reference_runs(base: BaseCheckpoint, factors: AdapterFactors | None, dtype: 
         model.load_state_dict({key: tensor.double() for key, tensor in factors.replaced_tensors.items()}, strict=False)
         runs["rounding"] = compare_logits(truth, forward(model))
     del model
-    runs["precision"] = compare_logits(truth, forward(reference_model(base.path, factors, dtype)))
+    runs["precision"] = compare_logits(truth, outputs_freed(lambda: reference_model(base.path, factors, dtype),
+                                                            forward))
     return runs
+
+
+def outputs_freed(load: Callable[[], torch.nn.Module],
+                  forward: Callable[[torch.nn.Module], torch.Tensor]) -> torch.Tensor:
+    """``forward(load())``, the model freed before it returns: transformers models hold reference
+    cycles, so dropping the last reference leaves one in memory until the garbage collector runs,
+    beside whatever loads next (another model, an exported graph)."""
+    model = load()
+    try:
+        return forward(model)
+    finally:
+        del model
+        gc.collect()
 
 
 def reference_merged_weight(layer: PsoftLinear, chunk: int = 1024) -> torch.Tensor:

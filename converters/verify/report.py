@@ -45,8 +45,9 @@ class Report:
         in the full report: ``--json``, ``--report``, ``psoft_verification.json``)."""
         numbers = self.numbers
         if self.mode == "truncated-lora":
-            summary = (f"max layer relative error {numbers['max_layer_relative_error']:.2e} (optimal rank-k), "
-                       f"largest gap to the recorded error {numbers['max_gap_to_recorded_error']:.1e}")
+            summary = (f"max layer relative error {numbers['max_layer_relative_error']:.2e} "
+                       f"({numbers['worst_ratio_to_bound']:.4g}× the optimal rank-k error plus rounding) over "
+                       f"{numbers['layers_checked']} layers")
         elif self.mode == "full":
             bounds = numbers["bounds"]
             summary = f"mean |Δ| {numbers['mean_abs_logits']:.2e} (≤ {bounds['mean_abs_logits']:.2e})"

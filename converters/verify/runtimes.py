@@ -6,6 +6,7 @@ runtime's float type, is the noise (`rule.judge`). Lossy precisions are also jud
 
 from __future__ import annotations
 
+import gc
 from contextlib import AbstractContextManager
 from typing import Callable, Protocol
 
@@ -18,9 +19,11 @@ from psoft_deploy.families import FAMILIES
 from psoft_deploy.model import load_base_model, reference_model
 
 from .inputs import family_outputs, right_padded
-from .reference import greedy, strip_adapter
+from .reference import greedy, outputs_freed, strip_adapter
 from .report import Report
 from .rule import GENERATED_TOKENS, compare_logits, dtype_name, judge, judge_behaviour, with_behaviour
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 class Runtime(Protocol):
@@ -36,7 +39,8 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
                      precision: str, runtime: Callable[[], AbstractContextManager[Runtime]], *,
                      names: dict[str, object], base_run: str, stop: set[int], float_type: torch.dtype,
                      lossy: bool, judged_logits: bool | None = None,
-                     stored_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Report:
+                     stored_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     attention_type: torch.dtype | None = None) -> Report:
     """The verdict on the candidate ``runtime()`` runs as ``names["candidate"]`` (the base at the
     export's precision: ``names["base"]``, described by ``base_run``) on ``sequences``, each run
     alone from position 0.
@@ -44,7 +48,9 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     deviation reported, not judged: 4-bit weights; None: `with_behaviour`'s rule, int4 alone). ``stored_lora``: each module's (lora_A, lora_B)
     rounded as the export stores them, when that rounding is coarser than ``float_type``'s: the
     rounding noise is then the base in ``float_type`` with ``W + lora_B·lora_A`` instead of the
-    reference in ``float_type``."""
+    reference in ``float_type``. ``attention_type``: the type the runtime holds attention's queries,
+    keys and values in (llama.cpp's float16 KV cache), simulated in that rounding run: the noise it
+    adds depends on the adapted model's own activations, which the base's run does not show."""
     family = FAMILIES["causal-lm"]
     inputs = right_padded(sequences)
 
@@ -60,6 +66,9 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     strip_adapter(model, factors, base)
     base_truth, base_continuations = forward(model), continuations(model)
     del model
+    gc.collect()  # the model's reference cycles: freed now, not beside the next model or the runtime's
+    rounding = compare_logits(truth, outputs_freed(lambda: _rounded_reference(base, factors, float_type, stored_lora,
+                                                                            attention_type), forward))
     with runtime() as loaded:
         def outputs(which: str) -> torch.Tensor:
             return torch.cat([torch.from_numpy(np.asarray(loaded.logits(tokens, names[which]), dtype=np.float64))
@@ -72,11 +81,11 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     # distribution it is measured on; |Δ| is the base's own), plus the float arithmetic of the
     # update: the reference in the runtime's float type.
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (runtime_base - base_truth)),
-            "rounding": compare_logits(truth, forward(_rounded_reference(base, factors, float_type, stored_lora))),
-            "bare_base": compare_logits(truth, runtime_base)}
+            "rounding": rounding, "bare_base": compare_logits(truth, runtime_base)}
+    attention = f" with attention's q, k, v in {dtype_name(attention_type)}" if attention_type else ""
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
                    noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
-                                f"float64 truth, plus the reference in {dtype_name(float_type)} vs float64")
+                                f"float64 truth, plus the reference in {dtype_name(float_type)}{attention} vs float64")
     if not lossy:
         return report
     return with_behaviour(report, judge_behaviour(
@@ -87,13 +96,25 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
 
 
 def _rounded_reference(base: BaseCheckpoint, factors: AdapterFactors, float_type: torch.dtype,
-                       stored_lora: dict | None):
+                       stored_lora: dict | None, attention_type: torch.dtype | None = None):
     """The reference in ``float_type``, or (``stored_lora``) the base in ``float_type`` with every
-    adapted weight ``W + lora_B·lora_A`` from the stored factors (summed in float64)."""
+    adapted weight ``W + lora_B·lora_A`` from the stored factors (summed in float64); with
+    ``attention_type``, the outputs of every ``q_proj``, ``k_proj`` and ``v_proj`` rounded to it."""
     if stored_lora is None:
-        return reference_model(base.path, factors, float_type)
-    model = load_base_model(base.path, float_type)
-    for name, (lora_A, lora_B) in stored_lora.items():
-        weight = model.get_submodule(name).weight
-        weight.data = (weight.double() + lora_B.double() @ lora_A.double()).to(float_type)
+        model = reference_model(base.path, factors, float_type)
+    else:
+        model = load_base_model(base.path, float_type)
+        for name, (lora_A, lora_B) in stored_lora.items():
+            weight = model.get_submodule(name).weight
+            weight.data = (weight.double() + lora_B.double() @ lora_A.double()).to(float_type)
+    if attention_type is not None:
+        round_attention(model, attention_type)
     return model
+
+
+def round_attention(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round the outputs of every ``q_proj``, ``k_proj`` and ``v_proj`` of ``model`` to ``dtype``
+    (as a runtime that holds attention's queries, keys and values in it computes)."""
+    for name, module in model.named_modules():
+        if name.endswith(ATTENTION_PROJECTIONS):
+            module.register_forward_hook(lambda module, args, output: output.to(dtype).to(output.dtype))
