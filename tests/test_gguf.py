@@ -207,34 +207,6 @@ def test_a_behaviour_rule_that_asks_nothing_is_not_judged_and_never_passes_alone
     assert "continuation tokens not judged (32/32 kept, none required)" in alone.line()
 
 
-def test_a_behaviour_rule_that_asks_nothing_is_not_judged_and_never_passes_alone():
-    """At a coarse type's noise no top-1 margin is decisive: that rule reports "not judged" (line and
-    JSON), never "kept 0/0", and the continuations decide; where the type keeps no continuation of the
-    base either, nothing is judged: FAIL (inconclusive)."""
-    from psoft_deploy.converters.verify.report import Report
-    from psoft_deploy.converters.verify.rule import GENERATED_TOKENS, judge_behaviour, with_behaviour
-
-    truth = torch.eye(6, 8)  # margins of 1, and the type's noise 1 at every position: none decisive
-    logits = {"truth": truth, "base_truth": truth, "candidate": truth, "graph_base": truth.roll(1, -1)}
-    exact, base, lost = list(range(GENERATED_TOKENS)), [99] * GENERATED_TOKENS, [98] * GENERATED_TOKENS
-    numbers = {"bounds": {"mean_abs_logits": 1.0}, "mean_abs_logits": 0.5, "positions": 6, "bare_base": None}
-
-    def verdict(type_keeps_the_base: bool) -> Report:
-        continuations = {"truth": [exact] * 2, "base_truth": [base] * 2, "candidate": [exact] * 2,
-                         "graph_base": [base if type_keeps_the_base else lost] * 2}
-        return with_behaviour(Report("full", "Q4_K_M", "logits", [], dict(numbers)),
-                              judge_behaviour(logits, continuations, "Q4_K_M"), judged_logits=False)
-
-    report = verdict(type_keeps_the_base=True)
-    assert report.passed and report.numbers["behaviour"]["kept"]["top-1 decisions"]["judged"] is False
-    assert report.numbers["behaviour"]["conclusive"] == ["continuation tokens"]
-    assert "top-1 decisions not judged (0/0 kept, none required)" in report.line()
-    assert "continuation tokens kept 32/32" in report.line()
-    alone = verdict(type_keeps_the_base=False)
-    assert not alone.passed and "inconclusive" in alone.failed_checks[0]
-    assert "continuation tokens not judged (32/32 kept, none required)" in alone.line()
-
-
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
 def test_other_supported_architectures(kind, tiny_base, tmp_path):
     base = tiny_base(kind)
