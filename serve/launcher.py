@@ -64,7 +64,7 @@ SHM_PREFIXES = ("psm_", "sem.mp-")  # Python's shared memory and semaphores, as 
 ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \S+ \S+ \[[^\]]+\] )?(?:[A-Za-z_]\w*\.)*(\w+(?:Error|Exception): .+)$")
 NOTICE_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:DEBUG|INFO|WARNING)\b")
 # What psoft-deploy's plugin warns of in vLLM's processes (a module served as exact LoRA), said by serve too.
-PLUGIN_WARNING = re.compile(r"WARNING \S+ \S+ \[[^\]]+\] psoft-deploy: (.+)$")
+PLUGIN_WARNING = re.compile(r"^(?:\(\w+ pid=\d+\) )?psoft-deploy: warning: (.+)$")
 # vLLM's follow-ups once its engine died; the cause, where there is one, was logged before them.
 GENERIC_ERRORS = ("EngineDeadError", "EngineGenerateError")
 

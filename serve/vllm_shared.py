@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -261,8 +262,9 @@ def install(basis_path: str, cores_only: bool = False, require_cores: bool = Fal
                 raise ValueError(f"While loading {lora_dir}, expected target modules in {expected_lora_modules} "
                                  f"but received {unexpected}")
             if any(cores[name].any() for name in apart):  # not the bare base's all-zero core
-                logger.warning("psoft-deploy: %s: %d of %d modules served as exact LoRA, their layers hold no cores "
-                               "(%s, %s)", lora_dir, len(apart), len(cores), module, why)
+                # on stderr itself, as vLLM's errors: vLLM's logger writes to a buffered stdout
+                print(f"psoft-deploy: warning: {lora_dir}: {len(apart)} of {len(cores)} modules served as exact "
+                      f"LoRA, their layers hold no cores ({module}, {why})", file=sys.stderr, flush=True)
         loras = {}
         for name, core in cores.items():
             lora_a, lora_b = lora_of_core(core, *module_basis(name)) if name in apart else (CORE_MARKER, core)

@@ -169,8 +169,11 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
 
 
 def _graph_report(report: Report, precision: str, reference: torch.dtype, simulation: str, tolerance: str) -> Report:
-    """A graph run's verdict, KL left out at int4 (see `verify_graph`)."""
-    failed = [check for check in report.failed_checks if precision != "int4" or not check.startswith("kl_")]
+    """A graph run's verdict, KL left out at int4 (see `verify_graph`), and at int4 the adapter not
+    required to stand out of the noise (int4's noise is as large as an adapter's effect: its lossy
+    exports are judged by behaviour, docs/int4.md); exceeding the bounds still fails."""
+    failed = [check for check in report.failed_checks
+              if precision != "int4" or not check.startswith(("kl_", "inconclusive"))]
     kept = ("prompts", "positions", *STATISTICS, "top1_agreement", "bounds", "decisive_top1_agreement", "bare_base")
     return Report("full", precision, tolerance, failed, {
         "family": "causal-lm", "compared": ["logits"], **{key: report.numbers[key] for key in kept},

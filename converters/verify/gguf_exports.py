@@ -25,7 +25,7 @@ from psoft_deploy.model import load_base_model
 from .inputs import prompt_sequences, verification_inputs
 from .report import Report
 from .rule import GENERATED_TOKENS, NOISE_FACTOR, STATISTICS, bound_factors, compare_logits, judge
-from .runtimes import judge_in_runtime, round_attention
+from .runtimes import Simulation, judge_in_runtime, round_attention
 
 
 class LlamaCpp:
@@ -105,7 +105,7 @@ def verify_gguf(base: BaseCheckpoint, factors: AdapterFactors, file: Path, promp
             lossy=True, judged_logits=precision in gguf.JUDGED_BY_LOGITS, stored_lora={
                 name: tuple(gguf.rounded(factor, quant) for factor in module.lora())
                 for name, module in factors.modules.items()} if adapter and quant != "F32" else None,
-            attention_type=torch.float16)  # llama.cpp's KV cache, and the queries multiplied with it
+            simulate=ggml_arithmetic(precision if precision in gguf.JUDGED_BY_LOGITS else "Q8_0"))  # ggml's Q8_K
         base_check = verify_base_gguf(base, checked_logits[0], sequences, gguf.file_quant(checked), prompt_source)
     failed = (report.failed_checks + tokenization
               + [f"the base GGUF vs transformers: {check}" for check in base_check.failed_checks])
@@ -134,6 +134,20 @@ def _base_files(base: BaseCheckpoint, shipped: Path | None, quant: str, scratch:
     return scratch / "base.gguf", checked
 
 
+def ggml_arithmetic(quant: str) -> Simulation:
+    """llama.cpp's arithmetic on a GGUF of type ``quant``: each matmul's input rounded to that type,
+    attention's queries, keys and values to float16 (its KV cache)."""
+
+    def apply(model: torch.nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(lambda module, args: gguf.rounded(args[0].flatten(0, -2), quant)
+                                                 .reshape(args[0].shape))
+        round_attention(model, torch.float16)
+
+    return Simulation(f"with each matmul's input in {quant} and attention's q, k, v in float16", apply)
+
+
 def verify_base_gguf(base: BaseCheckpoint, logits: torch.Tensor, sequences: list[list[int]], quant: str,
                      prompt_source: str) -> Report:
     """The base GGUF's ``logits`` (llama.cpp on ``sequences``, each from position 0) `judge`d against
@@ -154,11 +168,7 @@ def verify_base_gguf(base: BaseCheckpoint, logits: torch.Tensor, sequences: list
         for parameter in simulated.parameters():
             if parameter.dim() > 1:
                 parameter.copy_(gguf.rounded(parameter, quant))
-    for name, module in simulated.named_modules():
-        if isinstance(module, torch.nn.Linear):  # ggml rounds a matmul's input to its weights' type
-            module.register_forward_pre_hook(lambda module, args: gguf.rounded(args[0].flatten(0, -2), quant)
-                                             .reshape(args[0].shape))
-    round_attention(simulated, torch.float16)  # llama.cpp's KV cache
+    ggml_arithmetic(quant).apply(simulated)
     report = judge({"truth": truth, "precision": compare_logits(truth, forward(simulated)), "rounding": None,
                     "bare_base": None}, compare_logits(truth, logits), quant, prompt_source)
     factors = bound_factors(truth.numel())

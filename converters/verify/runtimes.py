@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gc
 from contextlib import AbstractContextManager
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,14 @@ from .rule import GENERATED_TOKENS, compare_logits, dtype_name, judge, judge_beh
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
+class Simulation(NamedTuple):
+    """A runtime's own arithmetic, hooked onto a torch model by ``apply`` (e.g. llama.cpp's), and
+    what it is (``with …``)."""
+
+    description: str
+    apply: Callable[[torch.nn.Module], None]
+
+
 class Runtime(Protocol):
     """A loaded export: logits at every position of a token sequence, and greedy continuations, of a
     named configuration (the candidate, or the base at the export's precision)."""
@@ -40,7 +48,7 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
                      names: dict[str, object], base_run: str, stop: set[int], float_type: torch.dtype,
                      lossy: bool, judged_logits: bool | None = None,
                      stored_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                     attention_type: torch.dtype | None = None) -> Report:
+                     simulate: Simulation | None = None) -> Report:
     """The verdict on the candidate ``runtime()`` runs as ``names["candidate"]`` (the base at the
     export's precision: ``names["base"]``, described by ``base_run``) on ``sequences``, each run
     alone from position 0.
@@ -48,9 +56,9 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     deviation reported, not judged: 4-bit weights; None: `with_behaviour`'s rule, int4 alone). ``stored_lora``: each module's (lora_A, lora_B)
     rounded as the export stores them, when that rounding is coarser than ``float_type``'s: the
     rounding noise is then the base in ``float_type`` with ``W + lora_B·lora_A`` instead of the
-    reference in ``float_type``. ``attention_type``: the type the runtime holds attention's queries,
-    keys and values in (llama.cpp's float16 KV cache), simulated in that rounding run: the noise it
-    adds depends on the adapted model's own activations, which the base's run does not show."""
+    reference in ``float_type``. ``simulate``: hooks the runtime's own arithmetic onto that rounding
+    run's model (llama.cpp's quantized matmul inputs and float16 KV cache) and says what it did: the
+    noise it adds depends on the adapted model's own activations, which the base's run does not show."""
     family = FAMILIES["causal-lm"]
     inputs = right_padded(sequences)
 
@@ -68,7 +76,7 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     del model
     gc.collect()  # the model's reference cycles: freed now, not beside the next model or the runtime's
     rounding = compare_logits(truth, outputs_freed(lambda: _rounded_reference(base, factors, float_type, stored_lora,
-                                                                            attention_type), forward))
+                                                                            simulate), forward))
     with runtime() as loaded:
         def outputs(which: str) -> torch.Tensor:
             return torch.cat([torch.from_numpy(np.asarray(loaded.logits(tokens, names[which]), dtype=np.float64))
@@ -82,10 +90,10 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     # update: the reference in the runtime's float type.
     runs = {"truth": truth, "precision": compare_logits(truth, truth + (runtime_base - base_truth)),
             "rounding": rounding, "bare_base": compare_logits(truth, runtime_base)}
-    attention = f" with attention's q, k, v in {dtype_name(attention_type)}" if attention_type else ""
+    simulated = f" {simulate.description}" if simulate else ""
     report = judge(runs, compare_logits(truth, candidate), precision, prompt_source, family,
                    noise_source=f"{precision} alone: {base_run} minus the base in float64, carried onto the "
-                                f"float64 truth, plus the reference in {dtype_name(float_type)}{attention} vs float64")
+                                f"float64 truth, plus the reference in {dtype_name(float_type)}{simulated} vs float64")
     if not lossy:
         return report
     return with_behaviour(report, judge_behaviour(
@@ -96,10 +104,10 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
 
 
 def _rounded_reference(base: BaseCheckpoint, factors: AdapterFactors, float_type: torch.dtype,
-                       stored_lora: dict | None, attention_type: torch.dtype | None = None):
+                       stored_lora: dict | None, simulate: Simulation | None = None):
     """The reference in ``float_type``, or (``stored_lora``) the base in ``float_type`` with every
-    adapted weight ``W + lora_B·lora_A`` from the stored factors (summed in float64); with
-    ``attention_type``, the outputs of every ``q_proj``, ``k_proj`` and ``v_proj`` rounded to it."""
+    adapted weight ``W + lora_B·lora_A`` from the stored factors (summed in float64), hooked by
+    ``simulate``."""
     if stored_lora is None:
         model = reference_model(base.path, factors, float_type)
     else:
@@ -107,8 +115,8 @@ def _rounded_reference(base: BaseCheckpoint, factors: AdapterFactors, float_type
         for name, (lora_A, lora_B) in stored_lora.items():
             weight = model.get_submodule(name).weight
             weight.data = (weight.double() + lora_B.double() @ lora_A.double()).to(float_type)
-    if attention_type is not None:
-        round_attention(model, attention_type)
+    if simulate is not None:
+        simulate.apply(model)
     return model
 
 
