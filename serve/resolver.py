@@ -48,7 +48,8 @@ class PsoftResolver(LoRAResolver):
         self.basis = basis
         self._cache = None
 
-    def _prepare(self, directory: Path) -> tuple[Path, int]:
+    def prepare(self, directory: Path) -> tuple[Path, int]:
+        """The directory vLLM loads for the adapter in ``directory`` (cores, or exact LoRA) and its rank."""
         if self._cache is None:
             from psoft_deploy.base import BaseCheckpoint
             from psoft_deploy.options import ReadOptions
@@ -73,7 +74,7 @@ class PsoftResolver(LoRAResolver):
             logger.warning("psoft-deploy resolver: refused adapter name %r", lora_name)
             return None
         try:
-            lora_path, rank = await asyncio.to_thread(self._prepare, directory)
+            lora_path, rank = await asyncio.to_thread(self.prepare, directory)
         except Exception as error:  # a bad adapter must not take the server down
             logger.warning("psoft-deploy resolver: %s is not usable: %s", directory, error)
             return None
