@@ -127,9 +127,9 @@ def plan_serve(
         zero_target = _zero_target(checkpoint, modules)
         served[base] = (basis.zero_adapter(zero_target, cache_dir) if basis and zero_target in basis.modules
                         else cache.zero_adapter(zero_target))
-    # Adapters arriving in the root may be exact LoRA up to rank 64; with a basis, those in it are cores.
-    floor = basis.rank if basis else 64 if adapter_root else 1
-    max_rank = vllm_max_lora_rank(max([*ranks, floor]))
+    # Adapters arriving in the root may be exact LoRA up to rank 64 (with a basis, vLLM allocates
+    # its LoRA buffers only once one arrives); cores up to the basis's rank.
+    max_rank = vllm_max_lora_rank(max([*ranks, basis.rank if basis else 1, 64 if adapter_root else 1]))
     max_rank = int(vllm_flag(vllm_args, "--max-lora-rank") or max_rank)
     slots = len(served) + (RESOLVER_HEADROOM if adapter_root else 0)
     if basis:  # cores cost k² per slot: as many slots as sequences in a batch, never more

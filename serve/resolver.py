@@ -22,7 +22,7 @@ from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 from psoft_deploy.serve.names import SAFE_NAME
 
 RESOLVER_NAME = "psoft-deploy"
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.psoft_deploy.resolver")  # under vLLM's logger: in its log
 
 
 def adapter_directory(root: Path, name: str) -> Path | None:
