@@ -53,7 +53,7 @@ from psoft_deploy.serve.shared import SharedBasis
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
-SHARED_CPU_HEADROOM = 1024  # adapters resolved later kept in vLLM's CPU cache when cores are served
+SHARED_CPU_HEADROOM = 16384  # adapters resolved later kept in vLLM's CPU cache when cores are served (k² each)
 HEALTH_TIMEOUT_S = 900  # for vLLM to start
 HEALTH_INTERVAL_S = 5  # between health checks while serving
 HEALTH_GRACE_S = 60  # without an answer to /health before serve gives up on vLLM
