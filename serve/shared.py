@@ -192,7 +192,7 @@ class SharedBasis:
     def zero_adapter(self, module: str, cache_root: Path) -> Path:
         """An all-zero 1×1 core on ``module``: the bare base, served as an adapter on CPU (see serve)."""
         entry = Path(cache_root) / f"cores-zero-{self.digest}"
-        if not (entry / CORES_FILE).is_file():
+        if read_back(entry, functools.partial(_cores_summary, modules=[module])) is None:
             self._write(entry, {module: torch.zeros(1, 1)}, "zero")
         return entry
 
