@@ -43,6 +43,8 @@ from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.lora.model_manager import LoRAModelManager
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 from vllm.lora.utils import get_lora_id
+from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from psoft_deploy.formats import ADAPTER_WEIGHTS
 from psoft_deploy.psoft import lora_of_core
@@ -61,6 +63,9 @@ RELIED_ON = {
     (BaseLinearLayerWithLoRA, "set_lora"): ("index", "lora_a", "lora_b"),
     (BaseLinearLayerWithLoRA, "reset_lora"): ("index",),
     (PunicaWrapperBase, "token_lora_indices"): (),
+    (LRUCacheWorkerLoRAManager, "add_adapter"): ("lora_request",),
+    (LoRAModelManager, "activate_adapter"): ("lora_id",),
+    (LoRAModelManager, "get_adapter"): ("adapter_id",),
 }
 CORE_MARKER = torch.empty(0, 0)  # the lora_a of a module held as a core
 logger = logging.getLogger("vllm.psoft_deploy")  # under vLLM's logger: its lines go to vLLM's log
@@ -272,6 +277,20 @@ def install(basis_path: str, require_cores: bool = False) -> None:
                                            lora_a=lora_a, lora_b=lora_b, scaling=1.0)
         return cls(get_lora_id() if lora_model_id is None else lora_model_id, peft_helper.r, loras)
 
+    add_adapter = LRUCacheWorkerLoRAManager.add_adapter
+
+    def add_registered_adapter(self, lora_request):
+        """vLLM's, without the copy of every registered adapter's id it makes to see whether this one is
+        registered (for each adapter of each step: with thousands registered, most of the step)."""
+        manager = self._adapter_manager
+        if lora_request.load_inplace or lora_request.lora_int_id not in manager._registered_adapters:
+            return add_adapter(self, lora_request)
+        with gpu_sync_allowed():  # vLLM's own branch for a registered adapter
+            loaded = manager.get_adapter(lora_request.lora_int_id) is not None
+            manager.activate_adapter(lora_request.lora_int_id)
+        return loaded
+
+    LRUCacheWorkerLoRAManager.add_adapter = add_registered_adapter
     LoRAModelManager.register_module = register_with_basis
     LoRAModel.from_local_checkpoint = classmethod(load_cores)
     logger.info("psoft-deploy: vLLM's LoRA layers hold PSOFT cores over the shared basis %s (%d modules)",
