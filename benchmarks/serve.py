@@ -121,7 +121,7 @@ def run_engine(base: Path, paths: list[Path], distinct: int, prompts: list[list[
                basis=None) -> dict:
     import os
 
-    env = dict(os.environ) | ({"PSOFT_DEPLOY_SHARED_BASIS": str(basis.path), "PSOFT_DEPLOY_CORES_ONLY": "1"}
+    env = dict(os.environ) | ({"PSOFT_DEPLOY_SHARED_BASIS": str(basis.path)}
                               if basis else {})  # as serve runs adapters that all lie in the basis
     process = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(base), json.dumps([str(p) for p in paths]),
                               str(distinct), json.dumps(prompts), str(tokens)], capture_output=True, text=True, env=env)

@@ -485,13 +485,19 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
 @click.option("--adapter-form", type=click.Choice(["auto", "shared", "lora"]), default="auto", show_default=True,
               help="How vLLM holds the adapters: as r×r cores over the base's shared basis (shared), as exact "
                    "LoRA (lora), or cores for those in the basis and LoRA for the others (auto).")
+@click.option("--basis-rank", type=click.IntRange(min=1), default=None,
+              help="Rank of the shared basis (default: the largest rank of the PSOFT adapters named and in the root).")
+@click.option("--basis-modules", default=None, metavar="q_proj,v_proj,...",
+              help="Layers the shared basis covers, by name (default: those the PSOFT adapters adapt).")
 @read_options
-def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose, adapter_form, vllm_args, read_options):
+def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose, adapter_form, basis_rank,
+          basis_modules, vllm_args, read_options):
     """Serve many PSOFT adapters at once through vLLM's OpenAI-compatible server.
 
-    Each adapter is converted once to its exact LoRA form (cached by content hash); those that lie
-    in the base's own singular vectors are served as r×r cores over that shared basis, the others
-    as LoRA. vLLM starts with --enable-lora and every adapter as a model name; the base keeps its own name.
+    PSOFT adapters from PEFT's full SVD are served as r×r cores over the base's shared basis (one
+    SVD per layer, once per base), computed from R alone; any other adapter is converted once to its
+    exact LoRA form (cached by content hash), kept as cores if it lies in the basis. With only an
+    --adapter-root, the basis covers the PSOFT adapters found there (or --basis-rank, --basis-modules). vLLM starts with --enable-lora and every adapter as a model name; the base keeps its own name.
     The base's stored dtype is served unless you pass --dtype; on CPU the KV cache and the
     context length are sized to the memory available. Arguments after -- go to vLLM unchanged
     and win over what serve chooses (a --host or --port there is where serve waits for vLLM);
@@ -518,7 +524,8 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose
     handlers = {signum: signal.signal(signum, _stopped_before_vllm) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         plan = plan_serve(base, named, adapter_root=adapter_root, host=host, port=port, cache_dir=cache_dir,
-                          vllm_args=vllm_args, read_options=read_options, adapter_form=adapter_form)
+                          vllm_args=vllm_args, read_options=read_options, adapter_form=adapter_form,
+                          basis_rank=basis_rank, basis_modules=tuple(filter(None, (basis_modules or "").split(","))))
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -54,11 +54,7 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
         except (RuntimeError, AssertionError) as error:
             raise UserError(f"--svd-device {svd_device!r} is not usable here ({str(error).splitlines()[0]})") from None
     if base is not None:
-        for name, params in adapter.modules.items():
-            _check_base_shape(adapter, name, params, base.shape(base_tensor_key(name)))
-        check_base_identity(adapter, base, options)
-        if adapter.format == "peft":
-            check_targets(adapter, base)
+        check_fits_base(adapter, base, options)
     modules: dict[str, ModuleFactors] = {}
     fingerprints: dict[str, dict] = {}
     stored = adapter.metadata.get("modules", {})
@@ -88,6 +84,16 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
     else:
         svd = adapter.metadata.get("svd")
     return AdapterFactors(adapter=adapter, modules=modules, fingerprints=fingerprints, svd=svd)
+
+
+def check_fits_base(adapter: PsoftAdapter, base: BaseCheckpoint, options: ReadOptions = DEFAULTS) -> None:
+    """Refuse (`UserError`, one line) an adapter whose shapes, recorded base or (PEFT) targets do not
+    fit ``base``: every check `derive_factors` makes before an SVD runs."""
+    for name, params in adapter.modules.items():
+        _check_base_shape(adapter, name, params, base.shape(base_tensor_key(name)))
+    check_base_identity(adapter, base, options)
+    if adapter.format == "peft":
+        check_targets(adapter, base)
 
 
 def module_rotation(adapter: PsoftAdapter, name: str, *, with_magnitudes: bool = True) -> torch.Tensor:

@@ -259,3 +259,21 @@ def lora_of_core(core: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[
     basis (U, V): ``lora_B @ lora_A = U_k C V_kᵀ``."""
     k = core.shape[0]
     return V[:, :k].T.contiguous(), U[:, :k] @ core
+
+
+def core_of_rotation(R: torch.Tensor, singular_values: torch.Tensor, init: str = "psoft_init") -> torch.Tensor:
+    """The k×k core C of ``ΔW = s · B (R − I) A`` over the weight's own top-k singular vectors
+    (``ΔW = U_k C V_kᵀ``), where A and B come from PEFT's full SVD of that weight
+    (`principal_subspace`): ``diag(S_k) (R − I)`` for psoft_init, ``diag(√S_k) (R − I) diag(√S_k)``
+    for pissa_init; the scale cancels. No SVD: the singular values are the basis's. In R's dtype
+    (float64 at least for float64 inputs)."""
+    k = R.shape[0]
+    dtype = torch.promote_types(R.dtype, singular_values.dtype)
+    S = singular_values[:k].to(dtype)
+    shifted = R.to(dtype) - torch.eye(k, dtype=dtype, device=R.device)
+    if init == "psoft_init":
+        return S[:, None] * shifted
+    if init == "pissa_init":
+        root = S.sqrt()
+        return root[:, None] * shifted * root[None, :]
+    raise ValueError(f"unknown ab_svd_init {init!r}")

@@ -32,13 +32,14 @@ from pathlib import Path
 import psutil
 
 from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.converters.lora_format import LoraAdapter, vllm_lora_target_modules, vllm_max_lora_rank
+from psoft_deploy.converters.lora_format import vllm_lora_target_modules, vllm_max_lora_rank
 from psoft_deploy.errors import UserError
-from psoft_deploy.formats import adapter_format
+from psoft_deploy.formats import PsoftAdapter, adapter_format, read_adapter
 from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import check_writable
 from psoft_deploy.progress import stage, warning
 from psoft_deploy.serve.cache import LoraCache
+from psoft_deploy.serve.forms import AdapterForms, Servable
 from psoft_deploy.serve.names import check_served_names
 from psoft_deploy.serve.preflight import (
     CPU_MAX_NUM_SEQS,
@@ -52,7 +53,7 @@ from psoft_deploy.serve.shared import SharedBasis
 
 INTERNAL_BASE_NAME = "psoft-deploy-internal-bare-base"
 RESOLVER_HEADROOM = 4  # extra LoRA slots for adapters resolved from the adapter root
-SHARED_CPU_HEADROOM = 1024  # adapters resolved later kept in vLLM's CPU cache when cores are served
+SHARED_CPU_HEADROOM = 16384  # adapters resolved later kept in vLLM's CPU cache when cores are served (k² each)
 HEALTH_TIMEOUT_S = 900  # for vLLM to start
 HEALTH_INTERVAL_S = 5  # between health checks while serving
 HEALTH_GRACE_S = 60  # without an answer to /health before serve gives up on vLLM
@@ -97,6 +98,8 @@ def plan_serve(
     vllm_args: tuple[str, ...] = (),
     read_options: ReadOptions = DEFAULTS,
     adapter_form: str = "auto",
+    basis_rank: int | None = None,
+    basis_modules: tuple[str, ...] = (),
     cpu: bool | None = None,
     free_bytes: int | None = None,
 ) -> ServePlan:
@@ -109,24 +112,29 @@ def plan_serve(
     check_base(checkpoint, cpu)
     vocab_guard = check_tokenizer(checkpoint, vllm_args)
     cache = LoraCache(cache_dir, checkpoint, read_options)
-    loras, ranks, psoft = {}, [], []
+    basis = _shared_basis(checkpoint, cache_dir, adapters, adapter_root, adapter_form, read_options, basis_rank,
+                          basis_modules)
+    forms = AdapterForms(cache, basis)
+    prepared = {}
     for name, path in adapters.items():
         stage(f"preparing adapter {name} from {path}")
-        loras[name], rank = cache.prepare(Path(path))
-        ranks.append(rank)
-        if adapter_format(Path(path)) != "lora":
-            psoft.append(name)
-    basis, served = _choose_forms(checkpoint, cache_dir, loras, psoft, adapter_form)
+        prepared[name] = forms.prepare(Path(path))
+    basis = _say_forms(prepared, basis, adapter_form, adapter_root)
+    served = {name: servable.path for name, servable in prepared.items()}
+    ranks = [servable.rank for servable in prepared.values()]
+    modules = [module for servable in prepared.values() for module in servable.modules]
     if cpu:
-        zero_target = _zero_target(checkpoint, loras)
+        zero_target = _zero_target(checkpoint, modules)
         served[base] = (basis.zero_adapter(zero_target, cache_dir) if basis and zero_target in basis.modules
                         else cache.zero_adapter(zero_target))
-    max_rank = vllm_max_lora_rank(max(ranks, default=1)) if adapter_root is None else max(
-        vllm_max_lora_rank(max(ranks, default=1)), 64)
+    # Adapters arriving in the root may be exact LoRA up to rank 64 (with a basis, vLLM allocates
+    # its LoRA buffers only once one arrives); cores up to the basis's rank.
+    max_rank = vllm_max_lora_rank(max([*ranks, basis.rank if basis else 1, 64 if adapter_root else 1]))
     max_rank = int(vllm_flag(vllm_args, "--max-lora-rank") or max_rank)
     slots = len(served) + (RESOLVER_HEADROOM if adapter_root else 0)
-    if basis:  # no batch holds more distinct adapters than sequences
-        slots = min(slots, int(vllm_flag(vllm_args, "--max-num-seqs") or CPU_MAX_NUM_SEQS))
+    if basis:  # cores cost k² per slot: as many slots as sequences in a batch, never more
+        sequences = int(vllm_flag(vllm_args, "--max-num-seqs") or CPU_MAX_NUM_SEQS)
+        slots = sequences if adapter_root else min(slots, sequences)
     max_loras = int(vllm_flag(vllm_args, "--max-loras") or slots)
     dtype = vllm_flag(vllm_args, "--dtype") or stored_dtype(checkpoint)
     command = [
@@ -137,7 +145,7 @@ def plan_serve(
         "--enable-lora",
         "--lora-modules", *[f"{name}={path}" for name, path in served.items()],
     ]
-    targets = vllm_lora_target_modules(_lora_modules(loras))
+    targets = vllm_lora_target_modules(modules)
     if targets and not adapter_root and vllm_flag(vllm_args, "--lora-target-modules") is None:
         command += ["--lora-target-modules", *targets]
     chosen = [("--max-lora-rank", max_rank), ("--max-loras", max_loras), ("--dtype", dtype),
@@ -152,12 +160,12 @@ def plan_serve(
     env = dict(os.environ)
     if basis:
         env["PSOFT_DEPLOY_SHARED_BASIS"] = str(basis.path.absolute())
-        if not adapter_root and all(path.name.startswith("cores-") for path in served.values()):
-            env["PSOFT_DEPLOY_CORES_ONLY"] = "1"  # vLLM's per-slot LoRA buffers are not needed
         if adapter_form == "shared":
             env["PSOFT_DEPLOY_REQUIRE_CORES"] = "1"
     if cpu:
-        command += cpu_memory_args(checkpoint, dtype, vllm_args, max_loras, max_rank, free_bytes)
+        # With a basis, vLLM's LoRA buffers are allocated only once an exact LoRA is loaded (see vllm_shared).
+        cores_only = basis is not None and all(servable.cores for servable in prepared.values())
+        command += cpu_memory_args(checkpoint, dtype, vllm_args, 0 if cores_only else max_loras, max_rank, free_bytes)
         command += ["--middleware", "psoft_deploy.serve.middleware.HideInternalName"]
         env |= {
             "VLLM_TARGET_DEVICE": "cpu",
@@ -357,35 +365,73 @@ def _shm_mapped(pid: int) -> set[Path]:
     return mapped
 
 
-def _choose_forms(checkpoint: BaseCheckpoint, cache_dir: Path, loras: dict[str, Path], psoft: list[str],
-                  adapter_form: str) -> tuple[SharedBasis | None, dict[str, Path]]:
-    """The shared basis (None: none is used) and what vLLM gets per name: cores over the basis for
-    the adapters that lie in it, their exact LoRA form for the others. Says so in one line."""
-    if adapter_form == "lora" or not psoft:
-        return None, dict(loras)
+def _shared_basis(checkpoint: BaseCheckpoint, cache_dir: Path, adapters: dict[str, str], adapter_root: str | None,
+                  adapter_form: str, options: ReadOptions, rank: int | None,
+                  modules: tuple[str, ...]) -> SharedBasis | None:
+    """The base's shared basis, for the modules and rank of the PSOFT adapters named and in the
+    adapter root (``rank``, ``modules``: the user's choice instead); None where no basis is used, with
+    one line saying why where one was wanted."""
+    if adapter_form == "lora":
+        return None
+    psoft = [read_adapter(path, options) for path in map(Path, adapters.values()) if adapter_format(path) != "lora"]
+    for adapter in psoft:  # refused before any SVD runs
+        vllm_max_lora_rank(adapter.rank, f"adapter {adapter.path}")
+    psoft += _root_adapters(adapter_root, options)
+    chosen = sorted({key.removesuffix(".weight") for key in checkpoint.files if key.endswith(
+        tuple(f".{leaf}.weight" for leaf in modules)) and len(checkpoint.shape(key)) == 2}) if modules else None
+    if modules and not chosen:
+        raise UserError(f"--basis-modules {','.join(modules)} names no linear layer of {checkpoint.name}")
+    modules = chosen or sorted({module for adapter in psoft for module in adapter.modules})
+    rank = rank or max((adapter.rank for adapter in psoft), default=None)
+    if not modules or not rank:
+        if adapter_root and adapter_form != "lora":
+            warning("no PSOFT adapter in the adapter root yet: adapters arriving there are served as exact LoRA; "
+                    "pass --basis-rank K --basis-modules q_proj,v_proj,... to hold them as cores")
+        return None
     why_not = _why_no_cores()
     if why_not:
         if adapter_form == "shared":
             raise UserError(f"--adapter-form shared: {why_not}; use --adapter-form auto or lora")
         warning(f"every adapter is served as exact LoRA: {why_not}")
-        return None, dict(loras)
-    modules = sorted({module for name in psoft for module in LoraAdapter.read(loras[name]).modules})
-    rank = max(LoraAdapter.read(loras[name]).max_rank for name in psoft)
-    basis = SharedBasis.build(cache_dir, checkpoint, modules, rank)
-    served, shared, apart = {}, [], []
-    for name, lora_dir in loras.items():
-        cores, why = basis.shared_form(lora_dir, cache_dir)
-        if cores is None and adapter_form == "shared":
-            raise UserError(f"--adapter-form shared: adapter {name} is not in the base's shared basis ({why}); "
-                            "use --adapter-form auto to serve it as exact LoRA")
-        served[name] = cores or lora_dir
-        (shared if cores else apart).append(name if cores else f"{name} ({why})")
-    if not shared:
+        return None
+    return SharedBasis.build(cache_dir, checkpoint, modules, rank, options)
+
+
+def _root_adapters(adapter_root: str | None, options: ReadOptions) -> list[PsoftAdapter]:
+    """The PSOFT adapters in the adapter root now (those that cannot be read are left to the resolver)."""
+    if not adapter_root or not Path(adapter_root).is_dir():
+        return []
+    found = []
+    for child in sorted(Path(adapter_root).iterdir()):
+        try:
+            if adapter_format(child) != "lora":
+                adapter = read_adapter(child, options)
+                vllm_max_lora_rank(adapter.rank, f"adapter {child}")
+                found.append(adapter)
+        except UserError:
+            continue
+    return found
+
+
+def _say_forms(prepared: dict[str, Servable], basis: SharedBasis | None, adapter_form: str,
+               adapter_root: str | None) -> SharedBasis | None:
+    """Say in one line which adapters are cores and which exact LoRA (refused with ``shared``); the
+    basis vLLM holds (None: no adapter is cores and none can arrive)."""
+    if basis is None:
+        return None
+    shared = [name for name, servable in prepared.items() if servable.cores]
+    outside = {name: servable.why for name, servable in prepared.items() if not servable.cores}
+    if outside and adapter_form == "shared":
+        name, why = next(iter(outside.items()))
+        raise UserError(f"--adapter-form shared: adapter {name} is not in the base's shared basis ({why}); "
+                        "use --adapter-form auto to serve it as exact LoRA")
+    apart = [f"{name} ({why})" for name, why in outside.items()]
+    if not shared and not adapter_root:
         warning(f"no adapter lies in the base's shared basis; exact LoRA: {', '.join(apart)}")
-        return None, served
-    stage(f"shared basis (rank ≤ {rank}, {len(modules)} modules), as cores: {', '.join(shared)}"
+        return None
+    stage(f"shared basis (rank ≤ {basis.rank}, {len(basis.modules)} modules), as cores: {', '.join(shared) or 'none yet'}"
           + (f"; exact LoRA: {', '.join(apart)}" if apart else ""))
-    return basis, served
+    return basis
 
 
 def _why_no_cores() -> str | None:
@@ -403,14 +449,8 @@ def _why_no_cores() -> str | None:
     return vllm_shared.missing_internals()
 
 
-def _lora_modules(loras: dict[str, Path]) -> list[str]:
-    """The module names the exact LoRA adapters adapt."""
-    return [module for lora_dir in loras.values() for module in LoraAdapter.read(lora_dir).modules]
-
-
-def _zero_target(checkpoint: BaseCheckpoint, loras: dict[str, Path]) -> str:
+def _zero_target(checkpoint: BaseCheckpoint, modules: list[str]) -> str:
     """A module the all-zero base adapter can sit on: one the adapters target, else a q_proj."""
-    modules = _lora_modules(loras)
     if modules:
         return modules[0]
     for key in checkpoint.files:

@@ -5,8 +5,8 @@ environment: ``PSOFT_DEPLOY_ADAPTER_ROOT`` registers the adapter resolver
 (`psoft_deploy.serve.endpoint`; patched in every process, so the API server's never misses it);
 ``PSOFT_DEPLOY_SHARED_BASIS`` extends vLLM's LoRA layers to hold
 PSOFT adapters as cores over that basis (`psoft_deploy.serve.vllm_shared`), with
-``PSOFT_DEPLOY_CORES_ONLY`` when no adapter will be served as LoRA and ``PSOFT_DEPLOY_REQUIRE_CORES``
-when an adapter vLLM cannot hold as cores in every module must be refused (``--adapter-form shared``)."""
+``PSOFT_DEPLOY_REQUIRE_CORES`` when an adapter vLLM cannot hold as cores in every module must be
+refused (``--adapter-form shared``)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,5 @@ def register() -> None:
     if basis and "shared" not in _installed:
         from psoft_deploy.serve import vllm_shared
 
-        vllm_shared.install(basis, cores_only=os.environ.get("PSOFT_DEPLOY_CORES_ONLY") == "1",
-                            require_cores=os.environ.get("PSOFT_DEPLOY_REQUIRE_CORES") == "1")
+        vllm_shared.install(basis, require_cores=os.environ.get("PSOFT_DEPLOY_REQUIRE_CORES") == "1")
         _installed.add("shared")

@@ -22,7 +22,7 @@ from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 from psoft_deploy.serve.names import SAFE_NAME
 
 RESOLVER_NAME = "psoft-deploy"
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.psoft_deploy.resolver")  # under vLLM's logger: in its log
 
 
 def directory_inside(root: Path, path: str) -> Path | None:
@@ -59,25 +59,23 @@ class PsoftResolver(LoRAResolver):
         self.cache_dir = Path(cache_dir)
         self.max_lora_rank = max_lora_rank
         self.basis = basis
-        self._cache = None
+        self._forms = None
 
     def prepare(self, directory: Path) -> tuple[Path, int]:
         """The directory vLLM loads for the adapter in ``directory`` (cores, or exact LoRA) and its rank."""
-        if self._cache is None:
+        if self._forms is None:
             from psoft_deploy.base import BaseCheckpoint
             from psoft_deploy.options import ReadOptions
             from psoft_deploy.serve.cache import LoraCache
-
-            self._cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base), ReadOptions.from_env(os.environ))
-        lora_path, rank = self._cache.prepare(directory)
-        if self.basis is not None:
+            from psoft_deploy.serve.forms import AdapterForms
             from psoft_deploy.serve.shared import SharedBasis
 
-            cores, why = SharedBasis(self.basis).shared_form(lora_path, self.cache_dir)
-            logger.info("psoft-deploy resolver: %s served %s", directory,
-                        f"as cores over the shared basis ({why})" if cores else f"as exact LoRA ({why})")
-            lora_path = cores or lora_path
-        return lora_path, rank
+            cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base), ReadOptions.from_env(os.environ))
+            self._forms = AdapterForms(cache, SharedBasis(self.basis) if self.basis is not None else None)
+        servable = self._forms.prepare(directory)
+        logger.info("psoft-deploy resolver: %s served as %s (%s)", directory,
+                    "cores over the shared basis" if servable.cores else "exact LoRA", servable.why)
+        return servable.path, servable.rank
 
     async def servable(self, directory: Path) -> Path:
         """What vLLM loads for the adapter in ``directory`` (`prepare`, run off the event loop); raises

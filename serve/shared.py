@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,9 +25,14 @@ from safetensors.torch import load_file, save_file
 from psoft_deploy.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.verify.rule import NOISE_FACTOR
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from psoft_deploy.dtypes import BY_NAME
+from psoft_deploy.errors import UserError
+from psoft_deploy.factors import module_rotation
+from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, PsoftAdapter
+from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import atomic_output_dir
-from psoft_deploy.psoft import core_in_basis, shared_basis
+from psoft_deploy.progress import track
+from psoft_deploy.psoft import core_in_basis, core_of_rotation, rotation, shared_basis
 from psoft_deploy.serve.cache import read_back
 
 BASIS_VERSION = b"psoft-deploy/shared-basis/v1"
@@ -43,19 +48,27 @@ class SharedBasis:
     path: Path
 
     @classmethod
-    def build(cls, cache_root: Path, base: BaseCheckpoint, modules: list[str], rank: int) -> SharedBasis:
-        """The basis of ``modules`` at ``rank``, from the cache or computed once (PEFT's full SVD)."""
-        digest = hashlib.sha256(BASIS_VERSION + str(rank).encode())
+    def build(cls, cache_root: Path, base: BaseCheckpoint, modules: list[str], rank: int,
+              options: ReadOptions = DEFAULTS) -> SharedBasis:
+        """The basis of ``modules`` at ``rank``, from the cache (read back whole) or computed once, by
+        PEFT's full SVD of each weight as PEFT adapters' A and B are rebuilt (``options.svd_dtype``,
+        ``options.svd_device``) and checked against the weight (`check_basis`)."""
+        svd = {"svd_dtype": options.svd_dtype or "as stored", "svd_device": str(torch.device(options.svd_device))}
+        digest = hashlib.sha256(BASIS_VERSION + str(rank).encode() + json.dumps(svd, sort_keys=True).encode())
         for module in sorted(modules):
             digest.update(module.encode() + base.fingerprint(base_tensor_key(module))["sha256"].encode())
         path = Path(cache_root) / f"basis-{digest.hexdigest()[:32]}" / "basis.safetensors"
-        if not path.is_file():
+        if read_back(path.parent, functools.partial(_basis_modules, modules=modules)) is None:
             tensors = {}
-            for module in sorted(modules):
-                U, V, S = shared_basis(base.tensor(base_tensor_key(module)), min(rank, *base.shape(base_tensor_key(module))))
+            for module in track(sorted(modules), desc="basis SVDs (once per base)"):
+                weight = base.tensor(base_tensor_key(module))
+                weight = (weight.to(BY_NAME[options.svd_dtype].torch) if options.svd_dtype else weight).float()
+                U, V, S = shared_basis(weight.to(options.svd_device), min(rank, *weight.shape))
+                U, V, S = U.cpu(), V.cpu(), S.cpu()
+                check_basis(module, weight, U, V, S)
                 tensors |= {f"{module}.U": U, f"{module}.V": V, f"{module}.S": S}
             with atomic_output_dir(path.parent, overwrite=True) as staging:
-                save_file(tensors, staging / path.name, metadata={"rank": str(rank)})
+                save_file(tensors, staging / path.name, metadata={"rank": str(rank), **svd})
         return cls(path)
 
     @property
@@ -75,6 +88,47 @@ class SharedBasis:
     @functools.cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
         return load_file(self.path)
+
+    def cores_from_rotations(self, adapter: PsoftAdapter) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """The k×k core per module of a PEFT PSOFT adapter straight from its R and the basis's singular
+        values (`core_of_rotation`, no SVD), each held to the same core computed in float64; or None
+        and why the adapter is not one these cores are exact for. Its fit to the base (shapes, recorded
+        base, targets) is the caller's to check first (`check_fits_base`)."""
+        if adapter.format != "peft" or adapter.subspace_spec is None or adapter.subspace_spec.svd != "full":
+            return None, "its A and B do not come from PEFT's full SVD of the base"
+        if adapter.fan_in_fan_out or adapter.replaced_tensors:
+            return None, "a feature cores do not hold (fan_in_fan_out or modules_to_save)"
+        cores, worst = {}, 0.0
+        for module in adapter.modules:
+            if f"{module}.U" not in self.tensors or adapter.rank > self.tensors[f"{module}.U"].shape[1]:
+                return None, f"{module} is outside the basis (rank {adapter.rank}, basis rank {self.rank})"
+            S, R = self.tensors[f"{module}.S"], _in_float64(adapter, module)
+            core = core_of_rotation(module_rotation(adapter, module), S, adapter.subspace_spec.init).float()
+            exact = core_of_rotation(R, S.double(), adapter.subspace_spec.init)
+            # R's rounding in float32 (ε·k·‖R‖), scaled by the largest singular value
+            scale = float(S[0]) * float(torch.linalg.norm(R))
+            error = float(torch.linalg.norm(core.double() - exact)) / max(scale, 1e-300)
+            tolerance = NOISE_FACTOR * FLOAT32_EPS * adapter.rank
+            if not error <= tolerance:  # NaN included
+                return None, f"its core on {module} is {error:.1e} off the float64 closed form (> {tolerance:.1e})"
+            cores[module], worst = core, max(worst, error / tolerance)
+        return cores, f"cores from R, ≤ {worst:.2f}× float32 noise off float64"
+
+    def psoft_form(self, adapter: PsoftAdapter, cache_root: Path, options: ReadOptions) -> tuple[Path | None, str]:
+        """`cores_from_rotations` of ``adapter``, written once into the cache as a directory vLLM (with
+        psoft-deploy's plugin) loads: its path and how the cores were checked, or None and why not."""
+        digest = hashlib.sha256(self.digest.encode() + json.dumps(asdict(options), sort_keys=True).encode())
+        for file in sorted(adapter.files):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        entry = Path(cache_root) / f"cores-{digest.hexdigest()[:32]}"
+        summary = read_back(entry, functools.partial(_cores_summary, modules=list(adapter.modules)))
+        if summary is not None:
+            return entry, summary
+        cores, summary = self.cores_from_rotations(adapter)
+        if cores is None:
+            return None, summary
+        self._write(entry, cores, summary)
+        return entry, summary
 
     def cores_of(self, lora_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The k×k core per module of the exact LoRA adapter in ``lora_dir`` over this basis and the
@@ -138,9 +192,40 @@ class SharedBasis:
     def zero_adapter(self, module: str, cache_root: Path) -> Path:
         """An all-zero 1×1 core on ``module``: the bare base, served as an adapter on CPU (see serve)."""
         entry = Path(cache_root) / f"cores-zero-{self.digest}"
-        if not (entry / CORES_FILE).is_file():
+        if read_back(entry, functools.partial(_cores_summary, modules=[module])) is None:
             self._write(entry, {module: torch.zeros(1, 1)}, "zero")
         return entry
+
+
+def check_basis(module: str, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor) -> None:
+    """Hold a computed basis to the weight it came from: ``W V = U diag(S)`` and ``UᵀU = VᵀV = I``
+    within float32's backward error (ε·√dim·σ₁, times NOISE_FACTOR); `UserError` otherwise."""
+    W, U, V, S = (t.double() for t in (weight, U, V, S))
+    r = U.shape[1]
+    tolerance = NOISE_FACTOR * FLOAT32_EPS * max(W.shape) ** 0.5
+    eye = torch.eye(r, dtype=W.dtype)
+    residual = float(torch.linalg.norm(W @ V - U * S[:r])) / max(float(S[0]) * r ** 0.5, 1e-300)
+    orthonormal = max(float(torch.linalg.norm(U.T @ U - eye)), float(torch.linalg.norm(V.T @ V - eye))) / r ** 0.5
+    if not max(residual, orthonormal) <= tolerance:
+        raise UserError(f"the shared basis of {module} is not the weight's singular vectors (residual {residual:.1e}, "
+                        f"orthonormality {orthonormal:.1e} > {tolerance:.1e}); serve with --adapter-form lora")
+
+
+def _in_float64(adapter: PsoftAdapter, module: str) -> torch.Tensor:
+    """R of ``module`` computed from its parameters in float64."""
+    params = adapter.modules[module]
+    vectors = [v.double() if v is not None else None for v in (params.vector_a, params.vector_b)]
+    return rotation(params.generator.double(), adapter.rank, adapter.rotation_spec, *vectors)
+
+
+def _basis_modules(entry: Path, modules: list[str]) -> set[str]:
+    """The modules of the basis in ``entry``, once it reads back with U, V and S for each of ``modules``."""
+    with safe_open(entry / "basis.safetensors", framework="pt") as handle:
+        keys = set(handle.keys())
+    missing = {f"{module}.{part}" for module in modules for part in "UVS"} - keys
+    if missing:
+        raise KeyError(f"no {', '.join(sorted(missing)[:3])}")
+    return {key.removesuffix(".U") for key in keys if key.endswith(".U")}
 
 
 def _cores_summary(entry: Path, modules: list[str]) -> str:

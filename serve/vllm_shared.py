@@ -91,17 +91,15 @@ class BasisSlice(NamedTuple):
 class SharedBasisLayer:
     """Mixed into a vLLM LoRA layer: one basis per slice, a k×k core per LoRA slot and slice."""
 
-    def attach_basis(self, manager: LoRAModelManager, bases: list[tuple[torch.Tensor, torch.Tensor] | None],
-                     cores_only: bool) -> None:
+    def attach_basis(self, manager: LoRAModelManager, bases: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """``bases``: (U, V) per output slice, None where the slice's module is not in the basis;
-        ``manager`` assigns the slots. ``cores_only``: no slot will hold a LoRA, so vLLM's LoRA
-        buffers keep their shapes (vLLM reads them) without their memory."""
+        ``manager`` assigns the slots. vLLM's LoRA buffers keep their shapes (vLLM reads them) without
+        their memory until a nonzero exact LoRA is set (`set_lora`)."""
         self.psoft_manager = manager
-        self.psoft_cores_only = cores_only
-        if cores_only:
-            self.lora_a_stacked, self.lora_b_stacked = (
-                tuple(torch.zeros(1, dtype=t.dtype, device=t.device).expand(t.shape) for t in stacked)
-                for stacked in (self.lora_a_stacked, self.lora_b_stacked))
+        self.lora_a_stacked, self.lora_b_stacked = (
+            tuple(torch.zeros(1, dtype=t.dtype, device=t.device).expand(t.shape) for t in stacked)
+            for stacked in (self.lora_a_stacked, self.lora_b_stacked))
+        self.psoft_lora_buffers = False
         slots = self.lora_a_stacked[0].shape[0]
         dtype, device = self.lora_a_stacked[0].dtype, self.lora_a_stacked[0].device
         self.psoft_zero_slot = slots  # tokens without an adapter (-1) read this all-zero core
@@ -117,12 +115,12 @@ class SharedBasisLayer:
             else:
                 self.psoft_slices.append(None)
             start += size
-        self.psoft_V = torch.cat(columns, dim=1).contiguous()
+        self.psoft_V = torch.cat(columns, dim=1).contiguous() if columns else None
         self.psoft_core_slots: set[int] = set()
         self.psoft_lora_slots: set[int] = set()
 
     def reset_lora(self, index: int):
-        if not self.psoft_cores_only:
+        if self.psoft_lora_buffers:
             super().reset_lora(index)
         for piece in filter(None, self.psoft_slices):
             piece.cores[index] = 0
@@ -133,9 +131,13 @@ class SharedBasisLayer:
         a_list = lora_a if isinstance(lora_a, list) else [lora_a]
         b_list = lora_b if isinstance(lora_b, list) else [lora_b]
         if not any(a is CORE_MARKER or (a is not None and a.numel() == 0) for a in a_list):
-            if self.psoft_cores_only:  # vLLM's warm-up: an all-zero dummy LoRA (others are refused on load)
-                self.reset_lora(index)
+            if not any(t is not None and bool(t.any()) for t in (*a_list, *b_list)):
+                self.reset_lora(index)  # all zero (vLLM's warm-up dummy): nothing to add
                 return
+            if not self.psoft_lora_buffers:  # the first exact LoRA on this layer: vLLM's buffers, for real
+                self.lora_a_stacked, self.lora_b_stacked = (tuple(torch.zeros_like(t) for t in stacked)
+                                                            for stacked in (self.lora_a_stacked, self.lora_b_stacked))
+                self.psoft_lora_buffers = True
             super().set_lora(index, lora_a, lora_b)
             self.psoft_lora_slots.add(index)
             return
@@ -194,11 +196,11 @@ def why_no_cores(layer, packed: list[str], bases: list) -> str | None:
     return None
 
 
-def install(basis_path: str, cores_only: bool = False, require_cores: bool = False) -> None:
+def install(basis_path: str, require_cores: bool = False) -> None:
     """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``.
     Which modules hold cores is decided here, from the layers vLLM builds (`why_no_cores`); a
     module whose layer holds none gets its exact LoRA, or, with ``require_cores``, refuses the
-    adapter on load. ``cores_only``: refuse, on load, an adapter that does not lie in the basis."""
+    adapter on load. Every layer it extends allocates vLLM's LoRA buffers only for a nonzero exact LoRA."""
     shared = SharedBasis(Path(basis_path))
     names = shared.modules
     held: set[str] = set()  # modules whose layer holds their cores
@@ -215,14 +217,13 @@ def install(basis_path: str, cores_only: bool = False, require_cores: bool = Fal
         packed = [f"{prefix}.{sub}" if prefix else sub for sub in self.packed_modules_mapping.get(leaf) or [leaf]]
         bases = [module_basis(name) for name in packed]
         in_basis = [name for name, basis in zip(packed, bases) if basis is not None]
-        if not in_basis:
-            return
         why = why_no_cores(module, packed, bases)
         if why:
             not_held.update(dict.fromkeys(in_basis, f"its layer {module_name}: {why}"))
             return
+        # Extended even outside the basis: vLLM's LoRA buffers are then allocated only for an exact LoRA.
         module.__class__ = _shared_class(type(module))
-        module.attach_basis(self, bases, cores_only)
+        module.attach_basis(self, bases)
         held.update(in_basis)
         logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
 
@@ -241,9 +242,6 @@ def install(basis_path: str, cores_only: bool = False, require_cores: bool = Fal
         else:
             cores, why = shared.cores_of(Path(lora_dir)) if (Path(lora_dir) / ADAPTER_WEIGHTS).is_file() else (None, "")
             logger.info("psoft-deploy: %s loaded as %s (%s)", lora_dir, "cores" if cores else "exact LoRA", why)
-        if cores is None and cores_only:
-            raise ValueError(f"{lora_dir} does not lie in the shared basis ({why}) and this server holds cores only; "
-                             "serve it with psoft-deploy serve --adapter to have it served as exact LoRA")
         if cores is None:
             return load_checkpoint(cls, lora_dir, expected_lora_modules, *args, peft_helper=peft_helper,
                                    lora_model_id=lora_model_id, dtype=dtype, **kwargs)

@@ -13,6 +13,8 @@ cores and LoRAs), must equal transformers + PEFT in float32 and the same server 
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,7 +147,8 @@ def test_serve_says_in_one_line_which_adapters_are_cores_and_serves_late_ones_as
 
 
 @pytest.mark.slow
-def test_a_server_of_cores_only_answers_as_peft_and_refuses_a_lora_outside_the_basis(served, tmp_path):
+def test_a_server_of_cores_only_answers_as_peft_and_takes_an_exact_lora_when_one_arrives(served, tmp_path):
+    """No LoRA buffers while only cores are served; an exact LoRA loaded later gets them and answers as PEFT."""
     work = served["work"]
     adapters = {name: work / name for name in IN_BASIS}
     port = free_port()
@@ -160,19 +163,54 @@ def test_a_server_of_cores_only_answers_as_peft_and_refuses_a_lora_outside_the_b
     try:
         wait_for_serving(process, tmp_path / "serve.log")
         url = f"http://127.0.0.1:{port}"
-        with pytest.raises(urllib.error.HTTPError):  # vLLM's LoRA buffers are gone: a LoRA is refused on load
-            post(f"{url}/v1/load_lora_adapter", {"lora_name": "lora", "lora_path": str(work / "lora")})
-        # An exact LoRA that lies in the basis can only be answered here as cores, projected on load.
+        post(f"{url}/v1/load_lora_adapter", {"lora_name": "lora", "lora_path": str(work / "lora")})
+        # An exact LoRA that lies in the basis is held as cores, projected on load.
         post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": str(work / "root" / "posted-lora")})
-        got = answers(url, [str(work / "base"), *IN_BASIS, "posted"])
+        got = answers(url, [str(work / "base"), *IN_BASIS, "lora", "posted"])
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
     got["base"] = got.pop(str(work / "base"))
     vllm_log = (tmp_path / "vllm.log").read_text()
     loads = [line for line in vllm_log.splitlines() if "loaded as" in line]
-    assert got == {name: served["expected"][name] for name in ("base", *IN_BASIS, "posted")}, loads
-    assert "does not lie in the shared basis" in vllm_log
+    assert got == {name: served["expected"][name] for name in ("base", *IN_BASIS, "lora", "posted")}, loads
+
+
+@pytest.mark.slow
+def test_a_server_with_only_an_adapter_root_serves_arriving_adapters_as_cores_from_r(served, tmp_path):
+    """The basis covers the PSOFT adapters in the root at start; adapters dropped there later are
+    cores straight from R (no LoRA conversion) where they lie in it, exact LoRA where they do not."""
+    work = served["work"]
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    root.mkdir()
+    shutil.copytree(work / "psoft", root / "psoft")  # r 8 on q, v, down: the basis
+    port = free_port()
+    with open(tmp_path / "serve.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(work / "base"), "--adapter-root", str(root),
+             "--port", str(port), "--cache-dir", str(cache), "--log-file", str(tmp_path / "vllm.log"),
+             "--", "--enforce-eager", "--max-num-seqs", "32"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_serving(process, tmp_path / "serve.log")
+        for name in ("late", "plain-r"):  # r 8 on q, v: in the basis; r 16: outside it
+            shutil.copytree(work / "root" / name if name == "late" else work / name, root / name)
+        got = answers(f"http://127.0.0.1:{port}", [str(work / "base"), "psoft", "late", "plain-r"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+    got["base"] = got.pop(str(work / "base"))
+    assert got == {name: served["expected"][name] for name in ("base", "psoft", "late", "plain-r")}
+    said = (tmp_path / "serve.log").read_text()
+    assert re.search(r"shared basis \(rank ≤ 8, \d+ modules\), as cores: none yet", said), said
+    vllm_log = (tmp_path / "vllm.log").read_text()
+    assert "'max_loras': 32" in vllm_log  # a slot per sequence in a batch
+    from_r = [path for path in cache.glob("cores-*/adapter_config.json")
+              if json.loads(path.read_text())["psoft_shared"].startswith("cores from R")]
+    assert len(from_r) == 2, from_r  # psoft and late
+    conversions = [path for path in cache.iterdir() if not path.name.startswith(("cores-", "basis-", "zero-"))]
+    assert len(conversions) == 1, conversions  # plain-r's exact LoRA alone: psoft and late were never converted
 
 
 def stop(process, log) -> None:

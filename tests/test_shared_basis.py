@@ -15,9 +15,11 @@ from psoft_deploy.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.converters.lora_format import LoraAdapter
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.errors import UserError
+from psoft_deploy.formats import read_adapter
 from psoft_deploy.model import load_base_model
 from psoft_deploy.psoft import core_in_basis, lora_of_core, shared_basis
 from psoft_deploy.serve.cache import LoraCache
+from psoft_deploy.serve.forms import AdapterForms
 from psoft_deploy.serve.launcher import plan_serve
 from psoft_deploy.serve.preflight import vllm_flag
 from psoft_deploy.serve import cache as cache_module
@@ -70,6 +72,66 @@ def test_cores_reproduce_peft_delta_weights_and_only_full_svd_adapters_lie_in_th
         lora_A, lora_B = lora_of_core(core, U, V)
         assert lora_A.shape == (k, weight.shape[1]) and lora_B.shape == (weight.shape[0], k)
         assert (lora_B.double() @ lora_A.double() - delta.double()).norm() <= 2 * tolerance * delta.double().norm()
+
+
+@pytest.fixture(scope="module")
+def full_basis(base, tmp_path_factory):
+    """The basis every VARIANTS adapter lies in: all seven projections at BASIS_RANK."""
+    checkpoint = BaseCheckpoint(base)
+    modules = sorted(key.removesuffix(".weight") for key in checkpoint.files if key.endswith("_proj.weight"))
+    return SharedBasis.build(tmp_path_factory.mktemp("basis"), checkpoint, modules, BASIS_RANK)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cores_straight_from_r_are_the_projection_of_pefts_delta_weights_without_an_svd(base, full_basis, tmp_path,
+                                                                                         monkeypatch, variant):
+    peft_model = make_peft_adapter(base, tmp_path / "adapter", **VARIANTS[variant])
+    adapter = read_adapter(tmp_path / "adapter")
+    svds = count_calls(monkeypatch, torch.linalg, "svd") + count_calls(monkeypatch, torch, "svd_lowrank")
+    cores, why = full_basis.cores_from_rotations(adapter)
+    assert not svds, "no SVD per adapter"
+    if variant in OUTSIDE:
+        assert cores is None and "full SVD" in why, why
+        return
+    assert cores is not None and "float32 noise off float64" in why, why
+    monkeypatch.undo()
+    for module, delta in peft_deltas(peft_model).items():
+        U, V, S = (full_basis.tensors[f"{module}.{part}"] for part in "UVS")
+        k = cores[module].shape[0]
+        U_d, S_d, Vh_d = torch.linalg.svd(delta.double())  # PEFT's ΔW, projected onto the basis
+        projected, _ = core_in_basis(Vh_d[:k], U_d[:, :k] * S_d[:k], U[:, :k], V[:, :k])
+        tolerance = SharedBasis.tolerance(S, k, max(U.shape[0], V.shape[0]))
+        error = (cores[module].double() - projected.double()).norm() / delta.double().norm()
+        assert error <= tolerance, (module, float(error), tolerance)
+
+
+def test_a_core_from_r_that_is_not_finite_is_not_served(base, full_basis, tmp_path):
+    make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    adapter = read_adapter(tmp_path / "adapter")
+    next(iter(adapter.modules.values())).generator[0] = float("nan")
+    cores, why = full_basis.cores_from_rotations(adapter)
+    assert cores is None and "off the float64 closed form" in why, why
+
+
+def test_an_adapter_of_another_base_is_refused_in_one_line_before_its_cores(base, tmp_path, monkeypatch):
+    other = tmp_path / "other-base"
+    build_tiny_model(other, "llama", seed=5)
+    make_peft_adapter(other, tmp_path / "foreign", target_modules=["q_proj", "v_proj"])
+    checkpoint = BaseCheckpoint(base)
+    basis = SharedBasis.build(tmp_path / "cache", checkpoint, [m for m in read_adapter(tmp_path / "foreign").modules], 4)
+    forms = AdapterForms(LoraCache(tmp_path / "cache", checkpoint), basis)
+    cores = count_calls(monkeypatch, SharedBasis, "cores_from_rotations")
+    with pytest.raises(UserError, match="holds other weights") as refused:
+        forms.prepare(tmp_path / "foreign")
+    assert "\n" not in str(refused.value) and not cores
+
+
+def test_a_basis_that_is_not_the_weights_singular_vectors_is_refused():
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    U, V, S = shared_basis(weight, 8)
+    shared.check_basis("m", weight, U, V, S)
+    with pytest.raises(UserError, match="not the weight's singular vectors"):
+        shared.check_basis("m", weight, U[:, torch.tensor([1, 0, 2, 3, 4, 5, 6, 7])], V, S)
 
 
 def test_shared_form_keeps_psoft_adapters_and_refuses_others_in_one_reason(base, tmp_path, monkeypatch):
@@ -141,9 +203,8 @@ def test_serve_says_which_adapters_share_the_basis_and_gives_vllm_their_cores(de
     assert not plan.served["low"].name.startswith("cores-")
     assert plan.served[str(base)].name.startswith("cores-zero-")  # the bare base, on CPU
     assert int(vllm_flag(plan.command, "--max-cpu-loras")) >= len(plan.served)
-    assert "PSOFT_DEPLOY_CORES_ONLY" not in plan.env  # "low" needs vLLM's LoRA buffers
     cores_only = _plan(base, tmp_path, {name: adapters[name] for name in ("a", "b")})
-    assert cores_only.env["PSOFT_DEPLOY_CORES_ONLY"] == "1" and "PSOFT_DEPLOY_REQUIRE_CORES" not in cores_only.env
+    assert "PSOFT_DEPLOY_REQUIRE_CORES" not in cores_only.env
     # vLLM's workers refuse, on load, an adapter whose layers they cannot all hold as cores
     required = _plan(base, tmp_path, {name: adapters[name] for name in ("a", "b")}, form="shared")
     assert required.env["PSOFT_DEPLOY_REQUIRE_CORES"] == "1"
@@ -177,26 +238,27 @@ def truncate(file):
 
 def test_cache_entries_that_do_not_read_back_are_built_again(demo_adapters, tmp_path, caplog, monkeypatch):
     base, adapters = demo_adapters
-    one = {"a": adapters["a"]}
-    plan = _plan(base, tmp_path, one)
-    cores_dir = plan.served["a"]
-    lora_dir = next(path for path in cores_dir.parent.iterdir() if (path / cache_module.EXPORT_META).is_file())
+    two = {"a": adapters["a"], "low": adapters["low"]}  # cores from R; an exact LoRA conversion
+    plan = _plan(base, tmp_path, two)
+    cores_dir, lora_dir = plan.served["a"], plan.served["low"]
+    assert cores_dir.name.startswith("cores-") and (lora_dir / cache_module.EXPORT_META).is_file()
     conversions = count_calls(monkeypatch, cache_module, "derive_factors")
-    projections = count_calls(monkeypatch, SharedBasis, "cores_of")
-    assert _plan(base, tmp_path, one).served == plan.served and not conversions and not projections  # reused
+    computed = count_calls(monkeypatch, shared, "core_of_rotation")  # twice per module: float32, float64
+    once = 2 * len(read_adapter(adapters["a"]).modules)
+    assert _plan(base, tmp_path, two).served == plan.served and not conversions and not computed  # reused
 
     truncate(cores_dir / CORES_FILE)  # a disk that filled, a copy cut short
     truncate(lora_dir / "adapter_model.safetensors")
     with caplog.at_level("WARNING", logger="psoft_deploy"):
-        again = _plan(base, tmp_path, one)
+        again = _plan(base, tmp_path, two)
     assert again.served == plan.served
-    assert len(conversions) == 1 and len(projections) == 1, "each broken entry is built again, once"
+    assert len(conversions) == 1 and len(computed) == once, "each broken entry is built again, once"
     warnings = [record.getMessage() for record in caplog.records if "does not read back" in record.getMessage()]
     assert len(warnings) == 2 and all("building it again" in line for line in warnings), warnings
     with safe_open(cores_dir / CORES_FILE, framework="pt") as handle:
-        assert set(handle.keys()) == set(LoraAdapter.read(lora_dir).modules)
+        assert set(handle.keys()) == set(read_adapter(adapters["a"]).modules)
 
     cores = load_file(cores_dir / CORES_FILE)  # a core missing, in a file that reads
     save_file(dict(list(cores.items())[1:]), cores_dir / CORES_FILE)
-    assert _plan(base, tmp_path, one).served == plan.served and len(projections) == 2
+    assert _plan(base, tmp_path, two).served == plan.served and len(computed) == 2 * once
     assert load_file(cores_dir / CORES_FILE).keys() == cores.keys()
