@@ -446,6 +446,8 @@ def test_plan_sizes_memory_and_dtype_and_the_users_vllm_flags_win(tmp_path):
     assert vllm_flag(command, "--max-model-len") == "256"  # the base's max_position_embeddings
     assert 0 < int(vllm_flag(command, "--kv-cache-memory-bytes")) <= 8 * 10**9 - KV_MARGIN_BYTES
     assert vllm_flag(command, "--middleware") == "psoft_deploy.serve.middleware.HideInternalName"
+    middlewares = [command[i + 1] for i, arg in enumerate(command) if arg == "--middleware"]
+    assert middlewares[-1] == "psoft_deploy.serve.middleware.AdapterMetrics", "last: outermost, it counts refusals"
     assert vllm_flag(command, "--shutdown-timeout") == "10"  # vLLM's 0 force-kills its engine, leaving /dev/shm full
     command = plan("--kv-cache-memory-bytes=67108864", "--dtype", "bfloat16")
     assert [arg for arg in command if arg.startswith("--kv-cache-memory-bytes")] == ["--kv-cache-memory-bytes=67108864"]
