@@ -1,8 +1,8 @@
 """vLLM's load endpoint (``POST /v1/load_lora_adapter``) for every adapter serve reads, inside the
 adapter root only.
 
-Installed by psoft-deploy's plugin in vLLM's API server process when serve has an adapter root (which
-turns the endpoint on). The posted ``lora_path`` (absolute, or relative to the root) must name a
+Installed by psoft-deploy's plugin (in each of vLLM's processes; the API server's serves the endpoint)
+when serve has an adapter root (which turns the endpoint on). The posted ``lora_path`` (absolute, or relative to the root) must name a
 directory inside the root, at any depth, symlinks resolved (`directory_inside`); any other path gets a
 400 before anything under it is read. The adapter is made servable as the resolver makes the root's
 adapters servable (`PsoftResolver.servable`: cores over the shared basis, or exact LoRA), off the event
@@ -70,5 +70,5 @@ def refused(message: str):
 
 def one_line(error: Exception | str) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return lines[0] if lines else repr(error)
 

@@ -1,9 +1,10 @@
 """`psoft-deploy serve`: a real vLLM (CPU) server, tiny local Llama (the demo's sizes), over loopback HTTP.
 
 One server for the module: the base, a PEFT PSOFT adapter and a paper-repository checkpoint as
-named models, and an adapter root for the resolver; no KV-cache, context or dtype flags (serve
-chooses them). Every greedy completion must equal transformers in float32 (+ PEFT's PSOFT layer,
-or the reference forward for the paper format). A second server, started with no vLLM flags at
+named models, and an adapter root for the resolver and the load endpoint, behind an API key; no
+KV-cache, context or dtype flags (serve chooses them). Every greedy completion must equal transformers
+in float32 (+ PEFT's PSOFT layer, or the reference forward for the paper format); /metrics must count
+what the tests asked. A second server, started with no vLLM flags at
 all, has its engine killed under it. Pre-flight refusals and the memory sizing need no server.
 """
 
