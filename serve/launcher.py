@@ -175,6 +175,7 @@ def plan_serve(
     if vocab_guard is not None:
         command += ["--middleware", "psoft_deploy.serve.middleware.RefuseUnknownTokens"]
         env["PSOFT_DEPLOY_VOCAB_SIZE"] = str(vocab_guard)
+    command += ["--middleware", "psoft_deploy.serve.middleware.AdapterMetrics"]  # last: outermost, counts refusals
     command += list(vllm_args)
     if adapter_root:
         env |= {

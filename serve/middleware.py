@@ -1,5 +1,5 @@
-"""ASGI middlewares for vLLM's server (``--middleware``): serve's internal base alias kept hidden, and
-prompts the model has no embedding for refused.
+"""ASGI middlewares for vLLM's server (``--middleware``): serve's internal base alias kept hidden,
+prompts the model has no embedding for refused, and per-adapter metrics on ``/metrics``.
 
 On CPU the engine's own name for the bare base is an internal alias (see the launcher); the
 base is served under the user's name as an all-zero LoRA. This middleware refuses requests to
@@ -10,17 +10,41 @@ alias. Configured by the environment serve sets: ``PSOFT_DEPLOY_INTERNAL_NAME``,
 vLLM checks prompt token ids against the larger of the tokenizer's and the model's vocabulary, so
 where the tokenizer is larger, one prompt holding such an id kills the engine for every user;
 `RefuseUnknownTokens` answers that request 400 instead (``PSOFT_DEPLOY_VOCAB_SIZE``).
+
+`AdapterMetrics` counts requests, tokens, errors and time to first token per model name, in
+prometheus_client's default registry, which vLLM's ``/metrics`` serves (one API server).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import time
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from psoft_deploy.serve.shared import CORES_FILE
 
 # The fields of a chat request that vLLM's /tokenize renders the same way.
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
                         "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+UNKNOWN = "(unknown)"  # the label of requests naming no registered model (labels stay bounded)
+REQUESTS = Counter("psoft_deploy_requests", "Generation requests, by the model they name.", ["adapter"])
+ERRORS = Counter("psoft_deploy_request_errors", "Generation requests answered with a status of 400 or more, or an "
+                 "error event in their stream.", ["adapter"])
+PROMPT_TOKENS = Counter("psoft_deploy_prompt_tokens", "Prompt tokens, from the answers' usage.", ["adapter"])
+GENERATION_TOKENS = Counter("psoft_deploy_generation_tokens", "Generated tokens, from the answers' usage.", ["adapter"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "psoft_deploy_time_to_first_token_seconds", "From the request to its first generated output: the first chunk "
+    "with output when streaming, the whole answer otherwise.", ["adapter"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+MODELS_REGISTERED = Gauge("psoft_deploy_models_registered", "Models a client can name now: the base and the adapters.")
+ADAPTERS_REGISTERED = Gauge("psoft_deploy_adapters_registered", "Adapters registered now, by the form vLLM holds "
+                            "them in: cores over the shared basis, or LoRA.", ["form"])
 
 
 class HideInternalName:
@@ -103,14 +127,10 @@ class RefuseUnknownTokens:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "").rstrip("/")
-        if scope["type"] != "http" or scope["method"] != "POST" or path not in ("/v1/completions",
-                                                                                 "/v1/chat/completions"):
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in GENERATION_PATHS:
             return await self.app(scope, receive, send)
         body, receive = await _read_body(receive)
-        try:
-            request = json.loads(body)
-        except ValueError:
-            request = None
+        request = _json(body)
         if isinstance(request, dict):
             field = "prompt" if path == "/v1/completions" else "messages"
             for ids in await self._prompt_ids(scope, field, request):
@@ -146,6 +166,121 @@ class RefuseUnknownTokens:
             return None
         tokens = json.loads(body).get("tokens")
         return tokens if isinstance(tokens, list) else None
+
+
+class AdapterMetrics:
+    """Pure ASGI middleware: per-adapter metrics of completions and chat completions, labelled by the
+    request's ``model`` (the base under the user's name; `UNKNOWN` for a name not registered when its
+    answer ends), and, whenever ``/metrics`` is read, the registered models and adapters by form. A
+    streamed request is asked for its usage (``stream_options.include_usage``), and the usage chunk the
+    client did not ask for is taken out of its stream. Serve adds it last (outermost): it counts what
+    the other middlewares and vLLM's API key check refuse too."""
+
+    def __init__(self, app):
+        self.app = app
+        self.base = os.environ.get("PSOFT_DEPLOY_BASE_NAME")  # on CPU, the base is an all-zero adapter of this name
+        self.internal = os.environ.get("PSOFT_DEPLOY_INTERNAL_NAME")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].rstrip("/")
+        if path == "/metrics":
+            self.count_registered(scope["app"].state.openai_serving_models)
+        if scope["method"] != "POST" or path not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        body, receive = await _read_body(receive)
+        request = _json(body)
+        if not isinstance(request, dict) or not isinstance(request.get("model"), str):
+            return await self.app(scope, receive, send)
+        options = request.get("stream_options") or {}
+        hide_usage = request.get("stream") is True and isinstance(options, dict) and not options.get("include_usage")
+        if hide_usage:
+            body = json.dumps(request | {"stream_options": options | {"include_usage": True}}).encode()
+            scope = dict(scope, headers=[(name, value) for name, value in scope["headers"] if name != b"content-length"]
+                         + [(b"content-length", str(len(body)).encode())])
+            receive = _replaying(body, receive)
+        answer = Answer(started=time.monotonic(), hide_usage=hide_usage)
+        try:
+            await self.app(scope, receive, lambda message: answer.observe(message, send))
+        finally:
+            self.record(scope["app"].state.openai_serving_models, request["model"], answer)
+
+    def record(self, models, model: str, answer: Answer) -> None:
+        registered = model != self.internal and (model in models.lora_requests or models.is_base_model(model))
+        label = model if registered else UNKNOWN
+        REQUESTS.labels(label).inc()
+        if answer.status >= 400 or answer.failed:
+            ERRORS.labels(label).inc()
+        if isinstance(answer.usage, dict):
+            PROMPT_TOKENS.labels(label).inc(answer.usage.get("prompt_tokens") or 0)
+            GENERATION_TOKENS.labels(label).inc(answer.usage.get("completion_tokens") or 0)
+        if answer.first_output is not None and answer.status < 400:
+            TIME_TO_FIRST_TOKEN.labels(label).observe(answer.first_output - answer.started)
+
+    def count_registered(self, models) -> None:
+        adapters = [request.lora_path for name, request in models.lora_requests.items() if name != self.base]
+        cores = sum(map(_held_as_cores, adapters))
+        ADAPTERS_REGISTERED.labels("cores").set(cores)
+        ADAPTERS_REGISTERED.labels("lora").set(len(adapters) - cores)
+        MODELS_REGISTERED.set(len(adapters) + 1)
+
+
+class Answer:
+    """What `AdapterMetrics` reads of one answer as it passes: status, usage, when the first output
+    came and whether its stream held an error."""
+
+    def __init__(self, started: float, hide_usage: bool):
+        self.started, self.hide_usage = started, hide_usage
+        self.status, self.usage, self.first_output, self.failed = 500, None, None, False  # 500: nothing was sent
+        self.streaming, self.pending, self.chunks = False, b"", []
+
+    async def observe(self, message, send) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.streaming = dict(message["headers"]).get(b"content-type", b"").startswith(b"text/event-stream")
+        elif message["type"] == "http.response.body":
+            more = message.get("more_body", False)
+            if self.streaming:  # server-sent events, each ``data: JSON`` and a blank line
+                *events, self.pending = (self.pending + message.get("body", b"")).split(b"\n\n")
+                kept = [event + b"\n\n" for event in events if self.event(event)]
+                message = dict(message, body=b"".join(kept) + (b"" if more else self.pending))
+            else:
+                self.chunks.append(message.get("body", b""))
+                if not more:
+                    content = _json(b"".join(self.chunks))
+                    self.usage = content.get("usage") if isinstance(content, dict) else None
+                    self.first_output = time.monotonic()
+        await send(message)
+
+    def event(self, event: bytes) -> bool:
+        """Read one event of a stream; False for the usage chunk the client did not ask for."""
+        chunk = _json(event.removeprefix(b"data: ")) if event.startswith(b"data: ") else None
+        if not isinstance(chunk, dict):
+            return True
+        self.failed |= "error" in chunk
+        if self.first_output is None and any(map(_has_output, chunk.get("choices") or [])):
+            self.first_output = time.monotonic()
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+            return not (self.hide_usage and not chunk.get("choices"))
+        return True
+
+
+def _has_output(choice) -> bool:
+    """Whether a streamed choice carries generated output (text, token ids, or a chat delta beyond its role)."""
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return any(value for key, value in delta.items() if key != "role")
+    return bool(choice.get("text") or choice.get("token_ids"))
+
+
+@functools.lru_cache(maxsize=None)
+def _held_as_cores(lora_path: str) -> bool:
+    """Whether vLLM holds the adapter it loaded from ``lora_path`` as cores (a cache directory's form never changes)."""
+    return (Path(lora_path) / CORES_FILE).is_file()
 
 
 async def _call(app, scope, path: str, payload: dict | None = None) -> tuple[int, bytes]:
@@ -198,6 +333,11 @@ async def _read_body(receive):
         chunks.append(message.get("body", b""))
         more = message.get("more_body", False)
     body = b"".join(chunks)
+    return body, _replaying(body, receive)
+
+
+def _replaying(body: bytes, receive):
+    """A ``receive`` that gives ``body`` as the whole request, then what ``receive`` gives."""
     replayed = False
 
     async def replay():
@@ -207,12 +347,16 @@ async def _read_body(receive):
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return body, replay
+    return replay
+
+
+def _json(data: bytes):
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 def _requested_model(body: bytes):
-    try:
-        content = json.loads(body)
-    except ValueError:
-        return None
+    content = _json(body)
     return content.get("model") if isinstance(content, dict) else None

@@ -1,7 +1,9 @@
 """psoft-deploy's vLLM plugin (entry point ``vllm.general_plugins: psoft_deploy``), loaded by vLLM in
 each of its processes. It does nothing unless `psoft-deploy serve` configured it through the
 environment: ``PSOFT_DEPLOY_ADAPTER_ROOT`` registers the adapter resolver
-(`psoft_deploy.serve.resolver`), ``PSOFT_DEPLOY_SHARED_BASIS`` extends vLLM's LoRA layers to hold
+(`psoft_deploy.serve.resolver`) and restricts vLLM's load endpoint to the root
+(`psoft_deploy.serve.endpoint`; patched in every process, so the API server's never misses it);
+``PSOFT_DEPLOY_SHARED_BASIS`` extends vLLM's LoRA layers to hold
 PSOFT adapters as cores over that basis (`psoft_deploy.serve.vllm_shared`), with
 ``PSOFT_DEPLOY_REQUIRE_CORES`` when an adapter vLLM cannot hold as cores in every module must be
 refused (``--adapter-form shared``)."""
@@ -16,9 +18,10 @@ _installed: set[str] = set()
 def register() -> None:
     """Entry point for vLLM's plugin loader; safe to call more than once per process."""
     if os.environ.get("PSOFT_DEPLOY_ADAPTER_ROOT"):
-        from psoft_deploy.serve import resolver
+        from psoft_deploy.serve import endpoint, resolver
 
         resolver.register()
+        endpoint.install()
     basis = os.environ.get("PSOFT_DEPLOY_SHARED_BASIS")
     if basis and "shared" not in _installed:
         from psoft_deploy.serve import vllm_shared

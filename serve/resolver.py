@@ -25,16 +25,29 @@ RESOLVER_NAME = "psoft-deploy"
 logger = logging.getLogger("vllm.psoft_deploy.resolver")  # under vLLM's logger: in its log
 
 
+def directory_inside(root: Path, path: str) -> Path | None:
+    """The directory ``path`` names (absolute, or relative to ``root``), symlinks resolved, if it lies
+    inside ``root`` at any depth (not ``root`` itself); else None. A path whose text leads outside
+    ``root`` is refused before anything on disk is looked at."""
+    try:
+        given = Path(os.path.abspath(root)) / path  # an absolute ``path`` stands for itself
+        real_root = Path(root).resolve()
+        lexical = Path(os.path.normpath(given))
+        if not any(top in lexical.parents for top in (Path(os.path.abspath(root)), real_root)):
+            return None
+        candidate = given.resolve()
+        return candidate if real_root in candidate.parents and candidate.is_dir() else None
+    except (OSError, ValueError):  # a loop of links, a NUL byte
+        return None
+
+
 def adapter_directory(root: Path, name: str) -> Path | None:
-    """``root/name`` if ``name`` is a safe single component and the directory, symlinks
-    resolved, lies inside ``root``; else None."""
+    """``root/name`` if ``name`` is a safe single component and the directory, symlinks resolved,
+    lies directly in ``root``; else None."""
     if not SAFE_NAME.fullmatch(name) or ".." in name:
         return None
-    root = root.resolve()
-    candidate = (root / name).resolve()
-    if candidate.parent != root or not candidate.is_dir():
-        return None
-    return candidate
+    candidate = directory_inside(root, name)
+    return candidate if candidate is not None and candidate.parent == Path(root).resolve() else None
 
 
 class PsoftResolver(LoRAResolver):
@@ -64,6 +77,14 @@ class PsoftResolver(LoRAResolver):
                     "cores over the shared basis" if servable.cores else "exact LoRA", servable.why)
         return servable.path, servable.rank
 
+    async def servable(self, directory: Path) -> Path:
+        """What vLLM loads for the adapter in ``directory`` (`prepare`, run off the event loop); raises
+        where it cannot be served (a rank above vLLM's ``--max-lora-rank`` included)."""
+        lora_path, rank = await asyncio.to_thread(self.prepare, directory)
+        if self.max_lora_rank is not None and rank > self.max_lora_rank:
+            raise ValueError(f"rank {rank} is above this server's --max-lora-rank {self.max_lora_rank}")
+        return lora_path
+
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         if Path(base_model_name).resolve() != Path(self.base).resolve():
             return None
@@ -72,13 +93,9 @@ class PsoftResolver(LoRAResolver):
             logger.warning("psoft-deploy resolver: refused adapter name %r", lora_name)
             return None
         try:
-            lora_path, rank = await asyncio.to_thread(self.prepare, directory)
+            lora_path = await self.servable(directory)
         except Exception as error:  # a bad adapter must not take the server down
             logger.warning("psoft-deploy resolver: %s is not usable: %s", directory, error)
-            return None
-        if self.max_lora_rank is not None and rank > self.max_lora_rank:
-            logger.warning("psoft-deploy resolver: %s has rank %d > --max-lora-rank %d", directory, rank,
-                           self.max_lora_rank)
             return None
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(lora_path))
 

@@ -71,9 +71,9 @@ CORE_MARKER = torch.empty(0, 0)  # the lora_a of a module held as a core
 logger = logging.getLogger("vllm.psoft_deploy")  # under vLLM's logger: its lines go to vLLM's log
 
 
-def missing_internals() -> str | None:
-    """What this vLLM lacks of the internals the extension relies on (None: nothing)."""
-    for (owner, name), parameters in RELIED_ON.items():
+def missing_internals(relied_on: dict = RELIED_ON) -> str | None:
+    """What this vLLM lacks of the internals in ``relied_on`` (by default the extension's; None: nothing)."""
+    for (owner, name), parameters in relied_on.items():
         member = inspect.getattr_static(owner, name, None)
         if member is None:
             return f"vLLM's {owner.__name__}.{name} is gone"

@@ -201,6 +201,9 @@ def assert_one_line_error(result: Result, *fragments: str) -> str:
 # A vLLM server's OpenAI-compatible HTTP API, as `psoft-deploy serve` starts it.
 
 MAX_TOKENS = 6
+# The key servers started with ``--api-key`` check; every request here carries it (a server without a key ignores it).
+API_KEY = "psoft-deploy-test-key"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
 
 
 def free_port() -> int:
@@ -213,7 +216,7 @@ def complete(url: str, model: str, prompt: str | list[int], timeout: float = 60,
              max_tokens: int = MAX_TOKENS) -> tuple[int, dict]:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "return_token_ids": True}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers=HEADERS)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())

@@ -1,9 +1,10 @@
 """`psoft-deploy serve`: a real vLLM (CPU) server, tiny local Llama (the demo's sizes), over loopback HTTP.
 
 One server for the module: the base, a PEFT PSOFT adapter and a paper-repository checkpoint as
-named models, and an adapter root for the resolver; no KV-cache, context or dtype flags (serve
-chooses them). Every greedy completion must equal transformers in float32 (+ PEFT's PSOFT layer,
-or the reference forward for the paper format). A second server, started with no vLLM flags at
+named models, and an adapter root for the resolver and the load endpoint, behind an API key; no
+KV-cache, context or dtype flags (serve chooses them). Every greedy completion must equal transformers
+in float32 (+ PEFT's PSOFT layer, or the reference forward for the paper format); /metrics must count
+what the tests asked. A second server, started with no vLLM flags at
 all, has its engine killed under it. Pre-flight refusals and the memory sizing need no server.
 """
 
@@ -17,11 +18,14 @@ import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from helpers import (
+    API_KEY,
+    HEADERS,
     MAX_TOKENS,
     complete,
     free_port,
@@ -48,6 +52,7 @@ from psoft_deploy.serve.preflight import (
     max_model_len,
     vllm_flag,
 )
+from psoft_deploy.serve.shared import CORES_FILE
 from psoft_deploy.testing import build_tiny_model, llama_modules, write_psoft_adapter
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields"]
@@ -65,10 +70,10 @@ def greedy(model, tokenizer, prompt: str) -> list[int]:
     return out[0, ids["input_ids"].shape[1]:].tolist()
 
 
-def post(url: str, payload: dict) -> tuple[int, str]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+def post(url: str, payload: dict, headers: dict = HEADERS, timeout: float = 60) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -76,7 +81,7 @@ def post(url: str, payload: dict) -> tuple[int, str]:
 
 def get(url: str) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=HEADERS), timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
@@ -95,6 +100,16 @@ def server(tmp_path_factory):
     (work / "outside").mkdir()
     shutil.copytree(work / "late-c", work / "outside" / "valid")
     (work / "root" / "escape").symlink_to(work / "outside" / "valid")
+    # Adapters for the load endpoint, deeper in the root: PEFT PSOFT (in the shared basis) and the paper's format.
+    make_peft_adapter(base, work / "root" / "tenant" / "psoft", r=8, seed=7, strength=3, target_modules=["q_proj", "v_proj"])
+    shutil.copytree(work / "paper-b", work / "root" / "tenant" / "paper")
+    (work / "root" / "broken").mkdir()
+    (work / "root" / "broken" / "adapter_config.json").write_text("{")
+    # Outside the root, files whose read would block (FIFOs): a post that read them would not be answered.
+    (work / "outside" / "fifo").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        os.mkfifo(work / "outside" / "fifo" / name)
+    (work / "root" / "fifo-link").symlink_to(work / "outside" / "fifo")
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     paper = reference_model(base, load_factors(str(work / "paper-b"), str(base)))
@@ -103,8 +118,9 @@ def server(tmp_path_factory):
         "a": [greedy(load_peft(base, work / "peft-a"), tokenizer, p) for p in PROMPTS],
         "b": [greedy(paper, tokenizer, p) for p in PROMPTS],
         "late_c": [greedy(load_peft(base, work / "late-c"), tokenizer, p) for p in PROMPTS],
+        "posted-psoft": [greedy(load_peft(base, work / "root" / "tenant" / "psoft"), tokenizer, p) for p in PROMPTS],
     }
-    assert len({json.dumps(v) for v in expected.values()}) == 4, "each model must answer differently"
+    assert len({json.dumps(v) for v in expected.values()}) == 5, "each model must answer differently"
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -112,7 +128,7 @@ def server(tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(base), "--adapter", f"a={work / 'peft-a'}",
          "--adapter", f"b={work / 'paper-b'}", "--adapter-root", str(work / "root"), "--port", str(port),
-         "--cache-dir", str(work / "cache"), "--", *VLLM_ARGS],
+         "--cache-dir", str(work / "cache"), "--", *VLLM_ARGS, "--api-key", API_KEY],
         stdout=log, stderr=subprocess.STDOUT,
     )
     wait_for_serving(process, work / "serve.log")
@@ -188,7 +204,8 @@ def test_models_and_404s_name_the_users_models_as_served_now(server):
         shutil.copytree(work / "late-c", work / "root" / "late_c")
     assert complete(url, "late_c", PROMPTS[0])[0] == 200  # loaded from the adapter root after start
     lora_form = next(path for path in (work / "cache").iterdir() if (path / EXPORT_META).is_file())
-    status, answer = post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": str(lora_form)})
+    shutil.copytree(lora_form, work / "root" / "tenant" / "lora")  # the endpoint reads inside the root only
+    status, answer = post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": "tenant/lora"})
     assert status == 200, answer
     status, listing = get(f"{url}/v1/models")
     assert status == 200, listing
@@ -208,6 +225,83 @@ def test_models_and_404s_name_the_users_models_as_served_now(server):
         urllib.request.urlopen(request, timeout=60)
     assert refused.value.code == 404
     assert healthy(url)
+
+
+@pytest.mark.slow
+def test_load_endpoint_serves_posted_psoft_adapters_as_peft_from_inside_the_root_only(server):
+    url, work, expected = server["url"], server["work"], server["expected"]
+    load = f"{url}/v1/load_lora_adapter"
+    unauthenticated = {"Content-Type": "application/json"}
+    assert post(load, {"lora_name": "sneaky", "lora_path": "tenant/psoft"}, headers=unauthenticated)[0] == 401
+    for name, path in (("posted-psoft", "tenant/psoft"), ("posted-paper", str(work / "root" / "tenant" / "paper"))):
+        status, answer = post(load, {"lora_name": name, "lora_path": path})
+        assert status == 200, answer
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda job: complete(url, *job), [(name, p) for name in ("posted-psoft", "posted-paper")
+                                                                     for p in PROMPTS]))
+    tokens = [body["choices"][0]["token_ids"] for status, body in results]
+    assert tokens == expected["posted-psoft"] + expected["b"]
+    fifo = work / "outside" / "fifo"
+    outside = [str(fifo), "../outside/fifo", str(work / "root" / ".." / "outside" / "fifo"), "fifo-link", "escape",
+               "/etc", "", ".", "tenant/../../outside/fifo", "broken", "tenant", "missing"]
+    for path in outside:
+        status, answer = post(load, {"lora_name": "refused", "lora_path": path}, timeout=30)
+        assert status == 400 and "\n" not in json.loads(answer)["error"]["message"], (path, status, answer)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # no reader ever opened the FIFOs
+        with pytest.raises(OSError, match="No such device or address"):
+            os.open(fifo / name, os.O_WRONLY | os.O_NONBLOCK)
+    status, listing = get(f"{url}/v1/models")
+    assert {"sneaky", "refused"}.isdisjoint(card["id"] for card in listing["data"])
+    assert healthy(url)
+
+
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """The server's /metrics samples, by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@pytest.mark.slow
+def test_metrics_count_each_adapters_requests_tokens_errors_and_the_registered_forms(server):
+    url, work = server["url"], server["work"]
+    if not (work / "root" / "tenant" / "psoft-metrics").exists():
+        shutil.copytree(work / "root" / "tenant" / "psoft", work / "root" / "tenant" / "psoft-metrics")
+    assert post(f"{url}/v1/load_lora_adapter", {"lora_name": "metered", "lora_path": "tenant/psoft-metrics"})[0] == 200
+    before = metrics(url)
+    answers = [complete(url, "metered", prompt) for prompt in PROMPTS]
+    assert all(status == 200 for status, body in answers)
+    stream = {"model": "metered", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    status, events = post(f"{url}/v1/completions", stream)
+    chunks = [json.loads(line[6:]) for line in events.splitlines() if line.startswith("data: {")]
+    assert status == 200 and chunks and not any(chunk.get("usage") for chunk in chunks), "no usage the client did not ask for"
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == answers[0][1]["choices"][0]["text"]
+    assert complete(url, "metered", PROMPTS[0], max_tokens=-1)[0] == 400
+    assert complete(url, "nobody", PROMPTS[0])[0] == 404
+    after = metrics(url)
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    usage = [body["usage"] for status, body in answers]
+    assert delta("psoft_deploy_requests_total", adapter="metered") == 5
+    assert delta("psoft_deploy_request_errors_total", adapter="metered") == 1
+    for kind in ("prompt", "completion"):  # the stream answered prompt 0 as its non-streamed answer did
+        counted = delta(f"psoft_deploy_{'generation' if kind == 'completion' else kind}_tokens_total", adapter="metered")
+        assert counted == sum(u[f"{kind}_tokens"] for u in usage) + usage[0][f"{kind}_tokens"]
+    assert delta("psoft_deploy_time_to_first_token_seconds_count", adapter="metered") == 4
+    assert delta("psoft_deploy_request_errors_total", adapter="(unknown)") == 1
+    status, listing = get(f"{url}/v1/models")
+    roots = {card["id"]: Path(card["root"]) for card in listing["data"] if card["id"] != server["base"]}
+    cores = sum((root / CORES_FILE).is_file() for root in roots.values())
+    assert (roots["metered"] / CORES_FILE).is_file(), "a PSOFT adapter in the shared basis is held as cores"
+    assert after[("psoft_deploy_adapters_registered", (("form", "cores"),))] == cores
+    assert after[("psoft_deploy_adapters_registered", (("form", "lora"),))] == len(roots) - cores
+    assert after[("psoft_deploy_models_registered", ())] == len(listing["data"])
 
 
 @pytest.mark.slow
@@ -353,6 +447,8 @@ def test_plan_sizes_memory_and_dtype_and_the_users_vllm_flags_win(tmp_path):
     assert vllm_flag(command, "--max-model-len") == "256"  # the base's max_position_embeddings
     assert 0 < int(vllm_flag(command, "--kv-cache-memory-bytes")) <= 8 * 10**9 - KV_MARGIN_BYTES
     assert vllm_flag(command, "--middleware") == "psoft_deploy.serve.middleware.HideInternalName"
+    middlewares = [command[i + 1] for i, arg in enumerate(command) if arg == "--middleware"]
+    assert middlewares[-1] == "psoft_deploy.serve.middleware.AdapterMetrics", "last: outermost, it counts refusals"
     assert vllm_flag(command, "--shutdown-timeout") == "10"  # vLLM's 0 force-kills its engine, leaving /dev/shm full
     command = plan("--kv-cache-memory-bytes=67108864", "--dtype", "bfloat16")
     assert [arg for arg in command if arg.startswith("--kv-cache-memory-bytes")] == ["--kv-cache-memory-bytes=67108864"]
@@ -439,3 +535,70 @@ def test_a_server_that_never_answers_health_is_stopped_in_one_line(tmp_path, mon
                                         r"was stopped: no error in its log \(log: .+\)$"):
         launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
     assert not psutil.pid_exists(int(pid_file.read_text()))
+
+
+def test_the_endpoint_reads_directories_inside_the_root_only(tmp_path):
+    from psoft_deploy.serve.resolver import adapter_directory, directory_inside
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "tenant" / "adapter").mkdir(parents=True)
+    outside.mkdir()
+    (root / "out").symlink_to(outside)
+    (root / "in").symlink_to(root / "tenant")
+    inside = (root / "tenant" / "adapter").resolve()
+    for path in ("tenant/adapter", str(root / "tenant" / "adapter"), "in/adapter", "tenant/../tenant/adapter"):
+        assert directory_inside(root, path) == inside, path
+    for path in ("", ".", "..", "../outside", str(outside), "out", "out/../outside", "tenant/missing", "a\0b",
+                 str(root / ".." / "outside")):
+        assert directory_inside(root, path) is None, path
+    # the resolver's names: one component, directly in the root
+    assert adapter_directory(root, "tenant") == inside.parent and adapter_directory(root, "tenant/adapter") is None
+
+
+def test_adapter_metrics_count_a_stream_by_its_usage_and_hide_the_usage_chunk_they_asked_for(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from psoft_deploy.serve import middleware
+
+    monkeypatch.delenv("PSOFT_DEPLOY_BASE_NAME", raising=False)
+    seen = {}
+
+    async def vllm(scope, receive, send):
+        seen["request"] = json.loads((await receive())["body"])
+        events = [{"choices": [{"text": ""}]}, {"choices": [{"text": "Hi"}]}, {"choices": [{"text": "!"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for event in events:  # split mid-event, as a network may
+            data = f"data: {json.dumps(event)}\n\n".encode()
+            for part in (data[:7], data[7:]):
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    models = SimpleNamespace(lora_requests={"a": SimpleNamespace(lora_path="/nowhere")}, is_base_model=lambda name: False)
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "app": SimpleNamespace(
+        state=SimpleNamespace(openai_serving_models=models)), "headers": [(b"content-length", b"44")]}
+    body = json.dumps({"model": "a", "prompt": "x", "stream": True}).encode()
+    received = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        received.append(message)
+
+    def value(name):
+        return REGISTRY.get_sample_value(name, {"adapter": "a"}) or 0
+
+    before = {name: value(name) for name in ("psoft_deploy_requests_total", "psoft_deploy_prompt_tokens_total",
+                                             "psoft_deploy_generation_tokens_total",
+                                             "psoft_deploy_time_to_first_token_seconds_count")}
+    asyncio.run(middleware.AdapterMetrics(vllm)(scope, receive, send))
+    assert seen["request"]["stream_options"] == {"include_usage": True}
+    stream = b"".join(message.get("body", b"") for message in received[1:]).decode()
+    assert stream.count("data: ") == 4 and "usage" not in stream and stream.endswith("data: [DONE]\n\n")
+    assert {name: value(name) - count for name, count in before.items()} == {
+        "psoft_deploy_requests_total": 1, "psoft_deploy_prompt_tokens_total": 4,
+        "psoft_deploy_generation_tokens_total": 2, "psoft_deploy_time_to_first_token_seconds_count": 1}

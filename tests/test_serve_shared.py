@@ -4,7 +4,8 @@ real vLLM (CPU) over loopback HTTP.
 One base; PSOFT adapters of different ranks and alphas, psoft_init and pissa_init, with and without
 magnitude vectors (in the basis: served as cores); a low-rank-SVD PSOFT adapter and a plain LoRA
 (outside it: exact LoRA); the bare base; an adapter dropped into the adapter root later, and an exact
-LoRA posted to vLLM's load endpoint (both held as cores; a server of cores only shows the latter). Every
+LoRA posted to vLLM's load endpoint from inside the root (both held as cores; a server of cores only,
+with no root and vLLM's own endpoint turned on by its variable, shows the latter). Every
 greedy completion, in mixed batches with fewer LoRA slots than adapters (so slots pass between
 cores and LoRAs), must equal transformers + PEFT in float32 and the same server run with
 ``--adapter-form lora``.
@@ -98,7 +99,7 @@ def served(tmp_path_factory):
     make_peft_adapter(base, work / "root" / "late", r=8, seed=6, strength=3, target_modules=["q_proj", "v_proj"])
     make_peft_adapter(base, work / "posted", r=8, seed=7, strength=3, target_modules=["q_proj", "v_proj"])
     assert run("export-lora", "--base", str(base), "--adapter", str(work / "posted"), "--output",
-               str(work / "posted-lora")).exit_code == 0
+               str(work / "root" / "posted-lora")).exit_code == 0  # the load endpoint reads inside the root only
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     expected = {"base": [greedy(load_base_model(base), tokenizer, p) for p in PROMPTS]}
@@ -114,8 +115,8 @@ def served(tmp_path_factory):
     for form in ("lora", "auto"):
         process, log, url = serve(work, form, adapters, f"serve-{form}.log")
         try:
-            # An exact LoRA loaded through vLLM's own endpoint: held as cores when it lies in the basis.
-            post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": str(work / "posted-lora")})
+            # An exact LoRA posted to the load endpoint (relative to the root): held as cores when it lies in the basis.
+            post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": "posted-lora"})
             results[form] = answers(url, names)
         finally:
             stop(process, log)
@@ -139,9 +140,10 @@ def test_serve_says_in_one_line_which_adapters_are_cores_and_serves_late_ones_as
     assert len(lines) == 1, lines
     assert "as cores: psoft, pissa, plain-r; exact LoRA: lowrank (residual" in lines[0] and "lora (residual" in lines[0]
     assert not any("shared basis" in line for line in (work / "serve-lora.log").read_text().splitlines())
-    # The late adapter lies in the basis: the resolver gave vLLM its cores (a cores directory of its own).
+    # The late and the posted adapter lie in the basis: the resolver and the load endpoint gave vLLM their
+    # cores (a cores directory each).
     late_config = [json.loads(path.read_text()) for path in (work / "cache").glob("cores-*/adapter_config.json")]
-    assert len([config for config in late_config if config["psoft_shared"] != "zero"]) == len(IN_BASIS) + 1
+    assert len([config for config in late_config if config["psoft_shared"] != "zero"]) == len(IN_BASIS) + 2
 
 
 @pytest.mark.slow
@@ -163,7 +165,7 @@ def test_a_server_of_cores_only_answers_as_peft_and_takes_an_exact_lora_when_one
         url = f"http://127.0.0.1:{port}"
         post(f"{url}/v1/load_lora_adapter", {"lora_name": "lora", "lora_path": str(work / "lora")})
         # An exact LoRA that lies in the basis is held as cores, projected on load.
-        post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": str(work / "posted-lora")})
+        post(f"{url}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": str(work / "root" / "posted-lora")})
         got = answers(url, [str(work / "base"), *IN_BASIS, "lora", "posted"])
     finally:
         process.send_signal(signal.SIGTERM)
