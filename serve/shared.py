@@ -120,15 +120,7 @@ class SharedBasis:
         digest = hashlib.sha256(self.digest.encode() + json.dumps(asdict(options), sort_keys=True).encode())
         for file in sorted(adapter.files):
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
-        entry = Path(cache_root) / f"cores-{digest.hexdigest()[:32]}"
-        summary = read_back(entry, functools.partial(_cores_summary, modules=list(adapter.modules)))
-        if summary is not None:
-            return entry, summary
-        cores, summary = self.cores_from_rotations(adapter)
-        if cores is None:
-            return None, summary
-        self._write(entry, cores, summary)
-        return entry, summary
+        return self._cached(cache_root, digest, list(adapter.modules), lambda: self.cores_from_rotations(adapter))
 
     def cores_of(self, lora_dir: Path) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The k×k core per module of the exact LoRA adapter in ``lora_dir`` over this basis and the
@@ -158,11 +150,16 @@ class SharedBasis:
         digest = hashlib.sha256(self.digest.encode())
         for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             digest.update((Path(lora_dir) / file).read_bytes())
+        return self._cached(cache_root, digest, LoraAdapter.read(lora_dir).modules, lambda: self.cores_of(lora_dir))
+
+    def _cached(self, cache_root: Path, digest, modules: list[str], compute) -> tuple[Path | None, str]:
+        """The cache entry ``cores-DIGEST`` once it reads back with a core for each of ``modules``, else
+        ``compute()``'s cores written there: its path and summary, or None and why there are none."""
         entry = Path(cache_root) / f"cores-{digest.hexdigest()[:32]}"
-        summary = read_back(entry, functools.partial(_cores_summary, modules=LoraAdapter.read(lora_dir).modules))
+        summary = read_back(entry, functools.partial(_cores_summary, modules=modules))
         if summary is not None:
             return entry, summary
-        cores, summary = self.cores_of(lora_dir)
+        cores, summary = compute()
         if cores is None:
             return None, summary
         self._write(entry, cores, summary)
