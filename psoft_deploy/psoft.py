@@ -54,16 +54,17 @@ def _triangle(r: int, convention: str, device: torch.device) -> torch.Tensor:
 
 
 def skew_generator(params: torch.Tensor, r: int, convention: str) -> torch.Tensor:
-    """The skew-symmetric generator (Q for PEFT, K for the paper) from its packed triangle."""
+    """The skew-symmetric generator (Q for PEFT, K for the paper) from its packed triangle; a stack
+    of them from ``(..., r(r−1)/2)``."""
     rows, cols = _triangle(r, convention, params.device)
-    T = torch.zeros((r, r), dtype=params.dtype, device=params.device)
-    T = T.index_put((rows, cols), params)
-    return T - T.T
+    T = torch.zeros((*params.shape[:-1], r, r), dtype=params.dtype, device=params.device)
+    T[..., rows, cols] = params
+    return T - T.transpose(-2, -1)
 
 
 def _peft_cayley_neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:
     # PEFT's exact schedule: I, +2Q, +2Q², +2Q³ … +2Q^(t−2), +Q^(t−1); t = 3 adds Q³ like t = 4.
-    R = torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device)
+    R = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
     if terms > 1:
         R = R + 2.0 * Q
         if terms > 2:
@@ -78,7 +79,7 @@ def _peft_cayley_neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:
 
 def _paper_cayley_neumann(K: torch.Tensor, terms: int) -> torch.Tensor:
     # The paper's schedule: I + 2 Σ_{k=1..t} (−K)^k + (−K)^(t+1); t <= 0 gives I − K.
-    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
     if terms <= 0:
         return eye - K
     R, power = eye, -K
@@ -89,16 +90,16 @@ def _paper_cayley_neumann(K: torch.Tensor, terms: int) -> torch.Tensor:
 
 
 def _project_frobenius(Q: torch.Tensor, eps: float) -> torch.Tensor:
-    norm = torch.linalg.norm(Q, ord="fro")
-    if torch.isfinite(norm) and norm > eps:
-        Q = Q * (eps / (norm + 1e-12))
-    return Q
+    # PEFT's: Q · eps / (‖Q‖ + 1e-12) where ‖Q‖ is finite and above eps, each matrix of a stack alone.
+    norm = torch.linalg.matrix_norm(Q, ord="fro", keepdim=True)
+    return Q * torch.where(torch.isfinite(norm) & (norm > eps), eps / (norm + 1e-12), torch.ones_like(norm))
 
 
 def rotation_part(params: torch.Tensor, r: int, spec: RotationSpec) -> torch.Tensor:
-    """R before the magnitude vectors: orthogonal (or Neumann-approximate), or the free matrix."""
+    """R before the magnitude vectors: orthogonal (or Neumann-approximate), or the free matrix; a
+    stack of them from stacked parameters."""
     if not spec.orth:
-        return params.reshape(r, r)
+        return params if params.shape[-2:] == (r, r) else params.reshape(r, r)
     compute_dtype = torch.float32 if params.dtype in (torch.float16, torch.bfloat16) else params.dtype
     G = skew_generator(params.to(compute_dtype), r, spec.convention)
     eye = torch.eye(r, dtype=compute_dtype, device=G.device)
@@ -120,12 +121,13 @@ def rotation(
     vector_a: torch.Tensor | None = None,
     vector_b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """R = diag(vector_b) · rotation_part · diag(vector_a), each vector only if given."""
+    """R = diag(vector_b) · rotation_part · diag(vector_a), each vector only if given (stacks of
+    parameters and vectors give a stack of R)."""
     R = rotation_part(params, r, spec)
     if vector_b is not None:
-        R = vector_b.to(R.dtype)[:, None] * R
+        R = vector_b.to(R.dtype)[..., :, None] * R
     if vector_a is not None:
-        R = R * vector_a.to(R.dtype)[None, :]
+        R = R * vector_a.to(R.dtype)[..., None, :]
     return R
 
 
@@ -266,14 +268,14 @@ def core_of_rotation(R: torch.Tensor, singular_values: torch.Tensor, init: str =
     (``ΔW = U_k C V_kᵀ``), where A and B come from PEFT's full SVD of that weight
     (`principal_subspace`): ``diag(S_k) (R − I)`` for psoft_init, ``diag(√S_k) (R − I) diag(√S_k)``
     for pissa_init; the scale cancels. No SVD: the singular values are the basis's. In R's dtype
-    (float64 at least for float64 inputs)."""
-    k = R.shape[0]
+    (float64 at least for float64 inputs); stacks of R and singular values give a stack of cores."""
+    k = R.shape[-1]
     dtype = torch.promote_types(R.dtype, singular_values.dtype)
-    S = singular_values[:k].to(dtype)
+    S = singular_values[..., :k].to(dtype)
     shifted = R.to(dtype) - torch.eye(k, dtype=dtype, device=R.device)
     if init == "psoft_init":
-        return S[:, None] * shifted
+        return S[..., :, None] * shifted
     if init == "pissa_init":
         root = S.sqrt()
-        return root[:, None] * shifted * root[None, :]
+        return root[..., :, None] * shifted * root[..., None, :]
     raise ValueError(f"unknown ab_svd_init {init!r}")

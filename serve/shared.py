@@ -27,7 +27,6 @@ from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.verify.rule import NOISE_FACTOR
 from psoft_deploy.dtypes import BY_NAME
 from psoft_deploy.errors import UserError
-from psoft_deploy.factors import module_rotation
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, PsoftAdapter
 from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import atomic_output_dir
@@ -98,21 +97,29 @@ class SharedBasis:
             return None, "its A and B do not come from PEFT's full SVD of the base"
         if adapter.fan_in_fan_out or adapter.replaced_tensors:
             return None, "a feature cores do not hold (fan_in_fan_out or modules_to_save)"
-        cores, worst = {}, 0.0
-        for module in adapter.modules:
-            if f"{module}.U" not in self.tensors or adapter.rank > self.tensors[f"{module}.U"].shape[1]:
-                return None, f"{module} is outside the basis (rank {adapter.rank}, basis rank {self.rank})"
-            S, R = self.tensors[f"{module}.S"], _in_float64(adapter, module)
-            core = core_of_rotation(module_rotation(adapter, module), S, adapter.subspace_spec.init).float()
-            exact = core_of_rotation(R, S.double(), adapter.subspace_spec.init)
-            # R's rounding in float32 (ε·k·‖R‖), scaled by the largest singular value
-            scale = float(S[0]) * float(torch.linalg.norm(R))
-            error = float(torch.linalg.norm(core.double() - exact)) / max(scale, 1e-300)
-            tolerance = NOISE_FACTOR * FLOAT32_EPS * adapter.rank
-            if not error <= tolerance:  # NaN included
-                return None, f"its core on {module} is {error:.1e} off the float64 closed form (> {tolerance:.1e})"
-            cores[module], worst = core, max(worst, error / tolerance)
-        return cores, f"cores from R, ≤ {worst:.2f}× float32 noise off float64"
+        modules, k = list(adapter.modules), adapter.rank
+        for module in modules:
+            if f"{module}.U" not in self.tensors or k > self.tensors[f"{module}.U"].shape[1]:
+                return None, f"{module} is outside the basis (rank {k}, basis rank {self.rank})"
+        # Every module at once: a stack of generators, magnitudes (ones where a module has none) and S.
+        params = [adapter.modules[module] for module in modules]
+        generators = torch.stack([param.generator for param in params])
+        vectors = [torch.stack([vector if vector is not None else torch.ones(k) for vector in each])
+                   if any(vector is not None for vector in each) else None
+                   for each in ([param.vector_a for param in params], [param.vector_b for param in params])]
+        S = torch.stack([self.tensors[f"{module}.S"][:k] for module in modules]).double()
+        init = adapter.subspace_spec.init
+        cores = core_of_rotation(rotation(generators, k, adapter.rotation_spec, *vectors), S, init).float()
+        R = rotation(generators.double(), k, adapter.rotation_spec, *(v.double() if v is not None else None
+                                                                        for v in vectors))
+        exact = core_of_rotation(R, S, init)
+        # R's rounding in float32 (ε·k·‖R‖), scaled by the largest singular value
+        errors = torch.linalg.matrix_norm(cores.double() - exact) / (S[:, 0] * torch.linalg.matrix_norm(R)).clamp_min(1e-300)
+        tolerance = NOISE_FACTOR * FLOAT32_EPS * k
+        worst = int(torch.nan_to_num(errors, nan=torch.inf).argmax())
+        if not float(errors[worst]) <= tolerance:  # NaN included
+            return None, f"its core on {modules[worst]} is {float(errors[worst]):.1e} off the float64 closed form (> {tolerance:.1e})"
+        return dict(zip(modules, cores)), f"cores from R, ≤ {float(errors[worst]) / tolerance:.2f}× float32 noise off float64"
 
     def psoft_form(self, adapter: PsoftAdapter, cache_root: Path, options: ReadOptions) -> tuple[Path | None, str]:
         """`cores_from_rotations` of ``adapter``, written once into the cache as a directory vLLM (with
@@ -206,13 +213,6 @@ def check_basis(module: str, weight: torch.Tensor, U: torch.Tensor, V: torch.Ten
     if not max(residual, orthonormal) <= tolerance:
         raise UserError(f"the shared basis of {module} is not the weight's singular vectors (residual {residual:.1e}, "
                         f"orthonormality {orthonormal:.1e} > {tolerance:.1e}); serve with --adapter-form lora")
-
-
-def _in_float64(adapter: PsoftAdapter, module: str) -> torch.Tensor:
-    """R of ``module`` computed from its parameters in float64."""
-    params = adapter.modules[module]
-    vectors = [v.double() if v is not None else None for v in (params.vector_a, params.vector_b)]
-    return rotation(params.generator.double(), adapter.rank, adapter.rotation_spec, *vectors)
 
 
 def _basis_modules(entry: Path, modules: list[str]) -> set[str]:

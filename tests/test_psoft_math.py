@@ -124,3 +124,20 @@ def test_fan_in_fan_out_uses_the_transposed_weight():
     A, B = principal_subspace(weight.T, 3, 1.0, SubspaceSpec(), fan_in_fan_out=True)
     A_ref, B_ref = principal_subspace(weight, 3, 1.0, SubspaceSpec())
     torch.testing.assert_close(B @ A, B_ref @ A_ref)
+
+
+@pytest.mark.parametrize("spec", [RotationSpec(), RotationSpec(orth=False), RotationSpec(cayley_neumann=True),
+                                  RotationSpec(cayley_neumann=True, neumann_terms=1),
+                                  RotationSpec(cayley_neumann=True, neumann_eps=0.3),
+                                  RotationSpec(convention="paper"), RotationSpec(convention="paper", cayley_neumann=True)])
+def test_a_stack_of_parameters_gives_each_modules_r(spec):
+    """Serve computes every module's R of an adapter at once: each must be the R computed alone."""
+    r, generator = 6, torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.01, 0.3, 2.0])[:, None]  # one generator below the Neumann eps, two above
+    params = (torch.randn(3, r, r, generator=generator) if not spec.orth
+              else scales * torch.randn(3, r * (r - 1) // 2, generator=generator))
+    vector_a, vector_b = 1 + 0.1 * torch.randn(2, 3, r, generator=generator)
+    stacked = rotation(params, r, spec, vector_a, vector_b)
+    for index in range(3):
+        alone = rotation(params[index], r, spec, vector_a[index], vector_b[index])
+        torch.testing.assert_close(stacked[index], alone, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
