@@ -541,6 +541,9 @@ def train(arguments):
     `psoft-deploy train --help`. Writes a PEFT adapter and its materialized factors, which
     every psoft-deploy command accepts.
 
+    Many adapters of one base in one run, each as it would train alone: --jobs JOBS.jsonl (one
+    {"name": ..., "data_path": ...} a line) instead of --data_path; each goes to OUTPUT_DIR/NAME.
+
     \b
     Example:
       psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B --data_path ./data.jsonl \\
@@ -548,11 +551,12 @@ def train(arguments):
     """
     from .train_args import parse
 
-    parse(list(arguments))  # --help and bad arguments answer before torch is imported
+    jobs = parse(list(arguments)).jobs  # --help and bad arguments answer before torch is imported
     from .train import train as run_training
 
     output = run_training(list(arguments))
-    click.echo(f"trained adapter (PEFT format + materialized factors) in {output}")
+    click.echo(f"trained adapters (PEFT format + materialized factors) in {output}/NAME for each job of {jobs}" if jobs
+               else f"trained adapter (PEFT format + materialized factors) in {output}")
 
 
 @cli.command()
