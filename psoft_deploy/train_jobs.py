@@ -18,11 +18,12 @@ import math
 import os
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from . import train_args
 from .base import BaseCheckpoint
 from .errors import UserError
@@ -188,6 +189,8 @@ class Job:
         self.trainer = trainer = AdapterCheckpointTrainer(
             model=model, psoft_args=self.args, rotations=rotations, base=base, args=sft_config(self.args),
             train_dataset=self.data, processing_class=tokenizer)
+        for printer in (ProgressCallback, PrinterCallback):  # the run has one bar; the losses go to the summaries
+            trainer.remove_callback(printer)
         dataloader = trainer.get_train_dataloader()  # seeded, as alone, by the trainer's set_seed(--seed)
         epochs, updates_per_epoch, _, _, _, steps_in_epoch, max_steps = trainer.set_initial_training_values(
             trainer.args, dataloader)
@@ -238,6 +241,13 @@ class Job:
         if state.global_step % state.save_steps == 0 or self.done:
             trainer._save_checkpoint(trainer.model, trial=None)
 
+    def stop(self) -> None:
+        """Stop this job (its loss is not finite); the directories its trainer made and left empty go."""
+        self.failed = True
+        for directory in (Path(self.trainer.args.output_dir), Path(self.args.output_dir)):
+            with suppress(OSError):
+                directory.rmdir()
+
     @property
     def done(self) -> bool:
         return self.failed or self.trainer.state.global_step == self.trainer.state.max_steps
@@ -281,19 +291,20 @@ def train_together(model: nn.Module, jobs: list[Job], pad_id: int, finished) -> 
                 if math.isfinite(loss.item()):
                     total, step_loss[job] = total + loss, step_loss[job] + loss.detach()
                 else:
-                    job.failed = True
+                    job.stop()
                     failed.append(job.name)
-                    warning(f"job {job.name!r} stopped at step {job.trainer.state.global_step + 1}: its loss is not finite (lower its "
-                            "learning_rate); nothing is written for it")
+                    warning(f"job {job.name!r} stopped at step {job.trainer.state.global_step + 1}: its loss is not "
+                            "finite (lower its learning_rate); its adapter is not written")
             if torch.is_tensor(total):
                 total.backward()
         for job in active:
             if not job.failed:
                 job.update(step_loss[job], drawn[job][2])
-                if job.done:
-                    finished(job)
-        active = [job for job in active if not job.done]
         progress.update()
+        for job in active:
+            if job.done and not job.failed:
+                finished(job)
+        active = [job for job in active if not job.done]
     progress.close()
     return failed
 
