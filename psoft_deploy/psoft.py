@@ -159,7 +159,8 @@ def principal_subspace(
     return subspace_of(*singular_triplets(W, r, spec), scale, spec.init)
 
 
-def subspace_of(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float, init: str) -> tuple[torch.Tensor, ...]:
+def subspace_of(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float,
+                init: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B from the singular triplets (`singular_triplets`), as PEFT builds them for ``scale`` and ``init``.
     ``s·B(R − I)A`` does not depend on the scale (``U diag(S)(R − I) Vh``, or with √S on both sides for pissa);
     with PEFT's full SVD the triplets of rank r are the leading ones of any larger rank's (nested)."""

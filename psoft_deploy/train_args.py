@@ -34,9 +34,12 @@ def parser() -> argparse.ArgumentParser:
     add("--output_dir", required=True, help="Where the adapter, materialized factors and checkpoints go.")
     add("--data_path", help="datasets hub name, or a local .txt/.json/.jsonl/.csv/.parquet file: a text column, "
                             "chat 'messages', or 'prompt' and 'completion' (required unless --jobs).")
-    add("--jobs", help="A .jsonl file, one job a line: {\"name\": ..., \"data_path\": ...} and optionally the options "
-                       "a job may set (r, psoft_alpha, learning_rate, max_steps, num_train_epochs, seed, data options); "
-                       "trains them together over one load of the base, each into OUTPUT_DIR/NAME as it would alone.")
+    add("--jobs", help="A .jsonl file, one job a line: {\"name\": ..., \"data_path\": ...} and optionally the "
+                       "options a job may set (r, psoft_alpha, learning_rate, max_steps, num_train_epochs, seed, data "
+                       "options); trains them together over one load of the base, each into OUTPUT_DIR/NAME as it "
+                       "would alone.")
+    add("--jobs_per_forward", type=int, default=None, help="With --jobs: at most this many jobs share one forward "
+                                                           "(default: all; fewer hold fewer activations at once).")
     add("--dataset_split", default="train", help="e.g. 'train[:1%%]'.")
     add("--dataset_text_field", default="text", help="Column holding the text (plain-text data).")
     add("--max_length", type=int, default=512, help="Truncate examples (with --packing: the packed length) to this "
@@ -74,10 +77,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """The arguments of ``argv``, checked (see `check`); data from --data_path or --jobs, not both."""
-    args = parser().parse_args(argv)
+    """The arguments of ``argv``, checked (see `check`); data from --data_path or --jobs (a usage error
+    otherwise, as a missing option is)."""
+    options = parser()
+    args = options.parse_args(argv)
     if (args.data_path is None) == (args.jobs is None):
-        raise UserError("pass --data_path, or --jobs with each job's data_path in it (not both)")
+        options.error("one of --data_path and --jobs is required (not both: each job names its data_path)")
+    if args.jobs_per_forward is not None and (args.jobs is None or args.jobs_per_forward < 1):
+        options.error("--jobs_per_forward takes a count of at least 1, with --jobs")
     return check(args)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
 from . import train_args
 from .base import BaseCheckpoint
 from .errors import UserError
@@ -62,7 +63,7 @@ def train_jobs(args: argparse.Namespace) -> Path:
     for job in jobs:
         job.prepare(model, layers, base, tokenizer)
     start = time.perf_counter()
-    failed = train_together(model, jobs, tokenizer.pad_token_id or 0,
+    failed = train_together(model, jobs, tokenizer.pad_token_id or 0, args.jobs_per_forward or len(jobs),
                             lambda job: job.save(base, layers, tokenizer, start))
     if failed:
         raise UserError(f"{len(failed)} of {len(jobs)} jobs stopped (loss not finite: {', '.join(failed)}); the "
@@ -117,7 +118,7 @@ def read_jobs(args: argparse.Namespace) -> list[argparse.Namespace]:
         if shared:
             raise UserError(f"{where} may not set {', '.join(shared)}: all jobs of a run share it (a job may set "
                             f"{', '.join(JOB_OPTIONS)}); train jobs that differ in it in separate runs")
-        values = vars(args) | {"output_dir": str(Path(args.output_dir) / name), "jobs": None}
+        values = vars(args) | {"output_dir": str(Path(args.output_dir) / name), "jobs": None, "jobs_per_forward": None}
         values |= {key: option_value(actions[key], value, where) for key, value in job.items()}
         try:
             job_args = train_args.check(argparse.Namespace(**values))
@@ -152,7 +153,7 @@ def adapt_jobs(model: nn.Module, args: argparse.Namespace, jobs: list[Job]) -> d
     with widest.errors():
         chosen = targeted_linears(model, args, widest.args.r)
     model.requires_grad_(False)
-    rows: list[int] = []
+    rows = [0] * len(jobs)
     layers = {}
     for name, module in chosen.items():
         basis = singular_triplets(module.weight.detach().to(torch.float32), widest.args.r, subspace_spec(args))
@@ -195,8 +196,9 @@ class Job:
         epochs, updates_per_epoch, _, _, _, steps_in_epoch, max_steps = trainer.set_initial_training_values(
             trainer.args, dataloader)
         trainer._init_training_state(max_steps, updates_per_epoch, epochs, None, None)
-        self.parameters = list(nn.ModuleList(rotations.values()).parameters())
-        trainer.create_optimizer(nn.ModuleList(rotations.values()))
+        own = nn.ModuleList(rotations.values())
+        self.parameters = list(own.parameters())
+        trainer.create_optimizer(own)
         trainer.create_scheduler(max_steps)
         self.batches = self.updates(dataloader, epochs, updates_per_epoch, steps_in_epoch)
 
@@ -220,7 +222,8 @@ class Job:
         loss = -log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
         scaled = trainer.loss_is_scaled_for_ga
         if scaled is None:
-            scaled = (trainer.model_accepts_loss_kwargs and num_items is not None) or trainer.compute_loss_func is not None
+            counted = trainer.model_accepts_loss_kwargs and num_items is not None
+            scaled = counted or trainer.compute_loss_func is not None
         return loss if scaled else loss / micro_batches
 
     def update(self, step_loss: torch.Tensor, epoch: float) -> None:
@@ -264,39 +267,27 @@ class Job:
                      svd_device=self.trainer.args.device.type)
 
 
-def train_together(model: nn.Module, jobs: list[Job], pad_id: int, finished) -> list[str]:
-    """Step every unfinished job at once, one forward per micro-batch for all of them; ``finished(job)`` as
-    each ends. Returns the names of the jobs stopped by a loss that is not finite."""
-    rows = next(module for module in model.modules() if isinstance(module, PsoftJobsLinear)).rows
+def train_together(model: nn.Module, jobs: list[Job], pad_id: int, per_forward: int, finished) -> list[str]:
+    """Step every unfinished job at once, one forward per micro-batch for up to ``per_forward`` of them;
+    ``finished(job)`` as each ends. Returns the names of the jobs stopped by a loss that is not finite."""
     model.train()
     active, failed = list(jobs), []
-    progress = track(total=max(job.trainer.state.max_steps for job in jobs), desc=f"training {len(jobs)} adapters", unit="step")
+    progress = track(total=max(job.trainer.state.max_steps for job in jobs), desc=f"training {len(jobs)} adapters",
+                     unit="step")
     while active:
         drawn = {job: next(job.batches) for job in active}
         step_loss = dict.fromkeys(active, 0.0)
         for micro in range(max(len(batches) for batches, _, _ in drawn.values())):
             present = [job for job in active if micro < len(drawn[job][0]) and not job.failed]
-            if not present:
-                continue
-            batches = [drawn[job][0][micro] for job in present]
-            rows[:] = [0] * len(jobs)
-            for job, batch in zip(present, batches):
-                rows[job.index] = len(batch["input_ids"])
-            outputs = model(**concatenated(batches, pad_id, model.device), use_cache=False, fused_lm_head=True)
-            counts = [rows[job.index] for job in present]
-            total = 0
-            for job, log_probs, mask in zip(present, outputs.log_probs.split(counts), outputs.label_mask.split(counts)):
-                batches_drawn, num_items, _ = drawn[job]
-                loss = job.loss(log_probs, mask, len(batches_drawn), num_items)
-                if math.isfinite(loss.item()):
-                    total, step_loss[job] = total + loss, step_loss[job] + loss.detach()
-                else:
-                    job.stop()
-                    failed.append(job.name)
-                    warning(f"job {job.name!r} stopped at step {job.trainer.state.global_step + 1}: its loss is not "
-                            "finite (lower its learning_rate); its adapter is not written")
-            if torch.is_tensor(total):
-                total.backward()
+            for group in (present[i:i + per_forward] for i in range(0, len(present), per_forward)):
+                for job, loss in forward_backward(model, group, drawn, micro, pad_id).items():
+                    if loss is None:
+                        job.stop()
+                        failed.append(job.name)
+                        warning(f"job {job.name!r} stopped at step {job.trainer.state.global_step + 1}: its loss is "
+                                "not finite (lower its learning_rate); its adapter is not written")
+                    else:
+                        step_loss[job] = step_loss[job] + loss
         for job in active:
             if not job.failed:
                 job.update(step_loss[job], drawn[job][2])
@@ -307,6 +298,27 @@ def train_together(model: nn.Module, jobs: list[Job], pad_id: int, finished) -> 
         active = [job for job in active if not job.done]
     progress.close()
     return failed
+
+
+def forward_backward(model: nn.Module, jobs: list[Job], drawn: dict, micro: int, pad_id: int) -> dict:
+    """One forward of these jobs' micro-batch ``micro`` together, and the backward of their losses' sum; returns
+    each job's loss (None where it is not finite, left out of the backward)."""
+    rows = next(module for module in model.modules() if isinstance(module, PsoftJobsLinear)).rows
+    batches = [drawn[job][0][micro] for job in jobs]
+    rows[:] = [0] * len(rows)
+    for job, batch in zip(jobs, batches):
+        rows[job.index] = len(batch["input_ids"])
+    outputs = model(**concatenated(batches, pad_id, model.device), use_cache=False, fused_lm_head=True)
+    counts = [rows[job.index] for job in jobs]
+    losses = {}
+    for job, log_probs, mask in zip(jobs, outputs.log_probs.split(counts), outputs.label_mask.split(counts)):
+        batches_drawn, num_items, _ = drawn[job]
+        loss = job.loss(log_probs, mask, len(batches_drawn), num_items)
+        losses[job] = loss if math.isfinite(loss.item()) else None
+    finite = [loss for loss in losses.values() if loss is not None]
+    if finite:
+        sum(finite).backward()
+    return {job: None if loss is None else loss.detach() for job, loss in losses.items()}
 
 
 def concatenated(batches: list[dict], pad_id: int, device: torch.device) -> dict:

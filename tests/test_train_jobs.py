@@ -86,22 +86,28 @@ def test_one_forward_routes_each_row_through_its_own_job_as_psoft_linear_alone(i
 
 def test_four_jobs_together_equal_each_trained_alone(tiny_base, datasets, tmp_path):
     """Four jobs (their own data, two ranks, scales, seeds and learning rates; the last with 10 examples runs
-    through 4 epochs, reshuffled) with gradient accumulation: 10 steps in one run equal each job's run alone."""
+    through 4 epochs, reshuffled) with gradient accumulation: 10 steps in one run (all jobs in one forward, or 3
+    a forward) equal each job's run alone."""
     base = tiny_base("llama")
     jobs = [{"name": "a", "data_path": str(datasets[0])},
             {"name": "b", "data_path": str(datasets[1]), "r": 4, "psoft_alpha": 16, "seed": 7},
             {"name": "c", "data_path": str(datasets[2]), "learning_rate": 1e-2},
             {"name": "d", "data_path": str(datasets[3]), "r": 4, "seed": 3}]
     shared = common(base, "--max_steps", 10, "--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 2)
-    together = run(*shared, "--jobs", write_jobs(tmp_path / "jobs.jsonl", jobs), "--output_dir", tmp_path / "together")
+    write_jobs(tmp_path / "jobs.jsonl", jobs)
+    together = run(*shared, "--jobs", tmp_path / "jobs.jsonl", "--output_dir", tmp_path / "together")
     assert together.exit_code == 0, together.output
+    grouped = run(*shared, "--jobs", tmp_path / "jobs.jsonl", "--jobs_per_forward", 3, "--output_dir", tmp_path / "3")
+    assert grouped.exit_code == 0, grouped.output
     deltas = {}
     for job in jobs:
         options = [item for key, value in job.items() if key != "name" for item in (f"--{key}", value)]
         alone = run(*shared, *options, "--output_dir", tmp_path / "alone" / job["name"])
         assert alone.exit_code == 0, alone.output
         deltas[job["name"]] = delta_weights(base, tmp_path / "together" / job["name"])
-        assert relative(deltas[job["name"]], delta_weights(base, tmp_path / "alone" / job["name"])) <= 1e-4
+        alone_delta = delta_weights(base, tmp_path / "alone" / job["name"])
+        assert relative(deltas[job["name"]], alone_delta) <= 1e-4
+        assert relative(delta_weights(base, tmp_path / "3" / job["name"]), alone_delta) <= 1e-4  # forwards of 3 and 1
         summary, alone_summary = (json.loads((tmp_path / side / job["name"] / "training_summary.json").read_text())
                                   for side in ("together", "alone"))
         assert summary["steps"] == 10 and len(summary["loss_history"]) == 5
@@ -174,7 +180,6 @@ def test_a_job_whose_loss_is_not_finite_stops_alone(tiny_base, datasets, tmp_pat
     ("\n", [], "holds no job"),
     ([{"name": "a"}], ["--packing"], "--packing with --jobs"),
     ([{"name": "a"}], ["--psoft_svd", "lowrank"], "--jobs needs --psoft_svd full"),
-    ([{"name": "a"}], ["--data_path", "x.txt"], "pass --data_path, or --jobs"),
     ([{"name": "a"}], ["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint with --jobs"),
     ([{"name": "a"}], ["WORLD_SIZE=2"], "--jobs runs in one process"),
 ])
@@ -195,6 +200,14 @@ def test_bad_jobs_are_refused_before_anything_is_written(jobs, extra, fragment, 
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("Error: ") and fragment in lines[-1] and "Traceback" not in result.output, lines
     assert not (tmp_path / "out").exists(), "nothing may be written when a job is refused"
+
+
+@pytest.mark.parametrize("data", [[], ["--data_path", "x.txt"]])
+def test_data_comes_from_data_path_or_jobs_not_both(data, tiny_base, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"name": "a", "data_path": "x.txt"}])
+    with_jobs = ["--jobs", jobs] if data else []
+    result = run(*common(tiny_base("llama")), *data, *with_jobs, "--output_dir", tmp_path / "out")
+    assert result.exit_code == 2 and "one of --data_path and --jobs is required" in result.output, result.output
 
 
 def test_a_job_whose_output_holds_an_adapter_is_refused_without_overwrite(tiny_base, datasets, tmp_path):
