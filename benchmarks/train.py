@@ -7,9 +7,9 @@ its own process, which reports its median optimizer-step time after two warm-up 
 data preparation and the SVDs excluded), its peak RSS when training ends and its final loss.
 
 With ``--jobs``: 8 small jobs (48 examples each, 24 steps) on a ~10M-parameter Llama (320×8, fp32), r = 16
-on q_proj and v_proj, as one `train --jobs` process, as 8 `train` processes one after another, and as 8
-processes of PEFT + TRL one after another (the anchor); wall time from process start to written outputs,
-and peak RSS of each process.
+on q_proj and v_proj, as one `train --jobs` process (all jobs in one forward, and 4 a forward), as 8 `train`
+processes, and as 8 processes of PEFT + TRL (the anchor), interleaved; wall time from process start to
+written outputs, and peak RSS of each process.
 
     python benchmarks/train.py [--steps 20] [--rounds 3]
     python benchmarks/train.py --jobs
@@ -113,12 +113,15 @@ def job_side(side: str, work: Path) -> None:
     """One process of the --jobs comparison: all jobs at once ('together:N', N jobs a forward), one job alone
     ('alone:I') or one job by PEFT + TRL ('peft:I'); prints its peak RSS."""
     from psoft_deploy.train import train
+    from psoft_deploy.train_args import parse
+    from psoft_deploy.train_jobs import train_jobs
 
     kind, number = side.split(":")
     common = ["--base_model_name_or_path", str(work / "base"), *JOB_OPTIONS]
     data, output = work / f"job{number}.txt", work / kind / f"job{number}"
     if kind == "together":
-        train([*common, "--jobs", str(work / "jobs.jsonl"), "--jobs_per_forward", number, "--output_dir", str(output)])
+        train_jobs(parse([*common, "--jobs", str(work / "jobs.jsonl"), "--jobs_per_forward", number, "--output_dir",
+                          str(work / f"together-{number}")]))
     elif kind == "alone":
         train([*common, "--data_path", str(data), "--output_dir", str(output)])
     else:
@@ -128,7 +131,7 @@ def job_side(side: str, work: Path) -> None:
 
 def compare_jobs() -> None:
     """8 jobs: `train --jobs` (all in one forward, and 4 a forward) against the 8 runs alone and against PEFT +
-    TRL 8 times, one after another in one run; wall time of each process from its start to its outputs."""
+    TRL 8 times, in one run; wall time of each process from its start to its outputs, summed per side."""
     import time
 
     import torch
@@ -160,9 +163,16 @@ def compare_jobs() -> None:
             data.write_text("\n".join(windows[(index * 37 + 5 * k) % len(windows)] for k in range(JOB_EXAMPLES)) + "\n")
             jobs.append(json.dumps({"name": f"job{index}", "data_path": str(data)}) + "\n")
         (work / "jobs.jsonl").write_text("".join(jobs))
-        peft = [run(f"peft:{index}") for index in range(JOBS)]
-        alone = [run(f"alone:{index}") for index in range(JOBS)]
-        together = {count: run(f"together:{count}") for count in (JOBS, 4)}
+        # Interleaved (PEFT and alone in pairs of alternating order, the --jobs runs between them), so that a
+        # machine whose speed drifts (shared here) weighs on every side alike.
+        peft, alone, together = [], [], {}
+        for index in range(JOBS):
+            pair = [(peft, f"peft:{index}"), (alone, f"alone:{index}")]
+            for runs, side in pair if index % 2 == 0 else pair[::-1]:
+                runs.append(run(side))
+            if index in (2, 5):
+                count = JOBS if index == 2 else 4
+                together[count] = run(f"together:{count}")
     print(f"{JOBS} jobs × {JOB_EXAMPLES} examples, {JOB_STEPS} steps (batch 2, ≤128 tokens), Llama 320×8 "
           f"({parameters / 1e6:.1f}M parameters, fp32), PSOFT r=16 on q_proj, v_proj, "
           f"torch threads={torch.get_num_threads()}")
@@ -171,6 +181,8 @@ def compare_jobs() -> None:
     seconds = {label: sum(r["seconds"] for r in runs) for label, runs in rows}
     rss = {label: max(r["peak_rss"] for r in runs) for label, runs in rows}
     (anchor, _), (single, _) = rows[:2]
+    for label, runs in rows[:2]:
+        print(f"  {label}: runs of {min(r['seconds'] for r in runs):.1f}–{max(r['seconds'] for r in runs):.1f} s")
     for label, _ in rows:
         print(f"  {label:<38} {seconds[label]:6.1f} s ({seconds[anchor] / seconds[label]:4.2f}x PEFT's speed, "
               f"{seconds[single] / seconds[label]:4.2f}x the runs alone's)   peak RSS {rss[label] / 2**30:5.2f} GiB "

@@ -551,12 +551,18 @@ def train(arguments):
     """
     from .train_args import parse
 
-    jobs = parse(list(arguments)).jobs  # --help and bad arguments answer before torch is imported
+    args = parse(list(arguments))  # --help and bad arguments answer before torch is imported
+    if args.jobs:
+        from .train_jobs import train_jobs
+
+        output = train_jobs(args)
+        click.echo(f"trained adapters (PEFT format + materialized factors) in {output}/NAME, one for each job of "
+                   f"{args.jobs}")
+        return
     from .train import train as run_training
 
     output = run_training(list(arguments))
-    click.echo(f"trained adapters (PEFT format + materialized factors) in {output}/NAME for each job of {jobs}" if jobs
-               else f"trained adapter (PEFT format + materialized factors) in {output}")
+    click.echo(f"trained adapter (PEFT format + materialized factors) in {output}")
 
 
 @cli.command()

@@ -231,9 +231,7 @@ def train(argv: list[str]) -> Path:
     """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
     args = train_args.parse(argv)
     if args.jobs is not None:
-        from .train_jobs import train_jobs
-
-        return train_jobs(args)
+        raise UserError("train() trains one adapter: pass --jobs to psoft_deploy.train_jobs.train_jobs")
     from transformers import AutoTokenizer
 
     from .model import load_base_model
