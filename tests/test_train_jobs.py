@@ -141,12 +141,14 @@ def test_a_job_that_ends_earlier_is_written_when_it_ends(tiny_base, datasets, tm
     monkeypatch.setattr(train_jobs, "track", lambda **kwargs: Counter())
     monkeypatch.setattr(train_jobs, "save_outputs", recording)
     jobs = [{"name": "long", "data_path": str(datasets[0])},
-            {"name": "short", "data_path": str(datasets[1]), "max_steps": 2}]
-    result = run(*common(base, "--max_steps", 6), "--jobs", write_jobs(tmp_path / "jobs.jsonl", jobs), "--output_dir",
+            {"name": "short", "data_path": str(datasets[1]), "max_steps": 2},
+            {"name": "epoch", "data_path": str(datasets[2]), "max_steps": -1, "num_train_epochs": 1}]  # 24 / 4 steps
+    result = run(*common(base, "--max_steps", 8), "--jobs", write_jobs(tmp_path / "jobs.jsonl", jobs), "--output_dir",
                  tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert written == {"short": 2, "long": 6}, written
-    assert json.loads((tmp_path / "out" / "short" / "training_summary.json").read_text())["steps"] == 2
+    assert written == {"short": 2, "epoch": 6, "long": 8}, written
+    for name, steps in written.items():
+        assert json.loads((tmp_path / "out" / name / "training_summary.json").read_text())["steps"] == steps
 
 
 def test_a_job_whose_loss_is_not_finite_stops_alone(tiny_base, datasets, tmp_path, caplog):
