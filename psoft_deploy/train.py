@@ -269,6 +269,7 @@ def train(argv: list[str]) -> Path:
 
 
 def warn_if_pad_is_eos(tokenizer) -> None:
+    """One warning when the pad token is the EOS token (a common reason for a model never learning to stop)."""
     if tokenizer.eos_token and tokenizer.pad_token in (None, tokenizer.eos_token):
         warnings.warn(f"the pad token is the EOS token {tokenizer.eos_token!r}; it is still trained (padding is "
                       "left out of the loss by position, not by token)", stacklevel=3)

@@ -156,7 +156,8 @@ def adapt_jobs(model: nn.Module, args: argparse.Namespace, jobs: list[Job]) -> d
     rows = [0] * len(jobs)
     layers = {}
     for name, module in chosen.items():
-        basis = singular_triplets(module.weight.detach().to(torch.float32), widest.args.r, subspace_spec(args))
+        triplets = singular_triplets(module.weight.detach().to(torch.float32), widest.args.r, subspace_spec(args))
+        basis = tuple(part.clone() for part in triplets)  # not views that keep the full SVD's U and Vh alive
         rotations = [PsoftRotation(job.args.r, rotation_spec(job.args), job.args.psoft_mag_a, job.args.psoft_mag_b)
                      for job in jobs]
         layers[name] = PsoftJobsLinear(module, basis, args.ab_svd_init, rotations, rows, args.psoft_dropout)
