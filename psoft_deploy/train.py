@@ -134,7 +134,8 @@ def check_data(data, args, tokenizer):
 
 def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
     """Wrap every targeted nn.Linear in a trainable `PsoftLinear`; the base stays frozen."""
-    chosen = targeted_linears(model, args, args.r)
+    chosen = targeted_linears(model, args)
+    check_rank(chosen, args.r)
     model.requires_grad_(False)
     scale = args.psoft_alpha / args.r
     subspace = subspace_spec(args)
@@ -150,8 +151,8 @@ def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
     return layers
 
 
-def targeted_linears(model: nn.Module, args, r: int) -> dict[str, nn.Linear]:
-    """The nn.Linear layers --target_modules names, checked to exist and to hold rank ``r``."""
+def targeted_linears(model: nn.Module, args) -> dict[str, nn.Linear]:
+    """The nn.Linear layers --target_modules names, checked to exist."""
     targets = list(args.target_modules)
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     chosen = {name: module for name, module in linears.items()
@@ -161,10 +162,14 @@ def targeted_linears(model: nn.Module, args, r: int) -> dict[str, nn.Linear]:
         leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
         raise UserError(f"--target_modules {', '.join(missing)} match no linear layer of the model "
                         f"(its linear layers: {', '.join(leaves)})")
-    for name, module in chosen.items():
+    return chosen
+
+
+def check_rank(layers: dict[str, nn.Linear], r: int) -> None:
+    """Refuse a rank ``r`` that one of ``layers`` cannot hold."""
+    for name, module in layers.items():
         if r > min(module.in_features, module.out_features):
             raise UserError(f"--r {r} exceeds the size of {name} ({module.out_features}×{module.in_features})")
-    return chosen
 
 
 def checkpoint_to_resume(requested: str | None, checkpoints: Path) -> str | None:

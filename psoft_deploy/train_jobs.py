@@ -5,9 +5,9 @@ The base is loaded once and each adapted weight has one SVD, at the jobs' larges
 Each job keeps what makes its run alone: TRL's `SFTTrainer` on its own options draws its batches (tokenization,
 collation, seeded order), builds its optimizer and schedule, and counts its tokens. A step pads every unfinished
 job's batch to one length on the right (attention mask 0, labels -100: no real token's result changes), runs one
-forward, takes each job's loss on its own rows as TRL computes it alone, and backpropagates their sum: each job's
-R gets gradients from its own rows only. Then each job clips and steps as its trainer would. A job is written by
-`save_outputs` when it ends; one whose loss is not finite stops alone.
+forward (or one per --jobs_per_forward jobs), takes each job's loss on its own rows as TRL computes it alone,
+and backpropagates their sum: each job's R gets gradients from its own rows only. Then each job clips and steps
+as its trainer would. A job is written by `save_outputs` when it ends; one whose loss is not finite stops alone.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from .formats import ADAPTER_WEIGHTS
 from .layer import PsoftJobsLinear, PsoftRotation, replace_module
 from .progress import track, warning
 from .psoft import singular_triplets
-from .train import (BITS, AdapterCheckpointTrainer, check_data, load_data, psoft_config, rotation_spec, save_outputs,
-                    sft_config, subspace_spec, targeted_linears, training_summary, warn_if_pad_is_eos)
+from .train import (BITS, AdapterCheckpointTrainer, check_data, check_rank, load_data, psoft_config,
+                    rotation_spec, save_outputs, sft_config, subspace_spec, targeted_linears, training_summary,
+                    warn_if_pad_is_eos)
 
 # The options a job may set for itself; the others (base, targets, PSOFT switches, batch) all jobs share.
 JOB_OPTIONS = ("r", "psoft_alpha", "learning_rate", "max_steps", "num_train_epochs", "seed", "dataset_split",
@@ -149,9 +150,10 @@ def option_value(action: argparse.Action, value, where: str):
 def adapt_jobs(model: nn.Module, args: argparse.Namespace, jobs: list[Job]) -> dict[str, PsoftJobsLinear]:
     """Wrap every targeted nn.Linear in a `PsoftJobsLinear` holding one trainable R per job over the basis at
     the largest rank; the base stays frozen."""
+    chosen = targeted_linears(model, args)
     widest = max(jobs, key=lambda job: job.args.r)
     with widest.errors():
-        chosen = targeted_linears(model, args, widest.args.r)
+        check_rank(chosen, widest.args.r)
     model.requires_grad_(False)
     rows = [0] * len(jobs)
     layers = {}

@@ -177,6 +177,7 @@ def test_a_job_whose_loss_is_not_finite_stops_alone(tiny_base, datasets, tmp_pat
     ([{"name": "a", "assistant_only_loss": 1}], [], "assistant_only_loss must be true or false"),
     ([{"name": "a", "r": 0}], [], "job 'a': --r must be at least 1"),
     ([{"name": "a", "r": 80}], [], "job 'a': --r 80 exceeds the size of"),
+    ([{"name": "a"}], ["--target_modules", "nonexistent"], "--target_modules nonexistent match no linear layer"),
     ([{"name": "a", "max_steps": 0}], [], "job 'a': --max_steps must be at least 1"),
     ("not json", [], "line 1: not JSON"),
     ("\n", [], "holds no job"),
