@@ -6,7 +6,13 @@ optimizer and SFTConfig (psoft-deploy's own), PSOFT r = 32 on q_proj and v_proj;
 its own process, which reports its median optimizer-step time after two warm-up steps (model loading,
 data preparation and the SVDs excluded), its peak RSS when training ends and its final loss.
 
+With ``--jobs``: 8 small jobs (48 examples each, 24 steps) on a ~10M-parameter Llama (320×8, fp32), r = 16
+on q_proj and v_proj, as one `train --jobs` process (all jobs in one forward, and 4 a forward), as 8 `train`
+processes, and as 8 processes of PEFT + TRL (the anchor), interleaved; wall time from process start to
+written outputs, and peak RSS of each process.
+
     python benchmarks/train.py [--steps 20] [--rounds 3]
+    python benchmarks/train.py --jobs
 """
 
 from __future__ import annotations
@@ -73,8 +79,9 @@ def run_ours(base: Path, data: Path, output: Path, steps: int) -> dict:
     return {"final_loss": json.loads((output / "training_summary.json").read_text())["final_loss"]}
 
 
-def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
-    """PEFT's PSOFT layer (get_peft_model) trained by TRL's SFTTrainer with the SFTConfig psoft-deploy uses."""
+def run_peft(base: Path, data: Path, output: Path, steps: int, options: list[str] = COMMON) -> dict:
+    """PEFT's PSOFT layer (get_peft_model) trained by TRL's SFTTrainer with the SFTConfig psoft-deploy uses;
+    the adapter saved by PEFT."""
     from datasets import load_dataset
     from peft import PsoftConfig, get_peft_model
     from transformers import AutoTokenizer
@@ -85,13 +92,101 @@ def run_peft(base: Path, data: Path, output: Path, steps: int) -> dict:
     from psoft_deploy.train_args import parser
 
     args = parser().parse_args(["--base_model_name_or_path", str(base), "--output_dir", str(output),
-                                "--data_path", str(data), "--max_steps", str(steps), *COMMON])
+                                "--data_path", str(data), "--max_steps", str(steps), *options])
     model = get_peft_model(load_base_model(base), PsoftConfig(r=args.r, psoft_alpha=args.psoft_alpha,
                                                               target_modules=args.target_modules))
     trainer = SFTTrainer(model=model, args=sft_config(args), processing_class=AutoTokenizer.from_pretrained(base),
                          train_dataset=load_dataset("text", data_files=str(data), split="train"))
     trainer.train()
+    model.save_pretrained(output)
     return {"final_loss": [e["loss"] for e in trainer.state.log_history if "loss" in e][-1]}
+
+
+JOBS, JOB_EXAMPLES, JOB_STEPS = 8, 48, 24
+JOB_MODEL = {"hidden_size": 320, "num_hidden_layers": 8, "num_attention_heads": 5, "intermediate_size": 864}
+JOB_OPTIONS = ["--max_length", "128", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--r", "16",
+               "--psoft_alpha", "16", "--target_modules", "q_proj", "v_proj", "--logging_steps", "4", "--seed", "0",
+               "--max_steps", str(JOB_STEPS)]
+
+
+def job_side(side: str, work: Path) -> None:
+    """One process of the --jobs comparison: all jobs at once ('together:N', N jobs a forward), one job alone
+    ('alone:I') or one job by PEFT + TRL ('peft:I'); prints its peak RSS."""
+    from psoft_deploy.train import train
+    from psoft_deploy.train_args import parse
+    from psoft_deploy.train_jobs import train_jobs
+
+    kind, number = side.split(":")
+    common = ["--base_model_name_or_path", str(work / "base"), *JOB_OPTIONS]
+    data, output = work / f"job{number}.txt", work / kind / f"job{number}"
+    if kind == "together":
+        train_jobs(parse([*common, "--jobs", str(work / "jobs.jsonl"), "--jobs_per_forward", number, "--output_dir",
+                          str(work / f"together-{number}")]))
+    elif kind == "alone":
+        train([*common, "--data_path", str(data), "--output_dir", str(output)])
+    else:
+        run_peft(work / "base", data, output, JOB_STEPS, JOB_OPTIONS)
+    print("RESULT " + json.dumps({"peak_rss": peak_rss()}))
+
+
+def compare_jobs() -> None:
+    """8 jobs: `train --jobs` (all in one forward, and 4 a forward) against the 8 runs alone and against PEFT +
+    TRL 8 times, in one run; wall time of each process from its start to its outputs, summed per side."""
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from psoft_deploy.testing import build_tokenizer, bundled_text
+
+    def run(side: str) -> dict:
+        start = time.perf_counter()
+        process = subprocess.run([sys.executable, __file__, "--side", side, "--work", str(work)], capture_output=True,
+                                 text=True)
+        if process.returncode != 0:
+            raise SystemExit(process.stderr[-4000:])
+        line = next(l for l in process.stdout.splitlines() if l.startswith("RESULT "))
+        return json.loads(line.removeprefix("RESULT ")) | {"seconds": time.perf_counter() - start}
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**JOB_MODEL, vocab_size=VOCAB, pad_token_id=3, tie_word_embeddings=False))
+        model.save_pretrained(work / "base")
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        build_tokenizer(work / "base", bundled_text(), vocab_size=VOCAB)
+        text = " ".join(bundled_text())
+        windows = [text[i:i + 200] for i in range(0, len(text) - 200, 20)]
+        jobs = []
+        for index in range(JOBS):  # each job its own examples, in its own order
+            data = work / f"job{index}.txt"
+            data.write_text("\n".join(windows[(index * 37 + 5 * k) % len(windows)] for k in range(JOB_EXAMPLES)) + "\n")
+            jobs.append(json.dumps({"name": f"job{index}", "data_path": str(data)}) + "\n")
+        (work / "jobs.jsonl").write_text("".join(jobs))
+        # Interleaved (PEFT and alone in pairs of alternating order, the --jobs runs between them), so that a
+        # machine whose speed drifts (shared here) weighs on every side alike.
+        peft, alone, together = [], [], {}
+        for index in range(JOBS):
+            pair = [(peft, f"peft:{index}"), (alone, f"alone:{index}")]
+            for runs, side in pair if index % 2 == 0 else pair[::-1]:
+                runs.append(run(side))
+            if index in (2, 5):
+                count = JOBS if index == 2 else 4
+                together[count] = run(f"together:{count}")
+    print(f"{JOBS} jobs × {JOB_EXAMPLES} examples, {JOB_STEPS} steps (batch 2, ≤128 tokens), Llama 320×8 "
+          f"({parameters / 1e6:.1f}M parameters, fp32), PSOFT r=16 on q_proj, v_proj, "
+          f"torch threads={torch.get_num_threads()}")
+    rows = [(f"PEFT + TRL, {JOBS} processes (anchor)", peft), (f"psoft-deploy train, {JOBS} processes", alone),
+            *((f"train --jobs, {count} jobs a forward", [together[count]]) for count in together)]
+    seconds = {label: sum(r["seconds"] for r in runs) for label, runs in rows}
+    rss = {label: max(r["peak_rss"] for r in runs) for label, runs in rows}
+    (anchor, _), (single, _) = rows[:2]
+    for label, runs in rows[:2]:
+        print(f"  {label}: runs of {min(r['seconds'] for r in runs):.1f}–{max(r['seconds'] for r in runs):.1f} s")
+    for label, _ in rows:
+        print(f"  {label:<38} {seconds[label]:6.1f} s ({seconds[anchor] / seconds[label]:4.2f}x PEFT's speed, "
+              f"{seconds[single] / seconds[label]:4.2f}x the runs alone's)   peak RSS {rss[label] / 2**30:5.2f} GiB "
+              f"({rss[label] / rss[single]:4.2f}x one run alone's)")
 
 
 def compare_one_layer(reps: int = 30) -> dict:
@@ -153,9 +248,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="ABBA rounds (each runs both sides twice).")
-    parser.add_argument("--side", choices=["ours", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", action="store_true", help=f"Compare {JOBS} jobs trained by `train --jobs`, alone "
+                                                             "and by PEFT + TRL instead.")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.jobs:
+        compare_jobs()
+        return
+    if args.side and args.side not in ("ours", "peft"):
+        job_side(args.side, args.work)
+        return
     if args.side:
         record = record_training()
         runner = run_ours if args.side == "ours" else run_peft

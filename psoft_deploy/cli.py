@@ -548,6 +548,9 @@ def train(arguments):
     `psoft-deploy train --help`. Writes a PEFT adapter and its materialized factors, which
     every psoft-deploy command accepts.
 
+    Many adapters of one base in one run, each as it would train alone: --jobs JOBS.jsonl (one
+    {"name": ..., "data_path": ...} a line) instead of --data_path; each goes to OUTPUT_DIR/NAME.
+
     \b
     Example:
       psoft-deploy train --base_model_name_or_path meta-llama/Llama-3.2-3B --data_path ./data.jsonl \\
@@ -555,7 +558,14 @@ def train(arguments):
     """
     from .train_args import parse
 
-    parse(list(arguments))  # --help and bad arguments answer before torch is imported
+    args = parse(list(arguments))  # --help and bad arguments answer before torch is imported
+    if args.jobs:
+        from .train_jobs import train_jobs
+
+        output = train_jobs(args)
+        click.echo(f"trained adapters (PEFT format + materialized factors) in {output}/NAME, one for each job of "
+                   f"{args.jobs}")
+        return
     from .train import train as run_training
 
     output = run_training(list(arguments))

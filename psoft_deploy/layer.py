@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .psoft import ModuleFactors, RotationSpec, rotation
+from .psoft import ModuleFactors, RotationSpec, rotation, subspace_of
 
 
 class PsoftRotation(nn.Module):
@@ -53,11 +53,15 @@ class PsoftLinear(nn.Module):
     def rotation(self) -> torch.Tensor:
         return self.psoft_R() if hasattr(self, "psoft_R") else self.R
 
-    def _rotated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``R (A x) − A x`` and B, in float32 (float64 for float64 inputs)."""
+    def _projected(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` (dropout first), in float32 (float64 for float64 inputs)."""
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        xa = self.dropout(x).to(compute_dtype) @ self.A.to(compute_dtype).T
-        return xa @ self.rotation().to(compute_dtype).T - xa, self.B.to(compute_dtype)
+        return self.dropout(x).to(compute_dtype) @ self.A.to(compute_dtype).T
+
+    def _rotated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``R (A x) − A x`` and B, in the compute dtype of `_projected`."""
+        xa = self._projected(x)
+        return xa @ self.rotation().to(xa.dtype).T - xa, self.B.to(xa.dtype)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution alone, ``s · B (R (A x) − A x)``."""
@@ -74,6 +78,41 @@ class PsoftLinear(nn.Module):
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), rotated.reshape(-1, rotated.shape[-1]), B.T,
                            alpha=self.scale)
         return flat.view_as(result)
+
+
+class PsoftJobsLinear(PsoftLinear):
+    """Several PSOFT adapters (jobs) trained at once on one base layer over one shared basis.
+
+    ``basis``: the base weight's top singular triplets ``(U, S, Vh)`` at the jobs' largest rank, by PEFT's
+    full SVD; job j of rank r_j uses the leading r_j of them (nested). Every job's update
+    ``s_j·B_j(R_j − I)A_j`` equals ``B[:, :r_j](R_j − I)A[:r_j]`` with A, B built at scale 1 (`subspace_of`),
+    so ``x·A`` and ``·Bᵀ`` run once for all rows and only the r_j×r_j step is per job. ``rows``, a list shared
+    by every layer of the model, holds how many leading batch rows are each job's, in job order.
+    """
+
+    def __init__(self, base_layer: nn.Linear, basis: tuple[torch.Tensor, ...], init: str,
+                 rotations: list[PsoftRotation], rows: list[int], dropout: float = 0.0):
+        A, B = subspace_of(*basis, 1.0, init)
+        super().__init__(base_layer, ModuleFactors(A=A, B=B, R=torch.eye(A.shape[0]), scale=1.0), dropout=dropout)
+        self.basis, self.init, self.rows = basis, init, rows
+        self.jobs = nn.ModuleList(rotations)
+
+    def _rotated(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xa = self._projected(x)
+        parts = []
+        for rotation, part in zip(self.jobs, xa.split(self.rows)):
+            if len(part):
+                part = part[..., :rotation.r]
+                rotated = part @ rotation().to(xa.dtype).T - part
+                parts.append(nn.functional.pad(rotated, (0, xa.shape[-1] - rotation.r)))
+        return torch.cat(parts), self.B.to(xa.dtype)
+
+    def job(self, index: int, scale: float) -> PsoftLinear:
+        """Job ``index``'s layer as its run alone builds it (A, B of its rank and scale) around its trained R."""
+        rotation, (U, S, Vh) = self.jobs[index], self.basis
+        r = rotation.r
+        A, B = subspace_of(U[:, :r], S[:r], Vh[:r], scale, self.init)
+        return PsoftLinear(self.base_layer, ModuleFactors(A=A, B=B, R=torch.eye(r), scale=scale), rotation=rotation)
 
 
 def apply_factors(

@@ -158,15 +158,22 @@ def principal_subspace(
     W = weight.to(torch.float32)
     if fan_in_fan_out:
         W = W.T
-    U, S, Vh = singular_triplets(W, r, spec)
+    return subspace_of(*singular_triplets(W, r, spec), scale, spec.init)
+
+
+def subspace_of(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float,
+                init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B from the singular triplets (`singular_triplets`), as PEFT builds them for ``scale`` and ``init``.
+    ``s·B(R − I)A`` does not depend on the scale (``U diag(S)(R − I) Vh``, or with √S on both sides for pissa);
+    with PEFT's full SVD the triplets of rank r are the leading ones of any larger rank's (nested)."""
     S_scaled = S / scale
-    if spec.init == "psoft_init":
+    if init == "psoft_init":
         A, B = Vh, U @ torch.diag(S_scaled)
-    elif spec.init == "pissa_init":
+    elif init == "pissa_init":
         root = torch.sqrt(S_scaled)
         A, B = torch.diag(root) @ Vh, U @ torch.diag(root)
     else:
-        raise ValueError(f"unknown ab_svd_init {spec.init!r}")
+        raise ValueError(f"unknown ab_svd_init {init!r}")
     return A.contiguous(), B.contiguous()
 
 

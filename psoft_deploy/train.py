@@ -134,18 +134,8 @@ def check_data(data, args, tokenizer):
 
 def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
     """Wrap every targeted nn.Linear in a trainable `PsoftLinear`; the base stays frozen."""
-    targets = list(args.target_modules)
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    chosen = {name: module for name, module in linears.items()
-              if any(name == target or name.endswith("." + target) for target in targets)}
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
-    if missing:
-        leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
-        raise UserError(f"--target_modules {', '.join(missing)} match no linear layer of the model "
-                        f"(its linear layers: {', '.join(leaves)})")
-    for name, module in chosen.items():
-        if args.r > min(module.in_features, module.out_features):
-            raise UserError(f"--r {args.r} exceeds the size of {name} ({module.out_features}×{module.in_features})")
+    chosen = targeted_linears(model, args)
+    check_rank(chosen, args.r)
     model.requires_grad_(False)
     scale = args.psoft_alpha / args.r
     subspace = subspace_spec(args)
@@ -159,6 +149,27 @@ def adapt(model: nn.Module, args) -> dict[str, PsoftLinear]:
         replace_module(model, name, layer)
         layers[name] = layer
     return layers
+
+
+def targeted_linears(model: nn.Module, args) -> dict[str, nn.Linear]:
+    """The nn.Linear layers --target_modules names, checked to exist."""
+    targets = list(args.target_modules)
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    chosen = {name: module for name, module in linears.items()
+              if any(name == target or name.endswith("." + target) for target in targets)}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in chosen)]
+    if missing:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise UserError(f"--target_modules {', '.join(missing)} match no linear layer of the model "
+                        f"(its linear layers: {', '.join(leaves)})")
+    return chosen
+
+
+def check_rank(layers: dict[str, nn.Linear], r: int) -> None:
+    """Refuse a rank ``r`` that one of ``layers`` cannot hold."""
+    for name, module in layers.items():
+        if r > min(module.in_features, module.out_features):
+            raise UserError(f"--r {r} exceeds the size of {name} ({module.out_features}×{module.in_features})")
 
 
 def checkpoint_to_resume(requested: str | None, checkpoints: Path) -> str | None:
@@ -224,6 +235,8 @@ def sft_config(args):
 def train(argv: list[str]) -> Path:
     """Run `psoft-deploy train` with the quick-start script's arguments; returns the output directory."""
     args = train_args.parse(argv)
+    if args.jobs is not None:
+        raise UserError("train() trains one adapter: pass --jobs to psoft_deploy.train_jobs.train_jobs")
     from transformers import AutoTokenizer
 
     from .model import load_base_model
@@ -239,32 +252,18 @@ def train(argv: list[str]) -> Path:
         base = BaseCheckpoint(args.base_model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(base.path)
     data, data_format = check_data(data, args, tokenizer)
-    if config.process_index == 0 and tokenizer.eos_token and tokenizer.pad_token in (None, tokenizer.eos_token):
-        warnings.warn(f"the pad token is the EOS token {tokenizer.eos_token!r}; it is still trained (padding is "
-                      "left out of the loss by position, not by token)", stacklevel=2)
+    if config.process_index == 0:
+        warn_if_pad_is_eos(tokenizer)
     model = load_base_model(base.path, BITS[args.bits]).to(config.device)
     layers = adapt(model, args)
     check_ranks_agree(layers)
-    trainer = AdapterCheckpointTrainer(model=model, psoft_args=args, layers=layers, base=base, args=config,
+    rotations = {name: layer.psoft_R for name, layer in layers.items()}
+    trainer = AdapterCheckpointTrainer(model=model, psoft_args=args, rotations=rotations, base=base, args=config,
                                        train_dataset=data, processing_class=tokenizer)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    summary = {
-        "tool": {"name": "psoft-deploy", "version": __version__},
-        "arguments": vars(args),
-        "device": config.device.type,
-        "processes": config.world_size,
-        "data_format": data_format,
-        "steps": trainer.state.global_step,
-        "examples": len(data),
-        "sequences": len(trainer.train_dataset),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else result.training_loss,
-        "mean_loss": result.training_loss,
-        "loss_history": losses,
-        "seconds": time.perf_counter() - start,
-    }
+    summary = training_summary(args, trainer, data_format, len(data), losses, result.training_loss, start)
     if not math.isfinite(summary["final_loss"]):
         raise UserError("training diverged (the loss is not finite); lower --learning_rate")
     if trainer.is_world_process_zero():
@@ -272,6 +271,33 @@ def train(argv: list[str]) -> Path:
                      svd_dtype=str(BITS[args.bits]).removeprefix("torch."), svd_device=config.device.type)
     trainer.accelerator.wait_for_everyone()
     return output
+
+
+def warn_if_pad_is_eos(tokenizer) -> None:
+    """One warning when the pad token is the EOS token (a common reason for a model never learning to stop)."""
+    if tokenizer.eos_token and tokenizer.pad_token in (None, tokenizer.eos_token):
+        warnings.warn(f"the pad token is the EOS token {tokenizer.eos_token!r}; it is still trained (padding is "
+                      "left out of the loss by position, not by token)", stacklevel=3)
+
+
+def training_summary(args, trainer, data_format: str, examples: int, losses: list[float], mean_loss: float,
+                     start: float) -> dict:
+    """What ``training_summary.json`` records of a run: ``losses`` logged every --logging_steps, their mean."""
+    return {
+        "tool": {"name": "psoft-deploy", "version": __version__},
+        "arguments": vars(args),
+        "device": trainer.args.device.type,
+        "processes": trainer.args.world_size,
+        "data_format": data_format,
+        "steps": trainer.state.global_step,
+        "examples": examples,
+        "sequences": len(trainer.train_dataset),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else mean_loss,
+        "mean_loss": mean_loss,
+        "loss_history": losses,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, PsoftLinear], tokenizer, summary: dict,
@@ -290,7 +316,7 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
         return AdapterFactors(read_adapter(staging, format="peft"), modules, fingerprints, svd)
 
     def write(staging: Path) -> None:
-        write_trained_adapter(staging, args, layers, base)
+        write_trained_adapter(staging, args, {name: layer.psoft_R for name, layer in layers.items()}, base)
         save_materialized_files(factors(staging), staging, base.reference)
         tokenizer.save_pretrained(staging)
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -300,27 +326,27 @@ def save_outputs(output: Path, args, base: BaseCheckpoint, layers: dict[str, Pso
             last_file=MATERIALIZED_META)
 
 
-def write_trained_adapter(directory: Path, args, layers: dict[str, PsoftLinear], base: BaseCheckpoint) -> None:
-    """The trained layers as PEFT saves a PSOFT adapter (adapter_config.json and R's parameters), with
-    the record of ``base`` (see `write_peft_adapter`)."""
+def write_trained_adapter(directory: Path, args, rotations: dict[str, PsoftRotation], base: BaseCheckpoint) -> None:
+    """The trained R of each module as PEFT saves a PSOFT adapter (adapter_config.json and R's parameters),
+    with the record of ``base`` (see `write_peft_adapter`)."""
     write_peft_adapter(directory, psoft_config(args),
-                       {name: layer.psoft_R.state_dict() for name, layer in layers.items()}, base)
+                       {name: rotation.state_dict() for name, rotation in rotations.items()}, base)
 
 
 class AdapterCheckpointTrainer(SFTTrainer):
     """TRL's SFTTrainer whose checkpoints hold the adapter alone, in PEFT's format (as PEFT's own
     training writes them), instead of a full copy of the base; resuming loads R's parameters."""
 
-    def __init__(self, *args, psoft_args, layers: dict[str, PsoftLinear], base: BaseCheckpoint, **kwargs):
+    def __init__(self, *args, psoft_args, rotations: dict[str, PsoftRotation], base: BaseCheckpoint, **kwargs):
         super().__init__(*args, **kwargs)
-        self.psoft_args, self.psoft_layers, self.psoft_base = psoft_args, layers, base
+        self.psoft_args, self.psoft_rotations, self.psoft_base = psoft_args, rotations, base
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.args.should_save:  # other ranks of a distributed run write nothing
             return
         directory = Path(output_dir or self.args.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        write_trained_adapter(directory, self.psoft_args, self.psoft_layers, self.psoft_base)
+        write_trained_adapter(directory, self.psoft_args, self.psoft_rotations, self.psoft_base)
         apply_umask(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -329,12 +355,12 @@ class AdapterCheckpointTrainer(SFTTrainer):
         tensors = load_file(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
         mismatch = UserError(f"checkpoint {resume_from_checkpoint} holds another adapter than this run's: resume "
                              "with the --r, --target_modules and PSOFT switches it was trained with")
-        prefixes = {name: f"{PEFT_PREFIX}{name}.psoft_R." for name in self.psoft_layers}
-        if tensors.keys() != {prefixes[name] + key for name, layer in self.psoft_layers.items()
-                              for key in layer.psoft_R.state_dict()}:
+        prefixes = {name: f"{PEFT_PREFIX}{name}.psoft_R." for name in self.psoft_rotations}
+        if tensors.keys() != {prefixes[name] + key for name, rotation in self.psoft_rotations.items()
+                              for key in rotation.state_dict()}:
             raise mismatch
-        for name, layer in self.psoft_layers.items():
+        for name, rotation in self.psoft_rotations.items():
             try:
-                layer.psoft_R.load_state_dict({key: tensors[prefixes[name] + key] for key in layer.psoft_R.state_dict()})
+                rotation.load_state_dict({key: tensors[prefixes[name] + key] for key in rotation.state_dict()})
             except RuntimeError:  # a shape differs
                 raise mismatch from None

@@ -32,8 +32,14 @@ def parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--base_model_name_or_path", required=True, help="Base model: local directory or hub id.")
     add("--output_dir", required=True, help="Where the adapter, materialized factors and checkpoints go.")
-    add("--data_path", required=True, help="datasets hub name, or a local .txt/.json/.jsonl/.csv/.parquet file: "
-                                           "a text column, chat 'messages', or 'prompt' and 'completion'.")
+    add("--data_path", help="datasets hub name, or a local .txt/.json/.jsonl/.csv/.parquet file: a text column, "
+                            "chat 'messages', or 'prompt' and 'completion' (required unless --jobs).")
+    add("--jobs", help="A .jsonl file, one job a line: {\"name\": ..., \"data_path\": ...} and optionally the "
+                       "options a job may set (r, psoft_alpha, learning_rate, max_steps, num_train_epochs, seed, data "
+                       "options); trains them together over one load of the base, each into OUTPUT_DIR/NAME as it "
+                       "would alone.")
+    add("--jobs_per_forward", type=int, default=None, help="With --jobs: at most this many jobs share one forward "
+                                                           "(default: all; fewer hold fewer activations at once).")
     add("--dataset_split", default="train", help="e.g. 'train[:1%%]'.")
     add("--dataset_text_field", default="text", help="Column holding the text (plain-text data).")
     add("--max_length", type=int, default=512, help="Truncate examples (with --packing: the packed length) to this "
@@ -71,9 +77,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """The arguments of ``argv``, checked: counts in range (some training, not none), and an output
-    directory apart from the base."""
-    args = parser().parse_args(argv)
+    """The arguments of ``argv``, checked (see `check`); data from --data_path or --jobs (a usage error
+    otherwise, as a missing option is)."""
+    options = parser()
+    args = options.parse_args(argv)
+    if (args.data_path is None) == (args.jobs is None):
+        options.error("one of --data_path and --jobs is required (not both: each job names its data_path)")
+    if args.jobs_per_forward is not None and (args.jobs is None or args.jobs_per_forward < 1):
+        options.error("--jobs_per_forward takes a count of at least 1, with --jobs")
+    return check(args)
+
+
+def check(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` checked: counts in range (some training, not none), and an output directory apart from the base."""
     for name, least in LEAST.items():
         if getattr(args, name) < least:
             raise UserError(f"--{name} must be at least {least}")
