@@ -53,12 +53,14 @@ def adapter_directory(root: Path, name: str) -> Path | None:
 class PsoftResolver(LoRAResolver):
     """Resolves adapter names to exact LoRA conversions of ``ADAPTER_ROOT/NAME``."""
 
-    def __init__(self, root: Path, base: str, cache_dir: Path, max_lora_rank: int | None, basis: Path | None = None):
+    def __init__(self, root: Path, base: str, cache_dir: Path, max_lora_rank: int | None, basis: Path | None = None,
+                 require_cores: bool = False):
         self.root = Path(root)
         self.base = base
         self.cache_dir = Path(cache_dir)
         self.max_lora_rank = max_lora_rank
         self.basis = basis
+        self.require_cores = require_cores  # --adapter-form shared: an adapter outside the basis is refused
         self._forms = None
 
     def prepare(self, directory: Path) -> tuple[Path, int]:
@@ -73,6 +75,11 @@ class PsoftResolver(LoRAResolver):
             cache = LoraCache(self.cache_dir, BaseCheckpoint(self.base), ReadOptions.from_env(os.environ))
             self._forms = AdapterForms(cache, SharedBasis(self.basis) if self.basis is not None else None)
         servable = self._forms.prepare(directory)
+        if self.require_cores and not servable.cores:
+            from psoft_deploy.errors import UserError
+
+            raise UserError(f"{directory} is not in the base's shared basis ({servable.why}) and this server holds "
+                            "cores only (--adapter-form shared)")
         logger.info("psoft-deploy resolver: %s served as %s (%s)", directory,
                     "cores over the shared basis" if servable.cores else "exact LoRA", servable.why)
         return servable.path, servable.rank
@@ -112,5 +119,6 @@ def register() -> None:
         cache_dir=Path(os.environ["PSOFT_DEPLOY_CACHE"]),
         max_lora_rank=int(max_rank) if max_rank else None,
         basis=Path(os.environ["PSOFT_DEPLOY_SHARED_BASIS"]) if os.environ.get("PSOFT_DEPLOY_SHARED_BASIS") else None,
+        require_cores=os.environ.get("PSOFT_DEPLOY_REQUIRE_CORES") == "1",
     )
     LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)

@@ -3,6 +3,7 @@ every config variant, which adapters lie in the basis, and how serve chooses the
 here; tests/test_serve_shared.py serves them through real vLLM)."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,21 @@ def test_cache_entries_that_do_not_read_back_are_built_again(demo_adapters, tmp_
     save_file(dict(list(cores.items())[1:]), cores_dir / CORES_FILE)
     assert _plan(base, tmp_path, two).served == plan.served and len(computed) == 2 * once
     assert load_file(cores_dir / CORES_FILE).keys() == cores.keys()
+
+
+def test_an_arriving_adapter_outside_the_basis_is_refused_in_one_line_where_only_cores_are_served(demo_adapters,
+                                                                                                 tmp_path):
+    from psoft_deploy.serve.resolver import PsoftResolver
+
+    base, adapters = demo_adapters
+    plan = _plan(base, tmp_path, {"a": adapters["a"]}, form="shared")
+    basis = Path(plan.env["PSOFT_DEPLOY_SHARED_BASIS"])
+    for require_cores in (False, True):
+        resolver = PsoftResolver(Path(adapters["a"]).parent, str(base), tmp_path / "cache", 64, basis, require_cores)
+        assert resolver.prepare(Path(adapters["b"]))[0].name.startswith("cores-")
+        if not require_cores:
+            assert not resolver.prepare(Path(adapters["low"]))[0].name.startswith("cores-")  # exact LoRA
+            continue
+        refused = r"low is not in the base's shared basis \(residual .*\(--adapter-form shared\)"
+        with pytest.raises(UserError, match=refused):
+            resolver.prepare(Path(adapters["low"]))
