@@ -497,7 +497,8 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose
     PSOFT adapters from PEFT's full SVD are served as r×r cores over the base's shared basis (one
     SVD per layer, once per base), computed from R alone; any other adapter is converted once to its
     exact LoRA form (cached by content hash), kept as cores if it lies in the basis. With only an
-    --adapter-root, the basis covers the PSOFT adapters found there (or --basis-rank, --basis-modules). vLLM starts with --enable-lora and every adapter as a model name; the base keeps its own name.
+    --adapter-root, the basis covers the PSOFT adapters found there (or --basis-rank, --basis-modules).
+    vLLM starts with --enable-lora and every adapter as a model name; the base keeps its own name.
     The base's stored dtype is served unless you pass --dtype; on CPU the KV cache and the
     context length are sized to the memory available. Arguments after -- go to vLLM unchanged
     and win over what serve chooses (a --host or --port there is where serve waits for vLLM);

@@ -429,7 +429,8 @@ def _say_forms(prepared: dict[str, Servable], basis: SharedBasis | None, adapter
     if not shared and not adapter_root:
         warning(f"no adapter lies in the base's shared basis; exact LoRA: {', '.join(apart)}")
         return None
-    stage(f"shared basis (rank ≤ {basis.rank}, {len(basis.modules)} modules), as cores: {', '.join(shared) or 'none yet'}"
+    stage(f"shared basis (rank ≤ {basis.rank}, {len(basis.modules)} modules), "
+          f"as cores: {', '.join(shared) or 'none yet'}"
           + (f"; exact LoRA: {', '.join(apart)}" if apart else ""))
     return basis
 

@@ -114,12 +114,14 @@ class SharedBasis:
                                                                         for v in vectors))
         exact = core_of_rotation(R, S, init)
         # R's rounding in float32 (ε·k·‖R‖), scaled by the largest singular value
-        errors = torch.linalg.matrix_norm(cores.double() - exact) / (S[:, 0] * torch.linalg.matrix_norm(R)).clamp_min(1e-300)
+        scale = (S[:, 0] * torch.linalg.matrix_norm(R)).clamp_min(1e-300)
+        errors = torch.linalg.matrix_norm(cores.double() - exact) / scale
         tolerance = NOISE_FACTOR * FLOAT32_EPS * k
         worst = int(torch.nan_to_num(errors, nan=torch.inf).argmax())
-        if not float(errors[worst]) <= tolerance:  # NaN included
-            return None, f"its core on {modules[worst]} is {float(errors[worst]):.1e} off the float64 closed form (> {tolerance:.1e})"
-        return dict(zip(modules, cores)), f"cores from R, ≤ {float(errors[worst]) / tolerance:.2f}× float32 noise off float64"
+        error = float(errors[worst])
+        if not error <= tolerance:  # NaN included
+            return None, f"its core on {modules[worst]} is {error:.1e} off the float64 closed form (> {tolerance:.1e})"
+        return dict(zip(modules, cores)), f"cores from R, ≤ {error / tolerance:.2f}× float32 noise off float64"
 
     def psoft_form(self, adapter: PsoftAdapter, cache_root: Path, options: ReadOptions) -> tuple[Path | None, str]:
         """`cores_from_rotations` of ``adapter``, written once into the cache as a directory vLLM (with
