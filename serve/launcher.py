@@ -111,6 +111,7 @@ def plan_serve(
     cpu = on_cpu() if cpu is None else cpu
     check_base(checkpoint, cpu)
     vocab_guard = check_tokenizer(checkpoint, vllm_args)
+    check_writable(Path(cache_dir) / "new-entry", "adapter cache entry")  # before any SVD or conversion
     cache = LoraCache(cache_dir, checkpoint, read_options)
     basis = _shared_basis(checkpoint, cache_dir, adapters, adapter_root, adapter_form, read_options, basis_rank,
                           basis_modules)
