@@ -204,8 +204,6 @@ def test_a_server_with_only_an_adapter_root_serves_arriving_adapters_as_cores_fr
     assert got == {name: served["expected"][name] for name in ("base", "psoft", "late", "plain-r")}
     said = (tmp_path / "serve.log").read_text()
     assert re.search(r"shared basis \(rank ≤ 8, \d+ modules\), as cores: none yet", said), said
-    vllm_log = (tmp_path / "vllm.log").read_text()
-    assert "'max_loras': 32" in vllm_log  # a slot per sequence in a batch
     from_r = [path for path in cache.glob("cores-*/adapter_config.json")
               if json.loads(path.read_text())["psoft_shared"].startswith("cores from R")]
     assert len(from_r) == 2, from_r  # psoft and late

@@ -3,6 +3,7 @@ every config variant, which adapters lie in the basis, and how serve chooses the
 here; tests/test_serve_shared.py serves them through real vLLM)."""
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,29 @@ def test_an_arriving_adapter_outside_the_basis_is_refused_in_one_line_where_only
         refused = r"low is not in the base's shared basis \(residual .*\(--adapter-form shared\)"
         with pytest.raises(UserError, match=refused):
             resolver.prepare(Path(adapters["low"]))
+
+
+def test_an_adapter_root_gets_a_basis_for_its_adapters_and_a_slot_per_sequence(demo_adapters, tmp_path, caplog):
+    base, adapters = demo_adapters
+
+    def plan(root, **basis):
+        return plan_serve(str(base), {}, adapter_root=str(root), host="127.0.0.1", port=1, cache_dir=tmp_path / "cache",
+                          vllm_args=("--max-num-seqs", "32"), cpu=True, free_bytes=8 * 10**9, **basis)
+
+    for name in ("root", "chosen", "empty"):
+        (tmp_path / name).mkdir()
+    shutil.copytree(adapters["a"], tmp_path / "root" / "a")  # r 8 on q_proj, v_proj
+    found = plan(tmp_path / "root")
+    basis = SharedBasis(Path(found.env["PSOFT_DEPLOY_SHARED_BASIS"]))
+    assert basis.rank == 8 and basis.modules == set(read_adapter(adapters["a"]).modules)
+    assert vllm_flag(found.command, "--max-loras") == "32"  # a slot per sequence in a batch
+    assert int(vllm_flag(found.command, "--max-lora-rank")) >= 64  # exact LoRA arrivals
+
+    basis = SharedBasis(Path(plan(tmp_path / "chosen", basis_rank=4, basis_modules=("q_proj",))
+                             .env["PSOFT_DEPLOY_SHARED_BASIS"]))
+    q_projs = {key.removesuffix(".weight") for key in BaseCheckpoint(base).files if key.endswith(".q_proj.weight")}
+    assert basis.rank == 4 and basis.modules == q_projs
+    with caplog.at_level("WARNING", logger="psoft_deploy"):
+        empty = plan(tmp_path / "empty")
+    assert "PSOFT_DEPLOY_SHARED_BASIS" not in empty.env
+    assert any("--basis-rank K --basis-modules" in record.getMessage() for record in caplog.records)
