@@ -166,15 +166,20 @@ def subspace_of(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float
     """A and B from the singular triplets (`singular_triplets`), as PEFT builds them for ``scale`` and ``init``.
     ``s·B(R − I)A`` does not depend on the scale (``U diag(S)(R − I) Vh``, or with √S on both sides for pissa);
     with PEFT's full SVD the triplets of rank r are the leading ones of any larger rank's (nested)."""
-    S_scaled = S / scale
+    left, right = _init_split(S / scale, init)
+    A = Vh if right is None else torch.diag(right) @ Vh
+    return A.contiguous(), (U @ torch.diag(left)).contiguous()
+
+
+def _init_split(S: torch.Tensor, init: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """How ``init`` splits diag(S) between B (left) and A (right): all on B for psoft_init, √S on each
+    side for pissa_init."""
     if init == "psoft_init":
-        A, B = Vh, U @ torch.diag(S_scaled)
-    elif init == "pissa_init":
-        root = torch.sqrt(S_scaled)
-        A, B = torch.diag(root) @ Vh, U @ torch.diag(root)
-    else:
-        raise ValueError(f"unknown ab_svd_init {init!r}")
-    return A.contiguous(), B.contiguous()
+        return S, None
+    if init == "pissa_init":
+        root = torch.sqrt(S)
+        return root, root
+    raise ValueError(f"unknown ab_svd_init {init!r}")
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
@@ -278,11 +283,6 @@ def core_of_rotation(R: torch.Tensor, singular_values: torch.Tensor, init: str =
     (float64 at least for float64 inputs); stacks of R and singular values give a stack of cores."""
     k = R.shape[-1]
     dtype = torch.promote_types(R.dtype, singular_values.dtype)
-    S = singular_values[..., :k].to(dtype)
-    shifted = R.to(dtype) - torch.eye(k, dtype=dtype, device=R.device)
-    if init == "psoft_init":
-        return S[..., :, None] * shifted
-    if init == "pissa_init":
-        root = S.sqrt()
-        return root[..., :, None] * shifted * root[..., None, :]
-    raise ValueError(f"unknown ab_svd_init {init!r}")
+    left, right = _init_split(singular_values[..., :k].to(dtype), init)
+    core = left[..., :, None] * (R.to(dtype) - torch.eye(k, dtype=dtype, device=R.device))
+    return core if right is None else core * right[..., None, :]

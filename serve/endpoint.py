@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from safetensors import SafetensorError
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 from vllm.lora.resolver import LoRAResolverRegistry
 
+from psoft_deploy.errors import UserError
 from psoft_deploy.serve.resolver import RESOLVER_NAME, directory_inside
 from psoft_deploy.serve.vllm_shared import missing_internals
 
@@ -52,7 +54,7 @@ def install() -> None:
             return refused(f"lora_path {request.lora_path!r} is not a directory inside this server's adapter root")
         try:
             servable = await resolver.servable(directory)
-        except Exception as error:  # a bad adapter is the client's, not the server's, error
+        except (UserError, SafetensorError, OSError, ValueError, KeyError) as error:  # the adapter's, not the server's
             return refused(f"lora_path {request.lora_path!r} is not a servable adapter: {one_line(error)}")
         answer = await load(self, request.model_copy(update={"lora_path": str(servable)}), base_model_name)
         if isinstance(answer, str) or answer.error.code != HTTPStatus.INTERNAL_SERVER_ERROR:
