@@ -178,8 +178,9 @@ def test_a_server_of_cores_only_answers_as_peft_and_takes_an_exact_lora_when_one
 
 @pytest.mark.slow
 def test_a_server_with_only_an_adapter_root_serves_arriving_adapters_as_cores_from_r(served, tmp_path):
-    """The basis covers the PSOFT adapters in the root at start; adapters dropped there later are
-    cores straight from R (no LoRA conversion) where they lie in it, exact LoRA where they do not."""
+    """The basis covers the PSOFT adapters in the root at start; adapters dropped there later, or posted to
+    the load endpoint, are cores straight from R (no LoRA conversion) where they lie in it, exact LoRA
+    where they do not."""
     work = served["work"]
     root, cache = tmp_path / "root", tmp_path / "cache"
     root.mkdir()
@@ -196,17 +197,19 @@ def test_a_server_with_only_an_adapter_root_serves_arriving_adapters_as_cores_fr
         wait_for_serving(process, tmp_path / "serve.log")
         for name in ("late", "plain-r"):  # r 8 on q, v: in the basis; r 16: outside it
             shutil.copytree(work / "root" / name if name == "late" else work / name, root / name)
-        got = answers(f"http://127.0.0.1:{port}", [str(work / "base"), "psoft", "late", "plain-r"])
+        shutil.copytree(work / "posted", root / "tenant" / "posted")  # a PSOFT adapter posted to the load endpoint
+        post(f"http://127.0.0.1:{port}/v1/load_lora_adapter", {"lora_name": "posted", "lora_path": "tenant/posted"})
+        got = answers(f"http://127.0.0.1:{port}", [str(work / "base"), "psoft", "late", "plain-r", "posted"])
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
     got["base"] = got.pop(str(work / "base"))
-    assert got == {name: served["expected"][name] for name in ("base", "psoft", "late", "plain-r")}
+    assert got == {name: served["expected"][name] for name in ("base", "psoft", "late", "plain-r", "posted")}
     said = (tmp_path / "serve.log").read_text()
     assert re.search(r"shared basis \(rank ≤ 8, \d+ modules\), as cores: none yet", said), said
     from_r = [path for path in cache.glob("cores-*/adapter_config.json")
               if json.loads(path.read_text())["psoft_shared"].startswith("cores from R")]
-    assert len(from_r) == 2, from_r  # psoft and late
+    assert len(from_r) == 3, from_r  # psoft, late and posted
     conversions = [path for path in cache.iterdir() if not path.name.startswith(("cores-", "basis-", "zero-"))]
     assert len(conversions) == 1, conversions  # plain-r's exact LoRA alone: psoft and late were never converted
 
