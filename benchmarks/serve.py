@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_lora_target_modules
+from psoft_deploy.architectures import ARCHITECTURES
+from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 
 MODELS = {
     "768x12": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
@@ -75,7 +76,7 @@ seconds = time.perf_counter() - start
 print("RESULT " + json.dumps({"tokens": sum(map(len, answers.values())), "seconds": seconds,
                               "ttft": statistics.median(first.values()), "rss_per_adapter": growth,
                               "answers": [answers[str(k)] for k in range(len(prompts))]}))
-""".replace("RANK", str(RANK)).replace("TARGET_MODULES", repr(vllm_lora_target_modules(TARGETS)))
+""".replace("RANK", str(RANK)).replace("TARGET_MODULES", repr(ARCHITECTURES["LlamaForCausalLM"].vllm_target_modules(TARGETS)))
 
 
 def build(work: Path, shape: str, count: int) -> tuple[Path, list[Path], list[Path]]:

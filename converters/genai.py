@@ -24,18 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from psoft_deploy.architectures import Shape, architecture
 from psoft_deploy.errors import UserError
-from psoft_deploy.families import architectures, genai_builder_converts
 from psoft_deploy.progress import verbose
 
 from .genai_runtime import GRAPH, float_type
 
-PRECISIONS = ("fp32", "fp16", "int4")
-
-PROVIDERS = ("cpu", "cuda")
-
 FACTORS = ("lora_A", "lora_B")
-
 
 
 def builder_refusal(config: dict, replaces_modules: bool = False) -> str | None:
@@ -43,33 +38,19 @@ def builder_refusal(config: dict, replaces_modules: bool = False) -> str | None:
     ``replaces_modules`` (``modules_to_save``) or not (None: it would)."""
     if replaces_modules:
         return "does not convert adapters with modules_to_save"
-    architecture = (architectures(config) or ["this model"])[0]
-    if not genai_builder_converts(config):
-        return f"does not convert {architecture}"
+    model = architecture(config)
+    if not model.genai_builder:
+        return f"does not convert {model.name}"
     if any(isinstance(value, dict) for value in (config.get("rope_parameters") or {}).values()):
-        return f"does not read {architecture}'s per-layer-type rope_parameters (transformers 5)"
-    vocab_size = config.get("vocab_size")
-    clashes = [name for name, width in _linear_widths(config).items() if width == vocab_size]
+        return f"does not read {model.name}'s per-layer-type rope_parameters (transformers 5)"
+    shape = Shape.of(config)
+    vocab_size = shape.vocab
+    # the builder's `has_lm_head` takes any Linear as wide as the vocabulary for the head
+    clashes = [name for name, width in model.linear_widths(shape).items() if width == vocab_size]
     if clashes:
         return (f"would wire the LM head onto a layer: it takes any Linear with vocab_size ({vocab_size}) outputs "
                 f"for the head, and {' and '.join(clashes)} {'is' if len(clashes) == 1 else 'are'} {vocab_size} too")
     return None
-
-
-
-def _linear_widths(config: dict) -> dict[str, int]:
-    """The output widths of the builder's decoders' Linear layers other than the head (its
-    ``has_lm_head`` takes any Linear as wide as the vocabulary for the head), by what sets them."""
-    hidden, heads = config.get("hidden_size") or 0, config.get("num_attention_heads") or 1
-    kv_heads, intermediate = config.get("num_key_value_heads") or heads, config.get("intermediate_size") or 0
-    head_dim = config.get("head_dim") or hidden // heads
-    widths = {"hidden_size": hidden, "intermediate_size": intermediate,
-              "num_attention_heads × head_dim": heads * head_dim, "num_key_value_heads × head_dim": kv_heads * head_dim}
-    if "Phi3ForCausalLM" in architectures(config):  # fused qkv_proj and gate_up_proj
-        widths |= {"(num_attention_heads + 2 × num_key_value_heads) × head_dim": (heads + 2 * kv_heads) * head_dim,
-                   "2 × intermediate_size": 2 * intermediate}
-    return widths
-
 
 
 def builder_node(module: str, factor: str | None = None) -> str:

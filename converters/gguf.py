@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from psoft_deploy.architectures import ARCHITECTURES, Gguf, Shape, architecture
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.dtypes import GGUF_FILE_TYPES
 from psoft_deploy.errors import UserError
@@ -28,9 +29,6 @@ MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"
 BASE_FILE = "base.gguf"  # the base beside a LoRA GGUF (export-lora --target gguf --with-base)
 MODELFILE = "Modelfile"
-# transformers architecture → llama.cpp's (Mistral is Llama to llama.cpp; Qwen2 keeps its own rotary layout).
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-PERMUTED = {"llama"}  # llama.cpp's Llama graph wants q/k rows in its own rotary order
 LORA_TYPES = ("F32", "F16", "BF16", "Q8_0")
 FLOAT_TYPES = ("F32", "F16", "BF16")  # written here; the others by llama.cpp's quantizer
 JUDGED_BY_LOGITS = (*FLOAT_TYPES, "Q8_0")  # lower types are judged by behaviour alone (4-bit-like noise)
@@ -66,6 +64,9 @@ def load(model: Path, lora: Path | None = None, **options):
     try:
         return llama_cpp().Llama(model_path=str(model), lora_path=str(lora) if lora else None, verbose=False,
                                  **options)
+    except ValueError as error:  # llama-cpp-python's "Failed to load model from file": llama.cpp's log says why
+        raise UserError(f"llama.cpp could not load {model}{f' with {lora}' if lora else ''} ({error}); "
+                        "run with --verbose for llama.cpp's own log") from None
     finally:
         low.llama_model_default_params = default
 
@@ -79,24 +80,34 @@ def gguf_file(candidate: Path) -> Path | None:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a transformers decoder's tensors become llama.cpp's: architecture, names, q/k rows."""
+    """How a transformers decoder's tensors become llama.cpp's: architecture, names, q/k rows (the
+    registry's `Gguf` entry of the base's architecture, and its config)."""
 
-    arch: str
+    spec: Gguf
     config: dict
 
     @classmethod
     def of(cls, config: dict) -> Layout:
         """The layout of a base's ``config``, or a one-line refusal naming what is supported."""
-        architecture = (config.get("architectures") or ["(no architecture in config.json)"])[0]
-        if architecture not in ARCHITECTURES:
-            raise UserError(f"GGUF export supports {', '.join(ARCHITECTURES)} (llama.cpp's llama and qwen2), not "
-                            f"{architecture}; merge the adapter and convert it with llama.cpp's convert_hf_to_gguf.py")
-        layout = cls(ARCHITECTURES[architecture], config)
-        if layout.rope_type not in ("default", *(["llama3"] if layout.arch == "llama" else [])):
-            raise UserError(f"GGUF export writes the default rotary embedding (and Llama 3's), not "
-                            f"{layout.rope_type!r}; merge the adapter and convert it with llama.cpp's "
+        model = architecture(config)
+        if model.gguf is None:
+            supported = [name for name, known in ARCHITECTURES.items() if known.gguf]
+            raise UserError(f"GGUF export supports {', '.join(supported)}, not {model.name}; merge the adapter and "
+                            "convert it with llama.cpp's convert_hf_to_gguf.py")
+        layout = cls(model.gguf, config)
+        if layout.rope_type not in model.gguf.rope_types:
+            raise UserError(f"GGUF export writes {model.name}'s rotary embeddings {', '.join(model.gguf.rope_types)}, "
+                            f"not {layout.rope_type!r}; merge the adapter and convert it with llama.cpp's "
                             "convert_hf_to_gguf.py")
         return layout
+
+    @property
+    def arch(self) -> str:
+        return self.spec.arch
+
+    @property
+    def shape(self) -> Shape:
+        return Shape.of(self.config)
 
     @property
     def rope(self) -> dict:
@@ -110,17 +121,11 @@ class Layout:
     def rope_type(self) -> str:
         return self.rope.get("rope_type", self.rope.get("type", "default"))
 
-    @property
-    def heads(self) -> tuple[int, int]:
-        """Attention heads and key/value heads."""
-        heads = self.config["num_attention_heads"]
-        return heads, self.config.get("num_key_value_heads") or heads
-
     def name(self, key: str) -> str:
         """llama.cpp's name of the transformers tensor ``key`` (e.g. ``blk.0.attn_q.weight``)."""
         import gguf
 
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[self.arch.upper()], self.config["num_hidden_layers"])
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[self.arch.upper()], self.shape.layers)
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"llama.cpp's {self.arch} has no tensor for {key}; merge the adapter and convert it with "
@@ -131,9 +136,9 @@ class Layout:
         """``tensor`` (a weight, bias or lora_B of ``key``'s module) with its rows in llama.cpp's order:
         Llama's q/k rows go from transformers' half-split rotary pairs to interleaved ones."""
         module = key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
-        if self.arch not in PERMUTED or not module.endswith(("q_proj", "k_proj")):
+        if not self.spec.permute_qk or not module.endswith(("q_proj", "k_proj")):
             return tensor
-        heads = self.heads[0] if module.endswith("q_proj") else self.heads[1]
+        heads = self.shape.heads if module.endswith("q_proj") else self.shape.kv_heads
         shape = tensor.shape
         return tensor.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
@@ -197,21 +202,20 @@ def write_model(model_dir: Path, file: Path, quant: str = "F32") -> None:
     config = checkpoint.config
     layout = Layout.of(config)
     writer = _writer(file, layout, model_dir.name)
-    heads, kv_heads = layout.heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    shape = layout.shape
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_context_length(shape.positions)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.intermediate)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_key_length(shape.head_dim)
+    writer.add_value_length(shape.head_dim)
+    writer.add_rope_dimension_count(shape.rotary_dims)
     writer.add_rope_freq_base(float(layout.rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_vocab_size(config["vocab_size"])
+    writer.add_vocab_size(shape.vocab)
     writer.add_file_type(GGUF_FILE_TYPES[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(writer, model_dir, config)
@@ -220,7 +224,7 @@ def write_model(model_dir: Path, file: Path, quant: str = "F32") -> None:
             continue  # llama.cpp reuses token_embd where output is absent
         _add_tensor(writer, layout.name(key), layout.rows(key, checkpoint.tensor(key)), quant)
     if layout.rope_type == "llama3":
-        _add_tensor(writer, "rope_freqs.weight", llama3_rope_factors(layout.rope, head_dim), "F32")
+        _add_tensor(writer, "rope_freqs.weight", llama3_rope_factors(layout.rope, shape.head_dim), "F32")
     _finish(writer)
 
 

@@ -17,9 +17,6 @@ from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, r
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_MODULES_TO_SAVE = ("classifier", "score")
-# How vLLM names the Llama-family linear layers it applies LoRA to (q/k/v and gate/up are fused).
-VLLM_LORA_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                     "up_proj": "gate_up_proj", "o_proj": "o_proj", "down_proj": "down_proj"}
 # What psoft-deploy writes beside the fields of `LoraAdapter`: an inference-only adapter.
 WRITTEN_CONFIG = {"peft_type": "LORA", "lora_dropout": 0.0, "init_lora_weights": True, "inference_mode": True}
 
@@ -145,13 +142,3 @@ def vllm_max_lora_rank(rank: int, subject: str = "the adapter") -> int:
             return allowed
     raise UserError(f"{subject} has rank {rank}, above vLLM's largest LoRA rank {VLLM_MAX_LORA_RANKS[-1]}; serve a "
                     f"truncated LoRA of it instead (psoft-deploy export-lora --rank {VLLM_MAX_LORA_RANKS[-1]})")
-
-
-def vllm_lora_target_modules(module_names) -> list[str] | None:
-    """vLLM's names for the layers these modules live in (for ``--lora-target-modules``), or None
-    when a module is not a known Llama-family projection. vLLM otherwise runs LoRA kernels on
-    every linear layer, adapted or not, which on CPU costs more than the adapted ones."""
-    leaves = {name.rsplit(".", 1)[-1] for name in module_names}
-    if not leaves or not leaves <= VLLM_LORA_MODULES.keys():
-        return None
-    return sorted({VLLM_LORA_MODULES[leaf] for leaf in leaves})

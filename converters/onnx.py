@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from psoft_deploy.architectures import Shape, model_family
 from psoft_deploy.errors import UserError
-from psoft_deploy.families import model_family
 from psoft_deploy.layer import replace_module
 from psoft_deploy.model import load_base_model
 
@@ -69,9 +69,8 @@ class CausalLMForExport(nn.Module):
 
 
 def past_shape(config, batch: int, length: int) -> tuple[int, int, int, int]:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return batch, heads, length, head_dim
+    shape = Shape.of(config.to_dict())
+    return batch, shape.kv_heads, length, shape.head_dim
 
 
 def lora_input_names(module: str) -> tuple[str, str]:

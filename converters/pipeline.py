@@ -114,7 +114,8 @@ def read_report(directory: Path) -> dict:
 
 def materialize(factors: AdapterFactors, output: str | Path, *, base_name: str, overwrite: bool = False) -> Published:
     """A self-contained materialized adapter; verified by reading it back (factors bit-identical)."""
-    from psoft_deploy.materialize import reread_matches, save_materialized_files
+    from psoft_deploy.converters.verify.candidates import reread_matches
+    from psoft_deploy.materialize import save_materialized_files
 
     return publish(output, "materialized adapter", lambda staging: save_materialized_files(factors, staging, base_name),
                    [Check("materialized adapter", lambda staging: reread_matches(factors, staging))],

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .architectures import model_class
 from .errors import UserError
-from .families import model_class
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
 from safetensors.torch import save_file
 
 from . import __version__
@@ -28,9 +26,6 @@ from .formats import (
     MATERIALIZED_WEIGHTS,
     REPLACED_PREFIX,
 )
-
-if TYPE_CHECKING:
-    from .converters.verify import Report
 
 
 def save_materialized_files(factors: AdapterFactors, directory: Path, base_name: str) -> None:
@@ -67,26 +62,3 @@ def save_materialized_files(factors: AdapterFactors, directory: Path, base_name:
     tensors = {key: value.detach().cpu().clone().contiguous() for key, value in tensors.items()}
     save_file(tensors, directory / MATERIALIZED_WEIGHTS, metadata={"format": MATERIALIZED_FORMAT})
     (directory / MATERIALIZED_META).write_text(json.dumps(metadata, indent=2) + "\n")
-
-
-def reread_matches(factors: AdapterFactors, directory: Path) -> Report:
-    """A verification report: the materialized adapter in ``directory``, read back, holds
-    exactly ``factors`` (A, B, R and replaced tensors bit-identical)."""
-    from .converters.verify import Report
-    from .factors import derive_factors
-    from .formats import read_materialized
-
-    reread = derive_factors(read_materialized(directory), None)
-    failed = []
-    if reread.modules.keys() != factors.modules.keys() or reread.replaced_tensors.keys() != factors.replaced_tensors.keys():
-        failed.append("the modules or replaced tensors read back are not those written")
-    else:
-        differing = [name for name, module in factors.modules.items()
-                     if not all(torch.equal(getattr(module, part), getattr(reread.modules[name], part))
-                                for part in ("A", "B", "R"))]
-        differing += [key for key, tensor in factors.replaced_tensors.items()
-                      if not torch.equal(tensor, reread.replaced_tensors[key])]
-        failed += [f"{len(differing)} modules or tensors differ"] if differing else []
-    return Report("reread", str(next(iter(factors.modules.values())).A.dtype).removeprefix("torch."),
-                  "every factor and replaced tensor read back bit-identical", failed,
-                  {"modules_checked": len(factors.modules)})

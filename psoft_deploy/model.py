@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from .architectures import model_class
 from .base import BaseCheckpoint, meta_model
 from .dtypes import from_safetensors
 from .errors import UserError
 from .factors import AdapterFactors
-from .families import model_class
 from .layer import apply_factors, tied_groups
 
 

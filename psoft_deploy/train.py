@@ -21,12 +21,13 @@ from trl import SFTTrainer
 from . import __version__, train_args
 from .base import BaseCheckpoint
 from .converters.pipeline import Check, publish
+from .converters.verify.candidates import reread_matches
 from .dtypes import BY_NAME
 from .errors import UserError
 from .factors import AdapterFactors, base_tensor_key
 from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
 from .layer import PsoftLinear, PsoftRotation, replace_module
-from .materialize import reread_matches, save_materialized_files
+from .materialize import save_materialized_files
 from .outputs import apply_umask
 from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import psutil
 
+from psoft_deploy.architectures import architecture
 from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.converters.lora_format import vllm_lora_target_modules, vllm_max_lora_rank
+from psoft_deploy.converters.lora_format import vllm_max_lora_rank
 from psoft_deploy.errors import UserError
 from psoft_deploy.formats import PsoftAdapter, adapter_format, read_adapter
 from psoft_deploy.options import DEFAULTS, ReadOptions
@@ -146,7 +147,7 @@ def plan_serve(
         "--enable-lora",
         "--lora-modules", *[f"{name}={path}" for name, path in served.items()],
     ]
-    targets = vllm_lora_target_modules(modules)
+    targets = architecture(checkpoint.config).vllm_target_modules(modules)
     if targets and not adapter_root and vllm_flag(vllm_args, "--lora-target-modules") is None:
         command += ["--lora-target-modules", *targets]
     chosen = [("--max-lora-rank", max_rank), ("--max-loras", max_loras), ("--dtype", dtype),
@@ -452,10 +453,12 @@ def _why_no_cores() -> str | None:
 
 
 def _zero_target(checkpoint: BaseCheckpoint, modules: list[str]) -> str:
-    """A module the all-zero base adapter can sit on: one the adapters target, else a q_proj."""
+    """A module the all-zero base adapter can sit on: one the adapters target, else a layer vLLM
+    adapts in this architecture (a q_proj where the registry names none)."""
     if modules:
         return modules[0]
+    leaves = tuple(f".{leaf}.weight" for leaf in architecture(checkpoint.config).vllm_layers or ("q_proj",))
     for key in checkpoint.files:
-        if key.endswith(("q_proj.weight", "query.weight")):
+        if key.endswith(leaves):
             return key.removesuffix(".weight")
     raise UserError("found no linear layer for the base adapter; pass at least one --adapter")

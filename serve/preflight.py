@@ -11,10 +11,10 @@ import math
 
 import psutil
 
+from psoft_deploy.architectures import Shape, architecture
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.dtypes import BY_NAME, BY_SAFETENSORS, CHOICES
 from psoft_deploy.errors import UserError
-from psoft_deploy.families import architectures, generates_text
 from psoft_deploy.progress import stage, warning
 from psoft_deploy.serve.names import vllm_flag
 
@@ -30,17 +30,12 @@ KV_FRACTION = 0.8  # of the memory left after weights, LoRA slots and the margin
 MIN_KV_BYTES = 32 << 20
 
 
-def text_config(checkpoint: BaseCheckpoint) -> dict:
-    """The base's language-model config (``text_config`` of multimodal models)."""
-    return checkpoint.config.get("text_config") or checkpoint.config
-
-
 def check_base(checkpoint: BaseCheckpoint, cpu: bool) -> None:
     """Refuse bases vLLM cannot generate with, and (on CPU) attention heads its CPU backend cannot run."""
-    if not generates_text(checkpoint.config):
-        named = ", ".join(architectures(checkpoint.config))
+    model = architecture(checkpoint.config)
+    if not model.family.generates_text:
         raise UserError(
-            f"base {checkpoint.name} is a {named or 'model without architectures in config.json'}, "
+            f"base {checkpoint.name} is a {model.name}, "
             "not a text-generation model; serve needs a ...ForCausalLM base (merge the adapter for other tasks)"
         )
     shape = attention_shape(checkpoint)
@@ -65,8 +60,8 @@ def check_tokenizer(checkpoint: BaseCheckpoint, vllm_args) -> int | None:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(" :")
         raise UserError(f"cannot load the tokenizer of {source} (transformers: {reason}); serve needs the base's "
                         "tokenizer files beside its weights, or one passed with -- --tokenizer DIR") from None
-    vocab = text_config(checkpoint).get("vocab_size")
-    if not isinstance(vocab, int) or len(tokenizer) <= vocab:
+    vocab = Shape.of(checkpoint.config).vocab
+    if vocab is None or len(tokenizer) <= vocab:
         return None
     warning(f"the tokenizer has {len(tokenizer)} tokens, the model {vocab}; "
             f"requests whose prompts hold token ids {vocab} or above are refused (HTTP 400)")
@@ -125,29 +120,16 @@ def max_model_len(kv_bytes: int, bytes_per_token: int, max_positions: int | None
 
 def attention_shape(checkpoint: BaseCheckpoint) -> tuple[int, int, int] | None:
     """Layers, key/value heads and head size of the base's attention, where its config states them."""
-    config = text_config(checkpoint)
-
-    def first(*keys):
-        return next((config[key] for key in keys if isinstance(config.get(key), int)), None)
-
-    layers, heads = first("num_hidden_layers", "n_layer", "num_layers"), first("num_attention_heads", "n_head")
-    hidden = first("hidden_size", "n_embd", "d_model")
-    if not (layers and heads and (hidden or first("head_dim"))):
+    shape = Shape.of(checkpoint.config)
+    if not (shape.layers and shape.heads and shape.head_dim):
         return None
-    return layers, first("num_key_value_heads") or heads, first("head_dim") or hidden // heads
+    return shape.layers, shape.kv_heads, shape.head_dim
 
 
 def kv_bytes_per_token(shape: tuple[int, int, int], dtype: str) -> int:
     """KV-cache bytes per token for an attention ``shape``: keys and values of every layer (full attention assumed)."""
     layers, kv_heads, head_dim = shape
     return 2 * layers * kv_heads * head_dim * BY_NAME[dtype].itemsize
-
-
-def max_positions(checkpoint: BaseCheckpoint) -> int | None:
-    """The base's longest context (``max_position_embeddings`` or its other names), if it states one."""
-    config = text_config(checkpoint)
-    return next((config[key] for key in ("max_position_embeddings", "n_positions", "max_seq_len") if config.get(key)),
-                None)
 
 
 def cpu_memory_args(checkpoint: BaseCheckpoint, dtype: str, vllm_args, max_loras: int, max_rank: int,
@@ -161,11 +143,11 @@ def cpu_memory_args(checkpoint: BaseCheckpoint, dtype: str, vllm_args, max_loras
     dtype = dtype if dtype in CHOICES else stored_dtype(checkpoint)
     shape = attention_shape(checkpoint)
     per_token = kv_bytes_per_token(shape, dtype) if shape else None
-    positions = max_positions(checkpoint)
+    positions = Shape.of(checkpoint.config).positions
     args, chosen = [], []
     if kv is None:
         shapes = [info.shape for info in checkpoint.index.values()]
-        vocab = text_config(checkpoint).get("vocab_size")
+        vocab = Shape.of(checkpoint.config).vocab
         itemsize = BY_NAME[dtype].itemsize
         model_bytes = sum(math.prod(dims) for dims in shapes) * itemsize
         # vLLM keeps max_loras LoRA slots of max_rank on every linear layer, plus a CPU copy of each adapter

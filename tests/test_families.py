@@ -12,10 +12,10 @@ from peft import PeftModel, PsoftConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from psoft_deploy.architectures import model_family
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.verify.inputs import family_outputs, verification_inputs
 from psoft_deploy.factors import load_factors
-from psoft_deploy.families import model_family
 from psoft_deploy.model import load_base_model
 from psoft_deploy.testing import build_tiny_model
 
@@ -150,21 +150,13 @@ def test_a_custom_module_without_a_config_is_verified_layerwise(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_the_family_is_read_from_the_config():
-    assert model_family({"architectures": ["ViTForImageClassification"]}).name == "image-classifier"
-    assert model_family({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}).name == "seq2seq"
-    assert model_family({"architectures": ["DebertaV2Model"]}).name == "encoder"
-    assert model_family({"architectures": ["GPTJForCausalLM"]}).name == "causal-lm"
-    assert model_family({"architectures": ["RobertaForSequenceClassification"]}).name == "classifier"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bert", "deberta-v2-cls", "vit", "roberta"])
 def test_export_onnx_of_encoders_classifiers_and_vit(kind, tmp_path):
     """Merged and verified in onnxruntime; then run at other batch sizes (and lengths) than the
     export saw, against PEFT's forward."""
+    from psoft_deploy.architectures import FAMILIES
     from psoft_deploy.converters.onnx import onnx_outputs
-    from psoft_deploy.families import FAMILIES
 
     base = tmp_path / "base"
     build_tiny_model(base, kind)

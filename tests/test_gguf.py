@@ -214,6 +214,34 @@ def test_other_supported_architectures(kind, tiny_base, tmp_path):
     ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora"))
 
 
+def test_a_family_added_through_the_registry_alone_runs_in_llama_cpp(tiny_base, tmp_path, monkeypatch):
+    """Phi-3 (q/k/v and gate/up fused in its checkpoint; llama.cpp's phi3) reached GGUF by one entry
+    of the architecture registry: its merged GGUF and its LoRA GGUF on the base GGUF pass in
+    llama.cpp, the base GGUF as a candidate fails; without the entry, GGUF is refused in one line."""
+    import dataclasses
+
+    from psoft_deploy import architectures
+
+    base = tmp_path / "base"  # not named phi3: llama.cpp then wants Phi-3's <|end|> token, which tiny tokenizers lack
+    shutil.copytree(tiny_base("phi3"), base)
+    make_peft_adapter(base, tmp_path / "adapter", "phi3", r=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj",
+                                                                              "down_proj"])
+    ok(merge(base, tmp_path / "adapter", tmp_path / "merged"))
+    ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora", "--with-base"))
+    failed = verify(base, tmp_path / "adapter", tmp_path / "lora" / "base.gguf")
+    assert failed.exit_code == 1 and "FAIL (full, F32)" in failed.output, failed.output
+    entry = architectures.ARCHITECTURES["Phi3ForCausalLM"]
+    monkeypatch.setitem(architectures.ARCHITECTURES, entry.name, dataclasses.replace(entry, gguf=None))
+    assert_one_line_error(merge(base, tmp_path / "adapter", tmp_path / "refused"), "GGUF export supports",
+                          "not Phi3ForCausalLM")
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.undo()
+    named = tmp_path / "phi3"
+    shutil.copytree(base, named)
+    assert_one_line_error(merge(named, tmp_path / "adapter", tmp_path / "unloadable", "--allow-base-mismatch"),
+                          "llama.cpp could not load", "--verbose")
+
+
 def test_llama_3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path, monkeypatch):
     """A Llama with Llama 3's rope scaling (its smoothed band inside the prompt's positions): llama.cpp
     computes the base's logits within 1e-2 of transformers with the rope_freqs tensor, not without it,

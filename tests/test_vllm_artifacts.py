@@ -16,7 +16,7 @@ import torch
 from helpers import load_peft, make_peft_adapter, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from psoft_deploy.converters.lora_format import vllm_lora_target_modules
+from psoft_deploy.architectures import ARCHITECTURES
 from psoft_deploy.testing import build_tiny_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields", "The baker opens"]
@@ -42,7 +42,7 @@ VLLM_GREEDY = textwrap.dedent("""
 def vllm_greedy(model_dir, lora_dir=None) -> list[list[int]]:
     process = subprocess.run(
         [sys.executable, "-c", VLLM_GREEDY, str(model_dir), str(lora_dir or ""), json.dumps(PROMPTS), str(MAX_TOKENS),
-         json.dumps(vllm_lora_target_modules(TARGETS))],
+         json.dumps(ARCHITECTURES["LlamaForCausalLM"].vllm_target_modules(TARGETS))],
         capture_output=True, text=True, timeout=600,
     )
     assert process.returncode == 0, process.stderr[-5000:]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
+from psoft_deploy.architectures import model_family
 from psoft_deploy.base import BaseCheckpoint, open_safetensors
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.merge import stored_deltas, stored_replacements
 from psoft_deploy.dtypes import BY_NAME, BY_ONNX, from_safetensors
 from psoft_deploy.errors import UserError
-from psoft_deploy.factors import AdapterFactors, base_tensor_key
-from psoft_deploy.families import model_family
-from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX
+from psoft_deploy.factors import AdapterFactors, base_tensor_key, derive_factors
+from psoft_deploy.formats import ADAPTER_WEIGHTS, PEFT_PREFIX, read_materialized
 from psoft_deploy.layer import PsoftLinear
 from psoft_deploy.model import load_base_model
 from psoft_deploy.psoft import lora_spectrum, truncation_error
@@ -274,3 +274,22 @@ def resolve_mode(mode: str, model: BaseCheckpoint) -> str:
     if mode != "auto":
         return mode
     return "full" if parameter_count(model) <= FULL_MODE_MAX_PARAMETERS else "layerwise"
+
+
+def reread_matches(factors: AdapterFactors, directory: Path) -> Report:
+    """A verification report: the materialized adapter in ``directory``, read back, holds
+    exactly ``factors`` (A, B, R and replaced tensors bit-identical)."""
+    reread = derive_factors(read_materialized(directory), None)
+    failed = []
+    if reread.modules.keys() != factors.modules.keys() or reread.replaced_tensors.keys() != factors.replaced_tensors.keys():
+        failed.append("the modules or replaced tensors read back are not those written")
+    else:
+        differing = [name for name, module in factors.modules.items()
+                     if not all(torch.equal(getattr(module, part), getattr(reread.modules[name], part))
+                                for part in ("A", "B", "R"))]
+        differing += [key for key, tensor in factors.replaced_tensors.items()
+                      if not torch.equal(tensor, reread.replaced_tensors[key])]
+        failed += [f"{len(differing)} modules or tensors differ"] if differing else []
+    return Report("reread", str(next(iter(factors.modules.values())).A.dtype).removeprefix("torch."),
+                  "every factor and replaced tensor read back bit-identical", failed,
+                  {"modules_checked": len(factors.modules)})

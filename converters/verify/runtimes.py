@@ -13,9 +13,9 @@ from typing import Callable, NamedTuple, Protocol
 import numpy as np
 import torch
 
+from psoft_deploy.architectures import model_family
 from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.families import FAMILIES
 from psoft_deploy.model import load_base_model, reference_model
 
 from .inputs import family_outputs, right_padded
@@ -59,7 +59,7 @@ def judge_in_runtime(base: BaseCheckpoint, factors: AdapterFactors, sequences: l
     reference in ``float_type``. ``simulate``: hooks the runtime's own arithmetic onto that rounding
     run's model (llama.cpp's quantized matmul inputs and float16 KV cache) and says what it did: the
     noise it adds depends on the adapted model's own activations, which the base's run does not show."""
-    family = FAMILIES["causal-lm"]
+    family = model_family(base.config)
     inputs = right_padded(sequences)
 
     def forward(model) -> torch.Tensor:

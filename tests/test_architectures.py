@@ -1,0 +1,93 @@
+"""The architecture registry (`psoft_deploy.architectures`): one entry says what a model is and what
+each runtime takes of it; and the layers of the package depend one way (the core imports nothing
+from the converters or serve)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import psoft_deploy
+from psoft_deploy.architectures import ARCHITECTURES, FAMILIES, Shape, architecture, model_family
+
+# Modules of psoft_deploy/ that sit above the converters and serve: the commands and the test kit.
+ABOVE_THE_CORE = {"__main__", "cli", "demo", "train", "train_jobs", "testing"}
+
+
+def imported_modules(file: Path) -> set[str]:
+    """Every module a file imports, at its top or inside functions, relative imports resolved."""
+    names = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "psoft_deploy." if node.level else ""
+            module = base + (node.module or "")
+            names |= {module} | {f"{module}.{alias.name}".replace("..", ".") for alias in node.names}
+    return names
+
+
+def test_the_core_imports_nothing_from_the_converters_or_serve():
+    package = Path(psoft_deploy.__file__).parent
+    core = [file for file in package.glob("*.py") if file.stem not in ABOVE_THE_CORE]
+    assert len(core) > 15 and {"psoft", "factors", "formats", "base", "architectures"} <= {f.stem for f in core}
+    upward = {file.stem: sorted(name for name in imported_modules(file)
+                                if name.startswith(("psoft_deploy.converters", "psoft_deploy.serve")))
+              for file in core}
+    assert {stem: names for stem, names in upward.items() if names} == {}
+
+
+def test_the_layering_check_sees_lazy_and_relative_imports(tmp_path):
+    file = tmp_path / "module.py"
+    file.write_text("def f():\n    from .converters.verify import Report\n")
+    assert "psoft_deploy.converters.verify" in imported_modules(file)
+
+
+def test_the_family_is_read_from_the_config():
+    assert model_family({"architectures": ["ViTForImageClassification"]}).name == "image-classifier"
+    assert model_family({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}).name == "seq2seq"
+    assert model_family({"architectures": ["DebertaV2Model"]}).name == "encoder"
+    assert model_family({"architectures": ["GPTJForCausalLM"]}).name == "causal-lm"
+    assert model_family({"architectures": ["RobertaForSequenceClassification"]}).name == "classifier"
+    # a multimodal model generates text as a causal LM, and serve and verify agree on it
+    multimodal = architecture({"architectures": ["Gemma3ForConditionalGeneration"]})
+    assert multimodal.family.name == "causal-lm" and multimodal.family.generates_text
+    assert not model_family({"architectures": ["BertModel"]}).generates_text
+
+
+def test_every_entry_is_consistent():
+    for name, entry in ARCHITECTURES.items():
+        assert entry.name == name and entry.family is FAMILIES["causal-lm"]
+        assert architecture({"architectures": [name, "Other"]}) is entry
+        if entry.gguf:
+            assert entry.vllm_layers is not None and "default" in entry.gguf.rope_types
+
+
+@pytest.mark.parametrize("name, modules, expected", [
+    ("LlamaForCausalLM", ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"], ["gate_up_proj", "qkv_proj"]),
+    ("Phi3ForCausalLM", ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.down_proj"],
+     ["down_proj", "qkv_proj"]),
+    ("Phi3ForCausalLM", ["model.layers.0.self_attn.q_proj"], None),  # not a layer of Phi-3's
+    ("PhiForCausalLM", ["model.layers.0.self_attn.q_proj"], None),  # vLLM's names for it not known here
+    ("GPTJForCausalLM", ["transformer.h.0.attn.q_proj"], None),
+])
+def test_vllms_layers_come_from_the_entry(name, modules, expected):
+    assert architecture({"architectures": [name]}).vllm_target_modules(modules) == expected
+
+
+def test_the_shape_is_read_under_any_name():
+    gpt2 = Shape.of({"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 99, "n_positions": 128})
+    assert (gpt2.layers, gpt2.heads, gpt2.kv_heads, gpt2.head_dim, gpt2.vocab, gpt2.positions) == (2, 4, 4, 16, 99, 128)
+    multimodal = Shape.of({"text_config": {"num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                           "hidden_size": 256, "head_dim": 64, "partial_rotary_factor": 0.5}})
+    assert (multimodal.layers, multimodal.kv_heads, multimodal.head_dim, multimodal.rotary_dims) == (3, 2, 64, 32)
+    assert Shape.of({}).head_dim is None
+
+
+def test_phi3s_fused_layers_are_widths_the_genai_builder_could_mistake_for_the_head():
+    from psoft_deploy.converters.genai import builder_refusal
+
+    config = {"architectures": ["Phi3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 192}
+    assert "2 × intermediate_size" in builder_refusal(config)
+    assert builder_refusal({**config, "architectures": ["LlamaForCausalLM"]}) is None
