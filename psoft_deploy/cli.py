@@ -518,7 +518,8 @@ def serve(base, adapters, adapter_root, host, port, cache_dir, log_file, verbose
     host, port = listen_address(host, port, vllm_args)
     check_port(host, port)
     from psoft_deploy.serve.cache import default_cache_dir
-    from psoft_deploy.serve.launcher import default_log_file, plan_serve, run_server
+    from psoft_deploy.serve.plan import plan_serve
+    from psoft_deploy.serve.supervise import default_log_file, run_server
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     # A stop before vLLM starts exits at once (libraries may swallow a KeyboardInterrupt raised in them).

@@ -44,7 +44,7 @@ from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model, reference_model
-from psoft_deploy.serve.launcher import INTERNAL_BASE_NAME, last_error_line, plan_serve
+from psoft_deploy.serve.plan import INTERNAL_BASE_NAME, plan_serve
 from psoft_deploy.serve.preflight import (
     CPU_ATTENTION_HEAD_SIZES,
     KV_MARGIN_BYTES,
@@ -53,6 +53,7 @@ from psoft_deploy.serve.preflight import (
     vllm_flag,
 )
 from psoft_deploy.serve.shared import CORES_FILE
+from psoft_deploy.serve.supervise import last_error_line
 from psoft_deploy.testing import build_tiny_model, llama_modules, write_psoft_adapter
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields"]
@@ -508,32 +509,34 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
 
 
 def test_a_server_that_stops_answering_health_is_stopped_with_its_cause(tmp_path, monkeypatch):
-    from psoft_deploy.serve import launcher
+    from psoft_deploy.serve import supervise
+    from psoft_deploy.serve.plan import ServePlan
 
-    monkeypatch.setattr(launcher, "HEALTH_INTERVAL_S", 0.2)
-    monkeypatch.setattr(launcher, "HEALTH_GRACE_S", 2)
+    monkeypatch.setattr(supervise, "HEALTH_INTERVAL_S", 0.2)
+    monkeypatch.setattr(supervise, "HEALTH_GRACE_S", 2)
     port = free_port()
-    plan = launcher.ServePlan(command=[sys.executable, "-c", HUNG_SERVER, str(port)], env=dict(os.environ),
+    plan = ServePlan(command=[sys.executable, "-c", HUNG_SERVER, str(port)], env=dict(os.environ),
                               base_name="base", dtype="float32")
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(UserError, match=r"vLLM stopped answering /health for 2 s and was stopped: "
                                         r"RuntimeError: the engine hung \(log: .+\)$"):
-        launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
+        supervise.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers, "serve's stop handlers are gone"
     assert not healthy(f"http://127.0.0.1:{port}")
 
 
 def test_a_server_that_never_answers_health_is_stopped_in_one_line(tmp_path, monkeypatch):
-    from psoft_deploy.serve import launcher
+    from psoft_deploy.serve import supervise
+    from psoft_deploy.serve.plan import ServePlan
 
-    monkeypatch.setattr(launcher, "HEALTH_TIMEOUT_S", 2)
+    monkeypatch.setattr(supervise, "HEALTH_TIMEOUT_S", 2)
     port, pid_file = free_port(), tmp_path / "pid"
     never = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(600)"
-    plan = launcher.ServePlan(command=[sys.executable, "-c", never], env=dict(os.environ), base_name="base",
+    plan = ServePlan(command=[sys.executable, "-c", never], env=dict(os.environ), base_name="base",
                               dtype="float32")
     with pytest.raises(UserError, match=rf"^vLLM did not answer http://127.0.0.1:{port}/health within 2 s and "
                                         r"was stopped: no error in its log \(log: .+\)$"):
-        launcher.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
+        supervise.run_server(plan, "127.0.0.1", port, tmp_path / "vllm.log")
     assert not psutil.pid_exists(int(pid_file.read_text()))
 
 

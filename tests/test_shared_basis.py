@@ -20,12 +20,12 @@ from psoft_deploy.errors import UserError
 from psoft_deploy.formats import read_adapter
 from psoft_deploy.model import load_base_model
 from psoft_deploy.psoft import core_in_basis, lora_of_core, shared_basis
-from psoft_deploy.serve.cache import LoraCache
-from psoft_deploy.serve.forms import AdapterForms
-from psoft_deploy.serve.launcher import plan_serve
-from psoft_deploy.serve.preflight import vllm_flag
 from psoft_deploy.serve import cache as cache_module
 from psoft_deploy.serve import shared
+from psoft_deploy.serve.cache import LoraCache
+from psoft_deploy.serve.forms import AdapterForms
+from psoft_deploy.serve.plan import plan_serve
+from psoft_deploy.serve.preflight import vllm_flag
 from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 from psoft_deploy.testing import build_tiny_model
 
