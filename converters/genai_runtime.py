@@ -36,19 +36,6 @@ def is_genai_export(directory: Path) -> bool:
     return (Path(directory) / GENAI_CONFIG).is_file()
 
 
-
-def lora_input_type(export_dir: Path) -> np.dtype:
-    """The float type of an export's LoRA inputs (its adapter files must match it)."""
-    import onnx
-
-    model = onnx.load(str(Path(export_dir) / GRAPH), load_external_data=False)
-    for graph_input in model.graph.input:
-        if graph_input.name.endswith(".lora_A.MatMul.weight"):
-            return float_type(graph_input.type.tensor_type.elem_type)
-    raise UserError(f"{export_dir} has no LoRA inputs (export it with --adapters-as-inputs)")
-
-
-
 def logits_type(export_dir: Path) -> np.dtype:
     """The float type of an export's logits (the graph's float type)."""
     import onnx

@@ -31,7 +31,6 @@ BASE_FILE = "base.gguf"  # the base beside a LoRA GGUF (export-lora --target ggu
 MODELFILE = "Modelfile"
 LORA_TYPES = ("F32", "F16", "BF16", "Q8_0")
 FLOAT_TYPES = ("F32", "F16", "BF16")  # written here; the others by llama.cpp's quantizer
-JUDGED_BY_LOGITS = (*FLOAT_TYPES, "Q8_0")  # lower types are judged by behaviour alone (4-bit-like noise)
 
 
 def llama_cpp(purpose: str = "verifies GGUF files", alternative: str = ", or pass --no-verify"):

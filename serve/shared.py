@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from psoft_deploy.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
-from psoft_deploy.converters.verify.rule import NOISE_FACTOR
+from psoft_deploy.converters.verify.tolerances import basis_bound, core_from_rotation_bound, lora_in_basis_bound
 from psoft_deploy.dtypes import BY_NAME
 from psoft_deploy.errors import UserError
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, PsoftAdapter
@@ -36,7 +36,6 @@ from psoft_deploy.serve.cache import read_back
 
 BASIS_VERSION = b"psoft-deploy/shared-basis/v1"
 CORES_FILE = "psoft_cores.safetensors"  # module name -> k×k core; vLLM alone cannot load it (no adapter_model.*)
-FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -113,10 +112,9 @@ class SharedBasis:
         R = rotation(generators.double(), k, adapter.rotation_spec, *(v.double() if v is not None else None
                                                                         for v in vectors))
         exact = core_of_rotation(R, S, init)
-        # R's rounding in float32 (ε·k·‖R‖), scaled by the largest singular value
         scale = (S[:, 0] * torch.linalg.matrix_norm(R)).clamp_min(1e-300)
         errors = torch.linalg.matrix_norm(cores.double() - exact) / scale
-        tolerance = NOISE_FACTOR * FLOAT32_EPS * k
+        tolerance = core_from_rotation_bound(k)
         worst = int(torch.nan_to_num(errors, nan=torch.inf).argmax())
         error = float(errors[worst])
         if not error <= tolerance:  # NaN included
@@ -147,7 +145,7 @@ class SharedBasis:
                 return None, f"{module} is outside the basis (rank {k}, basis rank {self.rank})"
             U, V, S = (self.tensors[f"{module}.{part}"] for part in "UVS")
             cores[module], residual = core_in_basis(A, B, U[:, :k], V[:, :k])
-            tolerance = self.tolerance(S, k, max(U.shape[0], V.shape[0]))
+            tolerance = lora_in_basis_bound(S, k, max(U.shape[0], V.shape[0]))
             if residual > tolerance:
                 return None, f"residual {residual:.1e} > float32 noise {tolerance:.1e} on {module}"
             worst = max(worst, residual / tolerance)
@@ -182,19 +180,6 @@ class SharedBasis:
                 {module.rsplit(".", 1)[-1] for module in cores}), "psoft_shared": summary, "psoft_basis": self.digest}
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
-    @staticmethod
-    def tolerance(singular_values: torch.Tensor, k: int, dim: int) -> float:
-        """How far from the basis an adapter built by another float32 SVD of the same weight may
-        lie: the SVD's backward error (ε·√dim) and the perturbation of the top-k subspace it
-        causes (Davis–Kahan, ε·σ₁ / (σ_k − σ_k+1)), times NOISE_FACTOR. A gap within that backward
-        error (a rank-deficient weight, tied singular values) leaves the top-k subspace to chance:
-        then only the backward error is allowed."""
-        S = singular_values.double()
-        backward = NOISE_FACTOR * FLOAT32_EPS * dim ** 0.5
-        gap = float(S[k - 1] - S[k]) if k < len(S) else float(S[k - 1])
-        subspace = NOISE_FACTOR * FLOAT32_EPS * float(S[0]) / gap if gap > backward * float(S[0]) else 0.0
-        return backward + subspace
-
     def zero_adapter(self, module: str, cache_root: Path) -> Path:
         """An all-zero 1×1 core on ``module``: the bare base, served as an adapter on CPU (see serve)."""
         entry = Path(cache_root) / f"cores-zero-{self.digest}"
@@ -205,10 +190,10 @@ class SharedBasis:
 
 def check_basis(module: str, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor) -> None:
     """Hold a computed basis to the weight it came from: ``W V = U diag(S)`` and ``UᵀU = VᵀV = I``
-    within float32's backward error (ε·√dim·σ₁, times NOISE_FACTOR); `UserError` otherwise."""
+    within float32's backward error (`basis_bound`); `UserError` otherwise."""
     W, U, V, S = (t.double() for t in (weight, U, V, S))
     r = U.shape[1]
-    tolerance = NOISE_FACTOR * FLOAT32_EPS * max(W.shape) ** 0.5
+    tolerance = basis_bound(max(W.shape))
     eye = torch.eye(r, dtype=W.dtype)
     residual = float(torch.linalg.norm(W @ V - U * S[:r])) / max(float(S[0]) * r ** 0.5, 1e-300)
     orthonormal = max(float(torch.linalg.norm(U.T @ U - eye)), float(torch.linalg.norm(V.T @ V - eye))) / r ** 0.5

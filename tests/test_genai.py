@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from psoft_deploy.converters import genai, genai_runtime
 from psoft_deploy.converters.genai_runtime import GenaiModel, genai_generate
-from psoft_deploy.converters.verify.rule import NOISE_FACTOR
+from psoft_deploy.converters.verify.tolerances import MAX_LOGIT_NOISE
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.factors import load_factors
 from psoft_deploy.generate import read_adapter_file
@@ -85,7 +85,7 @@ def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapte
     with torch.no_grad():
         base_logits, base_float32 = (load_base_model(base, dtype)(input_ids=torch.tensor([tokens])).logits[0]
                                      .double().numpy() for dtype in (torch.float64, torch.float32))
-    tolerance = NOISE_FACTOR * np.abs(base_float32 - base_logits).max()  # float32's noise, measured here
+    tolerance = MAX_LOGIT_NOISE * np.abs(base_float32 - base_logits).max()  # float32's noise, measured here
     for adapter in ("a", None, "b", "a", None, "b"):  # requests in turn, on one loaded model
         logits = model.logits(tokens, adapter)
         expected = merged[adapter].logits(tokens) if adapter else base_logits
@@ -363,7 +363,7 @@ def test_the_demo_model_exports_and_its_graph_equals_the_merged_model(tiny_base,
                       for dtype, model in merged.items()}
         noise = max(noise, np.abs(logits[torch.float32] - logits[torch.float64]).max())
         deviation = max(deviation, np.abs(graph.logits(tokens) - logits[torch.float32]).max())
-    assert deviation <= NOISE_FACTOR * noise, (deviation, noise)
+    assert deviation <= MAX_LOGIT_NOISE * noise, (deviation, noise)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from psoft_deploy.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.converters.lora_format import LoraAdapter
+from psoft_deploy.converters.verify.tolerances import lora_in_basis_bound
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.errors import UserError
 from psoft_deploy.formats import read_adapter
@@ -63,7 +64,7 @@ def test_cores_reproduce_peft_delta_weights_and_only_full_svd_adapters_lie_in_th
         # PEFT's ΔW as a rank-k product in (out, in) layout: exact, so its residual is the basis's alone.
         U_d, S_d, Vh_d = torch.linalg.svd(delta.double())
         core, residual = core_in_basis(Vh_d[:k], U_d[:, :k] * S_d[:k], U[:, :k], V[:, :k])
-        tolerance = SharedBasis.tolerance(S, k, max(weight.shape))
+        tolerance = lora_in_basis_bound(S, k, max(weight.shape))
         if variant in OUTSIDE:
             assert residual > 100 * tolerance, (module, residual, tolerance)
             continue
@@ -102,7 +103,7 @@ def test_cores_straight_from_r_are_the_projection_of_pefts_delta_weights_without
         k = cores[module].shape[0]
         U_d, S_d, Vh_d = torch.linalg.svd(delta.double())  # PEFT's ΔW, projected onto the basis
         projected, _ = core_in_basis(Vh_d[:k], U_d[:, :k] * S_d[:k], U[:, :k], V[:, :k])
-        tolerance = SharedBasis.tolerance(S, k, max(U.shape[0], V.shape[0]))
+        tolerance = lora_in_basis_bound(S, k, max(U.shape[0], V.shape[0]))
         error = (cores[module].double() - projected.double()).norm() / delta.double().norm()
         assert error <= tolerance, (module, float(error), tolerance)
 
@@ -169,7 +170,7 @@ def test_a_subspace_the_weight_does_not_determine_gives_no_allowance():
     generator = torch.Generator().manual_seed(0)
     left, right = torch.randn(64, 2, generator=generator), torch.randn(2, 48, generator=generator)
     U, V, S = shared_basis(left @ right, 4)
-    tolerance = SharedBasis.tolerance(S, 4, 64)
+    tolerance = lora_in_basis_bound(S, 4, 64)
     assert tolerance < 1e-4, tolerance  # the SVD's backward error alone, not σ₁ / (a gap of rounding noise)
     other_U = torch.linalg.qr(torch.cat([U[:, :2], torch.randn(64, 2, generator=generator)], dim=1)).Q
     other_V = torch.linalg.qr(torch.cat([V[:, :2], torch.randn(48, 2, generator=generator)], dim=1)).Q

@@ -26,7 +26,8 @@ from psoft_deploy.psoft import lora_spectrum, truncation_error
 from .inputs import family_outputs, verification_inputs
 from .reference import reference_merged_weight, reference_runs
 from .report import Report
-from .rule import NOISE_FACTOR, compare_logits, dtype_name, judge, lora_factor_errors
+from .rule import compare_logits, dtype_name, judge, lora_factor_errors
+from .tolerances import ROUNDING_NOISE
 
 FULL_MODE_MAX_PARAMETERS = 500_000_000
 
@@ -99,7 +100,7 @@ def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candida
     """A rank-truncated LoRA export is approximate by design: each layer, as PEFT loads it, may be
     no further from the exact ΔW than the optimal rank-k truncation, computed here from the exact
     factors (the SVD of their r×r core, `lora_spectrum`), k being the rank of the layer's stored
-    factors, plus `NOISE_FACTOR` × what rounding the optimal factors to the candidate's dtype costs
+    factors, plus `ROUNDING_NOISE` × what rounding the optimal factors to the candidate's dtype costs
     (measured per layer in this run); all in float64. The export's record of its errors is not
     read. A layer of rank 0 (the bare base) fails."""
     dtype = lora_dtype(LoraAdapter.read(candidate_dir))
@@ -124,7 +125,7 @@ def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candida
         delta = lora_B @ lora_A
         scale = torch.linalg.norm(delta).clamp_min(torch.finfo(torch.float64).tiny)
         rounding = optimal_B.to(dtype).double() @ optimal_A.to(dtype).double() - optimal_B @ optimal_A
-        bound = optimal_error + NOISE_FACTOR * max((torch.linalg.norm(rounding) / scale).item(), torch.finfo(dtype).eps)
+        bound = optimal_error + ROUNDING_NOISE * max((torch.linalg.norm(rounding) / scale).item(), torch.finfo(dtype).eps)
         errors[name] = (torch.linalg.norm(stored_B @ stored_A - delta) / scale).item()
         ratios[name] = errors[name] / bound
         if errors[name] > bound:
@@ -133,7 +134,7 @@ def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candida
     worst = max(ratios, key=ratios.get, default=None)
     return Report("truncated-lora", dtype_name(dtype), "each layer's relative error ≤ the optimal error at the rank "
                   "of its stored factors (from the SVD of the exact factors' r×r core) + "
-                  f"{NOISE_FACTOR:g}× what rounding the optimal factors to {dtype_name(dtype)} costs (measured per "
+                  f"{ROUNDING_NOISE:g}× what rounding the optimal factors to {dtype_name(dtype)} costs (measured per "
                   "layer in this run); a layer of rank 0 fails", failed, {
                       "max_layer_relative_error": max(errors.values(), default=0.0),
                       "worst_layer": worst,
@@ -146,7 +147,7 @@ def verify_truncated_lora(base: BaseCheckpoint, factors: AdapterFactors, candida
 class LayerChecks:
     """Adapted weights checked one layer at a time (the layerwise modes). A candidate weight W'
     is run on random inputs x against the float64 ``(W + ΔW) x`` from the reference layer; its
-    relative error may be at most `NOISE_FACTOR` × that of ``W + ΔW`` rounded to the candidate's
+    relative error may be at most `ROUNDING_NOISE` × that of ``W + ΔW`` rounded to the candidate's
     dtype (at least the dtype's unit roundoff), measured per layer. The bare W is the control:
     if it passed in every layer, the check is inconclusive."""
 
@@ -167,7 +168,7 @@ class LayerChecks:
         def error(candidate_weight: torch.Tensor) -> float:
             return (torch.linalg.norm(candidate_weight.double() @ probe - exact) / torch.linalg.norm(exact)).item()
 
-        bound = NOISE_FACTOR * max(error(merged.to(self.dtype)), torch.finfo(self.dtype).eps / 2)
+        bound = ROUNDING_NOISE * max(error(merged.to(self.dtype)), torch.finfo(self.dtype).eps / 2)
         actual = error(candidate)
         self.layers += 1
         self.indistinct += error(weight) <= bound
@@ -181,7 +182,7 @@ class LayerChecks:
             failed.insert(0, f"{self.worst_layer} is {self.worst_ratio:.3g}× its bound")
         if self.layers and self.indistinct == self.layers:
             failed.append(f"inconclusive: in {name} every adapted layer of the bare base is within its bound too")
-        tolerance = (f"per adapted layer, relative error on random inputs ≤ {NOISE_FACTOR:g}× that of W + ΔW "
+        tolerance = (f"per adapted layer, relative error on random inputs ≤ {ROUNDING_NOISE:g}× that of W + ΔW "
                      f"rounded to {name} (measured per layer in this run); the bare base must fail")
         return Report("layerwise", name, tolerance, failed, {
             "max_layer_relative_error": self.worst_error,
@@ -255,7 +256,7 @@ def verify_mlx_adapter(base: BaseCheckpoint, factors: AdapterFactors, candidate_
     dtypes = {pair[0].dtype for pair in stored.values() if pair is not None}
     return Report("layerwise", dtype_name(min(dtypes, key=str) if dtypes else torch.float32),
                   f"each module's lora_a/lora_b, as mlx-lm's config reaches them, reproduce the exact ΔW within "
-                  f"{NOISE_FACTOR:g}× what rounding them to their dtype costs; read back; not run (mlx does not "
+                  f"{ROUNDING_NOISE:g}× what rounding them to their dtype costs; read back; not run (mlx does not "
                   "run here)", failed, {
                       "candidate": "mlx",
                       "layers_checked": len(errors),

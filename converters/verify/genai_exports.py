@@ -23,7 +23,6 @@ from .reference import outputs_freed
 from .report import Report
 from .rule import (
     LOSSY_PRECISIONS,
-    NOISE_FACTOR,
     STATISTICS,
     bound_factors,
     compare_logits,
@@ -32,6 +31,7 @@ from .rule import (
     lora_factor_errors,
 )
 from .runtimes import judge_in_runtime
+from .tolerances import DECISIVE_MARGIN, MAX_LOGIT_NOISE, ROUNDING_NOISE
 
 
 def verify_genai(base: BaseCheckpoint, factors: AdapterFactors, export_dir: Path, prompts=None, *,
@@ -147,14 +147,14 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
     simulation = dtype_name(simulated) + (" with int4-rounded weights and int8-rounded inputs" if precision == "int4"
                                           else "")
     bounds = bound_factors(truth.numel())
-    rule = (f"by max |Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {bounds['mean_abs_logits']:g}× and (but at int4) "
+    rule = (f"by max |Δ| ≤ {MAX_LOGIT_NOISE:g}×, mean |Δ| ≤ {bounds['mean_abs_logits']:g}× and (but at int4) "
             f"KL ≤ {bounds['kl_divergence']:g}×")
     base_report = _graph_report(
         judge({"truth": truth, "precision": noise, "rounding": None, "bare_base": None},
               compare_logits(truth, actual), precision, prompt_source), precision, reference, simulation,
         f"this graph with every LoRA input at rank 0, run on {prompt_source}, deviates from the base in "
         f"{dtype_name(reference)} {rule} what the base in {simulation} does (measured in this run), with the same "
-        f"top-1 where the margin exceeds {2 * NOISE_FACTOR:g}× that")
+        f"top-1 where the margin exceeds {DECISIVE_MARGIN:g}× that")
     if factors is None:
         return base_report, None
     adapter_report = _graph_report(
@@ -164,7 +164,7 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
         f"this graph with its adapter, run on {prompt_source}, deviates from the reference with the adapter in "
         f"{dtype_name(reference)} {rule} the noise (this graph at rank 0 minus the base, carried onto that "
         f"reference, plus the reference in {simulation}; measured in this run), with the same top-1 where the "
-        f"margin exceeds {2 * NOISE_FACTOR:g}× that; the graph at rank 0 must fail these bounds")
+        f"margin exceeds {DECISIVE_MARGIN:g}× that; the graph at rank 0 must fail these bounds")
     return base_report, adapter_report
 
 
@@ -194,7 +194,7 @@ def verify_base_export(base: BaseCheckpoint, export_dir: Path, prompts=None) -> 
 def verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str,
                        graphs: tuple[Report, Report] | str) -> Report:
     """Each module's LoRA factors as an export holds them (builder layout: transposed) against the
-    exact ΔW, within `NOISE_FACTOR` times the error of rounding the exact factors to their type;
+    exact ΔW, within `ROUNDING_NOISE` times the error of rounding the exact factors to their type;
     with ``graphs``, the runs of the graph at rank 0 and with the adapter (`verify_graph`), or why
     they were not run (then the verdict is FAIL: factors alone do not show the graph computes the
     model)."""
@@ -212,7 +212,7 @@ def verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str,
                                 graphs):
             if graph.failed_checks:
                 failed.append(f"{label}: {', '.join(graph.failed_checks)}")
-    tolerance = (f"each module's LoRA factors in the export reproduce the exact ΔW within {NOISE_FACTOR:g}× what "
+    tolerance = (f"each module's LoRA factors in the export reproduce the exact ΔW within {ROUNDING_NOISE:g}× what "
                  "rounding them to the graph's float type costs, and "
                  + ("the graph runs (not run here)" if isinstance(graphs, str) else
                     f"{graphs[0].tolerance}; and {graphs[1].tolerance}"))

@@ -24,8 +24,12 @@ from psoft_deploy.model import load_base_model
 
 from .inputs import prompt_sequences, verification_inputs
 from .report import Report
-from .rule import GENERATED_TOKENS, NOISE_FACTOR, STATISTICS, bound_factors, compare_logits, judge
+from .rule import STATISTICS, bound_factors, compare_logits, judge
 from .runtimes import Simulation, judge_in_runtime, round_attention
+from .tolerances import DECISIVE_MARGIN, GENERATED_TOKENS, MAX_LOGIT_NOISE
+
+# GGUF types judged by their logits as well as behaviour; lower types by behaviour alone (4-bit-like noise).
+JUDGED_BY_LOGITS = (*gguf.FLOAT_TYPES, "Q8_0")
 
 
 class LlamaCpp:
@@ -68,7 +72,7 @@ def verify_gguf(base: BaseCheckpoint, factors: AdapterFactors, file: Path, promp
     """Verify a GGUF model file, or a LoRA GGUF on the base GGUF beside it (``base.gguf``, as
     ``export-lora --with-base`` writes it) or else on the base written here in the LoRA's type, in
     llama.cpp, in full mode at any size (as torch.onnx graphs): F32, F16, BF16 and Q8_0 by the
-    logits bounds and behaviour, lower types by behaviour alone (`gguf.JUDGED_BY_LOGITS`). The base
+    logits bounds and behaviour, lower types by behaviour alone (`JUDGED_BY_LOGITS`). The base
     GGUF whose run is the noise is first checked against transformers (`verify_base_gguf`)."""
     gguf.llama_cpp()
     quant, adapter = gguf.file_quant(file), gguf.is_adapter(file)
@@ -102,10 +106,10 @@ def verify_gguf(base: BaseCheckpoint, factors: AdapterFactors, file: Path, promp
             base, factors, sequences, prompt_source, precision, runtime,
             names={"candidate": "candidate", "base": "base"},
             base_run=f"the base as a {precision} GGUF, in llama.cpp", stop=stop, float_type=torch.float32,
-            lossy=True, judged_logits=precision in gguf.JUDGED_BY_LOGITS, stored_lora={
+            lossy=True, judged_logits=precision in JUDGED_BY_LOGITS, stored_lora={
                 name: tuple(gguf.rounded(factor, quant) for factor in module.lora())
                 for name, module in factors.modules.items()} if adapter and quant != "F32" else None,
-            simulate=ggml_arithmetic(precision if precision in gguf.JUDGED_BY_LOGITS else "Q8_0"))  # ggml's Q8_K
+            simulate=ggml_arithmetic(precision if precision in JUDGED_BY_LOGITS else "Q8_0"))  # ggml's Q8_K
         base_check = verify_base_gguf(base, checked_logits[0], sequences, gguf.file_quant(checked), prompt_source)
     failed = (report.failed_checks + tokenization
               + [f"the base GGUF vs transformers: {check}" for check in base_check.failed_checks])
@@ -121,11 +125,11 @@ def _base_files(base: BaseCheckpoint, shipped: Path | None, quant: str, scratch:
     written into ``scratch`` as ``quant``, checked as written, or where llama.cpp's quantizer makes
     that type, the F32 file psoft-deploy's writer wrote for it (the quantizer is llama.cpp's own)."""
     if shipped is not None and shipped.is_file():
-        if gguf.file_quant(shipped) not in gguf.JUDGED_BY_LOGITS:
+        if gguf.file_quant(shipped) not in JUDGED_BY_LOGITS:
             raise UserError(f"{shipped} holds {gguf.file_quant(shipped)}; a LoRA GGUF is verified on a base GGUF "
-                            f"beside it of type {', '.join(gguf.JUDGED_BY_LOGITS)} (or none: one is written here)")
+                            f"beside it of type {', '.join(JUDGED_BY_LOGITS)} (or none: one is written here)")
         return shipped, shipped
-    checked_type = quant if quant in gguf.JUDGED_BY_LOGITS else "F32"
+    checked_type = quant if quant in JUDGED_BY_LOGITS else "F32"
     checked = scratch / f"base-{checked_type}.gguf"
     gguf.write_model(base.path, checked, checked_type)
     if checked_type == quant:
@@ -173,10 +177,10 @@ def verify_base_gguf(base: BaseCheckpoint, logits: torch.Tensor, sequences: list
                     "bare_base": None}, compare_logits(truth, logits), quant, prompt_source)
     factors = bound_factors(truth.numel())
     tolerance = (f"the base GGUF ({quant}), run by llama.cpp, deviates from transformers' base in float64 by max "
-                 f"|Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {factors['mean_abs_logits']:g}× and KL ≤ "
+                 f"|Δ| ≤ {MAX_LOGIT_NOISE:g}×, mean |Δ| ≤ {factors['mean_abs_logits']:g}× and KL ≤ "
                  f"{factors['kl_divergence']:g}× what transformers' base in float32 does with its weights and matmul "
                  f"inputs rounded to {quant}, queries, keys and values to F16 (measured in this run), with the same "
-                 f"top-1 where the margin exceeds {2 * NOISE_FACTOR:g}× that")
+                 f"top-1 where the margin exceeds {DECISIVE_MARGIN:g}× that")
     kept = ("prompts", "positions", *STATISTICS, "top1_agreement", "bounds", "decisive_top1_agreement")
     return Report("full", quant, tolerance, report.failed_checks, {key: report.numbers[key] for key in kept})
 

@@ -11,31 +11,29 @@ import torch
 from psoft_deploy.architectures import FAMILIES, Family
 
 from .report import Report
+from .tolerances import (
+    BEHAVIOUR_LOSS,
+    BEHAVIOUR_SLACK,
+    DECISIVE_MARGIN,
+    GENERATED_TOKENS,
+    MAX_LOGIT_NOISE,
+    MEAN_LOGIT_NOISE,
+    ROUNDING_NOISE,
+    STABLE_AVERAGE_VALUES,
+)
 
-# A candidate may deviate from the float64 truth by these multiples of the noise measured in the
-# same run (its precision's own effect plus the rounding of the converted weights): its largest
-# |Δlogit| by NOISE_FACTOR (a single extreme value fluctuates), its mean |Δlogit| by
-# MEAN_NOISE_FACTOR and its mean KL by the square of that (averages over every position and class
-# are stable; a correct candidate measures at 0.6–1.1× the noise). Averages over fewer than
-# STABLE_AVERAGE_VALUES values (a classifier's few logits) are held to NOISE_FACTOR like the max.
-NOISE_FACTOR = 4.0
-MEAN_NOISE_FACTOR = 2.0
-STABLE_AVERAGE_VALUES = 1000
-# Top-1 agreement is judged where the truth's top-1 margin exceeds 2 × NOISE_FACTOR × the noise at
-# that position (more than a correct candidate's deviation can close), if there are this many.
+# Top-1 agreement is judged where the truth's margin is decisive (`DECISIVE_MARGIN`), if there are this many.
 MIN_DECISIVE_POSITIONS = 8
 # Lossy exports (fp16, int4) are also judged by what a user sees (`judge_behaviour`): top-1 decisions
 # and greedy continuations of GENERATED_TOKENS tokens per prompt.
-GENERATED_TOKENS = 16
-BEHAVIOUR_SLACK = {"top-1 decisions": 2, "continuation tokens": GENERATED_TOKENS}
 LOSSY_PRECISIONS = ("fp16", "int4")
 STATISTICS = ("max_abs_logits", "mean_abs_logits", "kl_divergence")
 
 
 def bound_factors(values: int) -> dict[str, float]:
     """The multiple of the measured noise each statistic may reach, over ``values`` compared values."""
-    mean = MEAN_NOISE_FACTOR if values >= STABLE_AVERAGE_VALUES else NOISE_FACTOR
-    return {"max_abs_logits": NOISE_FACTOR, "mean_abs_logits": mean, "kl_divergence": mean ** 2}
+    mean = MEAN_LOGIT_NOISE if values >= STABLE_AVERAGE_VALUES else MAX_LOGIT_NOISE
+    return {"max_abs_logits": MAX_LOGIT_NOISE, "mean_abs_logits": mean, "kl_divergence": mean ** 2}
 
 
 def compare_logits(truth: torch.Tensor, other: torch.Tensor) -> dict:
@@ -73,7 +71,7 @@ def judge(runs: dict, candidate: dict, dtype: torch.dtype | str, prompt_source: 
     decisive = torch.zeros_like(position_noise, dtype=torch.bool)
     if family.distribution and truth.shape[-1] > 1:
         top2 = truth.topk(2, dim=-1).values
-        decisive = (top2[:, 0] - top2[:, 1]) > 2 * NOISE_FACTOR * position_noise
+        decisive = (top2[:, 0] - top2[:, 1]) > DECISIVE_MARGIN * position_noise
     decisive_count = int(decisive.sum())
     decisive_agreement = None
     if decisive_count >= MIN_DECISIVE_POSITIONS:
@@ -92,9 +90,9 @@ def judge(runs: dict, candidate: dict, dtype: torch.dtype | str, prompt_source: 
     noise_source = noise_source or (f"{name} alone: the reference in {name} vs float64, plus the rounding of the "
                                     f"converted weights to {name}")
     kl = f" and KL ≤ {factors['kl_divergence']:g}×" if family.distribution else ""
-    top1 = (f"; top-1 agreement where the float64 margin exceeds {2 * NOISE_FACTOR:g}× that noise (if ≥ "
+    top1 = (f"; top-1 agreement where the float64 margin exceeds {DECISIVE_MARGIN:g}× that noise (if ≥ "
             f"{MIN_DECISIVE_POSITIONS} such positions)" if family.distribution else "")
-    tolerance = (f"max |Δ| ≤ {NOISE_FACTOR:g}×, mean |Δ| ≤ {factors['mean_abs_logits']:g}×{kl} the noise measured in this "
+    tolerance = (f"max |Δ| ≤ {MAX_LOGIT_NOISE:g}×, mean |Δ| ≤ {factors['mean_abs_logits']:g}×{kl} the noise measured in this "
                  f"run ({noise_source}){top1}; the bare base must fail these bounds")
     return Report("full", name, tolerance, failed, {
         "family": family.name,
@@ -134,12 +132,12 @@ def judge_behaviour(logits: dict[str, torch.Tensor], continuations: dict[str, li
                     precision: str) -> dict:
     """What a user of a lossy export sees, against what the precision costs the base alone. Two
     kinds of agreement with the float64 truth: teacher-forced top-1 decisions where its margin
-    exceeds 2×`NOISE_FACTOR` the precision's noise at that position (|Δ| of the graph at rank 0
+    exceeds `DECISIVE_MARGIN`× the precision's noise at that position (|Δ| of the graph at rank 0
     from the base in float64; a near-tie is no evidence), and tokens of greedy continuations
     before they part. The graph at rank 0 (the base at ``precision``) against the
     base in float64 measures what the precision loses and keeps; the candidate against the truth
-    may lose at most `MEAN_NOISE_FACTOR`× as much (plus `BEHAVIOUR_SLACK`: a few decisions, one
-    prompt's continuation) and must keep at least 1/`MEAN_NOISE_FACTOR` as much: a gentle precision
+    may lose at most `BEHAVIOUR_LOSS`× as much (plus `BEHAVIOUR_SLACK`: a few decisions, one
+    prompt's continuation) and must keep at least 1/`BEHAVIOUR_LOSS` as much: a gentle precision
     (fp16) is held by the first bound, a destructive one (int4 on a small model) by the second. The
     bare base is held to the same bounds against the truth; where it passes too, that kind of
     agreement cannot tell the adapter apart (inconclusive). A kind that asks nothing of the
@@ -149,7 +147,7 @@ def judge_behaviour(logits: dict[str, torch.Tensor], continuations: dict[str, li
     list per prompt."""
     top1 = {name: values.argmax(-1) for name, values in logits.items()}
     noise = (logits["graph_base"] - logits["base_truth"]).abs().amax(-1)
-    decisive = {name: margin(logits[name]) > 2 * NOISE_FACTOR * noise for name in ("truth", "base_truth")}
+    decisive = {name: margin(logits[name]) > DECISIVE_MARGIN * noise for name in ("truth", "base_truth")}
 
     def agreement(actual: str, expected: str) -> dict:
         return {"top-1 decisions": int((top1[actual] == top1[expected])[decisive[expected]].sum()),
@@ -165,8 +163,8 @@ def judge_behaviour(logits: dict[str, torch.Tensor], continuations: dict[str, li
     failed, conclusive, checks = [], [], {}
     for kind, total in totals.items():
         precision_kept = kept["precision"][kind] / base_totals[kind] * total  # as a share of the truth's decisions
-        least = max(precision_kept / MEAN_NOISE_FACTOR,
-                    total - MEAN_NOISE_FACTOR * (total - precision_kept) - BEHAVIOUR_SLACK[kind])
+        least = max(precision_kept / BEHAVIOUR_LOSS,
+                    total - BEHAVIOUR_LOSS * (total - precision_kept) - BEHAVIOUR_SLACK[kind])
         checks[kind] = {"of": total, "judged": least > 0, "least": least,
                         **{who: counts[kind] for who, counts in kept.items()}}
         if least <= 0:  # nothing to decide, or nothing any candidate must keep: not judged, never conclusive
@@ -178,8 +176,8 @@ def judge_behaviour(logits: dict[str, torch.Tensor], continuations: dict[str, li
             conclusive.append(kind)
     return {"kept": checks, "failed_checks": failed, "conclusive": conclusive,
             "tolerance": f"behaviour: of the top-1 decisions and {GENERATED_TOKENS}-token greedy continuations of "
-                         f"the float64 truth, the candidate keeps ≥ 1/{MEAN_NOISE_FACTOR:g} of and loses ≤ "
-                         f"{MEAN_NOISE_FACTOR:g}× (+{BEHAVIOUR_SLACK['top-1 decisions']} decisions, +1 continuation) "
+                         f"the float64 truth, the candidate keeps ≥ 1/{BEHAVIOUR_LOSS:g} of and loses ≤ "
+                         f"{BEHAVIOUR_LOSS:g}× (+{BEHAVIOUR_SLACK['top-1 decisions']} decisions, +1 continuation) "
                          "what this graph at rank 0 keeps and loses of the base in float64; the bare base must fall "
                          "short"}
 
@@ -208,7 +206,7 @@ def with_behaviour(report: Report, behaviour: dict, judged_logits: bool | None =
 def lora_factor_errors(factors, stored: dict) -> tuple[list[str], dict[str, float], dict[str, float]]:
     """Each module's LoRA factors as an export stores them, ``stored[module] = (lora_A, lora_B)`` in
     PEFT's layout (r×in, out×r, any scaling folded into lora_B; None: absent), against the exact ΔW
-    of ``factors`` (an `AdapterFactors`), within `NOISE_FACTOR` times the error of rounding the exact
+    of ``factors`` (an `AdapterFactors`), within `ROUNDING_NOISE` times the error of rounding the exact
     factors to the stored type: the failed checks, and per module the relative error and its ratio
     to the bound."""
     failed, errors, ratios = [], {}, {}
@@ -222,7 +220,7 @@ def lora_factor_errors(factors, stored: dict) -> tuple[list[str], dict[str, floa
         exact = lora_B @ lora_A
         scale = torch.linalg.norm(exact).clamp_min(torch.finfo(torch.float64).tiny)
         rounded = lora_B.to(dtype).double() @ lora_A.to(dtype).double()
-        bound = NOISE_FACTOR * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(dtype).eps)
+        bound = ROUNDING_NOISE * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(dtype).eps)
         errors[module] = (torch.linalg.norm(stored_B.double() @ stored_A.double() - exact) / scale).item()
         ratios[module] = errors[module] / bound
         if errors[module] > bound:
