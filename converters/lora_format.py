@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from psoft_deploy.base import BaseCheckpoint, TensorInfo, base_tensor_key, read_headers
+from psoft_deploy.base import BaseCheckpoint, TensorInfo, base_tensor_key, open_safetensors, read_headers
 from psoft_deploy.errors import UserError
 from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
 
@@ -65,8 +65,18 @@ class LoraAdapter:
     def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Write the config and ``tensors`` (keys without PEFT's prefix) into ``directory``."""
         save_file({PEFT_PREFIX + key: tensor.contiguous() for key, tensor in tensors.items()}, directory / ADAPTER_WEIGHTS)
+        self.write_config(directory)
+
+    def write_config(self, directory: Path, **extra) -> None:
+        """Write ``adapter_config.json`` into ``directory``, with psoft-deploy's ``extra`` fields beside PEFT's."""
         config = {spec.name: getattr(self, spec.name) for spec in fields(self) if spec.name not in ("path", "tensors")}
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(WRITTEN_CONFIG | config, indent=2) + "\n")
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(WRITTEN_CONFIG | config | extra, indent=2) + "\n")
+
+    def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each module's (lora_A, lora_B) as stored, read through the header index (errors name the file)."""
+        with open_safetensors(self.path / ADAPTER_WEIGHTS) as handle:
+            return {module: tuple(handle.get_tensor(PEFT_PREFIX + key) for key in lora_keys(module))
+                    for module in self.modules}
 
     @property
     def modules(self) -> list[str]:

@@ -19,15 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from psoft_deploy.base import BaseCheckpoint, base_tensor_key
-from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
+from psoft_deploy.base import BaseCheckpoint, base_tensor_key, open_safetensors, read_headers
+from psoft_deploy.converters.lora_format import LoraAdapter
 from psoft_deploy.converters.verify.tolerances import basis_bound, core_from_rotation_bound, lora_in_basis_bound
 from psoft_deploy.dtypes import BY_NAME
 from psoft_deploy.errors import UserError
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, PsoftAdapter
+from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_json, read_safetensors
 from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import atomic_output_dir
 from psoft_deploy.progress import track
@@ -75,17 +74,16 @@ class SharedBasis:
 
     @property
     def modules(self) -> set[str]:
-        with safe_open(self.path, framework="pt") as handle:
-            return {key.removesuffix(".U") for key in handle.keys() if key.endswith(".U")}
+        return {key.removesuffix(".U") for key in read_headers(self.path) if key.endswith(".U")}
 
     @property
     def rank(self) -> int:
-        with safe_open(self.path, framework="pt") as handle:
+        with open_safetensors(self.path) as handle:
             return int(handle.metadata()["rank"])
 
     @functools.cached_property
     def tensors(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path)
+        return read_safetensors(self.path)
 
     def cores_from_rotations(self, adapter: PsoftAdapter) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The k×k core per module of a PEFT PSOFT adapter straight from its R and the basis's singular
@@ -135,11 +133,9 @@ class SharedBasis:
         lora = LoraAdapter.read(lora_dir)
         if lora.use_dora or lora.modules_to_save or lora.bias != "none" or lora.fan_in_fan_out:
             return None, "a LoRA feature cores do not hold (DoRA, bias, modules_to_save or fan_in_fan_out)"
-        weights = load_file(Path(lora_dir) / ADAPTER_WEIGHTS)
         cores, worst = {}, 0.0
-        for module in lora.modules:
-            key_a, key_b = (PEFT_PREFIX + key for key in lora_keys(module))
-            A, B = weights[key_a].float(), weights[key_b].float() * lora.scaling(module)
+        for module, (A, B) in lora.pairs().items():
+            A, B = A.float(), B.float() * lora.scaling(module)
             k = A.shape[0]
             if f"{module}.U" not in self.tensors or k > self.tensors[f"{module}.U"].shape[1]:
                 return None, f"{module} is outside the basis (rank {k}, basis rank {self.rank})"
@@ -176,9 +172,8 @@ class SharedBasis:
         rank = max(core.shape[0] for core in cores.values())
         with atomic_output_dir(entry, overwrite=True) as staging:
             save_file(cores, staging / CORES_FILE, metadata={"basis": self.digest})
-            config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": sorted(
-                {module.rsplit(".", 1)[-1] for module in cores}), "psoft_shared": summary, "psoft_basis": self.digest}
-            (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            LoraAdapter(r=rank, lora_alpha=rank, target_modules=sorted({module.rsplit(".", 1)[-1] for module in cores})
+                        ).write_config(staging, psoft_shared=summary, psoft_basis=self.digest)
 
     def zero_adapter(self, module: str, cache_root: Path) -> Path:
         """An all-zero 1×1 core on ``module``: the bare base, served as an adapter on CPU (see serve)."""
@@ -204,8 +199,7 @@ def check_basis(module: str, weight: torch.Tensor, U: torch.Tensor, V: torch.Ten
 
 def _basis_modules(entry: Path, modules: list[str]) -> set[str]:
     """The modules of the basis in ``entry``, once it reads back with U, V and S for each of ``modules``."""
-    with safe_open(entry / "basis.safetensors", framework="pt") as handle:
-        keys = set(handle.keys())
+    keys = set(read_headers(entry / "basis.safetensors"))
     missing = {f"{module}.{part}" for module in modules for part in "UVS"} - keys
     if missing:
         raise KeyError(f"no {', '.join(sorted(missing)[:3])}")
@@ -214,8 +208,7 @@ def _basis_modules(entry: Path, modules: list[str]) -> set[str]:
 
 def _cores_summary(entry: Path, modules: list[str]) -> str:
     """The residual summary of the cores in ``entry``, once they read back with a core for each of ``modules``."""
-    with safe_open(entry / CORES_FILE, framework="pt") as handle:
-        missing = set(modules) - set(handle.keys())
+    missing = set(modules) - set(read_headers(entry / CORES_FILE))
     if missing:
         raise KeyError(f"no core for {', '.join(sorted(missing))}")
-    return json.loads((entry / ADAPTER_CONFIG).read_text())["psoft_shared"]
+    return read_json(entry / ADAPTER_CONFIG)["psoft_shared"]

@@ -218,6 +218,19 @@ def test_serve_says_which_adapters_share_the_basis_and_gives_vllm_their_cores(de
         _plan(base, tmp_path, adapters, form="shared")
 
 
+def test_the_basis_holds_the_only_svds_one_per_adapted_weight_for_every_adapter(demo_adapters, tmp_path, monkeypatch):
+    """PEFT adapters' cores come from R over the basis: planning two of them runs one SVD per adapted
+    weight (the basis's), not one per adapter and weight; the next start, from the cache, runs none."""
+    base, adapters = demo_adapters
+    svds = count_calls(monkeypatch, torch.linalg, "svd")
+    plan = _plan(base, tmp_path, {name: adapters[name] for name in ("a", "b")})
+    assert all(plan.served[name].name.startswith("cores-") for name in ("a", "b"))
+    assert len(svds) == 4  # q_proj and v_proj of two layers
+    svds.clear()
+    _plan(base, tmp_path, {name: adapters[name] for name in ("a", "b")})
+    assert svds == []
+
+
 def test_without_the_vllm_internals_every_adapter_is_exact_lora(demo_adapters, tmp_path, caplog, monkeypatch):
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
