@@ -156,13 +156,13 @@ def plan_serve(
     for flag, value in chosen:
         if vllm_flag(vllm_args, flag) is None:
             command += [flag, str(value)]
-    if basis and not cpu and "--enforce-eager" not in vllm_args:
-        command.append("--enforce-eager")  # the core path branches on which slots hold cores
     env = dict(os.environ)
     if basis:
         env["PSOFT_DEPLOY_SHARED_BASIS"] = str(basis.path.absolute())
         if adapter_form == "shared":
             env["PSOFT_DEPLOY_REQUIRE_CORES"] = "1"
+        if not all(servable.cores for servable in prepared.values()):
+            env["PSOFT_DEPLOY_EXACT_LORA"] = "1"  # vLLM's LoRA path runs from the start (see vllm_shared.install)
     if cpu:
         # With a basis, vLLM's LoRA buffers are allocated only once an exact LoRA is loaded (see vllm_shared).
         cores_only = basis is not None and all(servable.cores for servable in prepared.values())
