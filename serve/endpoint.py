@@ -10,7 +10,7 @@ loop, and vLLM loads that; an adapter that cannot be served gets a 400 saying wh
 own loads of the ``--lora-modules`` serve passes at start (`init_static_loras`) pass unchanged.
 
 The handler's method is patched, not the route, so that vLLM's API key check and request validation
-run first. Relies on `RELIED_ON` (vLLM 0.32); a vLLM without it refuses to start rather than serve
+run first. Relies on `RELIED_ON` and `READS` (vLLM 0.32); a vLLM without it refuses to start rather than serve
 the endpoint unrestricted.
 """
 
@@ -29,15 +29,16 @@ from psoft_deploy.serve.resolver import RESOLVER_NAME, directory_inside
 from psoft_deploy.serve.vllm_shared import missing_internals
 
 RELIED_ON = {
-    (OpenAIServingModels, "load_lora_adapter"): ("request", "base_model_name"),
-    (OpenAIServingModels, "__init__"): ("lora_modules",),  # kept as ``static_lora_modules``
-    (LoadLoRAAdapterRequest, "model_copy"): ("update",),
+    (OpenAIServingModels, "load_lora_adapter"): "(self, request, base_model_name)",
+    (OpenAIServingModels, "__init__"): "(self, engine_client, base_model_paths, *, lora_modules)",
+    (LoadLoRAAdapterRequest, "model_copy"): "(self, *, update, deep)",
 }
+READS = {OpenAIServingModels: ("static_lora_modules",), LoadLoRAAdapterRequest: ("lora_name", "lora_path")}
 
 
 def install() -> None:
     """Restrict and extend ``OpenAIServingModels.load_lora_adapter`` in this process (once)."""
-    missing = missing_internals(RELIED_ON)
+    missing = missing_internals(RELIED_ON, READS)
     if missing:
         raise RuntimeError(f"psoft-deploy: {missing}; the load endpoint cannot be restricted to the adapter root")
     load = OpenAIServingModels.load_lora_adapter

@@ -119,16 +119,14 @@ def plan_serve(
     for flag, value in [*limits.items(), ("--dtype", dtype), ("--shutdown-timeout", SHUTDOWN_TIMEOUT_S)]:
         if vllm_flag(vllm_args, flag) is None:
             command += [flag, str(value)]
-    if basis and not cpu and "--enforce-eager" not in vllm_args:
-        command.append("--enforce-eager")  # the core path branches on which slots hold cores
+    cores_only = basis is not None and all(servable.cores for servable in prepared.values())
     if cpu:
         # With a basis, vLLM's LoRA buffers are allocated only once an exact LoRA is loaded (see vllm_shared).
-        cores_only = basis is not None and all(servable.cores for servable in prepared.values())
         command += cpu_memory_args(checkpoint, dtype, vllm_args, 0 if cores_only else limits["--max-loras"],
                                    limits["--max-lora-rank"], free_bytes)
     command += [argument for middleware in _middlewares(cpu, vocab_guard) for argument in ("--middleware", middleware)]
     command += list(vllm_args)
-    env = _environment(checkpoint, base, basis, cpu, vocab_guard, adapter_form, adapter_root, cache_dir,
+    env = _environment(checkpoint, base, basis, cores_only, cpu, vocab_guard, adapter_form, adapter_root, cache_dir,
                        limits["--max-lora-rank"], read_options)
     return ServePlan(command=command, env=env, served=served, base_name=base, dtype=dtype)
 
@@ -140,8 +138,8 @@ def _middlewares(cpu: bool, vocab_guard: int | None) -> list[str]:
     return [f"psoft_deploy.serve.middleware.{name}" for name in [*names, "AdapterMetrics"]]
 
 
-def _environment(checkpoint: BaseCheckpoint, base: str, basis: SharedBasis | None, cpu: bool, vocab_guard: int | None,
-                 adapter_form: str, adapter_root: str | None, cache_dir: Path, max_rank: int,
+def _environment(checkpoint: BaseCheckpoint, base: str, basis: SharedBasis | None, cores_only: bool, cpu: bool,
+                 vocab_guard: int | None, adapter_form: str, adapter_root: str | None, cache_dir: Path, max_rank: int,
                  read_options: ReadOptions) -> dict[str, str]:
     """vLLM's environment: what psoft-deploy's plugin and middlewares read in vLLM's processes."""
     env = dict(os.environ)
@@ -149,6 +147,10 @@ def _environment(checkpoint: BaseCheckpoint, base: str, basis: SharedBasis | Non
         env["PSOFT_DEPLOY_SHARED_BASIS"] = str(basis.path.absolute())
         if adapter_form == "shared":
             env["PSOFT_DEPLOY_REQUIRE_CORES"] = "1"
+        if not cores_only:
+            env["PSOFT_DEPLOY_EXACT_LORA"] = "1"  # vLLM's LoRA path runs from the start (see vllm_shared.install)
+        if not all(servable.cores for servable in prepared.values()):
+            env["PSOFT_DEPLOY_EXACT_LORA"] = "1"  # vLLM's LoRA path runs from the start (see vllm_shared.install)
     if cpu:
         env |= {"VLLM_TARGET_DEVICE": "cpu", "PSOFT_DEPLOY_INTERNAL_NAME": INTERNAL_BASE_NAME,
                 "PSOFT_DEPLOY_BASE_NAME": base}

@@ -6,7 +6,8 @@ environment: ``PSOFT_DEPLOY_ADAPTER_ROOT`` registers the adapter resolver
 ``PSOFT_DEPLOY_SHARED_BASIS`` extends vLLM's LoRA layers to hold
 PSOFT adapters as cores over that basis (`psoft_deploy.serve.vllm_shared`), with
 ``PSOFT_DEPLOY_REQUIRE_CORES`` when an adapter vLLM cannot hold as cores in every module must be
-refused (``--adapter-form shared``)."""
+refused (``--adapter-form shared``), and ``PSOFT_DEPLOY_EXACT_LORA`` when an adapter served at start is exact
+LoRA (the layers holding cores then run vLLM's LoRA path from the start)."""
 
 from __future__ import annotations
 
@@ -26,5 +27,6 @@ def register() -> None:
     if basis and "shared" not in _installed:
         from psoft_deploy.serve import vllm_shared
 
-        vllm_shared.install(basis, require_cores=os.environ.get("PSOFT_DEPLOY_REQUIRE_CORES") == "1")
+        vllm_shared.install(basis, require_cores=os.environ.get("PSOFT_DEPLOY_REQUIRE_CORES") == "1",
+                            exact_lora=os.environ.get("PSOFT_DEPLOY_EXACT_LORA") == "1")
         _installed.add("shared")

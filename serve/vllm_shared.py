@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -37,14 +38,18 @@ from vllm.lora.layers import (
     ReplicatedLinearWithLoRA,
     RowParallelLinearWithLoRA,
 )
+from vllm.config import (CompilationConfig, CompilationMode, CUDAGraphMode, VllmConfig,
+                         get_current_vllm_config_or_none)
+from vllm.lora import utils as lora_utils
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.lora.model_manager import LoRAModelManager
+from vllm.lora.peft_helper import PEFTHelper
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
-from vllm.lora.utils import get_lora_id
+from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
-from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+from vllm.utils import gpu_sync_debug
 
 from psoft_deploy.formats import ADAPTER_WEIGHTS
 from psoft_deploy.psoft import lora_of_core
@@ -54,32 +59,78 @@ from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 # whose output slices are the packed modules' rows, at tensor parallelism 1.
 SHAREABLE_LAYERS = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
                     MergedQKVParallelLinearWithLoRA, RowParallelLinearWithLoRA, ReplicatedLinearWithLoRA)
-# What is relied on: method parameters by name, and attributes.
+# What is relied on: the whole signature (names and kinds, in order) of each vLLM method or function the
+# extension overrides or calls, and the attributes it reads on vLLM's objects.
 RELIED_ON = {
-    (LoRAModelManager, "register_module"): ("module_name", "module"),
-    (LoRAModel, "from_local_checkpoint"): ("lora_dir", "expected_lora_modules", "peft_helper", "lora_model_id", "dtype"),
-    (LoRALayerWeights, "__init__"): ("module_name", "rank", "lora_alpha", "lora_a", "lora_b", "scaling"),
-    (BaseLinearLayerWithLoRA, "_apply_lora_to_output"): ("x", "output"),
-    (BaseLinearLayerWithLoRA, "set_lora"): ("index", "lora_a", "lora_b"),
-    (BaseLinearLayerWithLoRA, "reset_lora"): ("index",),
-    (PunicaWrapperBase, "token_lora_indices"): (),
-    (LRUCacheWorkerLoRAManager, "add_adapter"): ("lora_request",),
-    (LoRAModelManager, "activate_adapter"): ("lora_id",),
-    (LoRAModelManager, "get_adapter"): ("adapter_id",),
+    (LoRAModelManager, "register_module"): "(self, module_name, module)",
+    (LoRAModelManager, "activate_adapter"): "(self, lora_id)",
+    (LoRAModelManager, "get_adapter"): "(self, adapter_id)",
+    (LoRAModel, "from_local_checkpoint"): ("(lora_dir, expected_lora_modules, peft_helper, *, lora_model_id, device, "
+                                           "dtype, model_vocab_size, weights_mapper, skip_prefixes, moe_ep_spec)"),
+    (LoRAModel, "__init__"): "(self, lora_model_id, rank, loras, is_3d_lora_weight, *, modules_to_save)",
+    (LoRALayerWeights, "__init__"): "(self, module_name, rank, lora_alpha, lora_a, lora_b, scaling)",
+    (BaseLinearLayerWithLoRA, "_apply_lora_to_output"): "(self, x, output)",
+    (BaseLinearLayerWithLoRA, "set_lora"): "(self, index, lora_a, lora_b)",
+    (BaseLinearLayerWithLoRA, "reset_lora"): "(self, index)",
+    (LRUCacheWorkerLoRAManager, "add_adapter"): "(self, lora_request)",
+    (lora_utils, "get_lora_id"): "()",
+    (gpu_sync_debug, "gpu_sync_allowed"): "(first_only)",
+}
+READS = {
+    **dict.fromkeys(SHAREABLE_LAYERS, ("lora_a_stacked", "lora_b_stacked", "output_slices", "n_slices", "tp_size",
+                                       "punica_wrapper")),
+    PunicaWrapperBase: ("_token_lora_indices",),
+    LoRAModelManager: ("packed_modules_mapping", "_registered_adapters"),
+    LRUCacheWorkerLoRAManager: ("_adapter_manager",),
+    LoRAModel: ("loras",),
+    LoRARequest: ("lora_int_id", "load_inplace"),
+    PEFTHelper: ("r",),
+    VllmConfig: ("compilation_config",),
+    CompilationConfig: ("mode", "cudagraph_mode"),
 }
 CORE_MARKER = torch.empty(0, 0)  # the lora_a of a module held as a core
 logger = logging.getLogger("vllm.psoft_deploy")  # under vLLM's logger: its lines go to vLLM's log
 
 
-def missing_internals(relied_on: dict = RELIED_ON) -> str | None:
-    """What this vLLM lacks of the internals in ``relied_on`` (by default the extension's; None: nothing)."""
-    for (owner, name), parameters in relied_on.items():
-        member = inspect.getattr_static(owner, name, None)
-        if member is None:
+def missing_internals(relied_on: dict = RELIED_ON, reads: dict = READS) -> str | None:
+    """What this vLLM lacks or changed of the internals in ``relied_on`` (whole signatures) and ``reads``
+    (attributes); by default the extension's. None: nothing."""
+    for (owner, name), expected in relied_on.items():
+        if inspect.getattr_static(owner, name, None) is None:
             return f"vLLM's {owner.__name__}.{name} is gone"
-        if parameters and not set(parameters) <= set(inspect.signature(getattr(owner, name)).parameters):
-            return f"vLLM's {owner.__name__}.{name} no longer takes {', '.join(parameters)}"
+        found = bare_signature(getattr(owner, name))
+        if found != expected:
+            return f"vLLM's {owner.__name__}.{name} is now {found}, psoft-deploy was checked on {expected}"
+    for owner, names in reads.items():
+        for name in names:
+            if not has_attribute(owner, name):
+                return f"vLLM's {owner.__name__} no longer has {name}"
     return None
+
+
+def bare_signature(function) -> str:
+    """``function``'s parameters, names and kinds in order, without annotations or defaults: ``(self, x, *, y)``."""
+    signature = inspect.signature(function)
+    return str(signature.replace(parameters=[p.replace(annotation=p.empty, default=p.empty)
+                                             for p in signature.parameters.values()],
+                                 return_annotation=signature.empty))
+
+
+def has_attribute(owner: type, name: str) -> bool:
+    """Whether instances of ``owner`` have ``name``: a class member, a declared field, or assigned as
+    ``self.name`` in the source of a class it derives from."""
+    if inspect.getattr_static(owner, name, None) is not None:
+        return True
+    assigned = re.compile(rf"\bself\.{name}\s*(:[^=\n]+)?=(?!=)")
+    for klass in owner.__mro__[:-1]:
+        if name in inspect.get_annotations(klass):
+            return True
+        try:
+            if assigned.search(inspect.getsource(klass)):
+                return True
+        except (OSError, TypeError):  # no source: built in
+            continue
+    return False
 
 
 class BasisSlice(NamedTuple):
@@ -94,17 +145,21 @@ class BasisSlice(NamedTuple):
 
 
 class SharedBasisLayer:
-    """Mixed into a vLLM LoRA layer: one basis per slice, a k×k core per LoRA slot and slice."""
+    """Mixed into a vLLM LoRA layer: one basis per slice, a k×k core per LoRA slot and slice.
 
-    def attach_basis(self, manager: LoRAModelManager, bases: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
-        """``bases``: (U, V) per output slice, None where the slice's module is not in the basis;
-        ``manager`` assigns the slots. vLLM's LoRA buffers keep their shapes (vLLM reads them) without
-        their memory until a nonzero exact LoRA is set (`set_lora`)."""
-        self.psoft_manager = manager
-        self.lora_a_stacked, self.lora_b_stacked = (
-            tuple(torch.zeros(1, dtype=t.dtype, device=t.device).expand(t.shape) for t in stacked)
-            for stacked in (self.lora_a_stacked, self.lora_b_stacked))
-        self.psoft_lora_buffers = False
+    The forward runs the same tensor ops for a given number of tokens whatever the slots hold (no branch
+    on slot contents, no host sync), so that torch.compile and CUDA graphs can capture it. Whether it
+    also runs vLLM's LoRA path is the layer's configuration (`psoft_exact_lora`), not the step's."""
+
+    def attach_basis(self, bases: list[tuple[torch.Tensor, torch.Tensor] | None], exact_lora: bool) -> None:
+        """``bases``: (U, V) per output slice, None where the slice's module is not in the basis.
+        ``exact_lora``: the layer runs vLLM's LoRA path too, in vLLM's own buffers; else those keep their
+        shapes (vLLM reads them) without their memory until a nonzero exact LoRA is set (`set_lora`)."""
+        self.psoft_exact_lora = exact_lora
+        if not exact_lora:
+            self.lora_a_stacked, self.lora_b_stacked = (
+                tuple(torch.zeros(1, dtype=t.dtype, device=t.device).expand(t.shape) for t in stacked)
+                for stacked in (self.lora_a_stacked, self.lora_b_stacked))
         slots = self.lora_a_stacked[0].shape[0]
         dtype, device = self.lora_a_stacked[0].dtype, self.lora_a_stacked[0].device
         self.psoft_zero_slot = slots  # tokens without an adapter (-1) read this all-zero core
@@ -121,16 +176,12 @@ class SharedBasisLayer:
                 self.psoft_slices.append(None)
             start += size
         self.psoft_V = torch.cat(columns, dim=1).contiguous() if columns else None
-        self.psoft_core_slots: set[int] = set()
-        self.psoft_lora_slots: set[int] = set()
 
     def reset_lora(self, index: int):
-        if self.psoft_lora_buffers:
+        if self.psoft_exact_lora:
             super().reset_lora(index)
         for piece in filter(None, self.psoft_slices):
             piece.cores[index] = 0
-        self.psoft_core_slots.discard(index)
-        self.psoft_lora_slots.discard(index)
 
     def set_lora(self, index: int, lora_a, lora_b):
         a_list = lora_a if isinstance(lora_a, list) else [lora_a]
@@ -139,12 +190,13 @@ class SharedBasisLayer:
             if not any(t is not None and bool(t.any()) for t in (*a_list, *b_list)):
                 self.reset_lora(index)  # all zero (vLLM's warm-up dummy): nothing to add
                 return
-            if not self.psoft_lora_buffers:  # the first exact LoRA on this layer: vLLM's buffers, for real
+            if not self.psoft_exact_lora:  # the first exact LoRA here, in an eager engine (see `install`)
                 self.lora_a_stacked, self.lora_b_stacked = (tuple(torch.zeros_like(t) for t in stacked)
                                                             for stacked in (self.lora_a_stacked, self.lora_b_stacked))
-                self.psoft_lora_buffers = True
+                self.psoft_exact_lora = True
+            for piece in filter(None, self.psoft_slices):
+                piece.cores[index] = 0
             super().set_lora(index, lora_a, lora_b)
-            self.psoft_lora_slots.add(index)
             return
         self.reset_lora(index)
         for piece, core in zip(self.psoft_slices, b_list):
@@ -152,26 +204,31 @@ class SharedBasisLayer:
                 continue
             if piece is None:
                 raise ValueError("a PSOFT core arrived for a module outside the shared basis")
-            piece.cores[index, :core.shape[0], :core.shape[1]].copy_(core)
-        self.psoft_core_slots.add(index)
+            piece.cores[index, :core.shape[1], :core.shape[0]].copy_(core.T)  # rows of Cᵀ: see `add_cores`
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        # vLLM leaves a deactivated adapter's weights in its slot: only assigned slots count.
-        assigned = self.psoft_manager.lora_index_to_id
-        if any(assigned[index] is not None for index in self.psoft_lora_slots):
+        if self.psoft_exact_lora:
             output = super()._apply_lora_to_output(x, output)
-        if not self.psoft_core_slots:
+        if self.psoft_V is None:
             return output
         flat_x, flat_out = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
-        slots = self.punica_wrapper.token_lora_indices
-        slots = torch.where(slots < 0, self.psoft_zero_slot, slots)
+        # vLLM's slot per token, read for this step's tokens (its own padding included) from its buffer
+        slots = self.punica_wrapper._token_lora_indices[:flat_x.shape[0]]
+        slots = torch.where((slots >= 0) & (slots < self.psoft_zero_slot), slots, self.psoft_zero_slot)
         coordinates = flat_x.to(self.psoft_V.dtype) @ self.psoft_V  # x·V for every slice at once
-        for piece in filter(None, self.psoft_slices):
-            start, size, offset, U_t, cores = piece
-            rank = cores.shape[-1]
-            mixed = torch.bmm(cores[slots], coordinates[:, offset:offset + rank, None])[:, :, 0]
+        for start, size, offset, U_t, cores in filter(None, self.psoft_slices):
+            mixed = add_cores(coordinates[:, offset:offset + cores.shape[-1]], cores, slots)
             flat_out[:, start:start + size].addmm_(mixed.to(flat_out.dtype), U_t.to(flat_out.dtype))
         return output
+
+
+def add_cores(coordinates: torch.Tensor, cores_t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``C[slot] · coordinates`` per token, with ``cores_t[slot]`` holding Cᵀ: one weighted sum of the
+    slot's k rows per token (an embedding bag), never a per-token copy of its core. Extra memory O(tokens·k)."""
+    rank = cores_t.shape[-1]
+    rows = slots[:, None] * rank + torch.arange(rank, device=slots.device)
+    return torch.nn.functional.embedding_bag(rows, cores_t.view(-1, rank), mode="sum",
+                                             per_sample_weights=coordinates.contiguous())
 
 
 _SHARED_CLASSES: dict[type, type] = {}
@@ -201,15 +258,26 @@ def why_no_cores(layer, packed: list[str], bases: list) -> str | None:
     return None
 
 
-def install(basis_path: str, require_cores: bool = False) -> None:
+def eager(config) -> bool:
+    """Whether the engine of ``config`` runs its forward eagerly: neither torch.compile nor CUDA graphs."""
+    return config is not None and (config.compilation_config.mode, config.compilation_config.cudagraph_mode) == (
+        CompilationMode.NONE, CUDAGraphMode.NONE)
+
+
+def install(basis_path: str, require_cores: bool = False, exact_lora: bool = False) -> None:
     """Extend vLLM's LoRA loading and layers in this process with the basis in ``basis_path``.
     Which modules hold cores is decided here, from the layers vLLM builds (`why_no_cores`); a
     module whose layer holds none gets its exact LoRA, or, with ``require_cores``, refuses the
-    adapter on load. Every layer it extends allocates vLLM's LoRA buffers only for a nonzero exact LoRA."""
+    adapter on load. With ``exact_lora`` (an adapter served at start is exact LoRA) every layer it
+    extends runs vLLM's LoRA path from the start; else only cores, and vLLM's LoRA buffers get their
+    memory when a nonzero exact LoRA first arrives in the layer: only in an eager engine, since a
+    compiled or captured forward would not see the change (elsewhere such an adapter is refused on load)."""
     shared = SharedBasis(Path(basis_path))
     names = shared.modules
     held: set[str] = set()  # modules whose layer holds their cores
     not_held: dict[str, str] = {}  # module -> its layer, and why it holds no cores
+    extended: set[str] = set()  # modules of the layers it extends
+    engine = {"switches": exact_lora}  # whether an exact LoRA may reach a layer that holds cores
 
     def module_basis(name: str):
         return (shared.tensors[f"{name}.U"], shared.tensors[f"{name}.V"]) if name in names else None
@@ -228,13 +296,15 @@ def install(basis_path: str, require_cores: bool = False) -> None:
             return
         # Extended even outside the basis: vLLM's LoRA buffers are then allocated only for an exact LoRA.
         module.__class__ = _shared_class(type(module))
-        module.attach_basis(self, bases)
+        module.attach_basis(bases, exact_lora)
         held.update(in_basis)
+        extended.update(packed)
+        engine["switches"] = exact_lora or eager(get_current_vllm_config_or_none())
         logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
 
     load_checkpoint = LoRAModel.from_local_checkpoint.__func__
 
-    def load_cores(cls, lora_dir, expected_lora_modules, *args, peft_helper, lora_model_id=None, dtype=None, **kwargs):
+    def load_cores(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None, dtype=None, **kwargs):
         """Cores serve wrote (``psoft_cores.safetensors``), or those of a LoRA adapter loaded
         through vLLM (its load endpoint) that lies in the basis; else vLLM's own loader. A module
         whose layer holds no cores gets its exact LoRA, read off the pair: ``(V_kᵀ, U_k·C)``."""
@@ -248,8 +318,12 @@ def install(basis_path: str, require_cores: bool = False) -> None:
             cores, why = shared.cores_of(Path(lora_dir)) if (Path(lora_dir) / ADAPTER_WEIGHTS).is_file() else (None, "")
             logger.info("psoft-deploy: %s loaded as %s (%s)", lora_dir, "cores" if cores else "exact LoRA", why)
         if cores is None:
-            return load_checkpoint(cls, lora_dir, expected_lora_modules, *args, peft_helper=peft_helper,
-                                   lora_model_id=lora_model_id, dtype=dtype, **kwargs)
+            lora = load_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, lora_model_id=lora_model_id,
+                                   dtype=dtype, **kwargs)
+            if not engine["switches"] and extended & set(lora.loras):
+                raise ValueError(f"{lora_dir}: an exact LoRA cannot join layers that hold only cores in a compiled "
+                                 "or graph-captured engine; serve it at start, or pass --enforce-eager")
+            return lora
         outside = sorted(set(cores) - names)
         if outside:
             raise ValueError(f"{lora_dir} has cores for modules outside the shared basis: {', '.join(outside)}")
@@ -275,7 +349,7 @@ def install(basis_path: str, require_cores: bool = False) -> None:
                 lora_a, lora_b = (t if t is CORE_MARKER else t.to(dtype) for t in (lora_a, lora_b))
             loras[name] = LoRALayerWeights(module_name=name, rank=core.shape[0], lora_alpha=core.shape[0],
                                            lora_a=lora_a, lora_b=lora_b, scaling=1.0)
-        return cls(get_lora_id() if lora_model_id is None else lora_model_id, peft_helper.r, loras)
+        return cls(lora_utils.get_lora_id() if lora_model_id is None else lora_model_id, peft_helper.r, loras)
 
     add_adapter = LRUCacheWorkerLoRAManager.add_adapter
 
@@ -285,7 +359,7 @@ def install(basis_path: str, require_cores: bool = False) -> None:
         manager = self._adapter_manager
         if lora_request.load_inplace or lora_request.lora_int_id not in manager._registered_adapters:
             return add_adapter(self, lora_request)
-        with gpu_sync_allowed():  # vLLM's own branch for a registered adapter
+        with gpu_sync_debug.gpu_sync_allowed():  # vLLM's own branch for a registered adapter
             loaded = manager.get_adapter(lora_request.lora_int_id) is not None
             manager.activate_adapter(lora_request.lora_int_id)
         return loaded
