@@ -149,8 +149,6 @@ def _environment(checkpoint: BaseCheckpoint, base: str, basis: SharedBasis | Non
             env["PSOFT_DEPLOY_REQUIRE_CORES"] = "1"
         if not cores_only:
             env["PSOFT_DEPLOY_EXACT_LORA"] = "1"  # vLLM's LoRA path runs from the start (see vllm_shared.install)
-        if not all(servable.cores for servable in prepared.values()):
-            env["PSOFT_DEPLOY_EXACT_LORA"] = "1"  # vLLM's LoRA path runs from the start (see vllm_shared.install)
     if cpu:
         env |= {"VLLM_TARGET_DEVICE": "cpu", "PSOFT_DEPLOY_INTERNAL_NAME": INTERNAL_BASE_NAME,
                 "PSOFT_DEPLOY_BASE_NAME": base}
