@@ -41,6 +41,10 @@ from .train import (BITS, AdapterCheckpointTrainer, check_data, check_rank, chec
 # The options a job may set for itself; the others (base, targets, PSOFT switches, batch) all jobs share.
 JOB_OPTIONS = ("r", "psoft_alpha", "learning_rate", "max_steps", "num_train_epochs", "seed", "dataset_split",
                "dataset_text_field", "max_length", "assistant_only_loss", "completion_only_loss")
+# Jobs a forward by default. The memory a forward holds grows with its jobs (their activations), its speed does
+# not beyond a few: 8 small jobs ran as fast 4 a forward as all 8 in one, at 1.29x one run alone's peak memory
+# against 1.63x (docs/benchmarks.md), within the 1.5x a run of jobs is meant to stay under.
+JOBS_PER_FORWARD = 4
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -69,7 +73,7 @@ def train_jobs(args: argparse.Namespace) -> Path:
     for job in jobs:
         job.prepare(model, layers, base, tokenizer)
     start = time.perf_counter()
-    failed = train_together(model, jobs, tokenizer.pad_token_id or 0, args.jobs_per_forward or len(jobs),
+    failed = train_together(model, jobs, tokenizer.pad_token_id or 0, args.jobs_per_forward or JOBS_PER_FORWARD,
                             lambda job: job.save(base, layers, tokenizer, start))
     jobs[0].trainer.accelerator.wait_for_everyone()  # the first process may still be writing
     if failed:

@@ -122,6 +122,23 @@ def test_four_jobs_together_equal_each_trained_alone(tiny_base, datasets, tmp_pa
     assert min(relative(deltas[x], deltas[y]) for x, y in (("a", "c"), ("b", "d"))) > 0.1  # the jobs differ
 
 
+def test_by_default_a_forward_holds_four_jobs_at_most(tiny_base, datasets, tmp_path, monkeypatch):
+    """Without --jobs_per_forward, five jobs take a forward of four and one of one (the activations a forward holds,
+    and so the run's memory, grow with its jobs)."""
+    forwards, forward_backward = [], train_jobs.forward_backward
+
+    def recording(model, jobs, *args):
+        forwards.append([job.name for job in jobs])
+        return forward_backward(model, jobs, *args)
+
+    monkeypatch.setattr(train_jobs, "forward_backward", recording)
+    jobs = [{"name": f"job{i}", "data_path": str(datasets[i % 3])} for i in range(5)]
+    result = run(*common(tiny_base("llama"), "--max_steps", 1), "--jobs", write_jobs(tmp_path / "jobs.jsonl", jobs),
+                 "--output_dir", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert forwards == [["job0", "job1", "job2", "job3"], ["job4"]]
+
+
 def test_a_job_that_ends_earlier_is_written_when_it_ends(tiny_base, datasets, tmp_path, monkeypatch):
     base = tiny_base("llama")
     steps_done, written = [0], {}
@@ -183,7 +200,8 @@ def test_two_jobs_under_torchrun_equal_each_trained_alone_under_torchrun(tiny_ba
     deltas = {}
     for job in jobs:
         options = [item for key, value in job.items() if key != "name" for item in (f"--{key}", value)]
-        alone = torchrun("-m", "psoft_deploy", "--", *shared, *options, "--output_dir", tmp_path / "alone" / job["name"])
+        alone = torchrun("-m", "psoft_deploy", "--", *shared, *options, "--output_dir",
+                         tmp_path / "alone" / job["name"])
         assert alone.returncode == 0, alone.stderr[-3000:]
         deltas[job["name"]] = delta_weights(base, tmp_path / "together" / job["name"])
         assert relative(deltas[job["name"]], delta_weights(base, tmp_path / "alone" / job["name"])) <= 1e-4
