@@ -5,7 +5,7 @@ The base is loaded once and each adapted weight has one SVD, at the jobs' larges
 Each job keeps what makes its run alone: TRL's `SFTTrainer` on its own options draws its batches (tokenization,
 collation, seeded order), builds its optimizer and schedule, and counts its tokens. A step pads every unfinished
 job's batch to one length on the right (attention mask 0, labels -100: no real token's result changes), runs one
-forward (or one per --jobs_per_forward jobs), takes each job's loss on its own rows as TRL computes it alone,
+forward per --jobs_per_forward jobs (default 4), takes each job's loss on its own rows as TRL computes it alone,
 and backpropagates their sum: each job's R gets gradients from its own rows only. Then each job clips and steps
 as its trainer would. A job is written by `save_outputs` when it ends; one whose loss is not finite stops alone.
 
