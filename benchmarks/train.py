@@ -7,7 +7,7 @@ its own process, which reports its median optimizer-step time after two warm-up 
 data preparation and the SVDs excluded), its peak RSS when training ends and its final loss.
 
 With ``--jobs``: 8 small jobs (48 examples each, 24 steps) on a ~10M-parameter Llama (320×8, fp32), r = 16
-on q_proj and v_proj, as one `train --jobs` process (all jobs in one forward, and 4 a forward), as 8 `train`
+on q_proj and v_proj, as one `train --jobs` process (by default, 4 jobs a forward, and all 8 in one), as 8 `train`
 processes, and as 8 processes of PEFT + TRL (the anchor), interleaved; wall time from process start to
 written outputs, and peak RSS of each process.
 
@@ -110,8 +110,9 @@ JOB_OPTIONS = ["--max_length", "128", "--per_device_train_batch_size", "2", "--l
 
 
 def job_side(side: str, work: Path) -> None:
-    """One process of the --jobs comparison: all jobs at once ('together:N', N jobs a forward), one job alone
-    ('alone:I') or one job by PEFT + TRL ('peft:I'); prints its peak RSS."""
+    """One process of the --jobs comparison: all jobs at once ('together:N', N jobs a forward; 'together:default',
+    --jobs_per_forward left out), one job alone ('alone:I') or one job by PEFT + TRL ('peft:I'); prints its peak
+    RSS."""
     from psoft_deploy.train import train
     from psoft_deploy.train_args import parse
     from psoft_deploy.train_jobs import train_jobs
@@ -120,7 +121,8 @@ def job_side(side: str, work: Path) -> None:
     common = ["--base_model_name_or_path", str(work / "base"), *JOB_OPTIONS]
     data, output = work / f"job{number}.txt", work / kind / f"job{number}"
     if kind == "together":
-        train_jobs(parse([*common, "--jobs", str(work / "jobs.jsonl"), "--jobs_per_forward", number, "--output_dir",
+        per_forward = [] if number == "default" else ["--jobs_per_forward", number]
+        train_jobs(parse([*common, "--jobs", str(work / "jobs.jsonl"), *per_forward, "--output_dir",
                           str(work / f"together-{number}")]))
     elif kind == "alone":
         train([*common, "--data_path", str(data), "--output_dir", str(output)])
@@ -130,7 +132,7 @@ def job_side(side: str, work: Path) -> None:
 
 
 def compare_jobs() -> None:
-    """8 jobs: `train --jobs` (all in one forward, and 4 a forward) against the 8 runs alone and against PEFT +
+    """8 jobs: `train --jobs` (by default, and all in one forward) against the 8 runs alone and against PEFT +
     TRL 8 times, in one run; wall time of each process from its start to its outputs, summed per side."""
     import time
 
@@ -138,6 +140,7 @@ def compare_jobs() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from psoft_deploy.testing import build_tokenizer, bundled_text
+    from psoft_deploy.train_jobs import JOBS_PER_FORWARD
 
     def run(side: str) -> dict:
         start = time.perf_counter()
@@ -171,13 +174,14 @@ def compare_jobs() -> None:
             for runs, side in pair if index % 2 == 0 else pair[::-1]:
                 runs.append(run(side))
             if index in (2, 5):
-                count = JOBS if index == 2 else 4
-                together[count] = run(f"together:{count}")
+                label, side = ((f"train --jobs (default: {JOBS_PER_FORWARD} a forward)", "together:default")
+                               if index == 2 else (f"train --jobs, {JOBS} jobs a forward", f"together:{JOBS}"))
+                together[label] = [run(side)]
     print(f"{JOBS} jobs × {JOB_EXAMPLES} examples, {JOB_STEPS} steps (batch 2, ≤128 tokens), Llama 320×8 "
           f"({parameters / 1e6:.1f}M parameters, fp32), PSOFT r=16 on q_proj, v_proj, "
           f"torch threads={torch.get_num_threads()}")
     rows = [(f"PEFT + TRL, {JOBS} processes (anchor)", peft), (f"psoft-deploy train, {JOBS} processes", alone),
-            *((f"train --jobs, {count} jobs a forward", [together[count]]) for count in together)]
+            *together.items()]
     seconds = {label: sum(r["seconds"] for r in runs) for label, runs in rows}
     rss = {label: max(r["peak_rss"] for r in runs) for label, runs in rows}
     (anchor, _), (single, _) = rows[:2]

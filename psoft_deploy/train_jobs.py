@@ -5,17 +5,19 @@ The base is loaded once and each adapted weight has one SVD, at the jobs' larges
 Each job keeps what makes its run alone: TRL's `SFTTrainer` on its own options draws its batches (tokenization,
 collation, seeded order), builds its optimizer and schedule, and counts its tokens. A step pads every unfinished
 job's batch to one length on the right (attention mask 0, labels -100: no real token's result changes), runs one
-forward (or one per --jobs_per_forward jobs), takes each job's loss on its own rows as TRL computes it alone,
+forward per --jobs_per_forward jobs (default 4), takes each job's loss on its own rows as TRL computes it alone,
 and backpropagates their sum: each job's R gets gradients from its own rows only. Then each job clips and steps
 as its trainer would. A job is written by `save_outputs` when it ends; one whose loss is not finite stops alone.
+
+Under torchrun each process draws its shard of every job's batches from the job's trainer (accelerate), as that
+job's run alone under torchrun does, and each job's gradients are averaged over the processes as DDP averages them
+(the loss scaled as TRL scales it for DDP); the processes stop a job together, and only the first writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import re
 import time
 from contextlib import contextmanager, suppress
@@ -32,13 +34,17 @@ from .formats import ADAPTER_WEIGHTS
 from .layer import PsoftJobsLinear, PsoftRotation, replace_module
 from .progress import track, warning
 from .psoft import singular_triplets
-from .train import (BITS, AdapterCheckpointTrainer, check_data, check_rank, load_data, psoft_config,
-                    rotation_spec, save_outputs, sft_config, subspace_spec, targeted_linears, training_summary,
-                    warn_if_pad_is_eos)
+from .train import (BITS, AdapterCheckpointTrainer, check_data, check_rank, check_ranks_agree, load_data,
+                    psoft_config, rotation_spec, save_outputs, sft_config, subspace_spec, targeted_linears,
+                    training_summary, warn_if_pad_is_eos)
 
 # The options a job may set for itself; the others (base, targets, PSOFT switches, batch) all jobs share.
 JOB_OPTIONS = ("r", "psoft_alpha", "learning_rate", "max_steps", "num_train_epochs", "seed", "dataset_split",
                "dataset_text_field", "max_length", "assistant_only_loss", "completion_only_loss")
+# Jobs a forward by default. The memory a forward holds grows with its jobs (their activations), its speed does
+# not beyond a few: 8 small jobs ran as fast 4 a forward as all 8 in one, at 1.29x one run alone's peak memory
+# against 1.63x (docs/benchmarks.md), within the 1.5x a run of jobs is meant to stay under.
+JOBS_PER_FORWARD = 4
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -51,21 +57,25 @@ def train_jobs(args: argparse.Namespace) -> Path:
 
     from .model import load_base_model
 
-    base = BaseCheckpoint(args.base_model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    for job in jobs:
-        with job.errors():
-            job.data, job.data_format = check_data(load_data(job.args.data_path, job.args.dataset_split), job.args,
-                                                   tokenizer)
-    warn_if_pad_is_eos(tokenizer)
-    device = sft_config(args).device
-    model = load_base_model(base.path, BITS[args.bits]).to(device)
+    config = sft_config(args)
+    with config.main_process_first(desc="loading the data and the base"):
+        base = BaseCheckpoint(args.base_model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(base.path)
+        for job in jobs:
+            with job.errors():
+                job.data, job.data_format = check_data(load_data(job.args.data_path, job.args.dataset_split),
+                                                       job.args, tokenizer)
+    if config.process_index == 0:
+        warn_if_pad_is_eos(tokenizer)
+    model = load_base_model(base.path, BITS[args.bits]).to(config.device)
     layers = adapt_jobs(model, args, jobs)
+    check_ranks_agree(layers)
     for job in jobs:
         job.prepare(model, layers, base, tokenizer)
     start = time.perf_counter()
-    failed = train_together(model, jobs, tokenizer.pad_token_id or 0, args.jobs_per_forward or len(jobs),
+    failed = train_together(model, jobs, tokenizer.pad_token_id or 0, args.jobs_per_forward or JOBS_PER_FORWARD,
                             lambda job: job.save(base, layers, tokenizer, start))
+    jobs[0].trainer.accelerator.wait_for_everyone()  # the first process may still be writing
     if failed:
         raise UserError(f"{len(failed)} of {len(jobs)} jobs stopped (loss not finite: {', '.join(failed)}); the "
                         f"others are written in {args.output_dir}")
@@ -75,8 +85,6 @@ def train_jobs(args: argparse.Namespace) -> Path:
 def refuse_unsupported(args: argparse.Namespace) -> None:
     """What --jobs cannot train as each job's run alone would, refused in one line."""
     refusals = [
-        (int(os.environ.get("WORLD_SIZE", "1")) > 1, "--jobs runs in one process: start it without torchrun "
-                                                     "(the jobs already share one forward)"),
         (args.psoft_svd != "full", "--jobs needs --psoft_svd full: the jobs share one basis, and only the full "
                                    "SVD's singular vectors are the same (nested) for every rank"),
         (args.packing, "--packing with --jobs: packed batches carry no padding to share a forward with other "
@@ -219,10 +227,13 @@ class Job:
                 yield batches, num_items, epoch + drawn / steps_in_epoch
 
     def loss(self, log_probs: torch.Tensor, mask: torch.Tensor, micro_batches: int, num_items) -> torch.Tensor:
-        """SFTTrainer's loss of this job's rows (its ``compute_loss`` and ``training_step``)."""
+        """SFTTrainer's loss of this job's rows (its ``compute_loss`` and ``training_step``): under torchrun
+        ``num_items`` counts every process's tokens, and the loss is scaled by the processes that DDP averages."""
         trainer = self.trainer
         tokens = mask.sum() if num_items is None else num_items
         loss = -log_probs.sum() / torch.as_tensor(tokens).clamp(min=1)
+        if trainer.args.average_tokens_across_devices and num_items is not None:
+            loss = loss * trainer.accelerator.num_processes
         scaled = trainer.loss_is_scaled_for_ga
         if scaled is None:
             counted = trainer.model_accepts_loss_kwargs and num_items is not None
@@ -239,8 +250,8 @@ class Job:
         trainer.optimizer.zero_grad()
         state.global_step, state.epoch = state.global_step + 1, epoch
         self.window = self.window + step_loss
-        if state.global_step % state.logging_steps == 0:
-            window, self.window = self.window.item(), torch.tensor(0.0)
+        if state.global_step % state.logging_steps == 0:  # the processes' mean, as Trainer logs it
+            window, self.window = trainer.accelerator.reduce(self.window, "mean").item(), torch.tensor(0.0)
             trainer.log({"loss": window / state.logging_steps, "grad_norm": grad_norm.item(),
                          "learning_rate": learning_rate})
             self.total += window
@@ -259,7 +270,9 @@ class Job:
         return self.failed or self.trainer.state.global_step == self.trainer.state.max_steps
 
     def save(self, base: BaseCheckpoint, layers: dict[str, PsoftJobsLinear], tokenizer, start: float) -> None:
-        """This job's outputs, exactly what its run alone writes (`save_outputs`)."""
+        """This job's outputs, exactly what its run alone writes (`save_outputs`), by the first process only."""
+        if not self.trainer.is_world_process_zero():
+            return
         state, scale = self.trainer.state, self.args.psoft_alpha / self.args.r
         own = {name: layer.job(self.index, scale) for name, layer in layers.items()}
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
@@ -275,8 +288,11 @@ def train_together(model: nn.Module, jobs: list[Job], pad_id: int, per_forward: 
     ``finished(job)`` as each ends. Returns the names of the jobs stopped by a loss that is not finite."""
     model.train()
     active, failed = list(jobs), []
-    progress = track(total=max(job.trainer.state.max_steps for job in jobs), desc=f"training {len(jobs)} adapters",
-                     unit="step")
+    accelerator = jobs[0].trainer.accelerator
+    main = accelerator.is_main_process
+    if main:
+        progress = track(total=max(job.trainer.state.max_steps for job in jobs),
+                         desc=f"training {len(jobs)} adapters", unit="step")
     while active:
         drawn = {job: next(job.batches) for job in active}
         step_loss = dict.fromkeys(active, 0.0)
@@ -287,25 +303,29 @@ def train_together(model: nn.Module, jobs: list[Job], pad_id: int, per_forward: 
                     if loss is None:
                         job.stop()
                         failed.append(job.name)
-                        warning(f"job {job.name!r} stopped at step {job.trainer.state.global_step + 1}: its loss is "
-                                "not finite (lower its learning_rate); its adapter is not written")
+                        if main:
+                            warning(f"job {job.name!r} stopped at step {job.trainer.state.global_step + 1}: its loss "
+                                    "is not finite (lower its learning_rate); its adapter is not written")
                     else:
                         step_loss[job] = step_loss[job] + loss
-        for job in active:
-            if not job.failed:
-                job.update(step_loss[job], drawn[job][2])
-        progress.update()
+        stepping = [job for job in active if not job.failed]
+        average_gradients(accelerator, [parameter for job in stepping for parameter in job.parameters])
+        for job in stepping:
+            job.update(step_loss[job], drawn[job][2])
+        if main:
+            progress.update()
         for job in active:
             if job.done and not job.failed:
                 finished(job)
         active = [job for job in active if not job.done]
-    progress.close()
+    if main:
+        progress.close()
     return failed
 
 
 def forward_backward(model: nn.Module, jobs: list[Job], drawn: dict, micro: int, pad_id: int) -> dict:
     """One forward of these jobs' micro-batch ``micro`` together, and the backward of their losses' sum; returns
-    each job's loss (None where it is not finite, left out of the backward)."""
+    each job's loss (None where it is not finite, in any process: left out of the backward)."""
     rows = next(module for module in model.modules() if isinstance(module, PsoftJobsLinear)).rows
     batches = [drawn[job][0][micro] for job in jobs]
     rows[:] = [0] * len(rows)
@@ -316,12 +336,24 @@ def forward_backward(model: nn.Module, jobs: list[Job], drawn: dict, micro: int,
     losses = {}
     for job, log_probs, mask in zip(jobs, outputs.log_probs.split(counts), outputs.label_mask.split(counts)):
         batches_drawn, num_items, _ = drawn[job]
-        loss = job.loss(log_probs, mask, len(batches_drawn), num_items)
-        losses[job] = loss if math.isfinite(loss.item()) else None
-    finite = [loss for loss in losses.values() if loss is not None]
-    if finite:
-        sum(finite).backward()
-    return {job: None if loss is None else loss.detach() for job, loss in losses.items()}
+        losses[job] = job.loss(log_probs, mask, len(batches_drawn), num_items)
+    # Under torchrun a job stops where its loss is not finite in any process: all decide alike (their maximum).
+    not_finite = torch.stack([~loss.isfinite() for loss in losses.values()]).float()
+    stops = jobs[0].trainer.accelerator.reduce(not_finite, "max").tolist()
+    kept = {job: loss for (job, loss), stop in zip(losses.items(), stops) if not stop}
+    if kept:
+        sum(kept.values()).backward()
+    return {job: kept[job].detach() if job in kept else None for job in losses}
+
+
+def average_gradients(accelerator, parameters: list[nn.Parameter]) -> None:
+    """Under torchrun, each gradient averaged over the processes in one all-reduce, as DDP averages a run alone's."""
+    if accelerator.num_processes == 1 or not parameters:
+        return
+    flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in parameters])
+    flat = accelerator.reduce(flat, "mean")
+    for parameter, gradient in zip(parameters, flat.split([p.numel() for p in parameters])):
+        parameter.grad = gradient.view_as(parameter)
 
 
 def concatenated(batches: list[dict], pad_id: int, device: torch.device) -> dict:

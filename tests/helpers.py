@@ -1,12 +1,15 @@
 """Shared test helpers: PEFT PSOFT adapters and PEFT's own values for them, the paper repository's
 checkpoints, the tests' tolerance, published verification records, the CLI run in-process and its
-one-line errors, and a vLLM server's HTTP API."""
+one-line errors, torchrun on the CPU, and a vLLM server's HTTP API."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -184,6 +187,13 @@ def make_paper_checkpoint(base_dir, out_dir, residual_dir, r=4, alpha=4, orth=Tr
 def run(*args) -> Result:
     """`psoft-deploy ARGS` run in-process by click's CliRunner (paths are passed as strings)."""
     return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def torchrun(*args, cwd=None):
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS`` on the CPU (gloo), one thread each."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
 def assert_one_line_error(result: Result, *fragments: str) -> str:

@@ -2,7 +2,6 @@
 reproduces, and factors every converter takes; chat models learn to stop, also when pad == EOS."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close_relative, input_ids, load_peft, run
+from helpers import assert_close_relative, input_ids, load_peft, run, torchrun
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -254,13 +253,6 @@ def test_packing_fills_each_sequence_with_several_examples(tiny_base, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["examples"] == 40 and summary["sequences"] < 20 and summary["steps"] == summary["sequences"]
-
-
-def torchrun(*args, cwd=None):
-    """``python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS`` on the CPU (gloo), one thread each."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run
+from helpers import run, torchrun
 
 from psoft_deploy import train_jobs
 from psoft_deploy.factors import load_factors
@@ -43,6 +43,10 @@ def datasets(tmp_path) -> list[Path]:
 
 def delta_weights(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     return {name: module.delta_weight() for name, module in load_factors(str(adapter), str(base)).modules.items()}
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
 
 
 def relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -114,11 +118,25 @@ def test_four_jobs_together_equal_each_trained_alone(tiny_base, datasets, tmp_pa
         assert summary["loss_history"] == pytest.approx(alone_summary["loss_history"], rel=1e-5)
         assert summary["arguments"] == alone_summary["arguments"] | {"output_dir": str(tmp_path / "together" /
                                                                                       job["name"])}
-        listing = sorted(str(path.relative_to(tmp_path / "alone" / job["name"]))
-                         for path in (tmp_path / "alone" / job["name"]).rglob("*"))
-        assert sorted(str(path.relative_to(tmp_path / "together" / job["name"]))
-                      for path in (tmp_path / "together" / job["name"]).rglob("*")) == listing
+        assert listing(tmp_path / "together" / job["name"]) == listing(tmp_path / "alone" / job["name"])
     assert min(relative(deltas[x], deltas[y]) for x, y in (("a", "c"), ("b", "d"))) > 0.1  # the jobs differ
+
+
+def test_by_default_a_forward_holds_four_jobs_at_most(tiny_base, datasets, tmp_path, monkeypatch):
+    """Without --jobs_per_forward, five jobs take a forward of four and one of one (the activations a forward holds,
+    and so the run's memory, grow with its jobs)."""
+    forwards, forward_backward = [], train_jobs.forward_backward
+
+    def recording(model, jobs, *args):
+        forwards.append([job.name for job in jobs])
+        return forward_backward(model, jobs, *args)
+
+    monkeypatch.setattr(train_jobs, "forward_backward", recording)
+    jobs = [{"name": f"job{i}", "data_path": str(datasets[i % 3])} for i in range(5)]
+    result = run(*common(tiny_base("llama"), "--max_steps", 1), "--jobs", write_jobs(tmp_path / "jobs.jsonl", jobs),
+                 "--output_dir", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert forwards == [["job0", "job1", "job2", "job3"], ["job4"]]
 
 
 def test_a_job_that_ends_earlier_is_written_when_it_ends(tiny_base, datasets, tmp_path, monkeypatch):
@@ -166,6 +184,63 @@ def test_a_job_whose_loss_is_not_finite_stops_alone(tiny_base, datasets, tmp_pat
     assert not (tmp_path / "out" / "diverges").exists()
 
 
+@pytest.mark.slow
+def test_two_jobs_under_torchrun_equal_each_trained_alone_under_torchrun(tiny_base, datasets, tmp_path):
+    """Two processes (gloo): each job's shard, loss scaling and averaged gradients are those of its own run of two
+    processes (DDP), with gradient accumulation and a reshuffled second epoch; only the first process writes."""
+    base = tiny_base("llama")
+    jobs = [{"name": "a", "data_path": str(datasets[0])},
+            {"name": "b", "data_path": str(datasets[1]), "r": 4, "psoft_alpha": 16, "seed": 7}]
+    shared = common(base, "--max_steps", 6, "--gradient_accumulation_steps", 2, "--per_device_train_batch_size", 2)
+    write_jobs(tmp_path / "jobs.jsonl", jobs)
+    # "--": torchrun's own parser would take --r for an abbreviation of its options
+    together = torchrun("-m", "psoft_deploy", "--", *shared, "--jobs", tmp_path / "jobs.jsonl", "--output_dir",
+                        tmp_path / "together")
+    assert together.returncode == 0, together.stderr[-3000:]
+    deltas = {}
+    for job in jobs:
+        options = [item for key, value in job.items() if key != "name" for item in (f"--{key}", value)]
+        alone = torchrun("-m", "psoft_deploy", "--", *shared, *options, "--output_dir",
+                         tmp_path / "alone" / job["name"])
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        deltas[job["name"]] = delta_weights(base, tmp_path / "together" / job["name"])
+        assert relative(deltas[job["name"]], delta_weights(base, tmp_path / "alone" / job["name"])) <= 1e-4
+        summary, alone_summary = (json.loads((tmp_path / side / job["name"] / "training_summary.json").read_text())
+                                  for side in ("together", "alone"))
+        assert summary["processes"] == 2 and summary["steps"] == 6 and len(summary["loss_history"]) == 3
+        assert summary["loss_history"] == pytest.approx(alone_summary["loss_history"], rel=1e-5)
+        assert listing(tmp_path / "together" / job["name"]) == listing(tmp_path / "alone" / job["name"])
+    assert relative(deltas["a"], deltas["b"]) > 0.1  # the jobs differ far more
+    assert "trained adapters" in together.stdout
+
+
+def test_a_job_whose_loss_is_not_finite_in_another_process_stops_in_this_one_too(tiny_base, datasets, tmp_path,
+                                                                                caplog, monkeypatch):
+    """The stop is decided by all processes together (a maximum over them): here a stand-in for a second process
+    whose loss of job 'b' is not finite from its second step on, while this process's own is finite."""
+    from accelerate import Accelerator
+
+    forwards = []
+
+    def reduce(self, tensor, reduction="mean", scale=1.0):
+        if reduction != "max":
+            return tensor.clone()
+        forwards.append(tensor.clone())
+        other = torch.tensor([0.0, float(len(forwards) >= 2)])[:len(tensor)]  # jobs a, b in one forward
+        return torch.maximum(tensor, other)
+
+    monkeypatch.setattr(Accelerator, "reduce", reduce)
+    jobs = [{"name": "a", "data_path": str(datasets[0])}, {"name": "b", "data_path": str(datasets[1])}]
+    with caplog.at_level("INFO", logger="psoft_deploy"):
+        result = run(*common(tiny_base("llama"), "--max_steps", 4), "--jobs",
+                     write_jobs(tmp_path / "jobs.jsonl", jobs), "--output_dir", tmp_path / "out")
+    assert result.exit_code == 1 and "1 of 2 jobs stopped" in result.output, result.output
+    assert [forward.tolist() for forward in forwards] == [[0.0, 0.0], [0.0, 0.0], [0.0], [0.0]]  # finite here
+    assert any("job 'b' stopped at step 2" in record.getMessage() for record in caplog.records)
+    assert json.loads((tmp_path / "out" / "a" / "training_summary.json").read_text())["steps"] == 4
+    assert not (tmp_path / "out" / "b").exists()
+
+
 @pytest.mark.parametrize("jobs,extra,fragment", [
     ([{"name": "a"}, {"name": "a"}], [], "line 3: the job name 'a' is taken"),
     ([{"name": "../escape"}], [], "'name' must be a directory name"),
@@ -184,14 +259,9 @@ def test_a_job_whose_loss_is_not_finite_stops_alone(tiny_base, datasets, tmp_pat
     ([{"name": "a"}], ["--packing"], "--packing with --jobs"),
     ([{"name": "a"}], ["--psoft_svd", "lowrank"], "--jobs needs --psoft_svd full"),
     ([{"name": "a"}], ["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint with --jobs"),
-    ([{"name": "a"}], ["WORLD_SIZE=2"], "--jobs runs in one process"),
 ])
-def test_bad_jobs_are_refused_before_anything_is_written(jobs, extra, fragment, tiny_base, datasets, tmp_path,
-                                                         monkeypatch):
+def test_bad_jobs_are_refused_before_anything_is_written(jobs, extra, fragment, tiny_base, datasets, tmp_path):
     """One line, exit 1, and no output for any job (a good job comes first in each list)."""
-    if extra == ["WORLD_SIZE=2"]:
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        extra = []
     good = {"name": "good", "data_path": str(datasets[0])}
     if isinstance(jobs, str):
         (tmp_path / "jobs.jsonl").write_text(jobs + "\n")
