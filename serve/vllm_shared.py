@@ -31,6 +31,16 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from vllm.config import (
+    CompilationConfig,
+    CompilationMode,
+    CUDAGraphMode,
+    ParallelConfig,
+    VllmConfig,
+    get_current_vllm_config_or_none,
+)
+from vllm.distributed import parallel_state
+from vllm.lora import utils as lora_utils
 from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
     MergedColumnParallelLinearWithLoRA,
@@ -39,10 +49,6 @@ from vllm.lora.layers import (
     ReplicatedLinearWithLoRA,
     RowParallelLinearWithLoRA,
 )
-from vllm.config import (CompilationConfig, CompilationMode, CUDAGraphMode, ParallelConfig, VllmConfig,
-                         get_current_vllm_config_or_none)
-from vllm.distributed import parallel_state
-from vllm.lora import utils as lora_utils
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import LoRALayerWeights

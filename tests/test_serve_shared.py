@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import VARIANTS, MAX_TOKENS, complete, free_port, load_peft, make_peft_adapter, run, wait_for_serving
+from helpers import MAX_TOKENS, VARIANTS, complete, free_port, load_peft, make_peft_adapter, run, wait_for_serving
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
@@ -298,7 +298,7 @@ def every_projection(request, tmp_path_factory):
     base = work / "base"
     build_tiny_model(base, request.param, memorize=DEFAULT_PROMPTS, **MODEL_SIZES)
     (work / "root").mkdir()
-    adapters = {"psoft": dict(r=8), "pissa": dict(r=4, **VARIANTS["pissa"]), "lowrank": dict(r=8, **VARIANTS["lowrank"])}
+    adapters = {"psoft": {"r": 8}, "pissa": {"r": 4, **VARIANTS["pissa"]}, "lowrank": {"r": 8, **VARIANTS["lowrank"]}}
     tokenizer = AutoTokenizer.from_pretrained(base)
     expected = {"base": [greedy(load_base_model(base), tokenizer, p) for p in PROMPTS]}
     for seed, (name, config) in enumerate(adapters.items()):

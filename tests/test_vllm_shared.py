@@ -6,21 +6,13 @@ tests/test_serve_shared.py serves through real vLLM servers."""
 import pytest
 import torch
 from vllm.config import LoRAConfig, VllmConfig, set_current_vllm_config
-from vllm.lora.layers import (
-    ColumnParallelLinearWithLoRA,
-    MergedColumnParallelLinearWithLoRA,
-    MergedQKVParallelLinearWithLoRA,
-    QKVParallelLinearWithLoRA,
-    ReplicatedLinearWithLoRA,
-    RowParallelLinearWithLoRA,
-)
+from vllm.lora import layers as lora_layers
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.layers.utils import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.model_executor import parameter
 from vllm.model_executor.layers import linear
 from vllm.model_executor.layers.linear import (
-    ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     ReplicatedLinear,
@@ -76,11 +68,11 @@ def extended_layer(monkeypatch, exact_lora: bool, punica) -> tuple:
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
     with set_current_vllm_config(VllmConfig()):
         base = ReplicatedLinear(IN, OUT, bias=False, params_dtype=torch.float32, disable_tp=True)
-        layer = ReplicatedLinearWithLoRA(base)
+        layer = lora_layers.ReplicatedLinearWithLoRA(base)
         layer.create_lora_weights(SLOTS, LoRAConfig(max_lora_rank=RANK, max_loras=SLOTS, lora_dtype=torch.float32), None)
     layer.set_mapping(punica)
     U, V = torch.linalg.qr(torch.randn(OUT, RANK))[0], torch.linalg.qr(torch.randn(IN, RANK))[0]
-    layer.__class__ = vllm_shared._shared_class(ReplicatedLinearWithLoRA)
+    layer.__class__ = vllm_shared._shared_class(lora_layers.ReplicatedLinearWithLoRA)
     layer.attach_basis([(U, V)], exact_lora)
     return layer, U, V
 
@@ -120,20 +112,20 @@ def test_the_layer_forward_is_one_graph_whatever_the_slots_hold_and_equals_eager
 
 
 HEAD = 8  # head size of the q/k/v layers below: 4 query heads over IN = 32
+F32 = {"bias": False, "params_dtype": torch.float32}
 TP_LAYERS = {  # vLLM's layer, its LoRA layer, and the sizes of the modules packed in it: (out, in) each
-    "q/k/v, GQA": (lambda: QKVParallelLinear(IN, HEAD, 4, 2, bias=False, params_dtype=torch.float32),
-                   MergedQKVParallelLinearWithLoRA, {"q": (32, IN), "k": (16, IN), "v": (16, IN)}),
-    "q/k/v, one KV head on both ranks": (lambda: QKVParallelLinear(IN, HEAD, 4, 1, bias=False, params_dtype=torch.float32),
-                                         MergedQKVParallelLinearWithLoRA, {"q": (32, IN), "k": (8, IN), "v": (8, IN)}),
-    "qkv fused in the checkpoint": (lambda: QKVParallelLinear(IN, HEAD, 4, 2, bias=False, params_dtype=torch.float32),
-                                    QKVParallelLinearWithLoRA, {None: (64, IN)}),
-    "gate/up": (lambda: MergedColumnParallelLinear(IN, [OUT, OUT], bias=False, params_dtype=torch.float32),
-                MergedColumnParallelLinearWithLoRA, {0: (OUT, IN), 1: (OUT, IN)}),
-    "gate_up fused in the checkpoint": (lambda: MergedColumnParallelLinear(IN, [OUT, OUT], bias=False,
-                                                                           params_dtype=torch.float32),
-                                        ColumnParallelLinearWithLoRA, {None: (2 * OUT, IN)}),
-    "row-parallel": (lambda: RowParallelLinear(OUT, IN, bias=False, params_dtype=torch.float32),
-                     RowParallelLinearWithLoRA, {None: (IN, OUT)}),
+    "q/k/v, GQA": (lambda: QKVParallelLinear(IN, HEAD, 4, 2, **F32), lora_layers.MergedQKVParallelLinearWithLoRA,
+                   {"q": (32, IN), "k": (16, IN), "v": (16, IN)}),
+    "q/k/v, one KV head on both ranks": (lambda: QKVParallelLinear(IN, HEAD, 4, 1, **F32),
+                                         lora_layers.MergedQKVParallelLinearWithLoRA,
+                                         {"q": (32, IN), "k": (8, IN), "v": (8, IN)}),
+    "qkv fused in the checkpoint": (lambda: QKVParallelLinear(IN, HEAD, 4, 2, **F32),
+                                    lora_layers.QKVParallelLinearWithLoRA, {None: (64, IN)}),
+    "gate/up": (lambda: MergedColumnParallelLinear(IN, [OUT, OUT], **F32), lora_layers.MergedColumnParallelLinearWithLoRA,
+                {0: (OUT, IN), 1: (OUT, IN)}),
+    "gate_up fused in the checkpoint": (lambda: MergedColumnParallelLinear(IN, [OUT, OUT], **F32),
+                                        lora_layers.ColumnParallelLinearWithLoRA, {None: (2 * OUT, IN)}),
+    "row-parallel": (lambda: RowParallelLinear(OUT, IN, **F32), lora_layers.RowParallelLinearWithLoRA, {None: (IN, OUT)}),
 }
 
 
@@ -153,7 +145,7 @@ def test_each_tensor_parallel_rank_holds_the_basis_as_vllm_shards_the_layer_weig
     partials = []
     for rank in (0, 1):
         for module in (linear, parameter):
-            monkeypatch.setattr(module, "get_tensor_model_parallel_rank", lambda: rank)
+            monkeypatch.setattr(module, "get_tensor_model_parallel_rank", lambda rank=rank: rank)
             monkeypatch.setattr(module, "get_tensor_model_parallel_world_size", lambda: 2)
         with set_current_vllm_config(VllmConfig()):
             base = build()
@@ -161,7 +153,7 @@ def test_each_tensor_parallel_rank_holds_the_basis_as_vllm_shards_the_layer_weig
             layer.create_lora_weights(SLOTS, LoRAConfig(max_lora_rank=RANK, max_loras=SLOTS, lora_dtype=torch.float32))
         for shard, update in zip(modules, updates):  # vLLM loads the update as the weight, sharding it
             base.weight.weight_loader(base.weight, update, *([] if shard is None else [shard]))
-        x_here = x.chunk(2, dim=1)[rank] if lora_class is RowParallelLinearWithLoRA else x
+        x_here = x.chunk(2, dim=1)[rank] if lora_class is lora_layers.RowParallelLinearWithLoRA else x
         want = x_here @ base.weight.T  # this rank's shard of the update
         layer.set_mapping(punica)
         assert why_no_cores(layer, list(modules), bases) is None
@@ -172,7 +164,7 @@ def test_each_tensor_parallel_rank_holds_the_basis_as_vllm_shards_the_layer_weig
         got = layer._apply_lora_to_output(x_here, torch.zeros_like(want))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         partials.append(got)
-    if lora_class is RowParallelLinearWithLoRA:
+    if lora_class is lora_layers.RowParallelLinearWithLoRA:
         torch.testing.assert_close(sum(partials), x @ updates[0].T, rtol=1e-4, atol=1e-4)
 
 
@@ -181,7 +173,7 @@ def test_a_layer_whose_rank_holds_another_shape_than_its_basis_holds_no_cores(mo
         monkeypatch.setattr(module, "get_tensor_model_parallel_rank", lambda: 1)
         monkeypatch.setattr(module, "get_tensor_model_parallel_world_size", lambda: 2)
     with set_current_vllm_config(VllmConfig()):
-        layer = RowParallelLinearWithLoRA(RowParallelLinear(OUT, IN, bias=False, params_dtype=torch.float32))
+        layer = lora_layers.RowParallelLinearWithLoRA(RowParallelLinear(OUT, IN, **F32))
         layer.create_lora_weights(SLOTS, LoRAConfig(max_lora_rank=RANK, max_loras=SLOTS, lora_dtype=torch.float32))
     assert why_no_cores(layer, ["o"], [(torch.randn(IN, RANK), torch.randn(OUT, RANK))]) is None
     assert why_no_cores(layer, ["o"], [(torch.randn(IN + 8, RANK), torch.randn(OUT, RANK))]) == (
