@@ -306,8 +306,8 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
     held: set[str] = set()  # modules whose layer holds their cores
     not_held: dict[str, str] = {}  # module -> its layer, and why it holds no cores
     extended: set[str] = set()  # modules of the layers it extends
-    engine = {"switches": exact_lora}  # whether an exact LoRA may reach a layer that holds cores
-    said: set[str] = set()  # what this process said once
+    engine = {"switches": exact_lora,  # whether an exact LoRA may reach a layer that holds cores
+              "told_tp": False}  # whether this process said the cores are held at tensor parallelism > 1
 
     def module_basis(name: str):
         return (shared.tensors[f"{name}.U"], shared.tensors[f"{name}.V"]) if name in names else None
@@ -331,8 +331,8 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
         extended.update(packed)
         engine["switches"] = exact_lora or eager(get_current_vllm_config_or_none())
         logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
-        if in_basis and module.tp_size > 1 and "tp" not in said and speaks():
-            said.add("tp")  # on stderr, relayed by serve (as the warnings below)
+        if in_basis and module.tp_size > 1 and not engine["told_tp"] and speaks():
+            engine["told_tp"] = True  # on stderr, relayed by serve (as the warnings below)
             print(f"psoft-deploy: cores held at tensor parallelism {module.tp_size}, each rank over its shard of "
                   "the basis", file=sys.stderr, flush=True)
 

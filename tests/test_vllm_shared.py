@@ -5,7 +5,7 @@ tests/test_serve_shared.py serves through real vLLM servers."""
 
 import pytest
 import torch
-from vllm.config import LoRAConfig, VllmConfig, set_current_vllm_config
+from vllm.config import LoRAConfig, ParallelConfig, VllmConfig, set_current_vllm_config
 from vllm.lora import layers as lora_layers
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.layers.utils import LoRAMapping
@@ -168,7 +168,8 @@ def test_each_tensor_parallel_rank_holds_the_basis_as_vllm_shards_the_layer_weig
         torch.testing.assert_close(sum(partials), x @ updates[0].T, rtol=1e-4, atol=1e-4)
 
 
-def test_a_layer_whose_rank_holds_another_shape_than_its_basis_holds_no_cores(monkeypatch):
+def test_a_layer_whose_rank_holds_another_shape_than_its_basis_or_under_pipeline_parallelism_holds_no_cores(
+        monkeypatch):
     for module in (linear, parameter):
         monkeypatch.setattr(module, "get_tensor_model_parallel_rank", lambda: 1)
         monkeypatch.setattr(module, "get_tensor_model_parallel_world_size", lambda: 2)
@@ -178,3 +179,6 @@ def test_a_layer_whose_rank_holds_another_shape_than_its_basis_holds_no_cores(mo
     assert why_no_cores(layer, ["o"], [(torch.randn(IN, RANK), torch.randn(OUT, RANK))]) is None
     assert why_no_cores(layer, ["o"], [(torch.randn(IN + 8, RANK), torch.randn(OUT, RANK))]) == (
         "its slice for o is 32×24 on this rank, the basis of o 40×24 there")
+    with set_current_vllm_config(VllmConfig(parallel_config=ParallelConfig(pipeline_parallel_size=2))):
+        assert why_no_cores(layer, ["o"], [(torch.randn(IN, RANK), torch.randn(OUT, RANK))]) == (
+            "pipeline parallel size 2 (cores are held without it)")
