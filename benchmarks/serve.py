@@ -13,13 +13,18 @@ alone, measured in the same run), the median time to first token, and for the co
 growth per registered adapter against r² × modules × 4 bytes. The answers of the 1,000-adapter run's
 first 64 adapters are compared with the exact-LoRA run's.
 
-    python benchmarks/serve.py [--prompts 64] [--tokens 32] [--model 768x12|smollm|both]
+With ``--tensor-parallel-size N`` (N > 1) every engine runs at that tensor parallelism (vLLM's `mp`
+executor, a core per rank unless ``VLLM_CPU_OMP_THREADS_BIND`` says otherwise), and the rows are the base
+alone (the anchor), and 64 distinct adapters as exact LoRA and as cores, their answers compared.
+
+    python benchmarks/serve.py [--prompts 64] [--tokens 32] [--model 768x12|smollm|both] [--tensor-parallel-size N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -48,10 +53,12 @@ from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
 model, paths, distinct, prompts, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+tp = int(sys.argv[6])
 options = dict(enable_lora=True, max_lora_rank=RANK, max_loras=max(1, min(distinct, 64)), max_cpu_loras=max(1, len(paths)),
                lora_target_modules=TARGET_MODULES) if paths else {}
 llm = LLM(model=model, dtype="float32", max_model_len=256, kv_cache_memory_bytes=512 << 20, enforce_eager=True,
-          max_num_seqs=64, distributed_executor_backend="uni", skip_tokenizer_init=True, **options)
+          max_num_seqs=64, distributed_executor_backend="mp" if tp > 1 else "uni", tensor_parallel_size=tp,
+          skip_tokenizer_init=True, **options)
 engine = llm.llm_engine
 requests = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(paths)]
 rss = psutil.Process().memory_info().rss
@@ -119,16 +126,18 @@ def build(work: Path, shape: str, count: int) -> tuple[Path, list[Path], list[Pa
 
 
 def run_engine(base: Path, paths: list[Path], distinct: int, prompts: list[list[int]], tokens: int,
-               basis=None) -> dict:
-    import os
-
+               basis=None, tp: int = 1) -> dict:
     env = dict(os.environ) | ({"PSOFT_DEPLOY_SHARED_BASIS": str(basis.path)}
                               if basis else {})  # as serve runs adapters that all lie in the basis
+    if tp > 1:  # a core per rank (vLLM-CPU's own binding needs a NUMA node per rank)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(tp))))
     process = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(base), json.dumps([str(p) for p in paths]),
-                              str(distinct), json.dumps(prompts), str(tokens)], capture_output=True, text=True, env=env)
+                              str(distinct), json.dumps(prompts), str(tokens), str(tp)], capture_output=True, text=True,
+                             env=env)
     if process.returncode != 0:
         raise SystemExit(process.stderr[-4000:])
-    return json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
+    result = json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
+    return result | {"said": [line for line in process.stderr.splitlines() if line.startswith("psoft-deploy: ")]}
 
 
 def bench(shape: str, prompts_count: int, tokens: int) -> None:
@@ -167,18 +176,43 @@ def bench(shape: str, prompts_count: int, tokens: int) -> None:
           f"{equal}/{prompts_count}")
 
 
+def bench_tensor_parallel(shape: str, prompts_count: int, tokens: int, tp: int) -> None:
+    """The base alone and 64 distinct adapters as exact LoRA and as cores, every engine at tensor parallelism ``tp``."""
+    config, spread = MODELS[shape], max(SPREADS)
+    prompts = torch.randint(10, config["vocab_size"], (prompts_count, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    with tempfile.TemporaryDirectory() as work:
+        base, loras, cores, basis = build(Path(work), shape, spread)
+        rows = {"base alone (anchor)": run_engine(base, [], 1, prompts, tokens, tp=tp),
+                f"exact LoRA, {spread} distinct": run_engine(base, loras, spread, prompts, tokens, tp=tp),
+                f"cores, {spread} distinct": run_engine(base, cores, spread, prompts, tokens, basis, tp=tp)}
+    anchor = rows["base alone (anchor)"]["tokens"] / rows["base alone (anchor)"]["seconds"]
+    print(f"\nLlama {shape} ({config['hidden_size']} wide, {config['num_hidden_layers']} layers), PSOFT r={RANK} on "
+          f"{', '.join(TARGETS)}, {prompts_count} prompts × {tokens} greedy tokens, float32, tensor parallel size {tp}")
+    for label, row in rows.items():
+        rate = row["tokens"] / row["seconds"]
+        print(f"  {label:<30} {rate:8.1f} tok/s  {rate / anchor:5.2f}x base   TTFT {row['ttft'] * 1000:7.0f} ms")
+    equal = sum(a == b for a, b in zip(rows[f"exact LoRA, {spread} distinct"]["answers"],
+                                       rows[f"cores, {spread} distinct"]["answers"]))
+    print(f"  the cores' answers equal the exact-LoRA run's: {equal}/{prompts_count}; the plugin said: "
+          f"{'; '.join(rows[f'cores, {spread} distinct']['said']) or 'nothing'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     for shape in MODELS if args.model == "both" else [args.model]:
-        bench(shape, args.prompts, args.tokens)
+        if args.tensor_parallel_size > 1:
+            bench_tensor_parallel(shape, args.prompts, args.tokens, args.tensor_parallel_size)
+        else:
+            bench(shape, args.prompts, args.tokens)
 
 
 if __name__ == "__main__":

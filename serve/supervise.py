@@ -33,8 +33,9 @@ STOP_TIMEOUT_S = 30  # after the stop request, vLLM's processes are killed
 # An exception line, after vLLM's "(EngineCore pid=N) ERROR 11-23 15:51:54 [core.py:1512] " prefix.
 ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \S+ \S+ \[[^\]]+\] )?(?:[A-Za-z_]\w*\.)*(\w+(?:Error|Exception): .+)$")
 NOTICE_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:DEBUG|INFO|WARNING)\b")
-# What psoft-deploy's plugin warns of in vLLM's processes (a module served as exact LoRA), said by serve too.
-PLUGIN_WARNING = re.compile(r"^(?:\(\w+ pid=\d+\) )?psoft-deploy: warning: (.+)$")
+# What psoft-deploy's plugin says in vLLM's processes (a module served as exact LoRA, cores held at tensor
+# parallelism 2), said by serve too.
+PLUGIN_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?psoft-deploy: (warning: )?(.+)$")
 # vLLM's follow-ups once its engine died; the cause, where there is one, was logged before them.
 GENERIC_ERRORS = ("EngineDeadError", "EngineGenerateError")
 
@@ -84,7 +85,7 @@ def run_server(plan: ServePlan, host: str, port: int, log: Path, verbose: bool =
         while process.poll() is None:
             now = time.monotonic()
             if not verbose:
-                relayed = _relay_plugin_warnings(log, relayed)
+                relayed = _relay_plugin_lines(log, relayed)
             if stop_requested:
                 if not announced:  # nothing in flight: vLLM's processes are stopped at once
                     raise UserError("stopped during start-up, before vLLM answered")
@@ -142,16 +143,16 @@ def last_error_line(log: Path) -> str:
     return (specific or errors or others or ["no error in its log"])[-1]
 
 
-def _relay_plugin_warnings(log: Path, offset: int) -> int:
-    """Say, as serve's own warnings, what psoft-deploy's plugin warned of in ``log`` past ``offset``
-    (complete lines only); return the offset read up to."""
+def _relay_plugin_lines(log: Path, offset: int) -> int:
+    """Say, as serve's own warnings and stage lines, what psoft-deploy's plugin said in ``log`` past
+    ``offset`` (complete lines only); return the offset read up to."""
     with open(log, "rb") as handle:
         handle.seek(offset)
         chunk = handle.read()
     complete = chunk[:chunk.rfind(b"\n") + 1]
     for line in complete.decode(errors="replace").splitlines():
-        if match := PLUGIN_WARNING.search(line):
-            warning(match.group(1))
+        if match := PLUGIN_LINE.search(line):
+            (warning if match.group(1) else stage)(match.group(2))
     return offset + len(complete)
 
 

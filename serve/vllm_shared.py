@@ -7,8 +7,9 @@ serve sets ``PSOFT_DEPLOY_SHARED_BASIS`` (see `psoft_deploy.serve.shared`). What
   this extension refuses it) becomes a ``LoRAModel`` whose modules hold only their core (lora_b)
   and an empty marker (lora_a): k² numbers per module in vLLM's CPU cache;
 - layers: each linear LoRA layer of a module in the basis (separate, packed or fused q/k/v and
-  gate/up, column-, row-parallel or replicated, tensor parallelism 1), whose output slices are its
-  modules' rows (`why_no_cores`), gets the basis once and one k×k core slot per LoRA slot (an
+  gate/up, column-, row-parallel or replicated), whose output slices are its modules' rows
+  (`why_no_cores`), gets the basis once, sharded as vLLM shards the layer (`shard_bases`), and one
+  k×k core slot per LoRA slot, replicated on every tensor-parallel rank (an
   adapter's module whose layer holds none gets its exact LoRA when the adapter loads). A slot
   holds either a core or an ordinary LoRA; the forward adds
   ``((x·V) · core[slot of token]) · Uᵀ`` for the core slots (one GEMM each side, whatever the
@@ -30,6 +31,16 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from vllm.config import (
+    CompilationConfig,
+    CompilationMode,
+    CUDAGraphMode,
+    ParallelConfig,
+    VllmConfig,
+    get_current_vllm_config_or_none,
+)
+from vllm.distributed import parallel_state
+from vllm.lora import utils as lora_utils
 from vllm.lora.layers import (
     ColumnParallelLinearWithLoRA,
     MergedColumnParallelLinearWithLoRA,
@@ -38,9 +49,6 @@ from vllm.lora.layers import (
     ReplicatedLinearWithLoRA,
     RowParallelLinearWithLoRA,
 )
-from vllm.config import (CompilationConfig, CompilationMode, CUDAGraphMode, VllmConfig,
-                         get_current_vllm_config_or_none)
-from vllm.lora import utils as lora_utils
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import LoRALayerWeights
@@ -55,8 +63,9 @@ from psoft_deploy.formats import ADAPTER_WEIGHTS
 from psoft_deploy.psoft import lora_of_core
 from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 
-# The layer classes (exactly these, not subclasses) whose forward ends in `_apply_lora_to_output` and
-# whose output slices are the packed modules' rows, at tensor parallelism 1.
+# The layer classes (exactly these, not subclasses: not the `...WithShardedLoRA` of --fully-sharded-loras) whose
+# forward ends in `_apply_lora_to_output`, before a row-parallel layer's all-reduce, and whose output slices are
+# the packed modules' rows (this rank's, sliced by the layer's `slice_lora_b`).
 SHAREABLE_LAYERS = (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA, QKVParallelLinearWithLoRA,
                     MergedQKVParallelLinearWithLoRA, RowParallelLinearWithLoRA, ReplicatedLinearWithLoRA)
 # What is relied on: the whole signature (names and kinds, in order) of each vLLM method or function the
@@ -75,6 +84,8 @@ RELIED_ON = {
     (LRUCacheWorkerLoRAManager, "add_adapter"): "(self, lora_request)",
     (lora_utils, "get_lora_id"): "()",
     (gpu_sync_debug, "gpu_sync_allowed"): "(first_only)",
+    (parallel_state, "get_tensor_model_parallel_rank"): "()",
+    **{(layer, f"slice_lora_{ab}"): f"(self, lora_{ab})" for layer in SHAREABLE_LAYERS for ab in "ab"},
 }
 READS = {
     **dict.fromkeys(SHAREABLE_LAYERS, ("lora_a_stacked", "lora_b_stacked", "output_slices", "n_slices", "tp_size",
@@ -85,7 +96,8 @@ READS = {
     LoRAModel: ("loras",),
     LoRARequest: ("lora_int_id", "load_inplace"),
     PEFTHelper: ("r",),
-    VllmConfig: ("compilation_config",),
+    VllmConfig: ("compilation_config", "parallel_config"),
+    ParallelConfig: ("pipeline_parallel_size",),
     CompilationConfig: ("mode", "cudagraph_mode"),
 }
 CORE_MARKER = torch.empty(0, 0)  # the lora_a of a module held as a core
@@ -152,7 +164,8 @@ class SharedBasisLayer:
     also runs vLLM's LoRA path is the layer's configuration (`psoft_exact_lora`), not the step's."""
 
     def attach_basis(self, bases: list[tuple[torch.Tensor, torch.Tensor] | None], exact_lora: bool) -> None:
-        """``bases``: (U, V) per output slice, None where the slice's module is not in the basis.
+        """``bases``: (U, V) per output slice as this rank holds them (`shard_bases`), None where the slice's
+        module is not in the basis.
         ``exact_lora``: the layer runs vLLM's LoRA path too, in vLLM's own buffers; else those keep their
         shapes (vLLM reads them) without their memory until a nonzero exact LoRA is set (`set_lora`)."""
         self.psoft_exact_lora = exact_lora
@@ -246,16 +259,32 @@ def why_no_cores(layer, packed: list[str], bases: list) -> str | None:
     kind = type(layer).__name__
     if type(layer) not in SHAREABLE_LAYERS:
         return f"vLLM built it as {kind}, which psoft-deploy does not extend"
-    if layer.tp_size != 1:
-        return f"tensor parallel size {layer.tp_size} (cores are held at tensor parallelism 1)"
+    config = get_current_vllm_config_or_none()
+    if config is not None and config.parallel_config.pipeline_parallel_size > 1:
+        return f"pipeline parallel size {config.parallel_config.pipeline_parallel_size} (cores are held without it)"
     if not len(packed) == layer.n_slices == len(layer.output_slices):
         return f"{len(packed)} packed modules for {kind}'s {layer.n_slices} output slices"
     inputs = layer.lora_a_stacked[0].shape[-1]
-    for name, rows, basis in zip(packed, layer.output_slices, bases):
+    for name, rows, basis in zip(packed, layer.output_slices, shard_bases(layer, bases)):
         if basis is not None and (basis[0].shape[0], basis[1].shape[0]) != (rows, inputs):
-            return (f"its slice for {name} is {rows}×{inputs}, the basis of {name} "
-                    f"{basis[0].shape[0]}×{basis[1].shape[0]}")
+            return (f"its slice for {name} is {rows}×{inputs} on this rank, the basis of {name} "
+                    f"{basis[0].shape[0]}×{basis[1].shape[0]} there")
     return None
+
+
+def shard_bases(layer, bases: list) -> list:
+    """``bases`` ((U, V) per output slice, or None) as this tensor-parallel rank of ``layer`` holds them,
+    sliced by the layer's own LoRA slicing as vLLM's `set_lora` slices a LoRA: U as a LoRA B (this rank's
+    output rows of a column-parallel layer), Vᵀ as a LoRA A (this rank's input columns of a row-parallel one)."""
+    if layer.tp_size == 1:
+        return bases
+    Us = [None if basis is None else basis[0] for basis in bases]
+    Vts = [None if basis is None else basis[1].T for basis in bases]
+    if isinstance(layer, MergedColumnParallelLinearWithLoRA):  # a LoRA per slice, as lists
+        Us, Vts = layer.slice_lora_b(Us), layer.slice_lora_a(Vts)
+    elif bases[0] is not None:
+        Us, Vts = [layer.slice_lora_b(Us[0])], [layer.slice_lora_a(Vts[0])]
+    return [None if U is None else (U, Vt.T) for U, Vt in zip(Us, Vts)]
 
 
 def eager(config) -> bool:
@@ -277,7 +306,8 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
     held: set[str] = set()  # modules whose layer holds their cores
     not_held: dict[str, str] = {}  # module -> its layer, and why it holds no cores
     extended: set[str] = set()  # modules of the layers it extends
-    engine = {"switches": exact_lora}  # whether an exact LoRA may reach a layer that holds cores
+    engine = {"switches": exact_lora,  # whether an exact LoRA may reach a layer that holds cores
+              "told_tp": False}  # whether this process said the cores are held at tensor parallelism > 1
 
     def module_basis(name: str):
         return (shared.tensors[f"{name}.U"], shared.tensors[f"{name}.V"]) if name in names else None
@@ -296,11 +326,19 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
             return
         # Extended even outside the basis: vLLM's LoRA buffers are then allocated only for an exact LoRA.
         module.__class__ = _shared_class(type(module))
-        module.attach_basis(bases, exact_lora)
+        module.attach_basis(shard_bases(module, bases), exact_lora)
         held.update(in_basis)
         extended.update(packed)
         engine["switches"] = exact_lora or eager(get_current_vllm_config_or_none())
         logger.debug("psoft-deploy: %s holds cores over the shared basis", module_name)
+        if in_basis and module.tp_size > 1 and not engine["told_tp"] and speaks():
+            engine["told_tp"] = True  # on stderr, relayed by serve (as the warnings below)
+            print(f"psoft-deploy: cores held at tensor parallelism {module.tp_size}, each rank over its shard of "
+                  "the basis", file=sys.stderr, flush=True)
+
+    def speaks() -> bool:
+        """Whether this process says what all tensor-parallel ranks would say alike: rank 0 does."""
+        return parallel_state.get_tensor_model_parallel_rank() == 0
 
     load_checkpoint = LoRAModel.from_local_checkpoint.__func__
 
@@ -338,7 +376,7 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
             if unexpected:
                 raise ValueError(f"While loading {lora_dir}, expected target modules in {expected_lora_modules} "
                                  f"but received {unexpected}")
-            if any(cores[name].any() for name in apart):  # not the bare base's all-zero core
+            if any(cores[name].any() for name in apart) and speaks():  # not the bare base's all-zero core
                 # on stderr itself, as vLLM's errors: vLLM's logger writes to a buffered stdout
                 print(f"psoft-deploy: warning: {lora_dir}: {len(apart)} of {len(cores)} modules served as exact "
                       f"LoRA, their layers hold no cores ({module}, {why})", file=sys.stderr, flush=True)

@@ -8,7 +8,8 @@ LoRA posted to vLLM's load endpoint from inside the root (both held as cores; a 
 with no root and vLLM's own endpoint turned on by its variable, shows the latter). Every
 greedy completion, in mixed batches with fewer LoRA slots than adapters (so slots pass between
 cores and LoRAs), must equal transformers + PEFT in float32 and the same server run with
-``--adapter-form lora``.
+``--adapter-form lora``. At tensor parallelism 2 (a Llama and a Qwen2, every projection adapted),
+each rank holds its shard of the basis, and the answers are PEFT's too.
 """
 
 import json
@@ -24,10 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import MAX_TOKENS, complete, free_port, load_peft, make_peft_adapter, run, wait_for_serving
+from helpers import MAX_TOKENS, VARIANTS, complete, free_port, load_peft, make_peft_adapter, run, wait_for_serving
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
+from psoft_deploy.converters.verify.inputs import DEFAULT_PROMPTS
 from psoft_deploy.demo import MODEL_SIZES
 from psoft_deploy.model import load_base_model
 from psoft_deploy.testing import build_tiny_model
@@ -282,3 +284,40 @@ def test_a_module_whose_layer_holds_no_cores_gets_its_exact_lora_in_one_line(phi
         capture_output=True, text=True, timeout=600)
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert "cannot be held as a core here" in refused.stderr and "ShardedLoRA" in refused.stderr, refused.stderr[-3000:]
+
+
+EVERY_PROJECTION = [*ALL_LAYERS, "down_proj"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def every_projection(request, tmp_path_factory):
+    """A base (head size 64, two KV heads: one per rank at tensor parallelism 2; trained on verify's prompts,
+    since the random tiny Qwen2's tied embeddings echo the prompt whatever the adapter), two PSOFT adapters
+    on every projection in the basis and a low-rank-SVD one outside it, with PEFT's greedy answers."""
+    work = tmp_path_factory.mktemp(f"serve-{request.param}")
+    base = work / "base"
+    build_tiny_model(base, request.param, memorize=DEFAULT_PROMPTS, **MODEL_SIZES)
+    (work / "root").mkdir()
+    adapters = {"psoft": {"r": 8}, "pissa": {"r": 4, **VARIANTS["pissa"]}, "lowrank": {"r": 8, **VARIANTS["lowrank"]}}
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    expected = {"base": [greedy(load_base_model(base), tokenizer, p) for p in PROMPTS]}
+    for seed, (name, config) in enumerate(adapters.items()):
+        make_peft_adapter(base, work / name, seed=seed, strength=3, target_modules=EVERY_PROJECTION, **config)
+        expected[name] = [greedy(load_peft(base, work / name), tokenizer, p) for p in PROMPTS]
+    assert len({json.dumps(v) for v in expected.values()}) == len(expected), "each model must answer differently"
+    return work, expected
+
+
+@pytest.mark.slow
+def test_cores_at_tensor_parallelism_2_answer_as_peft_beside_an_exact_lora(every_projection, monkeypatch):
+    """Column-parallel q/k/v and gate/up (each rank its output rows of U) and row-parallel o and down
+    (its input rows of V, summed by the layer's all-reduce); serve says the cores are held at TP 2."""
+    work, expected = every_projection
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # a core per rank on this one-NUMA-node machine
+    adapters = {name: work / name for name in expected if name != "base"}
+    got = served_answers(work, "auto", adapters, "serve-tp2.log", [*VLLM_ARGS, "--tensor-parallel-size", "2"])
+    assert got == expected
+    said = (work / "serve-tp2.log").read_text()
+    assert "as cores: psoft, pissa; exact LoRA: lowrank (residual" in said, said
+    assert said.count("psoft-deploy: cores held at tensor parallelism 2") == 1, said
+    assert "served as exact LoRA" not in (work / "vllm-serve-tp2.log").read_text()  # every module held cores
