@@ -26,7 +26,7 @@ from psoft_deploy.converters.lora_format import LoraAdapter
 from psoft_deploy.converters.verify.tolerances import basis_bound, core_from_rotation_bound, lora_in_basis_bound
 from psoft_deploy.dtypes import BY_NAME
 from psoft_deploy.errors import UserError
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_json, read_safetensors
+from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_json
 from psoft_deploy.options import DEFAULTS, ReadOptions
 from psoft_deploy.outputs import atomic_output_dir
 from psoft_deploy.progress import track
@@ -72,9 +72,15 @@ class SharedBasis:
     def digest(self) -> str:
         return self.path.parent.name.removeprefix("basis-")
 
+    @functools.cached_property
+    def widths(self) -> dict[str, int]:
+        """Each module's basis width (its rank, at most the weight's smaller side), from the header."""
+        return {key.removesuffix(".U"): info.shape[1] for key, info in read_headers(self.path).items()
+                if key.endswith(".U")}
+
     @property
     def modules(self) -> set[str]:
-        return {key.removesuffix(".U") for key in read_headers(self.path) if key.endswith(".U")}
+        return set(self.widths)
 
     @property
     def rank(self) -> int:
@@ -82,8 +88,16 @@ class SharedBasis:
             return int(handle.metadata()["rank"])
 
     @functools.cached_property
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return read_safetensors(self.path)
+    def singular_values(self) -> dict[str, torch.Tensor]:
+        """The top r_max + 1 singular values of each module (the only part of the basis kept here)."""
+        with open_safetensors(self.path) as handle:
+            return {module: handle.get_tensor(f"{module}.S") for module in self.widths}
+
+    def vectors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``module``'s U and V, read from the file at each use: a process keeps the basis once, where it
+        serves it (a vLLM layer's copy in its serving dtype and device), not also here."""
+        with open_safetensors(self.path) as handle:
+            return handle.get_tensor(f"{module}.U"), handle.get_tensor(f"{module}.V")
 
     def cores_from_rotations(self, adapter: PsoftAdapter) -> tuple[dict[str, torch.Tensor] | None, str]:
         """The k×k core per module of a PEFT PSOFT adapter straight from its R and the basis's singular
@@ -96,7 +110,7 @@ class SharedBasis:
             return None, "a feature cores do not hold (fan_in_fan_out or modules_to_save)"
         modules, k = list(adapter.modules), adapter.rank
         for module in modules:
-            if f"{module}.U" not in self.tensors or k > self.tensors[f"{module}.U"].shape[1]:
+            if k > self.widths.get(module, 0):
                 return None, f"{module} is outside the basis (rank {k}, basis rank {self.rank})"
         # Every module at once: a stack of generators, magnitudes (ones where a module has none) and S.
         params = [adapter.modules[module] for module in modules]
@@ -104,7 +118,7 @@ class SharedBasis:
         vectors = [torch.stack([vector if vector is not None else torch.ones(k) for vector in each])
                    if any(vector is not None for vector in each) else None
                    for each in ([param.vector_a for param in params], [param.vector_b for param in params])]
-        S = torch.stack([self.tensors[f"{module}.S"][:k] for module in modules]).double()
+        S = torch.stack([self.singular_values[module][:k] for module in modules]).double()
         init = adapter.subspace_spec.init
         cores = core_of_rotation(rotation(generators, k, adapter.rotation_spec, *vectors), S, init).float()
         R = rotation(generators.double(), k, adapter.rotation_spec, *(v.double() if v is not None else None
@@ -137,9 +151,9 @@ class SharedBasis:
         for module, (A, B) in lora.pairs().items():
             A, B = A.float(), B.float() * lora.scaling(module)
             k = A.shape[0]
-            if f"{module}.U" not in self.tensors or k > self.tensors[f"{module}.U"].shape[1]:
+            if k > self.widths.get(module, 0):
                 return None, f"{module} is outside the basis (rank {k}, basis rank {self.rank})"
-            U, V, S = (self.tensors[f"{module}.{part}"] for part in "UVS")
+            (U, V), S = self.vectors(module), self.singular_values[module]
             cores[module], residual = core_in_basis(A, B, U[:, :k], V[:, :k])
             tolerance = lora_in_basis_bound(S, k, max(U.shape[0], V.shape[0]))
             if residual > tolerance:

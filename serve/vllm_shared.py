@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from vllm.config import (
     CompilationConfig,
     CompilationMode,
@@ -59,7 +57,8 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from vllm.utils import gpu_sync_debug
 
-from psoft_deploy.formats import ADAPTER_WEIGHTS
+from psoft_deploy.base import open_safetensors
+from psoft_deploy.formats import ADAPTER_WEIGHTS, read_safetensors
 from psoft_deploy.psoft import lora_of_core
 from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 
@@ -310,7 +309,7 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
               "told_tp": False}  # whether this process said the cores are held at tensor parallelism > 1
 
     def module_basis(name: str):
-        return (shared.tensors[f"{name}.U"], shared.tensors[f"{name}.V"]) if name in names else None
+        return shared.vectors(name) if name in names else None
 
     register_module = LoRAModelManager.register_module
 
@@ -348,10 +347,10 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
         whose layer holds no cores gets its exact LoRA, read off the pair: ``(V_kᵀ, U_k·C)``."""
         path = Path(lora_dir) / CORES_FILE
         if path.is_file():
-            with safe_open(path, framework="pt") as handle:
+            with open_safetensors(path) as handle:
                 if handle.metadata().get("basis") != shared.digest:
                     raise ValueError(f"{lora_dir} holds cores over another basis than the one this server holds")
-            cores = load_file(path)
+            cores = read_safetensors(path)
         else:
             cores, why = shared.cores_of(Path(lora_dir)) if (Path(lora_dir) / ADAPTER_WEIGHTS).is_file() else (None, "")
             logger.info("psoft-deploy: %s loaded as %s (%s)", lora_dir, "cores" if cores else "exact LoRA", why)

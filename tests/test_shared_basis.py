@@ -99,13 +99,27 @@ def test_cores_straight_from_r_are_the_projection_of_pefts_delta_weights_without
     assert cores is not None and "float32 noise off float64" in why, why
     monkeypatch.undo()
     for module, delta in peft_deltas(peft_model).items():
-        U, V, S = (full_basis.tensors[f"{module}.{part}"] for part in "UVS")
+        (U, V), S = full_basis.vectors(module), full_basis.singular_values[module]
         k = cores[module].shape[0]
         U_d, S_d, Vh_d = torch.linalg.svd(delta.double())  # PEFT's ΔW, projected onto the basis
         projected, _ = core_in_basis(Vh_d[:k], U_d[:, :k] * S_d[:k], U[:, :k], V[:, :k])
         tolerance = lora_in_basis_bound(S, k, max(U.shape[0], V.shape[0]))
         error = (cores[module].double() - projected.double()).norm() / delta.double().norm()
         assert error <= tolerance, (module, float(error), tolerance)
+
+
+def test_a_process_keeps_the_basis_once_where_it_serves_it(base, full_basis, tmp_path):
+    """Cores from R and the projection of an exact LoRA read U and V from the basis's file at each use:
+    besides what a vLLM layer holds (its own copy, in its serving dtype), the process keeps only the
+    singular values."""
+    make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    cores, _ = full_basis.cores_from_rotations(read_adapter(tmp_path / "adapter"))
+    lora_dir, _ = LoraCache(tmp_path / "cache", BaseCheckpoint(str(base))).prepare(tmp_path / "adapter")
+    projected, _ = full_basis.cores_of(lora_dir)
+    assert cores is not None and projected is not None
+    kept = [value for value in vars(full_basis).values() if isinstance(value, dict)]
+    held = sum(t.numel() for values in kept for t in values.values() if isinstance(t, torch.Tensor))
+    assert held == sum(S.numel() for S in full_basis.singular_values.values())
 
 
 def test_a_core_from_r_that_is_not_finite_is_not_served(base, full_basis, tmp_path):
