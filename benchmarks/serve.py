@@ -14,10 +14,13 @@ growth per registered adapter against r² × modules × 4 bytes. The answers of 
 first 64 adapters are compared with the exact-LoRA run's.
 
 With ``--tensor-parallel-size N`` (N > 1) every engine runs at that tensor parallelism (vLLM's `mp`
-executor, a core per rank unless ``VLLM_CPU_OMP_THREADS_BIND`` says otherwise), and the rows are the base
-alone (the anchor), and 64 distinct adapters as exact LoRA and as cores, their answers compared.
+executor, a core per rank unless ``VLLM_CPU_OMP_THREADS_BIND`` says otherwise), and with ``--device cuda``
+on a GPU (vLLM's CUDA build, docs/install.md) with CUDA graphs on (no enforce-eager); the rows are then
+the base alone (the anchor), and 64 distinct adapters as exact LoRA and as cores, their answers
+compared with each other and with transformers + PEFT's greedy answers (each prompt under its adapter).
 
-    python benchmarks/serve.py [--prompts 64] [--tokens 32] [--model 768x12|smollm|both] [--tensor-parallel-size N]
+    python benchmarks/serve.py [--prompts 64] [--tokens 32] [--model 768x12|smollm|both]
+                               [--tensor-parallel-size N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -53,10 +56,10 @@ from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
 model, paths, distinct, prompts, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
-tp = int(sys.argv[6])
+tp, device = int(sys.argv[6]), sys.argv[7]
 options = dict(enable_lora=True, max_lora_rank=RANK, max_loras=max(1, min(distinct, 64)), max_cpu_loras=max(1, len(paths)),
                lora_target_modules=TARGET_MODULES) if paths else {}
-llm = LLM(model=model, dtype="float32", max_model_len=256, kv_cache_memory_bytes=512 << 20, enforce_eager=True,
+llm = LLM(model=model, dtype="float32", max_model_len=256, kv_cache_memory_bytes=512 << 20, enforce_eager=device == "cpu",
           max_num_seqs=64, distributed_executor_backend="mp" if tp > 1 else "uni", tensor_parallel_size=tp,
           skip_tokenizer_init=True, **options)
 engine = llm.llm_engine
@@ -126,14 +129,14 @@ def build(work: Path, shape: str, count: int) -> tuple[Path, list[Path], list[Pa
 
 
 def run_engine(base: Path, paths: list[Path], distinct: int, prompts: list[list[int]], tokens: int,
-               basis=None, tp: int = 1) -> dict:
+               basis=None, tp: int = 1, device: str = "cpu") -> dict:
     env = dict(os.environ) | ({"PSOFT_DEPLOY_SHARED_BASIS": str(basis.path)}
                               if basis else {})  # as serve runs adapters that all lie in the basis
     if tp > 1:  # a core per rank (vLLM-CPU's own binding needs a NUMA node per rank)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, range(tp))))
     process = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(base), json.dumps([str(p) for p in paths]),
-                              str(distinct), json.dumps(prompts), str(tokens), str(tp)], capture_output=True, text=True,
-                             env=env)
+                              str(distinct), json.dumps(prompts), str(tokens), str(tp), device], capture_output=True,
+                             text=True, env=env)
     if process.returncode != 0:
         raise SystemExit(process.stderr[-4000:])
     result = json.loads(next(line for line in process.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
@@ -176,25 +179,48 @@ def bench(shape: str, prompts_count: int, tokens: int) -> None:
           f"{equal}/{prompts_count}")
 
 
-def bench_tensor_parallel(shape: str, prompts_count: int, tokens: int, tp: int) -> None:
-    """The base alone and 64 distinct adapters as exact LoRA and as cores, every engine at tensor parallelism ``tp``."""
+def peft_answers(base: Path, loras: list[Path], prompts: list[list[int]], tokens: int, device: str) -> list[list[int]]:
+    """transformers + PEFT's greedy tokens of each prompt under its adapter (prompt k: adapter k mod count), float32."""
+    from peft import PeftModel
+
+    from psoft_deploy.model import load_base_model
+
+    model = PeftModel.from_pretrained(load_base_model(base, torch.float32).to(device), loras[0], adapter_name="a0")
+    for index, path in enumerate(loras[1:], 1):
+        model.load_adapter(path, adapter_name=f"a{index}")
+    answers = []
+    with torch.no_grad():
+        for k, ids in enumerate(prompts):
+            model.set_adapter(f"a{k % len(loras)}")
+            out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False)
+            answers.append(out[0, len(ids):].tolist())
+    return answers
+
+
+def bench_distinct(shape: str, prompts_count: int, tokens: int, tp: int, device: str) -> None:
+    """The base alone and 64 distinct adapters as exact LoRA and as cores, every engine at tensor parallelism
+    ``tp`` on ``device`` (CUDA: graphs on), the answers compared with transformers + PEFT's."""
     config, spread = MODELS[shape], max(SPREADS)
     prompts = torch.randint(10, config["vocab_size"], (prompts_count, 16), generator=torch.Generator().manual_seed(0)).tolist()
     with tempfile.TemporaryDirectory() as work:
         base, loras, cores, basis = build(Path(work), shape, spread)
-        rows = {"base alone (anchor)": run_engine(base, [], 1, prompts, tokens, tp=tp),
-                f"exact LoRA, {spread} distinct": run_engine(base, loras, spread, prompts, tokens, tp=tp),
-                f"cores, {spread} distinct": run_engine(base, cores, spread, prompts, tokens, basis, tp=tp)}
+        rows = {"base alone (anchor)": run_engine(base, [], 1, prompts, tokens, tp=tp, device=device),
+                f"exact LoRA, {spread} distinct": run_engine(base, loras, spread, prompts, tokens, tp=tp, device=device),
+                f"cores, {spread} distinct": run_engine(base, cores, spread, prompts, tokens, basis, tp=tp, device=device)}
+        reference = peft_answers(base, loras[:spread], prompts, tokens, device)
     anchor = rows["base alone (anchor)"]["tokens"] / rows["base alone (anchor)"]["seconds"]
+    graphs = ", CUDA graphs" if device == "cuda" else ""
     print(f"\nLlama {shape} ({config['hidden_size']} wide, {config['num_hidden_layers']} layers), PSOFT r={RANK} on "
-          f"{', '.join(TARGETS)}, {prompts_count} prompts × {tokens} greedy tokens, float32, tensor parallel size {tp}")
+          f"{', '.join(TARGETS)}, {prompts_count} prompts × {tokens} greedy tokens, float32, {device}{graphs}, "
+          f"tensor parallel size {tp}")
     for label, row in rows.items():
         rate = row["tokens"] / row["seconds"]
         print(f"  {label:<30} {rate:8.1f} tok/s  {rate / anchor:5.2f}x base   TTFT {row['ttft'] * 1000:7.0f} ms")
-    equal = sum(a == b for a, b in zip(rows[f"exact LoRA, {spread} distinct"]["answers"],
-                                       rows[f"cores, {spread} distinct"]["answers"]))
-    print(f"  the cores' answers equal the exact-LoRA run's: {equal}/{prompts_count}; the plugin said: "
-          f"{'; '.join(rows[f'cores, {spread} distinct']['said']) or 'nothing'}")
+    for label in (f"exact LoRA, {spread} distinct", f"cores, {spread} distinct"):
+        equal = sum(a == b for a, b in zip(rows[label]["answers"], reference))
+        print(f"  {label}: answers equal transformers + PEFT's: {equal}/{prompts_count}")
+    print(f"  the plugin said: {'; '.join(rows[f'cores, {spread} distinct']['said']) or 'nothing'}")
 
 
 def main() -> None:
@@ -203,14 +229,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU and vLLM's CUDA build (docs/install.md)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     for shape in MODELS if args.model == "both" else [args.model]:
-        if args.tensor_parallel_size > 1:
-            bench_tensor_parallel(shape, args.prompts, args.tokens, args.tensor_parallel_size)
+        if args.tensor_parallel_size > 1 or args.device == "cuda":
+            bench_distinct(shape, args.prompts, args.tokens, args.tensor_parallel_size, args.device)
         else:
             bench(shape, args.prompts, args.tokens)
 
