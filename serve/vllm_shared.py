@@ -13,7 +13,9 @@ serve sets ``PSOFT_DEPLOY_SHARED_BASIS`` (see `psoft_deploy.serve.shared`). What
   adapter's module whose layer holds none gets its exact LoRA when the adapter loads). A slot
   holds either a core or an ordinary LoRA; the forward adds
   ``((x·V) · core[slot of token]) · Uᵀ`` for the core slots (one GEMM each side, whatever the
-  number of adapters), and runs vLLM's own LoRA path only while an ordinary LoRA is loaded.
+  number of adapters), and runs vLLM's own LoRA path where the layer is configured for it (an
+  adapter served at start is exact LoRA, or one arrived in an eager engine): the same ops whatever
+  the slots hold, so torch.compile and CUDA graphs capture it.
 
 Everything else (slots, LRU caches, the token → slot mapping, adapter loading by name or endpoint)
 stays vLLM's. Relies on vLLM's internals checked by `missing_internals` (vLLM 0.32).
