@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from psoft_deploy.architectures import ARCHITECTURES
-from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
+from serve import build  # benchmarks/serve.py: the base, adapters, their cores and the basis
 
 MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
              intermediate_size=2048, vocab_size=32000, tie_word_embeddings=False)
@@ -63,39 +63,6 @@ print("RESULT " + json.dumps({"peak_growth": peak - before, "ttft": statistics.m
     TARGETS)))
 
 
-def build(work: Path, count: int):
-    """The base, ``count`` PSOFT adapters' exact LoRA directories, their cores and the basis."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from psoft_deploy.base import BaseCheckpoint
-    from psoft_deploy.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, rotation
-    from psoft_deploy.serve.shared import SharedBasis
-    from psoft_deploy.testing import llama_modules
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(max_position_embeddings=4096, **MODEL)).save_pretrained(work / "base")
-    checkpoint = BaseCheckpoint(work / "base")
-    modules = llama_modules(MODEL["num_hidden_layers"], TARGETS)
-    subspaces = {m: principal_subspace(checkpoint.tensor(f"{m}.weight"), RANK, 1.0, SubspaceSpec()) for m in modules}
-    basis = SharedBasis.build(work / "cache", checkpoint, modules, RANK)
-    generator = torch.Generator().manual_seed(1)
-    loras, cores = [], []
-    for index in range(count):
-        tensors = {}
-        for module, (A, B) in subspaces.items():
-            R = rotation(0.02 * torch.randn(RANK * (RANK - 1) // 2, generator=generator), RANK, RotationSpec())
-            tensors |= dict(zip(lora_keys(module), ModuleFactors(A=A, B=B, R=R, scale=1.0).lora()))
-        directory = work / f"lora-{index}"
-        directory.mkdir()
-        LoraAdapter(r=RANK, lora_alpha=RANK, target_modules=TARGETS).write(directory, tensors)
-        core_dir, why = basis.shared_form(directory, work / "cache")
-        if core_dir is None:
-            raise SystemExit(f"adapter {index} is not in the shared basis: {why}")
-        loras.append(directory)
-        cores.append(core_dir)
-    return work / "base", loras, cores, basis
-
-
 def run_engine(base: Path, paths: list[Path], prompts: list[list[int]], basis=None) -> dict:
     env = dict(os.environ) | ({"PSOFT_DEPLOY_SHARED_BASIS": str(basis.path)} if basis else {})
     process = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(base), json.dumps([str(p) for p in paths]),
@@ -117,7 +84,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, MODEL["vocab_size"], (args.requests, args.length), generator=generator).tolist()
     with tempfile.TemporaryDirectory() as work:
-        base, loras, cores, basis = build(Path(work), args.requests)
+        base, loras, cores, basis = build(Path(work), MODEL, args.requests, RANK, TARGETS, kept=args.requests,
+                                          strength=0.02)
         rows = {"base alone (anchor)": run_engine(base, [], prompts),
                 f"exact LoRA r {RANK}": run_engine(base, loras, prompts),
                 f"cores k {RANK}": run_engine(base, cores, prompts, basis)}

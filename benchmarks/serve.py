@@ -89,8 +89,10 @@ print("RESULT " + json.dumps({"tokens": sum(map(len, answers.values())), "second
 """.replace("RANK", str(RANK)).replace("TARGET_MODULES", repr(ARCHITECTURES["LlamaForCausalLM"].vllm_target_modules(TARGETS)))
 
 
-def build(work: Path, shape: str, count: int) -> tuple[Path, list[Path], list[Path]]:
-    """The base, ``count`` PSOFT adapters' exact LoRA directories (the first 64 kept) and their cores."""
+def build(work: Path, config: dict, count: int, rank: int = RANK, targets: list[str] = TARGETS,
+          kept: int = max(SPREADS), strength: float = 0.1) -> tuple[Path, list[Path], list[Path], object]:
+    """A Llama of ``config`` (random weights), ``count`` PSOFT adapters of ``rank`` on ``targets`` (a random R
+    each, generators of ``strength``): their exact LoRA directories (the first ``kept`` kept), their cores, the basis."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from psoft_deploy.base import BaseCheckpoint
@@ -99,27 +101,26 @@ def build(work: Path, shape: str, count: int) -> tuple[Path, list[Path], list[Pa
     from psoft_deploy.testing import llama_modules
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, **MODELS[shape])).save_pretrained(work / "base")
+    LlamaForCausalLM(LlamaConfig(max_position_embeddings=4096, **config)).save_pretrained(work / "base")
     checkpoint = BaseCheckpoint(work / "base")
-    modules = llama_modules(MODELS[shape]["num_hidden_layers"], TARGETS)
-    subspaces = {m: principal_subspace(checkpoint.tensor(f"{m}.weight"), RANK, 1.0, SubspaceSpec()) for m in modules}
-    basis = SharedBasis.build(work / "cache", checkpoint, modules, RANK)
+    modules = llama_modules(config["num_hidden_layers"], targets)
+    subspaces = {m: principal_subspace(checkpoint.tensor(f"{m}.weight"), rank, 1.0, SubspaceSpec()) for m in modules}
+    basis = SharedBasis.build(work / "cache", checkpoint, modules, rank)
     generator = torch.Generator().manual_seed(1)
     loras, cores = [], []
     for index in range(count):
         tensors = {}
         for module, (A, B) in subspaces.items():
-            R = rotation(0.1 * torch.randn(RANK * (RANK - 1) // 2, generator=generator), RANK, RotationSpec())
-            lora_A, lora_B = ModuleFactors(A=A, B=B, R=R, scale=1.0).lora()
-            tensors |= dict(zip(lora_keys(module), (lora_A, lora_B)))
+            R = rotation(strength * torch.randn(rank * (rank - 1) // 2, generator=generator), rank, RotationSpec())
+            tensors |= dict(zip(lora_keys(module), ModuleFactors(A=A, B=B, R=R, scale=1.0).lora()))
         directory = work / f"lora-{index}"
         directory.mkdir()
-        LoraAdapter(r=RANK, lora_alpha=RANK, target_modules=TARGETS).write(directory, tensors)
+        LoraAdapter(r=rank, lora_alpha=rank, target_modules=targets).write(directory, tensors)
         core_dir, why = basis.shared_form(directory, work / "cache")
         if core_dir is None:
             raise SystemExit(f"adapter {index} is not in the shared basis: {why}")
         cores.append(core_dir)
-        if index < max(SPREADS):
+        if index < kept:
             loras.append(directory)
         else:
             for file in directory.iterdir():
@@ -150,7 +151,7 @@ def bench(shape: str, prompts_count: int, tokens: int) -> None:
     many = torch.randint(10, config["vocab_size"], (REGISTERED, 16), generator=generator).tolist()
     many[:prompts_count] = prompts
     with tempfile.TemporaryDirectory() as work:
-        base, loras, cores, basis = build(Path(work), shape, REGISTERED)
+        base, loras, cores, basis = build(Path(work), MODELS[shape], REGISTERED)
         rows = {"base alone (anchor)": run_engine(base, [], 1, prompts, tokens)}
         for spread in SPREADS:
             rows[f"exact LoRA, {spread} registered, {spread} distinct"] = run_engine(base, loras[:spread], spread, prompts, tokens)
@@ -204,7 +205,7 @@ def bench_distinct(shape: str, prompts_count: int, tokens: int, tp: int, device:
     config, spread = MODELS[shape], max(SPREADS)
     prompts = torch.randint(10, config["vocab_size"], (prompts_count, 16), generator=torch.Generator().manual_seed(0)).tolist()
     with tempfile.TemporaryDirectory() as work:
-        base, loras, cores, basis = build(Path(work), shape, spread)
+        base, loras, cores, basis = build(Path(work), MODELS[shape], spread)
         rows = {"base alone (anchor)": run_engine(base, [], 1, prompts, tokens, tp=tp, device=device),
                 f"exact LoRA, {spread} distinct": run_engine(base, loras, spread, prompts, tokens, tp=tp, device=device),
                 f"cores, {spread} distinct": run_engine(base, cores, spread, prompts, tokens, basis, tp=tp, device=device)}
