@@ -142,15 +142,17 @@ ARCHITECTURES = {architecture.name: architecture for architecture in (
 
 def architecture(config: dict) -> Architecture:
     """The registry's entry for the first architecture ``config.json`` names (the one transformers
-    loads), else one known by its name alone: ``...ForCausalLM``, ``...LMHeadModel`` and
-    ``...ForConditionalGeneration`` generate text (seq2seq where ``is_encoder_decoder``), then
-    image and sequence/token classifiers; anything else is an encoder."""
+    loads), else one known by its name alone: ``...ForCausalLM`` and ``...LMHeadModel`` are causal LMs,
+    then a model with ``is_encoder_decoder`` is seq2seq, another ``...ForConditionalGeneration`` a
+    (multimodal) causal LM, then image and sequence/token classifiers; anything else is an encoder."""
     name = (config.get("architectures") or [""])[0]
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    if config.get("is_encoder_decoder"):
+    if name.endswith(("ForCausalLM", "LMHeadModel")):  # a decoder alone, whatever its config's is_encoder_decoder
+        family = "causal-lm"
+    elif config.get("is_encoder_decoder"):
         family = "seq2seq"
-    elif name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
+    elif name.endswith("ForConditionalGeneration"):  # multimodal: a causal LM over its text_config
         family = "causal-lm"
     elif name.endswith("ForImageClassification"):
         family = "image-classifier"

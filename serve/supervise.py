@@ -40,7 +40,6 @@ PLUGIN_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?psoft-deploy: (warning: )?(.+)$
 GENERIC_ERRORS = ("EngineDeadError", "EngineGenerateError")
 
 
-
 def default_log_file(cache_dir: Path, port: int) -> Path:
     """Where vLLM's log goes by default: ``vllm-PORT.log`` beside the cache directory."""
     return Path(cache_dir).absolute().parent / f"vllm-{port}.log"

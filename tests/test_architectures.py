@@ -11,6 +11,8 @@ def test_the_family_is_read_from_the_config():
     assert model_family({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}).name == "seq2seq"
     assert model_family({"architectures": ["DebertaV2Model"]}).name == "encoder"
     assert model_family({"architectures": ["GPTJForCausalLM"]}).name == "causal-lm"
+    # BART's decoder alone keeps BART's is_encoder_decoder in its config
+    assert model_family({"architectures": ["BartForCausalLM"], "is_encoder_decoder": True}).name == "causal-lm"
     assert model_family({"architectures": ["RobertaForSequenceClassification"]}).name == "classifier"
     # a multimodal model generates text as a causal LM, and serve and verify agree on it
     multimodal = architecture({"architectures": ["Gemma3ForConditionalGeneration"]})
