@@ -13,7 +13,7 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
@@ -73,9 +73,11 @@ def publish(
     overwrite: bool = False,
     model_card: Callable[[Path, str], None] | None = None,
     last_file: str | None = None,
+    adapters: Iterable[AdapterFactors | None] = (),
 ) -> Published:
     """Write ``artifact`` with ``write(staging)``, run ``checks`` on it (None: not verified, and
-    no report is written), record the reports, add the model card, and rename the staging
+    no report is written), record the reports and what the base check decided for each of
+    ``adapters``, add the model card, and rename the staging
     directory to ``output`` (with ``last_file``: move its files into ``output``, that one last,
     beside what ``output`` holds; see `atomic_files_into`). Raises `VerificationFailed` (and
     publishes nothing) if a check fails."""
@@ -95,6 +97,8 @@ def publish(
                 "artifact": artifact,
                 "passed": all(report.passed for report in reports),
                 "checks": [report.to_dict() for report in reports],
+                "base_identity": [{"adapter": str(factors.adapter.path), **factors.base_identity}
+                                  for factors in adapters if factors is not None and factors.base_identity],
             }
             (staging / REPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
             for report in reports:
@@ -119,7 +123,7 @@ def materialize(factors: AdapterFactors, output: str | Path, *, base_name: str, 
 
     return publish(output, "materialized adapter", lambda staging: save_materialized_files(factors, staging, base_name),
                    [Check("materialized adapter", lambda staging: reread_matches(factors, staging))],
-                   overwrite=overwrite)
+                   overwrite=overwrite, adapters=[factors])
 
 
 def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, adapter_name: str,
@@ -154,7 +158,7 @@ def merge(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *, 
         output, "merged model", write, checks, overwrite=options.overwrite,
         model_card=lambda staging, verification: write_model_card(staging, base=base, adapter=adapter_name,
                                                                   factors=factors, verification=verification,
-                                                                  gguf=quant))
+                                                                  gguf=quant), adapters=[factors])
 
 
 def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Path, *,
@@ -174,7 +178,7 @@ def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Pat
         else verify_candidate(base, factors, staging, mode=mode, prompts=prompts)))]
     return publish(output, "LoRA adapter", lambda staging: write_lora(
         factors, staging, base_name=base_name, options=options, base_config=base.config, base_dir=base.path),
-                   checks, overwrite=options.overwrite)
+                   checks, overwrite=options.overwrite, adapters=[factors])
 
 
 def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFactors | None = None,
@@ -247,7 +251,8 @@ def export_onnx(base: BaseCheckpoint, output: str | Path, *, merged: AdapterFact
                    overwrite=options.overwrite,
                    model_card=onnx_model_card(base, merged, adapters,
                                               f"onnxruntime-genai's model builder: {precision}, execution provider "
-                                              f"{execution_provider}; {form}", "`og.Model(DIR)`"))
+                                              f"{execution_provider}; {form}", "`og.Model(DIR)`"),
+                   adapters=[merged, *adapters.values()])
 
 
 def onnx_model_card(base: BaseCheckpoint, merged: AdapterFactors | None, adapters: dict[str, AdapterFactors],
@@ -307,4 +312,4 @@ def _export_torch_onnx(base: BaseCheckpoint, output: str | Path, *, merged: Adap
     return publish(output, "ONNX export", write, checks if verify else None, overwrite=overwrite,
                    model_card=onnx_model_card(base, merged, adapters, f"torch.onnx: {dtype}, " + (
                        "adapters as LoRA inputs" if adapters else "the adapter merged in float32" if merged is not None else
-                       "the base alone"), "onnxruntime"))
+                       "the base alone"), "onnxruntime"), adapters=[merged, *adapters.values()])

@@ -118,6 +118,13 @@ class BaseCheckpoint:
             ids.add(recorded)
         return {name.lower() for name in ids}
 
+    def origins(self) -> set[str]:
+        """What this base's own files say it is, in lower case: its `hub_ids` and the path its config's
+        ``_name_or_path`` records."""
+        recorded = self.config.get("_name_or_path")
+        paths = {recorded.rstrip("/").lower()} if isinstance(recorded, str) and recorded else set()
+        return self.hub_ids() | paths
+
     @cached_property
     def config(self) -> dict:
         config_file = self.path / "config.json"

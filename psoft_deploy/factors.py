@@ -20,13 +20,15 @@ from .psoft import ModuleFactors, principal_subspace, rotation
 
 @dataclass
 class AdapterFactors:
-    """Exact factors of every adapted module, the base fingerprints they belong to, and how
-    they were obtained (``svd``: backend, device and dtype, or ``None`` when no SVD ran)."""
+    """Exact factors of every adapted module, the base fingerprints they belong to, how they were
+    obtained (``svd``: backend, device and dtype, or ``None`` when no SVD ran) and what the base check
+    decided (``base_identity``, see `check_base_identity`; ``None`` without a base)."""
 
     adapter: PsoftAdapter
     modules: dict[str, ModuleFactors]
     fingerprints: dict[str, dict]
     svd: dict | None
+    base_identity: dict | None = None
 
     @property
     def replaced_tensors(self) -> dict[str, torch.Tensor]:
@@ -53,8 +55,7 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
             torch.empty(0, device=svd_device)
         except (RuntimeError, AssertionError) as error:
             raise UserError(f"--svd-device {svd_device!r} is not usable here ({str(error).splitlines()[0]})") from None
-    if base is not None:
-        check_fits_base(adapter, base, options)
+    identity = check_fits_base(adapter, base, options) if base is not None else None
     modules: dict[str, ModuleFactors] = {}
     fingerprints: dict[str, dict] = {}
     stored = adapter.metadata.get("modules", {})
@@ -83,17 +84,19 @@ def derive_factors(adapter: PsoftAdapter, base: BaseCheckpoint | None, options: 
         }
     else:
         svd = adapter.metadata.get("svd")
-    return AdapterFactors(adapter=adapter, modules=modules, fingerprints=fingerprints, svd=svd)
+    return AdapterFactors(adapter=adapter, modules=modules, fingerprints=fingerprints, svd=svd, base_identity=identity)
 
 
-def check_fits_base(adapter: PsoftAdapter, base: BaseCheckpoint, options: ReadOptions = DEFAULTS) -> None:
+def check_fits_base(adapter: PsoftAdapter, base: BaseCheckpoint, options: ReadOptions = DEFAULTS) -> dict:
     """Refuse (`UserError`, one line) an adapter whose shapes, recorded base or (PEFT) targets do not
-    fit ``base``: every check `derive_factors` makes before an SVD runs."""
+    fit ``base``: every check `derive_factors` makes before an SVD runs. Returns what the base check
+    decided (`check_base_identity`)."""
     for name, params in adapter.modules.items():
         _check_base_shape(adapter, name, params, base.shape(base_tensor_key(name)))
-    check_base_identity(adapter, base, options)
+    identity = check_base_identity(adapter, base, options)
     if adapter.format == "peft":
         check_targets(adapter, base)
+    return identity
 
 
 def module_rotation(adapter: PsoftAdapter, name: str, *, with_magnitudes: bool = True) -> torch.Tensor:
@@ -162,38 +165,45 @@ def check_targets(adapter: PsoftAdapter, base: BaseCheckpoint) -> None:
     warnings.warn(message + ": it stays unchanged (R = I), as PEFT loads it", stacklevel=2)
 
 
-def check_base_identity(adapter: PsoftAdapter, base: BaseCheckpoint, options: ReadOptions = DEFAULTS) -> None:
-    """Refuse (`UserError`, one line) a ``base`` that is not the one ``adapter`` was made for, or that
-    cannot be compared with it; a warning instead with ``options.allow_base_mismatch``. An adapter
-    that records its base's fingerprints (materialized, or PEFT written by psoft-deploy) is compared
-    tensor by tensor, dtype included. Otherwise its ``base_model_name_or_path``: the same name as
-    ``base`` was given by, or where that base is on this machine (a directory, or a hub id in the hub
-    cache), by architecture, adapted layer shapes and weights; else by hub id, where both bases have
-    one. What cannot be compared (no record of the base, a path on another machine, a hub model whose
-    weights are not cached here beside a local base of unknown origin) and a comparison that fails
-    (an error, or weights that cannot be read) are refused too: fail closed."""
+def check_base_identity(adapter: PsoftAdapter, base: BaseCheckpoint, options: ReadOptions = DEFAULTS) -> dict:
+    """Decide what can be decided about whether ``base`` is the base ``adapter`` was made for, and
+    return it for the artifact's report (``{"status": "confirmed" | "not checked" | "mismatch
+    allowed", "detail": ...}``).
+
+    Refused (`UserError`, one line; a warning with ``options.allow_base_mismatch``) is what
+    contradicts ``base``: recorded fingerprints that differ, or the base the adapter names reachable
+    here (a directory, or a hub id in the hub cache) with another architecture, shapes or weights;
+    and a comparison that failed (fail closed). Confirmed: equal fingerprints or weights, or the same
+    name (as given, or the origin ``base``'s own files record: its hub cache entry, its config's
+    ``_name_or_path``). Neither (a path on another machine, a hub id beside a plain local directory,
+    no record at all): one warning line says what was not checked, and the work goes on."""
     claimed = adapter.base_model_name_or_path
-    if not adapter.base_fingerprints and claimed and claimed == base.name:
-        return
+    contradiction = confirmation = unchecked = None
     try:
         if adapter.base_fingerprints:
-            message = _recorded_difference(adapter, base)
+            contradiction = _recorded_difference(adapter, base)
+            confirmation = f"the {len(adapter.base_fingerprints)} recorded base fingerprints match"
         elif claimed:
-            message = _claimed_difference(claimed, adapter, base)
+            contradiction, confirmation, unchecked = _claimed_difference(claimed, adapter, base)
         else:
-            message = (f"cannot check that {base.name} is the base adapter {adapter.path} was made for: it records "
-                       "neither its base's fingerprints nor its base_model_name_or_path")
+            unchecked = "it records neither its base's fingerprints nor its base_model_name_or_path"
     except Exception as error:  # fail closed: a comparison that could not be made is no match
         detail = str(error).splitlines()[0] if str(error) else ""
-        message = (f"could not check that {base.name} is the base adapter {adapter.path} was trained on "
-                   f"({claimed or 'its recorded fingerprints'}): {type(error).__name__}: {detail}")
-    if message is None:
-        return
-    if not options.allow_base_mismatch:
-        raise UserError(message + "; pass the adapter's own base, or --allow-base-mismatch to proceed anyway")
-    rebuilt = (" (A and B come from the base given: whether they are the ones the adapter was trained with cannot "
-               "be checked)") if adapter.format == "peft" else ""
-    warnings.warn(message + f"; proceeding because --allow-base-mismatch was given{rebuilt}", stacklevel=2)
+        contradiction = (f"could not check that {base.name} is the base adapter {adapter.path} was trained on "
+                         f"({claimed or 'its recorded fingerprints'}): {type(error).__name__}: {detail}")
+    if contradiction is not None:
+        if not options.allow_base_mismatch:
+            raise UserError(contradiction + "; pass the adapter's own base, or --allow-base-mismatch to proceed anyway")
+        rebuilt = (" (A and B come from the base given: whether they are the ones the adapter was trained with "
+                   "cannot be checked)") if adapter.format == "peft" else ""
+        warnings.warn(contradiction + f"; proceeding because --allow-base-mismatch was given{rebuilt}", stacklevel=2)
+        return {"status": "mismatch allowed", "detail": contradiction}
+    if confirmation is not None:
+        return {"status": "confirmed", "detail": confirmation}
+    detail = (f"not checked that {base.name} is the base adapter {adapter.path} was trained on"
+              f"{f' ({claimed})' if claimed else ''}: {unchecked}")
+    warnings.warn(detail + "; proceeding, as nothing contradicts it", stacklevel=2)
+    return {"status": "not checked", "detail": detail}
 
 
 def _recorded_difference(adapter: PsoftAdapter, base: BaseCheckpoint) -> str | None:
@@ -212,22 +222,26 @@ def _described(fingerprint: dict) -> str:
     return f"{fingerprint['dtype']} {'×'.join(map(str, fingerprint['shape']))}, sha256 {fingerprint['sha256'][:12]}…"
 
 
-def _claimed_difference(claimed: str, adapter: PsoftAdapter, base: BaseCheckpoint) -> str | None:
-    """How the base the adapter names differs from ``base``, or why they cannot be compared (None: same)."""
+def _claimed_difference(claimed: str, adapter: PsoftAdapter,
+                        base: BaseCheckpoint) -> tuple[str | None, str | None, str | None]:
+    """(what contradicts ``base``, what confirms it, why neither) from the base the adapter names."""
+    if claimed == base.name:
+        return None, f"the adapter names the base as given ({claimed})", None
     other = _local_base(claimed)
-    ids = base.hub_ids()
     if other is not None:
         if other.path.resolve() == base.path.resolve():
-            return None
+            return None, f"the adapter names this base ({claimed})", None
         difference = _weights_difference(adapter, other, base)
-    elif HUB_ID.fullmatch(claimed) and ids:
-        difference = None if claimed.lower() in ids else f"the base is {', '.join(sorted(ids))} on the hub"
-    else:
-        return (f"cannot check that {base.name} is the base adapter {adapter.path} was trained on ({claimed}): that "
-                "base is neither on this machine nor in the hub cache to compare weights with, and the base given "
-                "has no hub id to compare names with")
-    return None if difference is None else (f"adapter {adapter.path} was trained on {claimed}, not on the base given "
-                                            f"({base.name}): {difference}")
+        if difference is not None:
+            return (f"adapter {adapter.path} was trained on {claimed}, not on the base given ({base.name}): "
+                    f"{difference}"), None, None
+        return None, f"the adapted weights equal those of {claimed}, which the adapter names", None
+    origins = base.origins()
+    if claimed.rstrip("/").lower() in origins:
+        return None, f"the base's own files name it {claimed}, as the adapter does", None
+    known = f"{base.name} is known as {', '.join(sorted(origins))}" if origins else f"{base.name} names no origin"
+    where = "a path absent here" if not HUB_ID.fullmatch(claimed) else "neither here nor in the hub cache"
+    return None, None, f"{claimed} is {where} to compare weights with, and {known}"
 
 
 def _local_base(claimed: str) -> BaseCheckpoint | None:

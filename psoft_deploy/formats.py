@@ -235,6 +235,10 @@ def _peft_version(config: dict) -> Version | None:
 
 def _read_peft(path: Path, config: dict, tensors: dict, force_unseeded: bool) -> PsoftAdapter:
     rank = _positive_int(config, "r", path)
+    if isinstance(config.get("target_modules"), str) and config.get("layers_to_transform") is not None:
+        raise UserError(f"{path / ADAPTER_CONFIG} has a regex target_modules with layers_to_transform, which PEFT "
+                        "refuses to load (its matching would ignore the layers); remove layers_to_transform or list "
+                        "the adapted modules in target_modules")
     markers = {".psoft_R.weight": "generator", ".psoft_R.vector_a": "vector_a", ".psoft_R.vector_b": "vector_b"}
     grouped, replaced = _group_modules(tensors, markers)
     if not grouped:

@@ -220,8 +220,8 @@ def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed:
                         base: Path | None = None) -> Path:
     """A PEFT-format PSOFT adapter for ``modules`` (full module names) with trained-like R
     parameters (generator ~ N(0, std²), magnitudes 1 ± std), written as PEFT saves it; with the
-    ``base`` directory it is for recorded as psoft-deploy's `train` records it (else a base that
-    cannot be compared: refused without --allow-base-mismatch)."""
+    ``base`` directory it is for recorded as psoft-deploy's `train` records it (else no record of
+    its base: used on any base with a one-line warning)."""
     from peft import PsoftConfig
 
     from .base import BaseCheckpoint

@@ -13,6 +13,7 @@ from helpers import assert_close_relative, assert_one_line_error, load_peft, mak
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy import factors as factors_module
+from psoft_deploy.converters.pipeline import read_report
 from psoft_deploy.formats import BASE_RECORD
 from psoft_deploy.model import load_base_model
 
@@ -126,26 +127,53 @@ def test_the_base_check_fails_closed(tiny_base, tmp_path, monkeypatch):
     assert allowed.exit_code == 0 and allowed.output.startswith("Warning: could not check"), allowed.output
 
 
-@pytest.mark.parametrize("recorded", [None, "/home/someone/models/llama", "someorg/uncached-llama"])
-def test_a_base_that_cannot_be_compared_is_refused_unless_allowed(recorded, tiny_base, tmp_path):
-    """No record of the base, a path on another machine, a hub id neither cached here nor the name
-    of the base given (a local directory): nothing to compare, refused in one line; a one-line
-    warning with --allow-base-mismatch."""
+@pytest.mark.parametrize("recorded", [None, "/home/alice/models/llama", "someorg/uncached-llama"])
+def test_a_base_nothing_contradicts_is_used_saying_what_was_not_checked(recorded, tiny_base, tmp_path):
+    """No record of the base (a custom model's adapter), a path on another machine, a hub id neither
+    cached here nor named by the base given (a plain local directory): nothing confirms the base and
+    nothing contradicts it. Merged and verified without a flag, one line on stderr, the reason in the
+    artifact's report."""
     base = tiny_base("llama")
     make_peft_adapter(base, tmp_path / "adapter")
     with_config(tmp_path / "adapter", base_model_name_or_path=recorded)
-    reason = ("records neither its base's fingerprints nor" if recorded is None
-              else f"({recorded}): that base is neither")
-    for command in (("merge", "--output", tmp_path / "merged"), ("verify", "--candidate", base)):
-        result = run(command[0], "--base", base, "--adapter", tmp_path / "adapter", *command[1:])
-        assert_one_line_error(result, f"cannot check that {base} is the base adapter", reason, "--allow-base-mismatch")
+    reason = ("it records neither its base's fingerprints nor" if recorded is None
+              else f"({recorded}): {recorded} is {'a path absent here' if recorded.startswith('/') else 'neither'}")
+    result = run("merge", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
+    assert result.exit_code == 0 and "verification: PASS" in result.output, result.output
+    said = result.stderr.splitlines()
+    assert len(said) == 1 and said[0].startswith(f"Warning: not checked that {base} is the base adapter"), said
+    assert reason in said[0] and said[0].endswith("proceeding, as nothing contradicts it")
+    (identity,) = read_report(tmp_path / "merged")["base_identity"]
+    assert identity["status"] == "not checked" and reason in identity["detail"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # a process shows a warning once; this is a second command in one process
+        verified = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "merged")
+    assert verified.exit_code == 0 and verified.stderr.startswith("Warning: not checked"), verified.output
+
+
+def test_a_base_whose_own_files_name_the_claimed_base_is_confirmed(tiny_base, tmp_path):
+    """A hub id beside a plain local directory (``--local-dir``) whose config.json names it."""
+    base = tmp_path / "local-dir"
+    shutil.copytree(tiny_base("llama"), base)
+    config_file = base / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_name_or_path": "SomeOrg/Llama-Tiny"}))
+    make_peft_adapter(base, tmp_path / "adapter")
+    with_config(tmp_path / "adapter", base_model_name_or_path="someorg/llama-tiny")
+    result = run("merge", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
+    assert result.exit_code == 0 and not result.stderr, result.output
+    (identity,) = read_report(tmp_path / "merged")["base_identity"]
+    assert identity == {"adapter": str(tmp_path / "adapter"), "status": "confirmed",
+                        "detail": "the base's own files name it someorg/llama-tiny, as the adapter does"}
+
+
+def test_a_claimed_base_here_with_another_architecture_is_refused(tiny_base, tmp_path):
+    base, other = tiny_base("llama"), tiny_base("qwen2")
+    make_peft_adapter(base, tmp_path / "adapter")
+    with_config(tmp_path / "adapter", base_model_name_or_path=str(other))
+    result = run("merge", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged")
+    assert_one_line_error(result, f"was trained on {other}, not on the base given", "architecture Qwen2ForCausalLM "
+                          "there, LlamaForCausalLM here", "--allow-base-mismatch")
     assert not (tmp_path / "merged").exists()
-    allowed = run("merge", "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "merged",
-                  "--allow-base-mismatch")
-    assert allowed.exit_code == 0 and "verification: PASS" in allowed.output, allowed.output
-    warnings_shown = [line for line in allowed.output.splitlines() if "cannot check" in line]
-    assert len(warnings_shown) == 1 and warnings_shown[0].startswith("Warning: cannot check")
-    assert "proceeding because --allow-base-mismatch was given" in warnings_shown[0]
 
 
 def with_config(adapter, **changes):

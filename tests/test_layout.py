@@ -55,3 +55,14 @@ def test_the_subpackages_are_the_top_level_folders():
     for package, folder in list(PACKAGES.items())[1:]:
         link = ROOT / Path(*package.split("."))
         assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve()
+
+
+def test_the_repository_holds_source_no_large_files_outside_test_data():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    paths = [Path(name) for name in tracked.decode().split("\0") if name]
+    assert any(path.parts[:2] == ("tests", "data") for path in paths), "the walk sees test data"
+    large = [str(path) for path in paths if path.parts[:2] != ("tests", "data") and (ROOT / path).is_file()
+             and (ROOT / path).stat().st_size > 1 << 20]
+    assert not large, f"tracked files over 1 MiB outside tests/data: {large}"

@@ -1,10 +1,12 @@
-"""Adapters written by real PEFT 0.19, 0.20 and 0.21 (tests/data/peft_versions, see make_fixtures.py)."""
+"""Adapters written by real PEFT 0.19, 0.20, 0.21 and 0.22 (tests/data/peft_versions, see make_fixtures.py)."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close_relative
+from helpers import assert_close_relative, assert_one_line_error, run
 from safetensors.torch import load_file
 
 from psoft_deploy.base import BaseCheckpoint
@@ -17,7 +19,7 @@ DATA = Path(__file__).parent / "data" / "peft_versions"
 BASE = DATA / "base"
 CASES = [
     (version, variant)
-    for version in ("0.19.0", "0.20.0", "0.21.2")
+    for version in ("0.19.0", "0.20.0", "0.21.2", "0.22.0")
     for variant in ("full_psoft", "full_pissa_neumann", "lowrank_psoft")
     if (version, variant) != ("0.19.0", "lowrank_psoft")
 ]
@@ -62,3 +64,20 @@ def test_peft_019_lowrank_adapter_is_refused_and_forcing_it_gives_another_model(
     name = next(iter(forced.modules))
     error = torch.linalg.norm(forced.modules[name].delta_weight() - expected[f"delta.{name}"])
     assert error / torch.linalg.norm(expected[f"delta.{name}"]) > 1e-3
+
+
+def test_a_regex_target_with_layers_to_transform_is_refused_as_peft_refuses_it(tmp_path):
+    """PEFT refuses a str target_modules with layers_to_transform when it reads the config (0.22 moved the
+    check from PsoftConfig to PeftConfig, so no release writes one): psoft-deploy refuses it in one line."""
+    from peft import PeftConfig
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(DATA / "0.22.0" / "full_psoft", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config |= {"target_modules": r".*\.(q_proj|v_proj|down_proj)", "layers_to_transform": [0]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        PeftConfig.from_pretrained(adapter)
+    result = run("merge", "--base", BASE, "--adapter", adapter, "--output", tmp_path / "merged")
+    assert_one_line_error(result, "has a regex target_modules with layers_to_transform, which PEFT refuses to load")
+    assert not (tmp_path / "merged").exists()

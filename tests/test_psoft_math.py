@@ -138,6 +138,13 @@ def test_a_stack_of_parameters_gives_each_modules_r(spec):
               else scales * torch.randn(3, r * (r - 1) // 2, generator=generator))
     vector_a, vector_b = 1 + 0.1 * torch.randn(2, 3, r, generator=generator)
     stacked = rotation(params, r, spec, vector_a, vector_b)
+    exact = rotation(params.double(), r, spec, vector_a.double(), vector_b.double())
     for index in range(3):
         alone = rotation(params[index], r, spec, vector_a[index], vector_b[index])
-        torch.testing.assert_close(stacked[index], alone, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+        # float32 rounding of this module's R, measured against float64 and scaled by its magnitude
+        # (the Cayley–Neumann series at generator scale 2 reaches 1e5): a batched product rounds otherwise
+        noise = (alone.double() - exact[index]).abs().max().item()
+        bound = 4 * noise + 8 * r * torch.finfo(torch.float32).eps * exact[index].abs().max().item()
+        assert (stacked[index] - alone).abs().max().item() <= bound
+        other = stacked[(index + 1) % 3]  # another module's R: the check can fail
+        assert (other - alone).abs().max().item() > bound

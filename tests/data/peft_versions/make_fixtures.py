@@ -10,8 +10,8 @@ Layout (relative to OUT_DIR, which defaults to this script's directory)::
     <peft version>/<variant>/      adapter_config.json + adapter_model.safetensors
                                    + expected.safetensors (see below)
 
-Variants (all: target_modules=["q_proj", "v_proj", "down_proj"], r=4,
-psoft_alpha=8, init_weights=False, task_type="CAUSAL_LM"):
+Variants (all: target_modules=["q_proj", "v_proj", "down_proj"] unless said,
+r=4, psoft_alpha=8, init_weights=False, task_type="CAUSAL_LM"):
 
     full_psoft          psoft_svd="full",    ab_svd_init="psoft_init"
     full_pissa_neumann  psoft_svd="full",    ab_svd_init="pissa_init",
@@ -22,6 +22,10 @@ psoft_alpha=8, init_weights=False, task_type="CAUSAL_LM"):
                         a ``random_seed`` field; PEFT 0.19.0 does not, so its
                         lowrank A/B come from the unseeded global RNG and
                         cannot be rebuilt exactly on load - that is intended)
+    regex_layers        psoft_svd="full", target_modules=r".*\.(q_proj|v_proj)",
+                        layers_to_transform=[0]; skipped, with a line, by the
+                        releases that refuse it (all through 0.22.0: 0.22 moved
+                        the check from PsoftConfig to PeftConfig)
 
 expected.safetensors holds, computed with the PEFT version that wrote the
 adapter:
@@ -41,7 +45,7 @@ under the same PEFT/torch version reproduces the files (this seed is what the
 unseeded PEFT 0.19.0 lowrank SVD ends up consuming; it is unrelated to
 PsoftConfig.random_seed).
 
-How to rerun (from the repository root). PEFT 0.21.2 is the installed one; the
+How to rerun (from the repository root). PEFT 0.22.0 is the installed one; the
 older releases were unpacked from their wheels into /tmp/peftXXX
 (``pip download peft==0.19.0 --no-deps`` then unzip the wheel) and put first on
 PYTHONPATH. Output always goes to OUT_DIR/<peft.__version__>/; pass
@@ -49,7 +53,8 @@ PYTHONPATH. Output always goes to OUT_DIR/<peft.__version__>/; pass
 
     PYTHONPATH=/tmp/peft019 python tests/data/peft_versions/make_fixtures.py --expect-version 0.19.0
     PYTHONPATH=/tmp/peft020 python tests/data/peft_versions/make_fixtures.py --expect-version 0.20.0
-    python tests/data/peft_versions/make_fixtures.py --expect-version 0.21.2
+    PYTHONPATH=/tmp/peft021 python tests/data/peft_versions/make_fixtures.py --expect-version 0.21.2
+    python tests/data/peft_versions/make_fixtures.py --expect-version 0.22.0
 
 The base model is loaded via the relative path "base" (the script chdirs into
 OUT_DIR), so adapter_config.json records base_model_name_or_path="base" instead
@@ -70,7 +75,8 @@ The script re-executes itself with PYTHONHASHSEED=0 (PEFT keeps target_modules
 as a set, so its order in adapter_config.json would otherwise vary per run).
 With that, reruns reproduce all files byte for byte.
 
-Generated with torch 2.13.0+cpu and transformers 5.19.0.
+Generated with torch 2.13.0+cpu and transformers 5.19.0 (0.22.0: transformers 5.19.x as
+README's install resolves it on 2026-12-07).
 """
 
 from __future__ import annotations
@@ -99,6 +105,10 @@ VARIANTS = {
         psoft_mag_a=False,
     ),
     "lowrank_psoft": dict(psoft_svd="lowrank", psoft_svd_lowrank_niter=4),
+    # a regex target_modules with layers_to_transform: every release through 0.22.0 refuses it (0.22 moved the
+    # check from PsoftConfig to PeftConfig); written by the first release that accepts it
+    "regex_layers": dict(psoft_svd="full", ab_svd_init="psoft_init", target_modules=r".*\.(q_proj|v_proj)",
+                         layers_to_transform=[0]),
 }
 LOWRANK_RANDOM_SEED = 7
 
@@ -192,17 +202,15 @@ def generate(out_dir: str, expect_version: str | None) -> None:
     input_ids = make_input_ids()
 
     for variant, extra in VARIANTS.items():
-        kwargs = dict(
-            task_type="CAUSAL_LM",
-            target_modules=list(TARGET_MODULES),
-            r=4,
-            psoft_alpha=8,
-            init_weights=False,
-            **extra,
-        )
+        kwargs = dict(task_type="CAUSAL_LM", target_modules=list(TARGET_MODULES), r=4, psoft_alpha=8,
+                      init_weights=False) | extra
         if extra.get("psoft_svd") == "lowrank" and has_seed_field:
             kwargs["random_seed"] = LOWRANK_RANDOM_SEED
-        config = PsoftConfig(**kwargs)
+        try:
+            config = PsoftConfig(**kwargs)
+        except ValueError as error:
+            print(f"skipped {variant}: PEFT {version} refuses it ({error})")
+            continue
 
         base = load_base(base_dir)
         torch.manual_seed(GETPEFT_SEED)
