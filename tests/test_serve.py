@@ -47,7 +47,7 @@ from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.serve.plan import INTERNAL_BASE_NAME, plan_serve
 from psoft_deploy.serve.preflight import (
     CPU_ATTENTION_HEAD_SIZES,
-    KV_MARGIN_BYTES,
+    VLLM_PROCESSES_BYTES,
     kv_cache_bytes,
     max_model_len,
     vllm_flag,
@@ -186,7 +186,8 @@ def test_bounded_load_with_unknown_names(server):
 def test_float32_base_is_served_in_float32_with_a_sized_kv_cache_by_default(server):
     lines = server["log"].read_text().splitlines()
     assert any(re.search(r"psoft-deploy: serving on http://\S+/v1 \(float32\)", line) for line in lines), lines
-    assert any(re.search(r"psoft-deploy: KV cache \d+ MiB of .* available, max model length 256; override with "
+    assert any(re.search(r"psoft-deploy: KV cache \d+ MiB of .* available \(.* free when vLLM allocates it, after "
+                         r"its processes and weights\), max model length 256; override with "
                          r"-- --kv-cache-memory-bytes N --max-model-len L", line) for line in lines), lines
     # vLLM runs with the base's stored dtype: its own command line says so (its INFO log, which
     # repeats it, is not always written), and where its config line was logged it agrees.
@@ -423,12 +424,24 @@ def test_kv_cache_for_8_gb_free_of_24_with_two_adapters():
     lora_bytes = 2 * 3 * 16 * 2 * layer_sides  # two adapters and the base's zero LoRA, rank 16
     free = 8 * 10**9
     kv = kv_cache_bytes(free, model_bytes, lora_bytes, useful_bytes=128 * positions * per_token)
-    assert model_bytes + lora_bytes + kv + KV_MARGIN_BYTES <= free  # vLLM finds the KV cache free after the model
+    assert model_bytes + lora_bytes + kv + VLLM_PROCESSES_BYTES <= free  # vLLM finds the cache free after the model
     length = max_model_len(kv, per_token, positions)
     assert 8192 <= length <= positions and length * per_token <= kv  # one request of that length fits
     assert kv_cache_bytes(24 * 10**9, 10**6, useful_bytes=48 << 20) == 48 << 20  # no more than can be used
     with pytest.raises(UserError, match=r"only 3\.7 GiB of memory is available.*-- --kv-cache-memory-bytes N"):
         kv_cache_bytes(4 * 10**9, model_bytes, lora_bytes)
+
+
+def test_kv_cache_of_the_reported_smollm2_run_fits_what_vllm_found_at_allocation():
+    """SmolLM2-135M in float32 served with an adapter root alone (issue 41): serve saw 22.6 GiB
+    available and chose 16,454 MiB; vLLM's worker found 15.2 GiB free when it allocated the cache and
+    refused to start. The size chosen now fits in what vLLM found, and in what it finds here (1.3-1.6
+    GiB of processes beyond the weights, see VLLM_PROCESSES_BYTES)."""
+    model_bytes, per_token, positions = 134_515_008 * 4, 2 * 30 * 3 * 64 * 4, 8192
+    useful = 128 * positions * per_token  # --max-num-seqs 128 at the full context
+    kv = kv_cache_bytes(int(22.6 * 2**30), model_bytes, useful_bytes=useful)
+    assert kv <= 15.2 * 2**30 and kv <= 22.6 * 2**30 - model_bytes - int(1.6 * 2**30)
+    assert max_model_len(kv, per_token, positions) == positions
 
 
 def test_plan_sizes_memory_and_dtype_and_the_users_vllm_flags_win(tmp_path):
@@ -446,7 +459,7 @@ def test_plan_sizes_memory_and_dtype_and_the_users_vllm_flags_win(tmp_path):
     command = plan()
     assert vllm_flag(command, "--dtype") == "float32"
     assert vllm_flag(command, "--max-model-len") == "256"  # the base's max_position_embeddings
-    assert 0 < int(vllm_flag(command, "--kv-cache-memory-bytes")) <= 8 * 10**9 - KV_MARGIN_BYTES
+    assert 0 < int(vllm_flag(command, "--kv-cache-memory-bytes")) <= 8 * 10**9 - VLLM_PROCESSES_BYTES
     assert vllm_flag(command, "--middleware") == "psoft_deploy.serve.middleware.HideInternalName"
     middlewares = [command[i + 1] for i, arg in enumerate(command) if arg == "--middleware"]
     assert middlewares[-1] == "psoft_deploy.serve.middleware.AdapterMetrics", "last: outermost, it counts refusals"

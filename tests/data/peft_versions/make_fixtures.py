@@ -22,7 +22,7 @@ r=4, psoft_alpha=8, init_weights=False, task_type="CAUSAL_LM"):
                         a ``random_seed`` field; PEFT 0.19.0 does not, so its
                         lowrank A/B come from the unseeded global RNG and
                         cannot be rebuilt exactly on load - that is intended)
-    regex_layers        psoft_svd="full", target_modules=r".*\.(q_proj|v_proj)",
+    regex_layers        psoft_svd="full", target_modules=r".*\\.(q_proj|v_proj)",
                         layers_to_transform=[0]; skipped, with a line, by the
                         releases that refuse it (all through 0.22.0: 0.22 moved
                         the check from PsoftConfig to PeftConfig)
