@@ -462,9 +462,10 @@ def verify(base, adapter, candidate, prompts, as_json, report, verify_mode, read
     checkpoint, factors = _load(base, adapter, read_options)
     result = verify_candidate(checkpoint, factors, Path(candidate), mode=verify_mode,
                               prompts=_prompts(prompts))
+    record = result.to_dict() | {"base_identity": factors.base_identity}
     if report:
-        atomic_write_text(report, json.dumps(result.to_dict(), indent=2) + "\n")
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.line())
+        atomic_write_text(report, json.dumps(record, indent=2) + "\n")
+    click.echo(json.dumps(record, indent=2) if as_json else result.line())
     if not result.passed:
         raise click.exceptions.Exit(1)
 

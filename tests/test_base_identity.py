@@ -147,8 +147,10 @@ def test_a_base_nothing_contradicts_is_used_saying_what_was_not_checked(recorded
     assert identity["status"] == "not checked" and reason in identity["detail"]
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # a process shows a warning once; this is a second command in one process
-        verified = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "merged")
+        verified = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "merged",
+                       "--json")
     assert verified.exit_code == 0 and verified.stderr.startswith("Warning: not checked"), verified.output
+    assert json.loads(verified.stdout)["base_identity"] == {"status": "not checked", "detail": identity["detail"]}
 
 
 def test_a_base_whose_own_files_name_the_claimed_base_is_confirmed(tiny_base, tmp_path):
