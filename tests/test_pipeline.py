@@ -16,7 +16,7 @@ from psoft_deploy.converters.pipeline import REPORT_FILE, read_report
 from psoft_deploy.factors import load_factors
 from psoft_deploy.options import ReadOptions
 
-REPORT_KEYS = {"tool", "artifact", "passed", "checks"}
+REPORT_KEYS = {"tool", "artifact", "passed", "checks", "base_identity"}
 CHECK_KEYS = {"label", "mode", "dtype", "tolerance", "passed", "failed_checks"}
 
 
@@ -47,6 +47,7 @@ def test_every_artifact_carries_one_report_schema(tiny_base, tmp_path):
         record = read_report(tmp_path / directory)
         assert record.keys() == REPORT_KEYS and record["passed"], directory
         assert [check["label"] for check in record["checks"]] == labels
+        assert [entry["status"] for entry in record["base_identity"]] == ["confirmed"], directory  # its base's name
         for check in record["checks"]:
             assert CHECK_KEYS <= check.keys() and check["passed"], (directory, check)
     assert read_report(cached)["checks"][0]["mode"] == "layerwise"
