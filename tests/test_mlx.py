@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import load_peft, make_peft_adapter, run, verification_report
+from helpers import load_peft, make_peft_adapter, mlx_lm_greedy, run, verification_report
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.converters.verify.inputs import prompt_sequences, verification_inputs
@@ -16,17 +16,6 @@ from psoft_deploy.converters.verify.reference import greedy
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 12
-
-
-def mlx_lm_greedy(base, adapter, sequences, count: int) -> tuple[list[list[int]], set[int]]:
-    """mlx-lm's own greedy decoding (``mlx_lm.stream_generate``, its KV cache, its argmax) of each of
-    ``sequences`` on ``base`` loaded by ``mlx_lm.load`` with ``adapter`` (None: the base alone), its stop
-    token kept; and the stop tokens mlx-lm uses."""
-    from mlx_lm import load, stream_generate
-
-    model, tokenizer = load(str(base), adapter_path=None if adapter is None else str(adapter))
-    return [[response.token for response in stream_generate(model, tokenizer, prompt=tokens, max_tokens=count)]
-            for tokens in sequences], set(tokenizer.eos_token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def exported(tiny_base, tmp_path_factory):
 def test_mlx_lm_runs_the_export_as_peft_does(exported):
     base, work = exported
     report = verification_report(work / "mlx")
-    assert report["runtime"].startswith("mlx-lm ") and report["files"]["passed"], report
+    assert report["runtime"].startswith("mlx-lm ") and report["files"]["passed"] and report["base_in_mlx"]["passed"]
     assert not report["bare_base"]["passes_bounds"] and report["behaviour"]["conclusive"], report
     inputs, _ = verification_inputs([base], None, json.loads((base / "config.json").read_text()))
     sequences = [tokens[:len(tokens) // 2] for tokens in prompt_sequences(inputs)]
@@ -70,3 +59,20 @@ def test_an_mlx_adapter_holding_half_the_update_fails_in_mlx_lm(exported, tmp_pa
     print({key: report[key] for key in ("failed_checks", "mean_abs_logits", "max_abs_logits", "bounds")})
     assert report["mode"] == "full" and report["runtime"].startswith("mlx-lm ") and not report["files"]["passed"]
     assert any(check.startswith("mean_abs_logits") for check in report["failed_checks"]), report["failed_checks"]
+
+
+def test_a_base_mlx_lm_computes_otherwise_fails(exported, tmp_path):
+    """mlx-lm 0.32 reads ``rope_theta``, not transformers 5's ``rope_parameters``: a base whose RoPE base is
+    only there runs in mlx-lm as another model (SmolLM2 as transformers 5 writes it). Its run is the
+    candidate's noise, so it is checked against transformers' base, and fails."""
+    base, work = exported
+    shutil.copytree(base, tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 1000.0
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    result = run("verify", "--base", tmp_path / "base", "--adapter", work / "adapter", "--candidate", work / "mlx",
+                 "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert not report["base_in_mlx"]["passed"] and report["files"]["passed"], report
+    assert any(check.startswith("the base in mlx-lm vs transformers") for check in report["failed_checks"])
