@@ -1,6 +1,6 @@
 """Shared test helpers: PEFT PSOFT adapters and PEFT's own values for them, the paper repository's
 checkpoints, the tests' tolerance, published verification records, the CLI run in-process and its
-one-line errors, torchrun on the CPU, and a vLLM server's HTTP API."""
+one-line errors, mlx-lm's own greedy decoding, torchrun on the CPU, and a vLLM server's HTTP API."""
 
 from __future__ import annotations
 
@@ -187,6 +187,17 @@ def make_paper_checkpoint(base_dir, out_dir, residual_dir, r=4, alpha=4, orth=Tr
 def run(*args) -> Result:
     """`psoft-deploy ARGS` run in-process by click's CliRunner (paths are passed as strings)."""
     return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def mlx_lm_greedy(base, adapter, sequences, count: int) -> tuple[list[list[int]], set[int]]:
+    """mlx-lm's own greedy decoding (``mlx_lm.stream_generate``, its KV cache, its argmax) of each of
+    ``sequences`` on ``base`` loaded by ``mlx_lm.load`` with ``adapter`` (None: the base alone), its stop
+    token kept; and the stop tokens mlx-lm uses."""
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(base), adapter_path=None if adapter is None else str(adapter))
+    return [[response.token for response in stream_generate(model, tokenizer, prompt=tokens, max_tokens=count)]
+            for tokens in sequences], set(tokenizer.eos_token_ids)
 
 
 def torchrun(*args, cwd=None):

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import sys
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -245,10 +247,23 @@ def test_half_precision_lora(tiny_base, tmp_path):
     assert report["dtype"] == "bfloat16" and report["decisive_top1_agreement"] == 1.0
 
 
-def test_mlx_target_writes_the_exact_factors_in_mlx_layout(tiny_base, tmp_path):
+@pytest.fixture
+def without_mlx(monkeypatch):
+    """mlx and mlx-lm unimportable, as where `.[mlx]` is not installed (test_mlx.py runs them)."""
+    for name in ("mlx", "mlx.core", "mlx_lm"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_mlx_target_writes_the_exact_factors_in_mlx_layout(tiny_base, tmp_path, without_mlx):
+    """Without mlx, the files alone are judged, and one line says so."""
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
-    export_ok(base_dir, tmp_path / "adapter", tmp_path / "mlx", "--target", "mlx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # a process shows a warning once
+        result = export(base_dir, tmp_path / "adapter", tmp_path / "mlx", "--target", "mlx")
+    assert result.exit_code == 0 and result.stdout.startswith("verification: PASS (layerwise, float32)"), result.output
+    assert result.stderr.splitlines() == ["Warning: mlx is not installed here: the MLX adapter's files were judged, "
+                                          "it was not run (pip install -e '.[mlx]')"]
     config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
     layers = json.loads((base_dir / "config.json").read_text())["num_hidden_layers"]
     parameters = config["lora_parameters"]
@@ -263,16 +278,17 @@ def test_mlx_target_writes_the_exact_factors_in_mlx_layout(tiny_base, tmp_path):
         torch.testing.assert_close(tensors[f"{name}.lora_a"], lora_A.T.float())  # (in, r)
         torch.testing.assert_close(tensors[f"{name}.lora_b"], lora_B.T.float())  # (r, out)
     report = verification_report(tmp_path / "mlx")
-    assert report["passed"] and "not run (mlx does not run here)" in report["tolerance"]
+    assert report["passed"] and report["runtime"].startswith("not run: mlx is not installed here")
+    assert "not run in mlx-lm (mlx is not installed here" in report["tolerance"]
 
 
-def test_mlx_verification_fails_a_wrong_adapter(tiny_base, tmp_path):
+def test_mlx_verification_fails_a_wrong_adapter(tiny_base, tmp_path, without_mlx):
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
     make_peft_adapter(base_dir, tmp_path / "other", r=8, seed=7)
-    export_ok(base_dir, tmp_path / "other", tmp_path / "mlx", "--target", "mlx")
+    assert export(base_dir, tmp_path / "other", tmp_path / "mlx", "--target", "mlx").exit_code == 0
     result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "mlx")
-    assert result.exit_code == 1 and result.output.startswith("FAIL (layerwise, float32)"), result.output
+    assert result.exit_code == 1 and result.stdout.startswith("FAIL (layerwise, float32)"), result.output
 
 
 @pytest.mark.parametrize("config, fragment", [

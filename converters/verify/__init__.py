@@ -9,7 +9,8 @@ The package, by what a reader looks for:
   behaviour rule for lossy exports;
 * `candidates`: merged models, LoRA adapters, torch.onnx exports (full and layerwise modes);
   `genai_exports`: onnxruntime-genai exports; `gguf_exports`: GGUF files run by llama.cpp;
-  `runtimes`: the judgement both share (the runtime's own base as the noise);
+  `mlx_exports`: mlx-lm adapters run by mlx-lm; `runtimes`: the judgement they share (the runtime's own
+  base as the noise);
 * `report`: the typed `Report` every check returns, and `VerificationFailed`.
 
 `verify_candidate` picks the check for a candidate directory or file.
@@ -33,12 +34,12 @@ from .candidates import (
     verify_full,
     verify_layerwise,
     verify_lora_layerwise,
-    verify_mlx_adapter,
     verify_truncated_lora,
 )
 from .genai_exports import verify_base_export, verify_genai
 from .gguf_exports import verify_gguf
 from .inputs import read_prompts
+from .mlx_exports import verify_mlx_adapter
 from .report import Report, VerificationFailed
 
 __all__ = ["Report", "VerificationFailed", "read_prompts", "verify_base_export", "verify_candidate", "verify_full",
@@ -50,7 +51,8 @@ def verify_candidate(
 ) -> Report:
     """Verify a merged model directory or a LoRA adapter directory (export-lora's or any PEFT
     LoRA; ``mode``: full, layerwise, or auto by size), an exported ONNX directory, an
-    ``.onnx_adapter`` file (run on the graph beside it), or a GGUF file or export (always full)."""
+    ``.onnx_adapter`` file (run on the graph beside it), a GGUF file or export (always full), or an
+    mlx-lm adapter (run by mlx-lm where it is installed, its files checked)."""
     candidate_dir = Path(candidate_dir)
     if (file := gguf_file(candidate_dir)) is not None:
         return verify_gguf(base, factors, file, prompts)
@@ -65,7 +67,7 @@ def verify_candidate(
     if is_genai_export(candidate_dir):
         return verify_genai(base, factors, candidate_dir, prompts, mode=mode)
     if (candidate_dir / MLX_WEIGHTS).is_file():
-        return verify_mlx_adapter(base, factors, candidate_dir)
+        return verify_mlx_adapter(base, factors, candidate_dir, prompts, mode=mode)
     if (candidate_dir / ADAPTER_CONFIG).is_file():
         config = read_json(candidate_dir / ADAPTER_CONFIG)
         if str(config.get("peft_type", "")).upper() != "LORA":

@@ -239,10 +239,10 @@ def verify_lora_layerwise(base: BaseCheckpoint, factors: AdapterFactors, candida
     return checks.report(failed, candidate="lora", modules_missing=missing[:10], modules_extra=extra[:10])
 
 
-def verify_mlx_adapter(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> Report:
-    """An mlx-lm adapter read back (`read_mlx_adapter`: the modules its config's keys and
+def verify_mlx_files(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> Report:
+    """An mlx-lm adapter's files read back (`read_mlx_adapter`: the modules its config's keys and
     num_layers reach, scale applied) and each module checked against the exact ΔW by
-    `lora_factor_errors`; mlx-lm itself is not run (it does not run here)."""
+    `lora_factor_errors` (whether they hold the exact factors); mlx-lm runs it in `mlx_exports`."""
     from psoft_deploy.converters.mlx import read_mlx_adapter
 
     if not base.config.get("num_hidden_layers"):
@@ -256,8 +256,7 @@ def verify_mlx_adapter(base: BaseCheckpoint, factors: AdapterFactors, candidate_
     dtypes = {pair[0].dtype for pair in stored.values() if pair is not None}
     return Report("layerwise", dtype_name(min(dtypes, key=str) if dtypes else torch.float32),
                   f"each module's lora_a/lora_b, as mlx-lm's config reaches them, reproduce the exact ΔW within "
-                  f"{ROUNDING_NOISE:g}× what rounding them to their dtype costs; read back; not run (mlx does not "
-                  "run here)", failed, {
+                  f"{ROUNDING_NOISE:g}× what rounding them to their dtype costs (read back)", failed, {
                       "candidate": "mlx",
                       "layers_checked": len(errors),
                       "max_layer_relative_error": max(errors.values(), default=0.0),
