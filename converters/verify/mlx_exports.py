@@ -75,7 +75,8 @@ def verify_mlx_adapter(base: BaseCheckpoint, factors: AdapterFactors, candidate_
                        mode: str = "auto") -> Report:
     """The files (`verify_mlx_files`), and where mlx-lm is installed and ``mode`` resolves to full, the
     adapter run by mlx-lm on the base against the float64 truth (`judge_in_runtime`, as a GGUF: in the
-    base's stored dtype, the base run by mlx the noise; greedy continuations judged too)."""
+    base's stored dtype, the base run by mlx the noise; greedy continuations judged too below float32,
+    as the other exports' lossy precisions are: in float32 the logits bounds decide)."""
     files = verify_mlx_files(base, factors, candidate_dir)
     version = mlx_lm_version()
     if version is None or resolve_mode(mode, base) == "layerwise":
@@ -101,7 +102,7 @@ def verify_mlx_adapter(base: BaseCheckpoint, factors: AdapterFactors, candidate_
     report = judge_in_runtime(
         base, factors, sequences, prompt_source, precision, runtime,
         names={"candidate": "candidate", "base": "base"}, base_run=f"the base in {precision}, in mlx-lm", stop=stop,
-        float_type=float_type, lossy=True, judged_logits=True, stored_lora={
+        float_type=float_type, lossy=float_type != torch.float32, judged_logits=True, stored_lora={
             name: tuple(factor.to(adapter_type) for factor in module.lora()) for name, module in factors.modules.items()
         } if torch.finfo(adapter_type).eps > torch.finfo(float_type).eps else None)
     base_check = verify_base_in_mlx(base, base_logits[0], sequences, float_type, prompt_source)
