@@ -7,7 +7,9 @@ PEFT saves them). Measured:
   dense ΔW and a full SVD per layer) vs the closed form ``lora_B = s·B(R−I)``, ``lora_A = A``;
 * end to end, from the PEFT adapter on disk to a LoRA adapter on disk: PEFT
   (``from_pretrained`` + ``PeftModel.from_pretrained`` + ``save_as_lora``) vs
-  ``psoft-deploy export-lora --no-verify`` (both rebuild A, B by SVD of the base first);
+  ``psoft-deploy export-lora --no-verify`` (both rebuild A, B by SVD of the base first), and
+  ``psoft-deploy export-lora`` as a user runs it (verified), from the PEFT adapter and from the
+  adapter materialized once (its A and B stored: no SVD);
 * the result error of each: max over layers of ‖ΔW_lora − ΔW‖ / ‖ΔW‖ against PEFT's own
   ``get_delta_weight``.
 
@@ -17,6 +19,7 @@ PEFT saves them). Measured:
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -76,8 +79,16 @@ def main() -> None:
         peft_step, (_, peft_state) = timed(lambda: convert_to_lora(peft_model, rank=args.rank))
         peft_error = lora_error(load_file(work / "peft-lora" / "adapter_model.safetensors"), exact)
 
-        ours_e2e, _ = timed(lambda: cli.main(["export-lora", "--base", str(base_dir), "--adapter", str(adapter_dir),
-                                              "--output", str(work / "ours"), "--no-verify"], standalone_mode=False))
+        def export(adapter: Path, output: str, *options: str) -> float:
+            return timed(lambda: cli.main(["export-lora", "--base", str(base_dir), "--adapter", str(adapter),
+                                           "--output", str(work / output), *options], standalone_mode=False))[0]
+
+        ours_e2e = export(adapter_dir, "ours", "--no-verify")
+        ours_verified = export(adapter_dir, "ours-verified")
+        cli.main(["materialize", "--base", str(base_dir), "--adapter", str(adapter_dir), "--output",
+                  str(work / "materialized")], standalone_mode=False)
+        from_materialized = export(work / "materialized", "from-materialized")
+        verdict = json.loads((work / "from-materialized" / "psoft_verification.json").read_text())["checks"][0]
         factors = load_factors(str(adapter_dir), str(base_dir))
         ours_step, closed_form = timed(lambda: {name: module.lora() for name, module in factors.modules.items()})
         ours_error = lora_error(load_file(work / "ours" / "adapter_model.safetensors"), exact)
@@ -92,6 +103,10 @@ def main() -> None:
           f"-> {peft_step / ours_step:,.0f}x faster")
     print(f"  end to end        PEFT load+save_as_lora {peft_e2e:6.2f} s   psoft-deploy export-lora {ours_e2e:6.2f} s"
           f"   -> {peft_e2e / ours_e2e:.1f}x faster")
+    print(f"  end to end, verified: from the PEFT adapter {ours_verified:6.2f} s ({peft_e2e / ours_verified:.1f}x faster "
+          f"than PEFT); from the materialized adapter {from_materialized:6.2f} s "
+          f"({peft_e2e / from_materialized:.1f}x faster); its check: {verdict['mode']}, {verdict['dtype']}, "
+          f"{'PASS' if verdict['passed'] else 'FAIL'}")
     print(f"  max relative ΔW error vs PEFT's get_delta_weight: PEFT {peft_error:.1e}, psoft-deploy {ours_error:.1e}")
 
 

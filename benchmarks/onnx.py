@@ -4,7 +4,8 @@ A Llama with random bf16 weights (TinyLlama's 1.1B shape by default; ``--shape l
 hidden 3072, 28 layers, 24 heads, 8 KV heads, vocab 128256; ``--shape llama-0.55b``: hidden 1536, 18
 layers, just above verify's full-mode limit, so the same layerwise checks in a few minutes) and a
 PEFT PSOFT adapter (r = 32 on q_proj, v_proj, down_proj), materialized once. For each precision, in its own process with the
-peak RSS of its whole process tree sampled: `psoft-deploy export-onnx` with the adapter, and, as
+peaks of its whole process tree's RSS and anonymous RSS sampled (memory-mapped weights are file pages
+the kernel can drop and read back; anonymous memory it cannot): `psoft-deploy export-onnx` with the adapter, and, as
 the anchor, onnxruntime-genai's model builder on the base alone. Then prefill (128 tokens) and
 decode ms/token of the exports through og.Generator against PyTorch eager fp32; each export's own
 verification (auto: layerwise at these sizes) and `psoft-deploy verify` of the int4 export in full
@@ -44,23 +45,32 @@ SHAPES = {
 TARGETS, RANK, PROMPT, NEW_TOKENS = ["q_proj", "v_proj", "down_proj"], 32, 128, 32
 
 
-def run_measured(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and the peak of the summed RSS of ``command``'s process tree (sampled every 50 ms)."""
+def anonymous_bytes(process: psutil.Process) -> int:
+    """``process``'s anonymous resident memory (RssAnon): what the kernel cannot drop and read back, unlike
+    the file pages of memory-mapped weights."""
+    with open(f"/proc/{process.pid}/status") as status:
+        return next((int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:")), 0)  # 0: exited
+
+
+def run_measured(command: list[str]) -> tuple[float, int, int]:
+    """Wall seconds and the peaks of the summed RSS and of the summed anonymous RSS of ``command``'s
+    process tree (sampled every 50 ms)."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the child
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
-        root, peak = psutil.Process(process.pid), 0
+        root, peak, anonymous_peak = psutil.Process(process.pid), 0, 0
         while process.poll() is None:
             try:
-                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                peak = max(peak, total)
-            except psutil.Error:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                anonymous_peak = max(anonymous_peak, sum(anonymous_bytes(p) for p in tree))
+            except (psutil.Error, OSError):
                 pass
             time.sleep(0.05)
         if process.returncode != 0:
             log.seek(0)
             raise SystemExit(f"{' '.join(command[:4])} … failed:\n{log.read()[-3000:]}")
-    return time.perf_counter() - start, peak
+    return time.perf_counter() - start, peak, anonymous_peak
 
 
 def build_base(directory: Path, shape: dict) -> None:
@@ -129,6 +139,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-timings", action="store_true", help="exports (and their memory) only")
     parser.add_argument("--no-full-verify", action="store_true", help="skip verify --verify-mode full of the int4 export")
+    parser.add_argument("--models", type=Path, help="keep the base and the materialized adapter here, and reuse them "
+                        "in a later run (default: a temporary directory)")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
     shape = SHAPES[args.shape]
@@ -137,39 +149,42 @@ def main() -> None:
     from psoft_deploy.converters.verify import Report
     from psoft_deploy.testing import llama_modules, write_psoft_adapter
 
-    with tempfile.TemporaryDirectory(dir=".") as work:
-        work = Path(work)
-        build_base(work / "base", shape)
-        write_psoft_adapter(work / "peft-adapter", llama_modules(shape["num_hidden_layers"], TARGETS), RANK, std=0.1,
-                            base=work / "base")
-        # PEFT saves R only: its A and B come from an SVD of every adapted weight. Materialize once
-        # (as a deployment does), so that no export below repeats those SVDs.
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "psoft_deploy", "materialize", "--base", str(work / "base"),
-                        "--adapter", str(work / "peft-adapter"), "--output", str(work / "adapter")], check=True,
-                       capture_output=True)
-        materialize_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(dir=".") as scratch:
+        work = Path(scratch)
+        models = args.models or work
+        materialize = "reused"
+        if not (models / "adapter").is_dir():
+            build_base(models / "base", shape)
+            write_psoft_adapter(models / "peft-adapter", llama_modules(shape["num_hidden_layers"], TARGETS), RANK,
+                                std=0.1, base=models / "base")
+            # PEFT saves R only: its A and B come from an SVD of every adapted weight. Materialize once
+            # (as a deployment does), so that no export below repeats those SVDs.
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "psoft_deploy", "materialize", "--base", str(models / "base"),
+                            "--adapter", str(models / "peft-adapter"), "--output", str(models / "adapter")],
+                           check=True, capture_output=True)
+            materialize = f"{time.perf_counter() - start:.0f} s"
         lines = [f"{args.shape} (random bf16 weights), PSOFT r={RANK} on {', '.join(TARGETS)}, "
-                 f"CPU threads={psutil.cpu_count()}; materialize (SVDs of the adapted weights, once): "
-                 f"{materialize_s:.0f} s"]
+                 f"CPU threads={psutil.cpu_count()}; materialize (SVDs of the adapted weights, once): {materialize}"]
         exports, verdicts = {}, {}
         for precision in precisions:
-            anchor_s, anchor_rss = run_measured(
-                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work / "base"),
+            anchor_s, anchor_rss, anchor_anon = run_measured(
+                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(models / "base"),
                  "-o", str(work / f"builder-{precision}"), "-p", precision, "-e", "cpu", "-c", str(work / "cache")])
-            ours_s, ours_rss = run_measured(
-                [sys.executable, "-m", "psoft_deploy", "export-onnx", "--base", str(work / "base"), "--adapter",
-                 str(work / "adapter"), "--output", str(work / f"ours-{precision}"), "--precision", precision])
+            ours_s, ours_rss, ours_anon = run_measured(
+                [sys.executable, "-m", "psoft_deploy", "export-onnx", "--base", str(models / "base"), "--adapter",
+                 str(models / "adapter"), "--output", str(work / f"ours-{precision}"), "--precision", precision])
             exports[precision] = work / f"ours-{precision}"
             verdicts[precision] = Report.from_dict(read_report(exports[precision])["checks"][0]).line()
             lines.append(f"  export {precision}: psoft-deploy (adapter, verify auto) {ours_s:6.1f} s, peak RSS "
-                         f"{ours_rss / 2**30:5.2f} GiB | builder, base alone {anchor_s:6.1f} s, "
-                         f"{anchor_rss / 2**30:5.2f} GiB -> {ours_rss / anchor_rss:.2f}x RSS, "
+                         f"{ours_rss / 2**30:5.2f} GiB (anonymous {ours_anon / 2**30:5.2f}) | builder, base alone "
+                         f"{anchor_s:6.1f} s, {anchor_rss / 2**30:5.2f} GiB (anonymous {anchor_anon / 2**30:5.2f}) "
+                         f"-> {ours_rss / anchor_rss:.2f}x RSS, {ours_anon / anchor_anon:.2f}x anonymous, "
                          f"{ours_s / anchor_s:.2f}x time")
             subprocess.run(["rm", "-rf", str(work / f"builder-{precision}"), str(work / "cache")], check=True)
             print(lines[-1], flush=True)
         if not args.no_timings:
-            eager_prefill, eager_decode = eager_timings(work / "base", args.repeats)
+            eager_prefill, eager_decode = eager_timings(models / "base", args.repeats)
             lines.append(f"  PyTorch eager fp32: prefill {PROMPT} tokens {eager_prefill * 1e3:8.1f} ms, decode "
                          f"{eager_decode * 1e3:6.1f} ms/token")
             for precision, directory in exports.items():
@@ -181,8 +196,8 @@ def main() -> None:
         lines += [f"  export-onnx's own verification, {precision}: {verdict}" for precision, verdict in verdicts.items()]
         if "int4" in exports and not args.no_full_verify:
             verdict = subprocess.run(
-                [sys.executable, "-m", "psoft_deploy", "verify", "--base", str(work / "base"), "--adapter",
-                 str(work / "adapter"), "--candidate", str(exports["int4"]), "--verify-mode", "full"],
+                [sys.executable, "-m", "psoft_deploy", "verify", "--base", str(models / "base"), "--adapter",
+                 str(models / "adapter"), "--candidate", str(exports["int4"]), "--verify-mode", "full"],
                 capture_output=True, text=True, check=False)
             lines.append(f"  verify int4 (full): {verdict.stdout.strip() or verdict.stderr.strip()[-600:]}")
         print("\n".join(lines))

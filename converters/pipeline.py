@@ -27,7 +27,6 @@ from psoft_deploy.converters.verify import (
     verify_candidate,
     verify_full,
     verify_genai,
-    verify_lora_layerwise,
 )
 from psoft_deploy.errors import UserError
 from psoft_deploy.factors import AdapterFactors
@@ -172,10 +171,8 @@ def export_lora(base: BaseCheckpoint, factors: AdapterFactors, output: str | Pat
     mode = options.verify_mode
     if options.target == "gguf" and mode is not None:
         gguf.llama_cpp()
-    checks = None if mode is None else [Check("LoRA adapter", lambda staging: (
-        verify_lora_layerwise(base, factors, staging) if mode == "layerwise" and options.target in ("peft", "vllm",
-                                                                                                      "sglang")
-        else verify_candidate(base, factors, staging, mode=mode, prompts=prompts)))]
+    checks = None if mode is None else [Check("LoRA adapter", lambda staging: verify_candidate(
+        base, factors, staging, mode=mode, prompts=prompts))]
     return publish(output, "LoRA adapter", lambda staging: write_lora(
         factors, staging, base_name=base_name, options=options, base_config=base.config, base_dir=base.path),
                    checks, overwrite=options.overwrite, adapters=[factors])

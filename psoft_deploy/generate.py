@@ -35,10 +35,11 @@ def read_adapter_file(file: Path) -> dict[str, np.ndarray]:
     if not Path(file).is_file():
         raise UserError(f"adapter file {file} does not exist")
     try:
-        parameters = onnxruntime.AdapterFormat.read_adapter(str(file)).get_parameters()
+        adapter = onnxruntime.AdapterFormat.read_adapter(str(file))
     except Exception as error:  # onnxruntime's own error types are not exported
         raise UserError(f"{file} is not a readable .onnx_adapter file ({error})") from error
-    return {name: value.numpy() for name, value in parameters.items()}
+    # each value's numpy() views memory the adapter object owns: copy before it is collected
+    return {name: value.numpy().copy() for name, value in adapter.get_parameters().items()}
 
 
 class OnnxModel:

@@ -234,9 +234,11 @@ def test_bad_options_and_a_wrong_candidate(tiny_base, tmp_path):
     assert not (tmp_path / "lora").exists()
     make_peft_adapter(base_dir, tmp_path / "other", seed=7)
     export_ok(base_dir, tmp_path / "other", tmp_path / "other-lora")
-    result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate",
-                 tmp_path / "other-lora")
-    assert result.exit_code == 1 and result.output.startswith("FAIL (full, float32)")
+    for mode in ("auto", "layerwise", "full"):  # auto: layer by layer as PEFT loads it
+        result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate",
+                     tmp_path / "other-lora", "--verify-mode", mode)
+        shown = "full" if mode == "full" else "layerwise"
+        assert result.exit_code == 1 and result.output.startswith(f"FAIL ({shown}, float32)"), result.output
 
 
 def test_half_precision_lora(tiny_base, tmp_path):
@@ -244,7 +246,11 @@ def test_half_precision_lora(tiny_base, tmp_path):
     make_peft_adapter(base_dir, tmp_path / "adapter", r=8)
     export_ok(base_dir, tmp_path / "adapter", tmp_path / "lora", "--dtype", "bfloat16")
     report = verification_report(tmp_path / "lora")
-    assert report["dtype"] == "bfloat16" and report["decisive_top1_agreement"] == 1.0
+    assert report["dtype"] == "bfloat16" and report["loaded_by"] == "peft" and report["worst_ratio_to_bound"] <= 1
+    assert report["layers_where_the_bare_base_passes"] == 0
+    result = run("verify", "--base", base_dir, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "lora",
+                 "--verify-mode", "full", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["decisive_top1_agreement"] == 1.0, result.output
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +105,38 @@ def test_one_model_switches_between_two_adapters_and_none_per_request(two_adapte
     # an adapter file carries its own modules only: the others stay at the graph's rank-0 default
     names = read_adapter_file(work / "inputs" / "adapters" / "a.onnx_adapter")
     assert {name.split(".")[4] for name in names} == {"q_proj", "v_proj", "down_proj"}
+
+
+def test_an_adapter_files_parameters_outlive_the_reader(tmp_path):
+    import gc
+
+    written = {f"m.lora_{factor}.weight": np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+               for factor, shape in (("A", (64, 4)), ("B", (4, 64)))}
+    genai_runtime.write_adapter_file(written, tmp_path / "a.onnx_adapter")
+    read = read_adapter_file(tmp_path / "a.onnx_adapter")
+    gc.collect()
+    _ = [np.ones(4096) for _ in range(256)]  # reuse the memory an onnxruntime view would point into
+    assert all(np.array_equal(read[name], array) for name, array in written.items())
+
+
+@pytest.mark.slow
+def test_the_graph_verification_runs_is_ogs_and_on_mapped_weights_within_float32_rounding(two_adapters):
+    base, work = two_adapters
+    arrays = read_adapter_file(work / "inputs" / "adapters" / "a.onnx_adapter")
+    tokens = token_ids(base, PROMPTS[1])
+    og_logits = GenaiModel(work / "inputs", {"a": work / "inputs" / "adapters" / "a.onnx_adapter"}).logits(tokens, "a")
+    prepacked = genai_runtime.GraphSession(work / "inputs").logits(tokens, arrays)
+    assert np.array_equal(prepacked, og_logits)
+    mapped = genai_runtime.GraphSession(work / "inputs", mapped_weights=True)
+    data_file = str((work / "inputs" / "model.onnx.data").resolve())
+    assert data_file in Path("/proc/self/maps").read_text()  # the weights are the file's pages, not copies
+    peft = load_peft(base, work / "a")
+    with torch.no_grad():
+        float32 = peft(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+        float64 = peft.double()(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    float32_noise = np.abs(float32 - float64).max()  # measured here
+    assert np.abs(mapped.logits(tokens, arrays) - og_logits).max() <= MAX_LOGIT_NOISE * float32_noise
+    assert np.abs(mapped.logits(tokens) - og_logits).max() > 10 * MAX_LOGIT_NOISE * float32_noise  # rank 0: the base
 
 
 @pytest.mark.slow

@@ -169,6 +169,17 @@ def test_lora_candidates_are_checked_layer_by_layer(dtype, tiny_base, tmp_path):
     assert report["layers_where_the_bare_base_passes"] == 0
     code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-other", "--verify-mode", "layerwise")
     assert code == 1 and output.startswith(f"FAIL (layerwise, {dtype})"), output
+    # auto: layer by layer as PEFT loads it, at any size; PEFT's own scaling decides
+    code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-adapter")
+    assert code == 0 and report["loaded_by"] == "peft" and output.startswith(f"PASS (layerwise, {dtype})"), output
+    config_file = tmp_path / "lora-adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"use_rslora": True}))  # scaling α/√r instead of α/r
+    code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-adapter")
+    assert code == 1 and output.startswith(f"FAIL (layerwise, {dtype})"), output
+    config_file.write_text(json.dumps(config | {"layer_replication": [[0, 2], [1, 2]]}))  # not W x + s·BAx per layer
+    code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-adapter")
+    assert code == 1 and output.startswith(f"FAIL (full, {dtype})"), output
     config_file = tmp_path / "lora-other" / "adapter_config.json"
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"use_dora": True}))
     result = run("verify", "--base", base, "--adapter", tmp_path / "adapter", "--candidate", tmp_path / "lora-other",

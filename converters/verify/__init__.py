@@ -33,6 +33,7 @@ from .candidates import (
     resolve_mode,
     verify_full,
     verify_layerwise,
+    verify_lora_in_peft,
     verify_lora_layerwise,
     verify_truncated_lora,
 )
@@ -50,7 +51,8 @@ def verify_candidate(
     base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path, *, mode: str = "auto", prompts=None
 ) -> Report:
     """Verify a merged model directory or a LoRA adapter directory (export-lora's or any PEFT
-    LoRA; ``mode``: full, layerwise, or auto by size), an exported ONNX directory, an
+    LoRA; ``mode``: full, layerwise, or auto by size; a plain LoRA is checked layer by layer as PEFT
+    loads it unless ``mode`` is full, `verify_lora_in_peft`), an exported ONNX directory, an
     ``.onnx_adapter`` file (run on the graph beside it), a GGUF file or export (always full), or an
     mlx-lm adapter (run by mlx-lm where it is installed, its files checked)."""
     candidate_dir = Path(candidate_dir)
@@ -75,6 +77,8 @@ def verify_candidate(
                             "conversions (a merged model, a LoRA adapter or an ONNX export)")
         if read_export_metadata(candidate_dir).get("exact") is False:
             return verify_truncated_lora(base, factors, candidate_dir)
+        if base.config and mode != "full" and (report := verify_lora_in_peft(base, factors, candidate_dir)):
+            return report
         if not base.config or resolve_mode(mode, base) == "layerwise":
             return verify_lora_layerwise(base, factors, candidate_dir)
         return verify_full(base, factors, candidate_dir, prompts, kind="lora")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from psoft_deploy.architectures import model_family
-from psoft_deploy.base import BaseCheckpoint, open_safetensors
+from psoft_deploy.base import BaseCheckpoint, meta_model, open_safetensors
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.merge import stored_deltas, stored_replacements
 from psoft_deploy.dtypes import BY_NAME, BY_ONNX, from_safetensors
@@ -87,6 +87,71 @@ def onnx_dtype(candidate_dir: Path) -> torch.dtype:
 
     session = onnxruntime.InferenceSession(str(candidate_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     return BY_ONNX.get(session.get_outputs()[0].type, BY_NAME["float32"]).torch
+
+
+# LoraConfig options under which PEFT's forward is more than ``W x + scaling · B A x`` on each
+# targeted layer (or replaces what modules_to_save names): only the full forward decides those.
+FORWARD_CHANGING_OPTIONS = ("use_dora", "lora_bias", "alora_invocation_tokens", "layer_replication",
+                            "target_parameters", "trainable_token_indices", "use_qalora", "arrow_config",
+                            "megatron_config")
+
+
+def peft_lora_skeleton(base: BaseCheckpoint, candidate_dir: Path):
+    """The LoRA adapter in ``candidate_dir`` as PEFT itself loads it (its config reading, module
+    matching, scaling and weights), onto the base's architecture without the base's weights (built on
+    the meta device, then given unread memory): the adapter's own tensors are real, the base's are not."""
+    from peft import PeftModel
+
+    skeleton = meta_model(base.path).to_empty(device="cpu")
+    return PeftModel.from_pretrained(skeleton, candidate_dir).eval()
+
+
+def verify_lora_in_peft(base: BaseCheckpoint, factors: AdapterFactors, candidate_dir: Path) -> Report | None:
+    """An exact LoRA adapter layer by layer, as PEFT loads it (`peft_lora_skeleton`): each adapted
+    module's ``scaling · lora_B lora_A`` against the exact ΔW by `lora_factor_errors`, no other module
+    adapted, and each ``modules_to_save`` tensor equal to the adapter's. On a plain LoRA that is what
+    PEFT's forward computes, layer by layer, at any size, with no forward run. None where the adapter's
+    config sets an option in `FORWARD_CHANGING_OPTIONS` (then the full forward decides)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    config = LoraConfig.from_pretrained(candidate_dir)
+    if config.bias != "none" or any(getattr(config, option, None) for option in FORWARD_CHANGING_OPTIONS):
+        return None
+    dtype = lora_dtype(LoraAdapter.read(candidate_dir))
+    model = peft_lora_skeleton(base, candidate_dir)
+    layers = {name.removeprefix(PEFT_PREFIX): module for name, module in model.named_modules()
+              if isinstance(module, LoraLayer) and "default" in module.lora_A}
+    stored = {name: (layers[name].lora_A["default"].weight.detach().double(),
+                     layers[name].lora_B["default"].weight.detach().double() * layers[name].scaling["default"])
+              for name in factors.modules if name in layers}
+    failed, errors, ratios = lora_factor_errors(factors, stored, dtype)
+    zero = {name: (torch.zeros_like(lora_A), torch.zeros_like(lora_B)) for name, (lora_A, lora_B) in stored.items()}
+    bare_base_passes = len(zero) - len(lora_factor_errors(factors, zero, dtype)[0])  # the control: no update
+    if stored and bare_base_passes == len(stored):
+        failed.append(f"inconclusive: in {dtype_name(dtype)} a zero update is within every layer's bound too")
+    extra = sorted(set(layers) - set(factors.modules))
+    if extra:
+        failed.append(f"{len(extra)} modules the PSOFT adapter does not adapt carry LoRA factors ({extra[0]}, ...)")
+    saved = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in model.state_dict().items()
+             if ".modules_to_save.default." in key}
+    saved = {key.replace(".modules_to_save.default.", "."): tensor for key, tensor in saved.items()}
+    differing = [key for key, tensor in factors.replaced_tensors.items()
+                 if key not in saved or not torch.equal(saved[key].to(tensor.dtype), tensor)]
+    if differing:
+        failed.append(f"{len(differing)} modules_to_save tensors differ from the adapter's ({differing[0]}, ...)")
+    return Report("layerwise", dtype_name(dtype),
+                  f"each adapted module's scaling · lora_B lora_A, as PEFT loads the LoRA, reproduces the exact ΔW "
+                  f"within {ROUNDING_NOISE:g}× what rounding the exact factors to {dtype_name(dtype)} costs; no "
+                  "other module adapted, modules_to_save equal to the adapter's (a plain LoRA: PEFT's forward is "
+                  "W x + scaling · B A x per layer); a zero update (the bare base) must fail", failed, {
+                      "candidate": "lora", "loaded_by": "peft",
+                      "layers_checked": len(errors),
+                      "layers_where_the_bare_base_passes": bare_base_passes,
+                      "max_layer_relative_error": max(errors.values(), default=0.0),
+                      "worst_ratio_to_bound": max(ratios.values(), default=0.0),
+                      "modules_extra": extra[:10],
+                  })
 
 
 def load_lora_candidate(base_dir: Path, candidate_dir: Path, dtype: torch.dtype):

@@ -109,7 +109,8 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
 
     Each torch model's outputs are computed, and the model freed, before the next model or the graph
     loads: one model in memory at a time; the references keep the checkpoint's weights as stored
-    (`reference_model_stored`: a bfloat16 base computed in float32 holds half the memory). At int4
+    (`reference_model_stored`: a bfloat16 base computed in float32 holds half the memory); a float
+    graph runs on its memory-mapped weights (`GraphSession`), the same graph og runs. At int4
     KL is not judged: the simulation rounds to nearest, the export k-quantizes; the sizes of their
     errors compare, not their shapes (KL weighs the few largest logits; seen 1.5× on a tiny Qwen2)."""
     inputs, prompt_source = verification_inputs([export_dir, base.path], prompts, base.config)
@@ -129,21 +130,15 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
         adapted = outputs_freed(lambda: reference_model_stored(base.path, factors, reference), forward)
         adapted_noise = compare_logits(adapted, outputs_freed(
             lambda: genai.round_like_builder(reference_model(base.path, factors, simulated), precision), forward))
-    with tempfile.TemporaryDirectory() as scratch:
-        files = {"base": Path(scratch) / "rank0.onnx_adapter"} if arrays else {}
-        if arrays:
-            genai_runtime.write_adapter_file({name: genai_runtime.rank_zero(name, array)
-                                              for name, array in arrays.items()}, files["base"])
-        if adapter_file:
-            files["candidate"] = adapter_file
-        graph = genai_runtime.GenaiModel(export_dir, files or None)
+    rank0 = {name: genai_runtime.rank_zero(name, array) for name, array in arrays.items()}
+    graph = genai_runtime.GraphSession(export_dir, mapped_weights=precision != "int4")
 
-        def graph_logits(adapter: str | None) -> torch.Tensor:
-            return torch.cat([torch.from_numpy(graph.logits(tokens, adapter)) for tokens in sequences])
+    def graph_logits(lora: dict | None) -> torch.Tensor:
+        return torch.cat([torch.from_numpy(graph.logits(tokens, lora)) for tokens in sequences])
 
-        actual = graph_logits("base" if arrays else None)
-        with_adapter = graph_logits("candidate" if adapter_file else None) if factors is not None else None
-        del graph
+    actual = graph_logits(rank0)
+    with_adapter = graph_logits(arrays if adapter_file else None) if factors is not None else None
+    del graph
     simulation = dtype_name(simulated) + (" with int4-rounded weights and int8-rounded inputs" if precision == "int4"
                                           else "")
     bounds = bound_factors(truth.numel())

@@ -203,12 +203,12 @@ def with_behaviour(report: Report, behaviour: dict, judged_logits: bool | None =
                   {**report.numbers, "behaviour": {key: behaviour[key] for key in ("kept", "conclusive")}})
 
 
-def lora_factor_errors(factors, stored: dict) -> tuple[list[str], dict[str, float], dict[str, float]]:
+def lora_factor_errors(factors, stored: dict, dtype=None) -> tuple[list[str], dict[str, float], dict[str, float]]:
     """Each module's LoRA factors as an export stores them, ``stored[module] = (lora_A, lora_B)`` in
     PEFT's layout (r×in, out×r, any scaling folded into lora_B; None: absent), against the exact ΔW
     of ``factors`` (an `AdapterFactors`), within `ROUNDING_NOISE` times the error of rounding the exact
-    factors to the stored type: the failed checks, and per module the relative error and its ratio
-    to the bound."""
+    factors to ``dtype`` (None: the stored type): the failed checks, and per module the relative
+    error and its ratio to the bound."""
     failed, errors, ratios = [], {}, {}
     for module, module_factors in factors.modules.items():
         if stored.get(module) is None:
@@ -216,11 +216,11 @@ def lora_factor_errors(factors, stored: dict) -> tuple[list[str], dict[str, floa
             continue
         stored_A, stored_B = stored[module]
         lora_A, lora_B = (factor.double() for factor in module_factors.lora())
-        dtype = stored_A.dtype
+        rounded_to = dtype or stored_A.dtype
         exact = lora_B @ lora_A
         scale = torch.linalg.norm(exact).clamp_min(torch.finfo(torch.float64).tiny)
-        rounded = lora_B.to(dtype).double() @ lora_A.to(dtype).double()
-        bound = ROUNDING_NOISE * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(dtype).eps)
+        rounded = lora_B.to(rounded_to).double() @ lora_A.to(rounded_to).double()
+        bound = ROUNDING_NOISE * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(rounded_to).eps)
         errors[module] = (torch.linalg.norm(stored_B.double() @ stored_A.double() - exact) / scale).item()
         ratios[module] = errors[module] / bound
         if errors[module] > bound:
