@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -71,6 +72,29 @@ def run_measured(command: list[str]) -> tuple[float, int, int]:
             log.seek(0)
             raise SystemExit(f"{' '.join(command[:4])} … failed:\n{log.read()[-3000:]}")
     return time.perf_counter() - start, peak, anonymous_peak
+
+
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def run_limited(command: list[str], limit: int) -> tuple[float, int, int] | str:
+    """Run ``command`` in a memory cgroup (v1) limited to ``limit`` bytes, which the kernel enforces on
+    anonymous memory and page cache together (it reclaims clean file pages to stay under it): wall
+    seconds, exit status and the group's peak charge; or why it cannot run here."""
+    group = CGROUP_V1_MEMORY / f"psoft-bench-{time.time_ns()}"
+    try:
+        group.mkdir()
+    except OSError as error:
+        return f"not run: no writable memory cgroup here ({error.strerror})"
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        start = time.perf_counter()
+        process = subprocess.run(command, capture_output=True, text=True, check=False,
+                                 preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        return time.perf_counter() - start, process.returncode, peak
+    finally:
+        group.rmdir()
 
 
 def build_base(directory: Path, shape: dict) -> None:
@@ -139,6 +163,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-timings", action="store_true", help="exports (and their memory) only")
     parser.add_argument("--no-full-verify", action="store_true", help="skip verify --verify-mode full of the int4 export")
+    parser.add_argument("--limit-ratio", type=float, default=1.25,
+                        help="then run the export again under a memory cgroup of this × the builder's peak RSS")
     parser.add_argument("--models", type=Path, help="keep the base and the materialized adapter here, and reuse them "
                         "in a later run (default: a temporary directory)")
     args = parser.parse_args()
@@ -182,6 +208,21 @@ def main() -> None:
                          f"-> {ours_rss / anchor_rss:.2f}x RSS, {ours_anon / anchor_anon:.2f}x anonymous, "
                          f"{ours_s / anchor_s:.2f}x time")
             subprocess.run(["rm", "-rf", str(work / f"builder-{precision}"), str(work / "cache")], check=True)
+            print(lines[-1], flush=True)
+            limit = int(args.limit_ratio * anchor_rss)
+            limited = run_limited(
+                [sys.executable, "-m", "psoft_deploy", "export-onnx", "--base", str(models / "base"), "--adapter",
+                 str(models / "adapter"), "--output", str(work / f"limited-{precision}"), "--precision", precision],
+                limit)
+            if isinstance(limited, str):
+                lines.append(f"  export {precision} under a memory limit: {limited}")
+            else:
+                seconds, status, charged = limited
+                outcome = (f"completed, {Report.from_dict(read_report(work / f'limited-{precision}')['checks'][0]).line()}"
+                           if status == 0 else f"failed (exit status {status})")
+                lines.append(f"  export {precision} again in a memory cgroup limited to {args.limit_ratio:g}x the "
+                             f"builder's peak RSS ({limit / 2**30:.2f} GiB, page cache included): {outcome}; "
+                             f"{seconds:.1f} s, peak charge {charged / 2**30:.2f} GiB")
             print(lines[-1], flush=True)
         if not args.no_timings:
             eager_prefill, eager_decode = eager_timings(models / "base", args.repeats)
