@@ -1,5 +1,6 @@
-"""The package's shape (issue 26): `psoft_deploy.converters` and `psoft_deploy.serve` are the top-level
-folders, and no module imports one that imports it back (imports inside functions included)."""
+"""The package's shape: `psoft_deploy.converters` and `psoft_deploy.serve` are the top-level folders
+(mapped by pyproject.toml's package-dir), and no module imports one that imports it back (imports
+inside functions included)."""
 
 import ast
 from pathlib import Path
@@ -51,10 +52,20 @@ def test_no_module_imports_one_that_imports_it_back():
     assert not cycles, cycles
 
 
-def test_the_subpackages_are_the_top_level_folders():
-    for package, folder in list(PACKAGES.items())[1:]:
-        link = ROOT / Path(*package.split("."))
-        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve()
+def test_the_subpackages_are_the_top_level_folders_mapped_by_pyproject_without_symlinks():
+    import importlib
+    import subprocess
+    import tomllib
+
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert mapping == PACKAGES
+    for package, folder in PACKAGES.items():  # as installed (editable here): each package is its folder
+        assert Path(importlib.import_module(package).__file__).resolve() == (ROOT / folder / "__init__.py").resolve()
+    tracked = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    entries = tracked.splitlines()
+    assert any(line.startswith("100644 ") for line in entries), "the walk reads git's modes"
+    links = [line.split("\t", 1)[1] for line in entries if line.startswith("120000 ")]
+    assert not links, f"symlinks in the tree: {links}"
 
 
 def test_the_repository_holds_source_no_large_files_outside_test_data():

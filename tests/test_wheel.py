@@ -11,21 +11,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"psoft_deploy": "psoft_deploy", "psoft_deploy.converters": "converters", "psoft_deploy.serve": "serve"}
 
 
 @pytest.mark.slow
 def test_the_built_wheel_imports_every_module_and_runs_the_demo(tmp_path):
     source, wheels, target = tmp_path / "source", tmp_path / "wheels", tmp_path / "site"
     # built from a copy: setuptools would reuse a stale build/ of the checkout
-    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
                     "-w", str(wheels)], check=True)
     (wheel,) = wheels.glob("psoft_deploy-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True)
     # every module of the source tree, as the wheel must hold it
-    tree = sorted(".".join(Path(folder, file[:-3]).relative_to(ROOT).parts).removesuffix(".__init__")
-                  for folder, _, files in os.walk(ROOT / "psoft_deploy", followlinks=True)
+    tree = sorted(".".join([package, *Path(folder, file[:-3]).relative_to(ROOT / top).parts]).removesuffix(".__init__")
+                  for package, top in PACKAGES.items() for folder, _, files in os.walk(ROOT / top)
                   for file in files if file.endswith(".py"))
     held = {name.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
             for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
