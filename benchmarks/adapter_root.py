@@ -44,7 +44,7 @@ def build(work: Path, count: int) -> tuple[Path, list[Path]]:
     files with another random R)."""
     from peft import PsoftConfig, get_peft_model
 
-    from psoft_deploy.model import load_base_model
+    from psoft_deploy.core.model import load_base_model
     from psoft_deploy.testing import build_tiny_model
 
     build_tiny_model(work / "base", "qwen2", **SHAPE)

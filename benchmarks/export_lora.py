@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 from psoft_deploy.cli import cli
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import load_base_model
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import load_base_model
 from psoft_deploy.testing import build_tiny_model, llama_modules, write_psoft_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -34,7 +34,7 @@ def write_adapters(base: Path, directories: list[Path]) -> None:
     """A PEFT PSOFT adapter in each directory, each with its own random R and magnitudes."""
     from peft import PsoftConfig, get_peft_model
 
-    from psoft_deploy.model import load_base_model
+    from psoft_deploy.core.model import load_base_model
 
     model = get_peft_model(load_base_model(base), PsoftConfig(r=RANK, psoft_alpha=RANK, target_modules=TARGETS))
     generator = torch.Generator().manual_seed(0)

@@ -19,10 +19,10 @@ import torch
 from peft import PeftModel, PsoftConfig, get_peft_model
 from transformers.utils import logging as hf_logging
 
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.pipeline import materialize
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import load_base_model, reference_model
 from psoft_deploy.testing import build_tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -136,7 +136,7 @@ def og_timings(export_dir: Path, repeats: int) -> tuple[float, float]:
 
 def eager_timings(base_dir: Path, repeats: int) -> tuple[float, float]:
     """The same for PyTorch eager in fp32 (the base's weights: a merged adapter costs the same)."""
-    from psoft_deploy.model import load_base_model
+    from psoft_deploy.core.model import load_base_model
 
     model = load_base_model(base_dir, torch.float32)
     ids = torch.randint(4, 2000, (1, PROMPT), generator=torch.Generator().manual_seed(0))

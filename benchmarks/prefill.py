@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from psoft_deploy.architectures import ARCHITECTURES
+from psoft_deploy.core.architectures import ARCHITECTURES
 from serve import build  # benchmarks/serve.py: the base, adapters, their cores and the basis
 
 MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from psoft_deploy.architectures import ARCHITECTURES
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
+from psoft_deploy.core.architectures import ARCHITECTURES
 
 MODELS = {
     "768x12": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
@@ -95,8 +95,8 @@ def build(work: Path, config: dict, count: int, rank: int = RANK, targets: list[
     each, generators of ``strength``): their exact LoRA directories (the first ``kept`` kept), their cores, the basis."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from psoft_deploy.base import BaseCheckpoint
-    from psoft_deploy.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, rotation
+    from psoft_deploy.core.base import BaseCheckpoint
+    from psoft_deploy.core.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, rotation
     from psoft_deploy.serve.shared import SharedBasis
     from psoft_deploy.testing import llama_modules
 
@@ -184,7 +184,7 @@ def peft_answers(base: Path, loras: list[Path], prompts: list[list[int]], tokens
     """transformers + PEFT's greedy tokens of each prompt under its adapter (prompt k: adapter k mod count), float32."""
     from peft import PeftModel
 
-    from psoft_deploy.model import load_base_model
+    from psoft_deploy.core.model import load_base_model
 
     model = PeftModel.from_pretrained(load_base_model(base, torch.float32).to(device), loras[0], adapter_name="a0")
     for index, path in enumerate(loras[1:], 1):

@@ -87,7 +87,7 @@ def run_peft(base: Path, data: Path, output: Path, steps: int, options: list[str
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from psoft_deploy.model import load_base_model
+    from psoft_deploy.core.model import load_base_model
     from psoft_deploy.train import sft_config
     from psoft_deploy.train_args import parser
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from psoft_deploy.architectures import Shape, architecture
-from psoft_deploy.errors import UserError
-from psoft_deploy.progress import verbose
+from psoft_deploy.core.architectures import Shape, architecture
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.progress import verbose
 
 from .genai_runtime import GRAPH, float_type
 

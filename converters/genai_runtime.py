@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from psoft_deploy.errors import UserError
-from psoft_deploy.progress import verbose
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.progress import verbose
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -167,7 +167,7 @@ class GraphSession:
     def __init__(self, export_dir: str | Path, mapped_weights: bool = False):
         import onnxruntime
 
-        from psoft_deploy.generate import FLOAT_TYPES as BY_ORT_TYPE
+        from psoft_deploy.core.generate import FLOAT_TYPES as BY_ORT_TYPE
 
         self.directory = Path(export_dir)
         decoder = json.loads((self.directory / GENAI_CONFIG).read_text())["model"]["decoder"]
@@ -216,7 +216,7 @@ def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None =
     """Continue ``prompt`` (as a user turn through the tokenizer's chat template if it has one and
     ``chat_template``) with `og.Generator`; returns the text and the new token ids. ``on_text``
     receives the text in whole characters as it grows."""
-    from psoft_deploy.generate import TextStream
+    from psoft_deploy.core.generate import TextStream
 
     export_dir = Path(export_dir)
     files = {adapter: adapter_file(export_dir, adapter)} if adapter else None

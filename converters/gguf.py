@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from psoft_deploy.architectures import ARCHITECTURES, Gguf, Shape, architecture
-from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.dtypes import GGUF_FILE_TYPES
-from psoft_deploy.errors import UserError
-from psoft_deploy.progress import verbose
+from psoft_deploy.core.architectures import ARCHITECTURES, Gguf, Shape, architecture
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.dtypes import GGUF_FILE_TYPES
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.progress import verbose
 
 MODEL_FILE = "model.gguf"
 ADAPTER_FILE = "adapter.gguf"

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from psoft_deploy import __version__
 from psoft_deploy.converters import gguf
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.mlx import mlx_layout, write_mlx_adapter
-from psoft_deploy.dtypes import BY_NAME, CHOICES
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.options import WRITE_DEFAULTS, WriteOptions
-from psoft_deploy.progress import track
-from psoft_deploy.psoft import rank_for_energy
+from psoft_deploy.core import __version__
+from psoft_deploy.core.dtypes import BY_NAME, CHOICES
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.options import WRITE_DEFAULTS, WriteOptions
+from psoft_deploy.core.progress import track
+from psoft_deploy.core.psoft import rank_for_energy
 
 EXPORT_META = "psoft_lora_export.json"
 # Runtimes that read one rank per adapter: every layer is zero-padded to the largest rank (exact).

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from psoft_deploy.base import BaseCheckpoint, TensorInfo, base_tensor_key, open_safetensors, read_headers
-from psoft_deploy.errors import UserError
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
+from psoft_deploy.core.base import BaseCheckpoint, TensorInfo, base_tensor_key, open_safetensors, read_headers
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_MODULES_TO_SAVE = ("classifier", "score")

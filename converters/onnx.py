@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from psoft_deploy.architectures import Shape, model_family
-from psoft_deploy.errors import UserError
-from psoft_deploy.layer import replace_module
-from psoft_deploy.model import load_base_model
+from psoft_deploy.core.architectures import Shape, model_family
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.layer import replace_module
+from psoft_deploy.core.model import load_base_model
 
 GRAPH = "model.onnx"
 
@@ -209,7 +209,7 @@ def onnx_outputs(onnx_dir: Path, inputs: dict[str, np.ndarray], names: tuple[str
                  adapter_file: Path | None = None) -> dict[str, np.ndarray]:
     """The graph's ``names`` outputs (those it has) for a full run on ``inputs`` (an empty past and
     positions from 0 for with-past graphs), with one ``.onnx_adapter`` active if given."""
-    from psoft_deploy.generate import FLOAT_TYPES, OnnxModel
+    from psoft_deploy.core.generate import FLOAT_TYPES, OnnxModel
 
     model = OnnxModel(onnx_dir, adapter_file)
 

@@ -17,8 +17,6 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 
-from psoft_deploy import __version__
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters import gguf
 from psoft_deploy.converters.verify import (
     Report,
@@ -28,11 +26,13 @@ from psoft_deploy.converters.verify import (
     verify_full,
     verify_genai,
 )
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.options import WRITE_DEFAULTS, WriteOptions
-from psoft_deploy.outputs import atomic_files_into, atomic_output_dir
-from psoft_deploy.progress import stage, third_party_output
+from psoft_deploy.core import __version__
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.options import WRITE_DEFAULTS, WriteOptions
+from psoft_deploy.core.outputs import atomic_files_into, atomic_output_dir
+from psoft_deploy.core.progress import stage, third_party_output
 
 REPORT_FILE = "psoft_verification.json"
 NOT_VERIFIED = "not run (--no-verify)"
@@ -118,7 +118,7 @@ def read_report(directory: Path) -> dict:
 def materialize(factors: AdapterFactors, output: str | Path, *, base_name: str, overwrite: bool = False) -> Published:
     """A self-contained materialized adapter; verified by reading it back (factors bit-identical)."""
     from psoft_deploy.converters.verify.candidates import reread_matches
-    from psoft_deploy.materialize import save_materialized_files
+    from psoft_deploy.core.materialize import save_materialized_files
 
     return publish(output, "materialized adapter", lambda staging: save_materialized_files(factors, staging, base_name),
                    [Check("materialized adapter", lambda staging: reread_matches(factors, staging))],

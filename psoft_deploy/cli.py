@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from . import __version__, progress
-from .errors import UserError
-from .options import read_options, verify_mode_option, write_options
-from .outputs import atomic_write_text, check_apart, check_output, check_writable
+from .core import __version__, progress
+from .core.errors import UserError
+from .core.options import read_options, verify_mode_option, write_options
+from .core.outputs import atomic_write_text, check_apart, check_output, check_writable
 
 
 class PsoftGroup(click.Group):
@@ -62,9 +62,12 @@ class ServeCommand(click.Command):
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings from psoft-deploy's own code as one line; other libraries' only with --verbose."""
-    from . import converters, progress, serve
+    import psoft_deploy
 
-    ours = {Path(package.__file__).parent for package in (converters, progress, serve)}
+    from . import converters, serve
+    from .core import progress
+
+    ours = {Path(package.__file__).parent for package in (psoft_deploy, converters, serve)}
     if progress.verbose() or ours & set(Path(filename).parents):
         click.echo(f"Warning: {message}", err=True)
 
@@ -120,7 +123,7 @@ def cli(ctx, verbose):
     Every command reads PEFT PSOFT adapters, paper-repository checkpoints and
     psoft-deploy's own materialized adapters alike (the format is detected).
     """
-    from . import progress
+    from .core import progress
 
     warnings.showwarning = _show_warning
     # serve keeps every library's output as it was: vLLM's log (a file) stays as vLLM writes it
@@ -170,10 +173,10 @@ def inspect_command(adapter_path, adapter, base, as_json, read_options):
     Example:
       psoft-deploy inspect --adapter ./psoft-adapter --base meta-llama/Llama-3.2-1B --json
     """
-    from .base import BaseCheckpoint
-    from .factors import derive_factors
-    from .formats import read_adapter
-    from .report import format_report, inspect_adapter
+    from .core.base import BaseCheckpoint
+    from .core.factors import derive_factors
+    from .core.formats import read_adapter
+    from .core.report import format_report, inspect_adapter
 
     if (adapter_path is None) == (adapter is None):
         raise UserError("give the adapter once: --adapter DIR (or as the argument)")
@@ -320,8 +323,8 @@ def export_onnx_command(base, adapters, adapters_as_inputs, output, exporter, pr
     """
     from psoft_deploy.converters import pipeline
 
-    from .base import BaseCheckpoint
-    from .factors import load_factors
+    from .core.base import BaseCheckpoint
+    from .core.factors import load_factors
 
     if not adapters_as_inputs and len(adapters) > 1:
         raise UserError("a merged export takes one --adapter; pass --adapters-as-inputs for several")
@@ -359,8 +362,8 @@ def parse_named_adapters(items) -> dict[str, str]:
 
 def _load(base: str, adapter: str, read_options):
     """The base checkpoint and the adapter's factors on it."""
-    from .base import BaseCheckpoint
-    from .factors import load_factors
+    from .core.base import BaseCheckpoint
+    from .core.factors import load_factors
 
     checkpoint = BaseCheckpoint(base)
     return checkpoint, load_factors(adapter, checkpoint, read_options)
@@ -406,7 +409,7 @@ def generate(onnx_dir, adapter, adapter_file, prompt, no_chat_template, max_new_
     """
     from .converters.genai_runtime import adapter_file as named_adapter_file
     from .converters.genai_runtime import genai_generate, has_chat_template, is_genai_export
-    from .generate import generate as run_generation
+    from .core.generate import generate as run_generation
 
     if adapter and adapter_file:
         raise UserError("pass --adapter NAME or --adapter-file FILE, not both")
@@ -592,7 +595,7 @@ def demo(output):
 
 
 def main():
-    from .progress import log_to_stderr
+    from .core.progress import log_to_stderr
 
     log_to_stderr()
     cli(prog_name="psoft-deploy")

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import torch
 
-from .errors import UserError
-from .outputs import check_writable
+from .core.errors import UserError
+from .core.outputs import check_writable
 from .testing import build_tiny_model
 
 TRAIN_STEPS = 30
@@ -26,12 +26,12 @@ def run_demo(output: str | None = None) -> Path:
     from peft import PeftModel
     from transformers.utils import logging as hf_logging
 
-    from .base import BaseCheckpoint
     from .converters import pipeline
-    from .factors import load_factors
-    from .model import load_base_model, reference_model
-    from .options import WriteOptions
-    from .report import format_report, inspect_adapter
+    from .core.base import BaseCheckpoint
+    from .core.factors import load_factors
+    from .core.model import load_base_model, reference_model
+    from .core.options import WriteOptions
+    from .core.report import format_report, inspect_adapter
     from .train import train
 
     hf_logging.disable_progress_bar()

@@ -224,8 +224,8 @@ def write_psoft_adapter(directory: Path, modules: list[str], rank: int, *, seed:
     its base: used on any base with a one-line warning)."""
     from peft import PsoftConfig
 
-    from .base import BaseCheckpoint
-    from .formats import write_peft_adapter
+    from .core.base import BaseCheckpoint
+    from .core.formats import write_peft_adapter
 
     directory = Path(directory)
     targets = sorted({name.rsplit(".", 1)[-1] for name in modules})

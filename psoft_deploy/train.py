@@ -18,18 +18,19 @@ import torch
 from torch import nn
 from trl import SFTTrainer
 
-from . import __version__, train_args
-from .base import BaseCheckpoint
+from . import train_args
 from .converters.pipeline import Check, publish
 from .converters.verify.candidates import reread_matches
-from .dtypes import BY_NAME
-from .errors import UserError
-from .factors import AdapterFactors, base_tensor_key
-from .formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
-from .layer import PsoftLinear, PsoftRotation, replace_module
-from .materialize import save_materialized_files
-from .outputs import apply_umask
-from .psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
+from .core import __version__
+from .core.base import BaseCheckpoint
+from .core.dtypes import BY_NAME
+from .core.errors import UserError
+from .core.factors import AdapterFactors, base_tensor_key
+from .core.formats import ADAPTER_WEIGHTS, MATERIALIZED_META, PEFT_PREFIX, read_adapter, write_peft_adapter
+from .core.layer import PsoftLinear, PsoftRotation, replace_module
+from .core.materialize import save_materialized_files
+from .core.outputs import apply_umask
+from .core.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
 
 SUMMARY_FILE = "training_summary.json"
 DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -240,7 +241,7 @@ def train(argv: list[str]) -> Path:
         raise UserError("train() trains one adapter: pass --jobs to psoft_deploy.train_jobs.train_jobs")
     from transformers import AutoTokenizer
 
-    from .model import load_base_model
+    from .core.model import load_base_model
 
     output = Path(args.output_dir)
     if (output / ADAPTER_WEIGHTS).exists() and not args.overwrite_output_dir:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import UserError
-from .outputs import check_apart
+from .core.errors import UserError
+from .core.outputs import check_apart
 
 DESCRIPTION = ("`psoft-deploy train`: PSOFT fine-tuning with TRL's SFTTrainer on `PsoftLinear`, the layer every "
                "converter uses, saving a PEFT adapter *and* the materialized factors it was trained with.")

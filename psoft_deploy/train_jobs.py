@@ -28,15 +28,28 @@ from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from . import train_args
-from .base import BaseCheckpoint
-from .errors import UserError
-from .formats import ADAPTER_WEIGHTS
-from .layer import PsoftJobsLinear, PsoftRotation, replace_module
-from .progress import track, warning
-from .psoft import singular_triplets
-from .train import (BITS, AdapterCheckpointTrainer, check_data, check_rank, check_ranks_agree, load_data,
-                    psoft_config, rotation_spec, save_outputs, sft_config, subspace_spec, targeted_linears,
-                    training_summary, warn_if_pad_is_eos)
+from .core.base import BaseCheckpoint
+from .core.errors import UserError
+from .core.formats import ADAPTER_WEIGHTS
+from .core.layer import PsoftJobsLinear, PsoftRotation, replace_module
+from .core.progress import track, warning
+from .core.psoft import singular_triplets
+from .train import (
+    BITS,
+    AdapterCheckpointTrainer,
+    check_data,
+    check_rank,
+    check_ranks_agree,
+    load_data,
+    psoft_config,
+    rotation_spec,
+    save_outputs,
+    sft_config,
+    subspace_spec,
+    targeted_linears,
+    training_summary,
+    warn_if_pad_is_eos,
+)
 
 # The options a job may set for itself; the others (base, targets, PSOFT switches, batch) all jobs share.
 JOB_OPTIONS = ("r", "psoft_alpha", "learning_rate", "max_steps", "num_train_epochs", "seed", "dataset_split",
@@ -55,7 +68,7 @@ def train_jobs(args: argparse.Namespace) -> Path:
     jobs = [Job(index, job_args) for index, job_args in enumerate(read_jobs(args))]
     from transformers import AutoTokenizer
 
-    from .model import load_base_model
+    from .core.model import load_base_model
 
     config = sft_config(args)
     with config.main_process_first(desc="loading the data and the base"):

@@ -19,16 +19,16 @@ from typing import TypeVar
 import torch
 from safetensors import SafetensorError
 
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.lora import EXPORT_META, read_export_metadata
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_max_lora_rank
 from psoft_deploy.converters.pipeline import export_lora
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import base_tensor_key, derive_factors
-from psoft_deploy.formats import adapter_format, read_adapter
-from psoft_deploy.options import DEFAULTS, ReadOptions, WriteOptions
-from psoft_deploy.outputs import atomic_output_dir, check_writable
-from psoft_deploy.progress import warning
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import base_tensor_key, derive_factors
+from psoft_deploy.core.formats import adapter_format, read_adapter
+from psoft_deploy.core.options import DEFAULTS, ReadOptions, WriteOptions
+from psoft_deploy.core.outputs import atomic_output_dir, check_writable
+from psoft_deploy.core.progress import warning
 
 CACHE_VERSION = b"psoft-deploy/lora-cache/v2"  # v2: entries carry a layerwise verification report
 

@@ -24,7 +24,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 from vllm.lora.resolver import LoRAResolverRegistry
 
-from psoft_deploy.errors import UserError
+from psoft_deploy.core.errors import UserError
 from psoft_deploy.serve.resolver import RESOLVER_NAME, directory_inside
 from psoft_deploy.serve.vllm_shared import missing_internals
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from psoft_deploy.converters.lora_format import LoraAdapter, vllm_max_lora_rank
-from psoft_deploy.factors import check_fits_base
-from psoft_deploy.formats import adapter_format, read_adapter
+from psoft_deploy.core.factors import check_fits_base
+from psoft_deploy.core.formats import adapter_format, read_adapter
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.shared import SharedBasis
 

@@ -6,7 +6,7 @@ import re
 import socket
 from pathlib import Path
 
-from psoft_deploy.errors import UserError
+from psoft_deploy.core.errors import UserError
 
 # One path component: letters, digits, '.', '_', '-'; no leading dot (so no '..').
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -19,14 +19,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psoft_deploy.architectures import architecture
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.lora_format import vllm_max_lora_rank
-from psoft_deploy.errors import UserError
-from psoft_deploy.formats import PsoftAdapter, adapter_format, read_adapter
-from psoft_deploy.options import DEFAULTS, ReadOptions
-from psoft_deploy.outputs import check_writable
-from psoft_deploy.progress import stage, warning
+from psoft_deploy.core.architectures import architecture
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.formats import PsoftAdapter, adapter_format, read_adapter
+from psoft_deploy.core.options import DEFAULTS, ReadOptions
+from psoft_deploy.core.outputs import check_writable
+from psoft_deploy.core.progress import stage, warning
 from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.forms import AdapterForms, Servable
 from psoft_deploy.serve.names import check_served_names

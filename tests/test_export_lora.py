@@ -22,10 +22,10 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_max_lora_rank
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import reference_model
-from psoft_deploy.options import ReadOptions
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import reference_model
+from psoft_deploy.core.options import ReadOptions
 
 
 def export(base_dir, adapter_dir, output, *extra):

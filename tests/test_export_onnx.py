@@ -10,9 +10,9 @@ import torch
 from transformers import AutoTokenizer
 
 from psoft_deploy.converters.onnx import onnx_logits
-from psoft_deploy.factors import load_factors
-from psoft_deploy.generate import generate
-from psoft_deploy.model import reference_model
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.generate import generate
+from psoft_deploy.core.model import reference_model
 
 
 @pytest.mark.slow
@@ -88,8 +88,8 @@ def test_bad_input(tiny_base, tmp_path):
 def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     import gc
 
-    from psoft_deploy.errors import UserError
-    from psoft_deploy.generate import OnnxModel
+    from psoft_deploy.core.errors import UserError
+    from psoft_deploy.core.generate import OnnxModel
 
     base = tiny_base("llama")
     helpers.make_peft_adapter(base, tmp_path / "p4", r=4, target_modules=["q_proj", "v_proj"])
@@ -105,7 +105,7 @@ def test_adapters_as_inputs_three_adapters_and_none(tiny_base, tmp_path):
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     keep = mask.numpy().astype(bool)
-    from psoft_deploy.model import load_base_model
+    from psoft_deploy.core.model import load_base_model
 
     with torch.no_grad():
         base_logits = load_base_model(base)(input_ids=ids, attention_mask=mask).logits.numpy()

@@ -12,12 +12,12 @@ from peft import PeftModel, PsoftConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from psoft_deploy.architectures import model_family
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.pipeline import read_report
 from psoft_deploy.converters.verify.inputs import family_outputs, verification_inputs
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import load_base_model
+from psoft_deploy.core.architectures import model_family
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import load_base_model
 from psoft_deploy.testing import build_tiny_model
 
 # kind: PsoftConfig fields beyond r (target_modules None: PEFT's defaults for the architecture,
@@ -159,8 +159,8 @@ def test_a_custom_module_without_a_config_is_verified_layerwise(tmp_path):
 def test_export_onnx_of_encoders_classifiers_and_vit(kind, tmp_path):
     """Merged and verified in onnxruntime; then run at other batch sizes (and lengths) than the
     export saw, against PEFT's forward."""
-    from psoft_deploy.architectures import FAMILIES
     from psoft_deploy.converters.onnx import onnx_outputs
+    from psoft_deploy.core.architectures import FAMILIES
 
     base = tmp_path / "base"
     build_tiny_model(base, kind)

@@ -16,10 +16,10 @@ from transformers import AutoTokenizer
 from psoft_deploy.converters import genai, genai_runtime
 from psoft_deploy.converters.genai_runtime import GenaiModel, genai_generate
 from psoft_deploy.converters.verify.tolerances import MAX_LOGIT_NOISE
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.generate import read_adapter_file
+from psoft_deploy.core.model import load_base_model
 from psoft_deploy.demo import MODEL_SIZES
-from psoft_deploy.factors import load_factors
-from psoft_deploy.generate import read_adapter_file
-from psoft_deploy.model import load_base_model
 from psoft_deploy.testing import build_chat_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "def fibonacci(n):"]
@@ -421,7 +421,7 @@ def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
     from tokenizers import Tokenizer
 
     from psoft_deploy.converters.genai_runtime import _Decoder
-    from psoft_deploy.generate import TextStream
+    from psoft_deploy.core.generate import TextStream
 
     _, work = two_adapters
     export = work / "merged-a"
@@ -438,8 +438,8 @@ def test_generate_prints_past_a_token_that_is_no_character(two_adapters):
 @pytest.mark.slow
 def test_an_export_of_the_base_alone_is_verified_against_the_base(two_adapters, mis_built, tmp_path):
     """No adapter: the graph itself is checked against the base in float64; a mis-built one fails."""
-    from psoft_deploy.base import BaseCheckpoint
     from psoft_deploy.converters.verify import verify_base_export
+    from psoft_deploy.core.base import BaseCheckpoint
 
     base, _ = two_adapters
     result = run("export-onnx", "--base", base, "--output", tmp_path / "onnx")

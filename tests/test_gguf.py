@@ -17,8 +17,8 @@ from psoft_deploy.converters import gguf
 from psoft_deploy.converters.verify.gguf_exports import LlamaCpp, _tokenization_differences
 from psoft_deploy.converters.verify.inputs import prompt_sequences, verification_inputs
 from psoft_deploy.converters.verify.reference import greedy
-from psoft_deploy.factors import load_factors
-from psoft_deploy.generate import eos_token_ids
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.generate import eos_token_ids
 from psoft_deploy.testing import SMOLLM2_GGUF, build_chat_model
 
 NEW_TOKENS = 12
@@ -220,7 +220,7 @@ def test_a_family_added_through_the_registry_alone_runs_in_llama_cpp(tiny_base, 
     llama.cpp, the base GGUF as a candidate fails; without the entry, GGUF is refused in one line."""
     import dataclasses
 
-    from psoft_deploy import architectures
+    from psoft_deploy.core import architectures
 
     base = tmp_path / "base"  # not named phi3: llama.cpp then wants Phi-3's <|end|> token, which tiny tokenizers lack
     shutil.copytree(tiny_base("phi3"), base)
@@ -249,7 +249,7 @@ def test_llama_3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path, monk
     import numpy as np
     import transformers
 
-    from psoft_deploy.model import load_base_model
+    from psoft_deploy.core.model import load_base_model
     from psoft_deploy.testing import build_tokenizer, bundled_text
 
     base = tmp_path / "llama3"

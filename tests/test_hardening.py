@@ -15,11 +15,11 @@ import pytest
 from helpers import assert_one_line_error, make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.generate import TextStream
+from psoft_deploy.core.options import ReadOptions
 from psoft_deploy.demo import MODEL_SIZES
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import load_factors
-from psoft_deploy.generate import TextStream
-from psoft_deploy.options import ReadOptions
 from psoft_deploy.testing import build_tokenizer, bundled_text
 
 

@@ -9,12 +9,16 @@ ROOT = Path(__file__).parent.parent
 PACKAGES = {"psoft_deploy": "psoft_deploy", "psoft_deploy.converters": "converters", "psoft_deploy.serve": "serve"}
 
 
-def module_imports() -> dict[str, set[str]]:
+# The layers, bottom first: each module imports only modules of its own layer or those below.
+LAYERS = ("psoft_deploy.core", "psoft_deploy.converters", "psoft_deploy.serve", "psoft_deploy")
+
+
+def module_imports(root: Path = ROOT) -> dict[str, set[str]]:
     """Each of our modules and the modules of ours it imports, anywhere in its body."""
     files = {}
     for package, folder in PACKAGES.items():
-        for file in (ROOT / folder).rglob("*.py"):
-            parts = [part for part in file.relative_to(ROOT / folder).with_suffix("").parts if part != "__init__"]
+        for file in (root / folder).rglob("*.py"):
+            parts = [part for part in file.relative_to(root / folder).with_suffix("").parts if part != "__init__"]
             files[".".join([package, *parts])] = file
     graph = {}
     for module, file in files.items():
@@ -52,9 +56,38 @@ def test_no_module_imports_one_that_imports_it_back():
     assert not cycles, cycles
 
 
+def layer(module: str) -> int:
+    return next(index for index, package in enumerate(LAYERS) if module == package or module.startswith(package + "."))
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} -> {other}" for module, imports in graph.items() for other in imports
+                  if layer(other) > layer(module))
+
+
+def test_each_layer_imports_only_its_own_and_those_below():
+    """core < converters < serve < the commands (cli, demo, train, train_jobs) and the test kit."""
+    graph = module_imports()
+    assert {layer(module) for module in graph} == set(range(len(LAYERS))), "every layer holds modules"
+    assert any(layer(other) < layer(module) for module, imports in graph.items() for other in imports)
+    assert upward_imports(graph) == []
+
+
+def test_the_layering_check_fails_on_a_planted_upward_import(tmp_path):
+    import shutil
+
+    for folder in PACKAGES.values():
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "psoft_deploy" / "core" / "psoft.py", "a") as planted:
+        planted.write("\n\ndef planted():\n    from ..converters import pipeline\n    from psoft_deploy import cli\n")
+    assert upward_imports(module_imports(tmp_path)) == [f"psoft_deploy.core.psoft -> {name}" for name in (
+        "psoft_deploy", "psoft_deploy.cli", "psoft_deploy.converters", "psoft_deploy.converters.pipeline")]
+
+
 def test_the_subpackages_are_the_top_level_folders_mapped_by_pyproject_without_symlinks():
     import importlib
     import subprocess
+
     import tomllib
 
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]

@@ -18,8 +18,8 @@ from helpers import (
 )
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import reference_model
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import reference_model
 from psoft_deploy.testing import build_tiny_model
 
 
@@ -285,7 +285,7 @@ def test_existing_output_and_no_disk_space(tiny_base, tmp_path, monkeypatch):
 
 
 def test_failed_verification_leaves_nothing(tiny_base, tmp_path, monkeypatch):
-    from psoft_deploy.psoft import ModuleFactors
+    from psoft_deploy.core.psoft import ModuleFactors
 
     base_dir = tiny_base("llama")
     make_peft_adapter(base_dir, tmp_path / "adapter")

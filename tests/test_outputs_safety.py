@@ -161,7 +161,7 @@ def test_max_shard_size_must_be_positive(size, inputs, tmp_path):
 
 
 def test_verbose_after_the_command_is_the_global_option(inputs):
-    from psoft_deploy import progress
+    from psoft_deploy.core import progress
 
     base, adapter = inputs
     result = run("merge", "--base", base, "--adapter", adapter, "--output", base, "--overwrite", "--verbose")

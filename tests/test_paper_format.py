@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import assert_close_relative, input_ids, make_paper_checkpoint, paper_rotation_from_spec, write_adapter
 
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import load_base_model, reference_model
-from psoft_deploy.options import ReadOptions
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import load_base_model, reference_model
+from psoft_deploy.core.options import ReadOptions
 
 
 def paper_forward(residual_dir, parts, scale, r, terms, ids):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import VARIANTS, assert_close_relative, input_ids, load_peft, make_peft_adapter, peft_deltas
 
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import load_base_model, reference_model
-from psoft_deploy.options import ReadOptions
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import load_base_model, reference_model
+from psoft_deploy.core.options import ReadOptions
 
 
 def check_against_peft(base_dir, adapter_dir, peft_model, ids, **load_options):

@@ -9,11 +9,11 @@ import torch
 from helpers import assert_close_relative, assert_one_line_error, run
 from safetensors.torch import load_file
 
-from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import reference_model
-from psoft_deploy.options import ReadOptions
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import reference_model
+from psoft_deploy.core.options import ReadOptions
 
 DATA = Path(__file__).parent / "data" / "peft_versions"
 BASE = DATA / "base"

@@ -10,11 +10,11 @@ import torch
 from helpers import make_peft_adapter, run
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.cli import cli
 from psoft_deploy.converters.pipeline import REPORT_FILE, read_report
-from psoft_deploy.factors import load_factors
-from psoft_deploy.options import ReadOptions
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.options import ReadOptions
 
 REPORT_KEYS = {"tool", "artifact", "passed", "checks", "base_identity"}
 CHECK_KEYS = {"label", "mode", "dtype", "tolerance", "passed", "failed_checks"}

@@ -5,7 +5,14 @@ import torch
 from helpers import paper_rotation_from_spec
 from peft.tuners.psoft.layer import OrthLayer
 
-from psoft_deploy.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, rotation, rotation_part
+from psoft_deploy.core.psoft import (
+    ModuleFactors,
+    RotationSpec,
+    SubspaceSpec,
+    principal_subspace,
+    rotation,
+    rotation_part,
+)
 
 
 def peft_orth_layer(r, seed=0, **options):

@@ -22,8 +22,8 @@ from transformers import AutoTokenizer
 from psoft_deploy.converters import genai_runtime
 from psoft_deploy.converters.verify.reference import greedy
 from psoft_deploy.converters.verify.rule import kept_prefix
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import reference_model
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import reference_model
 from psoft_deploy.testing import ANSWER_PREFIX, build_smollm2, held_out_questions, write_chats
 
 pytestmark = pytest.mark.slow

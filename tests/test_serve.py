@@ -40,10 +40,10 @@ from helpers import (
 from transformers import AutoTokenizer
 
 from psoft_deploy.converters.lora import EXPORT_META
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import load_base_model, reference_model
 from psoft_deploy.demo import MODEL_SIZES
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import load_base_model, reference_model
 from psoft_deploy.serve.plan import INTERNAL_BASE_NAME, plan_serve
 from psoft_deploy.serve.preflight import (
     CPU_ATTENTION_HEAD_SIZES,

@@ -30,8 +30,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer
 
 from psoft_deploy.converters.verify.inputs import DEFAULT_PROMPTS
+from psoft_deploy.core.model import load_base_model
 from psoft_deploy.demo import MODEL_SIZES
-from psoft_deploy.model import load_base_model
 from psoft_deploy.testing import build_tiny_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields"]

@@ -13,14 +13,14 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from psoft_deploy.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.converters.lora_format import LoraAdapter
 from psoft_deploy.converters.verify.tolerances import lora_in_basis_bound
+from psoft_deploy.core.base import BaseCheckpoint, base_tensor_key
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.formats import read_adapter
+from psoft_deploy.core.model import load_base_model
+from psoft_deploy.core.psoft import core_in_basis, lora_of_core, shared_basis
 from psoft_deploy.demo import MODEL_SIZES
-from psoft_deploy.errors import UserError
-from psoft_deploy.formats import read_adapter
-from psoft_deploy.model import load_base_model
-from psoft_deploy.psoft import core_in_basis, lora_of_core, shared_basis
 from psoft_deploy.serve import cache as cache_module
 from psoft_deploy.serve import shared
 from psoft_deploy.serve.cache import LoraCache

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from psoft_deploy.converters.pipeline import read_report
-from psoft_deploy.factors import load_factors
-from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.model import load_base_model, reference_model
 from psoft_deploy.testing import (
     CHAT_TEMPLATE_WITH_GENERATION,
     build_chat_model,
@@ -279,7 +279,7 @@ def test_ranks_that_derive_other_factors_are_refused(tmp_path):
     (tmp_path / "ranks.py").write_text("""
 import torch, torch.distributed as dist
 from types import SimpleNamespace
-from psoft_deploy.errors import UserError
+from psoft_deploy.core.errors import UserError
 from psoft_deploy.train import check_ranks_agree
 
 dist.init_process_group("gloo")

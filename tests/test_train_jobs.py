@@ -9,9 +9,9 @@ import torch
 from helpers import run, torchrun
 
 from psoft_deploy import train_jobs
-from psoft_deploy.factors import load_factors
-from psoft_deploy.layer import PsoftJobsLinear, PsoftLinear, PsoftRotation
-from psoft_deploy.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, singular_triplets
+from psoft_deploy.core.factors import load_factors
+from psoft_deploy.core.layer import PsoftJobsLinear, PsoftLinear, PsoftRotation
+from psoft_deploy.core.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace, singular_triplets
 from psoft_deploy.testing import bundled_text
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -208,8 +208,8 @@ def test_int4_exports_on_a_deep_chat_model_are_inconclusive_in_the_logits_and_a_
 
 def test_a_reference_kept_in_its_stored_bfloat16_computes_as_the_float32_one(tiny_base, tmp_path):
     """What the layerwise graph checks run on above 0.5B parameters: half the memory, the same logits."""
-    from psoft_deploy.factors import load_factors
-    from psoft_deploy.model import load_base_model, reference_model, reference_model_stored
+    from psoft_deploy.core.factors import load_factors
+    from psoft_deploy.core.model import load_base_model, reference_model, reference_model_stored
 
     shutil.copytree(tiny_base("llama"), tmp_path / "bf16")
     load_base_model(tmp_path / "bf16", torch.bfloat16).save_pretrained(tmp_path / "bf16")

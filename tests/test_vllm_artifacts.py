@@ -16,7 +16,7 @@ import torch
 from helpers import load_peft, make_peft_adapter, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from psoft_deploy.architectures import ARCHITECTURES
+from psoft_deploy.core.architectures import ARCHITECTURES
 from psoft_deploy.testing import build_tiny_model
 
 PROMPTS = ["The river carries water", "A cat sleeps on the", "Snow covers the fields", "The baker opens"]

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters.genai_runtime import is_genai_export
 from psoft_deploy.converters.gguf import gguf_file
 from psoft_deploy.converters.lora import read_export_metadata
 from psoft_deploy.converters.mlx import MLX_WEIGHTS
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.formats import ADAPTER_CONFIG, read_json
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.formats import ADAPTER_CONFIG, read_json
 
 from .candidates import (
     resolve_mode,

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters import genai, genai_runtime
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.generate import read_adapter_file
-from psoft_deploy.model import load_base_model, reference_model, reference_model_stored
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.generate import read_adapter_file
+from psoft_deploy.core.model import load_base_model, reference_model, reference_model_stored
 
 from .candidates import FULL_MODE_MAX_PARAMETERS, parameter_count, resolve_mode
 from .inputs import prompt_sequences, verification_inputs
@@ -132,12 +132,9 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
             lambda: genai.round_like_builder(reference_model(base.path, factors, simulated), precision), forward))
     rank0 = {name: genai_runtime.rank_zero(name, array) for name, array in arrays.items()}
     graph = genai_runtime.GraphSession(export_dir, mapped_weights=precision != "int4")
-
-    def graph_logits(lora: dict | None) -> torch.Tensor:
-        return torch.cat([torch.from_numpy(graph.logits(tokens, lora)) for tokens in sequences])
-
-    actual = graph_logits(rank0)
-    with_adapter = graph_logits(arrays if adapter_file else None) if factors is not None else None
+    actual = _sequence_logits(graph, sequences, rank0)
+    with_adapter = (_sequence_logits(graph, sequences, arrays if adapter_file else None) if factors is not None
+                    else None)
     del graph
     simulation = dtype_name(simulated) + (" with int4-rounded weights and int8-rounded inputs" if precision == "int4"
                                           else "")
@@ -161,6 +158,11 @@ def verify_graph(base: BaseCheckpoint, export_dir: Path, arrays: dict, precision
         f"reference, plus the reference in {simulation}; measured in this run), with the same top-1 where the "
         f"margin exceeds {DECISIVE_MARGIN:g}× that; the graph at rank 0 must fail these bounds")
     return base_report, adapter_report
+
+
+def _sequence_logits(graph: genai_runtime.GraphSession, sequences: list[list[int]], lora: dict | None) -> torch.Tensor:
+    """The graph's logits at every position of each sequence, concatenated (``lora``: its LoRA inputs)."""
+    return torch.cat([torch.from_numpy(graph.logits(tokens, lora)) for tokens in sequences])
 
 
 def _graph_report(report: Report, precision: str, reference: torch.dtype, simulation: str, tolerance: str) -> Report:

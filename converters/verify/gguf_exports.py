@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from psoft_deploy.base import BaseCheckpoint
 from psoft_deploy.converters import gguf
-from psoft_deploy.dtypes import GGUF_FILE_TYPES
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.generate import eos_token_ids
-from psoft_deploy.model import load_base_model
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.dtypes import GGUF_FILE_TYPES
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.generate import eos_token_ids
+from psoft_deploy.core.model import load_base_model
 
 from .inputs import prompt_sequences, verification_inputs
 from .report import Report

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from jinja2.exceptions import TemplateError
 
-from psoft_deploy.architectures import Family, model_family
-from psoft_deploy.errors import UserError
+from psoft_deploy.core.architectures import Family, model_family
+from psoft_deploy.core.errors import UserError
 
 # Plain-text verification prompts, for tokenizers without a chat template.
 DEFAULT_PROMPTS = [

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.errors import UserError
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.generate import eos_token_ids
-from psoft_deploy.model import load_base_model
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.generate import eos_token_ids
+from psoft_deploy.core.model import load_base_model
 
 from .candidates import candidate_dtype, resolve_mode, verify_mlx_files
 from .inputs import prompt_sequences, verification_inputs

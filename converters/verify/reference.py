@@ -9,10 +9,10 @@ from typing import Callable
 
 import torch
 
-from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.layer import PsoftLinear, replace_module
-from psoft_deploy.model import reference_model
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.layer import PsoftLinear, replace_module
+from psoft_deploy.core.model import reference_model
 
 from .rule import compare_logits
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from psoft_deploy.errors import UserError
+from psoft_deploy.core.errors import UserError
 
 
 @dataclass

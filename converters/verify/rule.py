@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from psoft_deploy.architectures import FAMILIES, Family
+from psoft_deploy.core.architectures import FAMILIES, Family
 
 from .report import Report
 from .tolerances import (

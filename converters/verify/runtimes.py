@@ -13,10 +13,10 @@ from typing import Callable, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from psoft_deploy.architectures import model_family
-from psoft_deploy.base import BaseCheckpoint
-from psoft_deploy.factors import AdapterFactors
-from psoft_deploy.model import load_base_model, reference_model
+from psoft_deploy.core.architectures import model_family
+from psoft_deploy.core.base import BaseCheckpoint
+from psoft_deploy.core.factors import AdapterFactors
+from psoft_deploy.core.model import load_base_model, reference_model
 
 from .inputs import family_outputs, right_padded
 from .reference import greedy, outputs_freed, strip_adapter

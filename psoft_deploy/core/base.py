@@ -62,7 +62,7 @@ class TensorInfo:
     """Where a stored tensor is and what it holds, from its file's safetensors header."""
 
     file: Path
-    dtype: str  # safetensors' code: "BF16" (`psoft_deploy.dtypes.from_safetensors` names it)
+    dtype: str  # safetensors' code: "BF16" (`psoft_deploy.core.dtypes.from_safetensors` names it)
     shape: tuple[int, ...]
 
 

@@ -4,13 +4,13 @@
   A and B are rebuilt from the base weight by an SVD.
 * ``paper``: the paper repository's checkpoints (``peft_type: LORA`` with ``lora_orth.*``
   keys), which store A and B; R uses the lower-triangle convention.
-* ``materialized``: psoft-deploy's own self-contained format (see `psoft_deploy.materialize`).
+* ``materialized``: psoft-deploy's own self-contained format (see `psoft_deploy.core.materialize`).
 
 A PEFT adapter written by psoft-deploy (`write_peft_adapter`) also holds ``psoft_deploy_base.json``:
 the fingerprints of the base tensors it was trained on (sha256, dtype, shape), its absolute path or
 hub id, and its hub ids. PEFT never reads the file; psoft-deploy refuses another base with it.
 
-All readers produce a `PsoftAdapter`; `psoft_deploy.factors.derive_factors` turns it into
+All readers produce a `PsoftAdapter`; `psoft_deploy.core.factors.derive_factors` turns it into
 the per-module factors every command consumes.
 """
 
