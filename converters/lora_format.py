@@ -9,11 +9,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from psoft_deploy.core.base import BaseCheckpoint, TensorInfo, base_tensor_key, open_safetensors, read_headers
+from psoft_deploy.core.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.core.errors import UserError
-from psoft_deploy.core.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_json
+from psoft_deploy.core.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, lora_scaling, read_json
+from psoft_deploy.core.tensorfile import TensorInfo, open_safetensors, read_headers, write_safetensors
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_MODULES_TO_SAVE = ("classifier", "score")
@@ -64,7 +64,7 @@ class LoraAdapter:
 
     def write(self, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Write the config and ``tensors`` (keys without PEFT's prefix) into ``directory``."""
-        save_file({PEFT_PREFIX + key: tensor.contiguous() for key, tensor in tensors.items()}, directory / ADAPTER_WEIGHTS)
+        write_safetensors({PEFT_PREFIX + key: tensor for key, tensor in tensors.items()}, directory / ADAPTER_WEIGHTS)
         self.write_config(directory)
 
     def write_config(self, directory: Path, **extra) -> None:
@@ -96,7 +96,7 @@ class LoraAdapter:
 
         rank = self.rank_pattern.get(get_pattern_key(self.rank_pattern, module), self.r)
         alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern, module), self.lora_alpha)
-        return alpha / (rank ** 0.5 if self.use_rslora else rank)
+        return lora_scaling(alpha, rank, self.use_rslora)
 
     def check(self) -> None:
         """PEFT's rules: positive ranks, and every lora_A (r×in) paired with a lora_B (out×r)."""

@@ -4,7 +4,7 @@ The base's safetensors are read one tensor at a time; each targeted weight gets
 ``W + ΔW`` accumulated in float32 and cast to the output dtype; every other tensor is
 copied unchanged (bit-identical when the dtype is kept). The output follows transformers'
 convention (one ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` + index) and
-is written one tensor at a time (`psoft_deploy.core.streaming`), so peak memory is about one layer,
+is written one tensor at a time (`psoft_deploy.core.tensorfile`), so peak memory is about one layer,
 whatever the shard size.
 """
 
@@ -22,13 +22,13 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
 from psoft_deploy.core import __version__
-from psoft_deploy.core.base import INDEX_FILE, BaseCheckpoint, open_safetensors
+from psoft_deploy.core.base import INDEX_FILE, BaseCheckpoint
 from psoft_deploy.core.dtypes import BY_NAME
 from psoft_deploy.core.errors import UserError
 from psoft_deploy.core.factors import AdapterFactors, base_tensor_key
 from psoft_deploy.core.outputs import format_size
 from psoft_deploy.core.progress import track
-from psoft_deploy.core.streaming import torch_dtype, write_streaming
+from psoft_deploy.core.tensorfile import open_safetensors, torch_dtype, write_streaming
 
 # Files of the base directory that are not copied: its weights and its model card.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")

@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.tensorfile import read_safetensors, write_safetensors
 
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_CONFIG = "adapter_config.json"
@@ -55,7 +55,7 @@ def write_mlx_adapter(directory: Path, pairs: dict[str, tuple[torch.Tensor, torc
     rank = next(iter(pairs.values()))[0].shape[0]
     tensors = {f"{module}.{name}": factor.T.to(dtype).contiguous()
                for module, pair in pairs.items() for name, factor in zip(("lora_a", "lora_b"), pair)}
-    save_file(tensors, directory / MLX_WEIGHTS)
+    write_safetensors(tensors, directory / MLX_WEIGHTS)
     config = {"fine_tune_type": "lora", "model": base_name, "num_layers": num_layers,
               "lora_parameters": {"rank": rank, "scale": 1.0, "dropout": 0.0, "keys": keys}}
     (directory / MLX_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -66,7 +66,7 @@ def read_mlx_adapter(directory: Path, num_base_layers: int) -> dict[str, tuple[t
     the config's scale folded into lora_B), for each key in each of the last ``num_layers`` layers
     (None where the file lacks it)."""
     config = json.loads((directory / MLX_CONFIG).read_text())
-    parameters, tensors = config["lora_parameters"], load_file(directory / MLX_WEIGHTS)
+    parameters, tensors = config["lora_parameters"], read_safetensors(directory / MLX_WEIGHTS)
     pairs = {}
     for layer in range(num_base_layers - config["num_layers"], num_base_layers):
         for key in parameters["keys"]:

@@ -31,6 +31,7 @@ from .core.layer import PsoftLinear, PsoftRotation, replace_module
 from .core.materialize import save_materialized_files
 from .core.outputs import apply_umask
 from .core.psoft import ModuleFactors, RotationSpec, SubspaceSpec, principal_subspace
+from .core.tensorfile import read_safetensors
 
 SUMMARY_FILE = "training_summary.json"
 DATA_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -352,9 +353,7 @@ class AdapterCheckpointTrainer(SFTTrainer):
         apply_umask(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
+        tensors = read_safetensors(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
         mismatch = UserError(f"checkpoint {resume_from_checkpoint} holds another adapter than this run's: resume "
                              "with the --r, --target_modules and PSOFT switches it was trained with")
         prefixes = {name: f"{PEFT_PREFIX}{name}.psoft_R." for name in self.psoft_rotations}

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import SafetensorError
 
 from psoft_deploy.converters.lora import EXPORT_META, read_export_metadata
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys, vllm_max_lora_rank
@@ -29,6 +28,7 @@ from psoft_deploy.core.formats import adapter_format, read_adapter
 from psoft_deploy.core.options import DEFAULTS, ReadOptions, WriteOptions
 from psoft_deploy.core.outputs import atomic_output_dir, check_writable
 from psoft_deploy.core.progress import warning
+from psoft_deploy.core.tensorfile import SafetensorError
 
 CACHE_VERSION = b"psoft-deploy/lora-cache/v2"  # v2: entries carry a layerwise verification report
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from safetensors import SafetensorError
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 from vllm.lora.resolver import LoRAResolverRegistry
 
 from psoft_deploy.core.errors import UserError
+from psoft_deploy.core.tensorfile import SafetensorError
 from psoft_deploy.serve.resolver import RESOLVER_NAME, directory_inside
 from psoft_deploy.serve.vllm_shared import missing_internals
 

@@ -19,11 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from psoft_deploy.converters.lora_format import LoraAdapter
 from psoft_deploy.converters.verify.tolerances import basis_bound, core_from_rotation_bound, lora_in_basis_bound
-from psoft_deploy.core.base import BaseCheckpoint, base_tensor_key, open_safetensors, read_headers
+from psoft_deploy.core.base import BaseCheckpoint, base_tensor_key
 from psoft_deploy.core.dtypes import BY_NAME
 from psoft_deploy.core.errors import UserError
 from psoft_deploy.core.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PsoftAdapter, read_json
@@ -31,6 +30,7 @@ from psoft_deploy.core.options import DEFAULTS, ReadOptions
 from psoft_deploy.core.outputs import atomic_output_dir
 from psoft_deploy.core.progress import track
 from psoft_deploy.core.psoft import core_in_basis, core_of_rotation, rotation, shared_basis
+from psoft_deploy.core.tensorfile import open_safetensors, read_headers, write_safetensors
 from psoft_deploy.serve.cache import read_back
 
 BASIS_VERSION = b"psoft-deploy/shared-basis/v1"
@@ -65,7 +65,7 @@ class SharedBasis:
                 check_basis(module, weight, U, V, S)
                 tensors |= {f"{module}.U": U, f"{module}.V": V, f"{module}.S": S}
             with atomic_output_dir(path.parent, overwrite=True) as staging:
-                save_file(tensors, staging / path.name, metadata={"rank": str(rank), **svd})
+                write_safetensors(tensors, staging / path.name, metadata={"rank": str(rank), **svd})
         return cls(path)
 
     @property
@@ -185,7 +185,7 @@ class SharedBasis:
     def _write(self, entry: Path, cores: dict[str, torch.Tensor], summary: str) -> None:
         rank = max(core.shape[0] for core in cores.values())
         with atomic_output_dir(entry, overwrite=True) as staging:
-            save_file(cores, staging / CORES_FILE, metadata={"basis": self.digest})
+            write_safetensors(cores, staging / CORES_FILE, metadata={"basis": self.digest})
             LoraAdapter(r=rank, lora_alpha=rank, target_modules=sorted({module.rsplit(".", 1)[-1] for module in cores})
                         ).write_config(staging, psoft_shared=summary, psoft_basis=self.digest)
 

@@ -59,9 +59,9 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from vllm.utils import gpu_sync_debug
 
-from psoft_deploy.core.base import open_safetensors
-from psoft_deploy.core.formats import ADAPTER_WEIGHTS, read_safetensors
+from psoft_deploy.core.formats import ADAPTER_WEIGHTS
 from psoft_deploy.core.psoft import lora_of_core
+from psoft_deploy.core.tensorfile import open_safetensors, read_safetensors
 from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
 
 # The layer classes (exactly these, not subclasses: not the `...WithShardedLoRA` of --fully-sharded-loras) whose

@@ -70,6 +70,7 @@ def greedy_runs(base, adapter, files: dict) -> tuple[list, dict]:
         runtime.close()
 
 
+@pytest.mark.slow  # minutes of the fast suite: llama.cpp or half-precision runs
 def test_llama_cpp_runs_the_lora_gguf_on_the_base_gguf_beside_it_and_the_merged_gguf_as_peft_does(exported):
     base, work = exported
     base_gguf = work / "lora" / "base.gguf"  # written by export-lora --with-base
@@ -123,6 +124,7 @@ def test_the_modelfiles_name_files_beside_them_and_work_where_the_directory_is_c
     assert [path.name for path in paths(tmp_path / "alone")] == ["base.gguf", "adapter.gguf"]
 
 
+@pytest.mark.slow  # minutes of the fast suite: llama.cpp or half-precision runs
 def test_a_wrong_adapter_fails_verification(exported):
     base, work = exported
     for candidate in ("lora", "merged"):
@@ -130,6 +132,7 @@ def test_a_wrong_adapter_fails_verification(exported):
         assert result.exit_code == 1 and "FAIL (full, F32)" in result.output, result.output
 
 
+@pytest.mark.slow  # minutes of the fast suite: llama.cpp or half-precision runs
 def test_a_lora_gguf_without_llama_cpps_rotary_row_order_fails(exported, tmp_path, monkeypatch):
     """q/k's lora_b left in transformers' row order: llama.cpp applies a wrong update; verify catches it."""
     base, work = exported
@@ -142,6 +145,7 @@ def test_a_lora_gguf_without_llama_cpps_rotary_row_order_fails(exported, tmp_pat
     assert result.exit_code == 1 and "FAIL (full, F32)" in result.output, result.output
 
 
+@pytest.mark.slow  # minutes of the fast suite: llama.cpp or half-precision runs
 def test_a_writer_bug_shared_by_the_base_gguf_and_the_candidate_fails(exported, tmp_path, monkeypatch):
     """q/k rows left in transformers' order in the candidate and in the base GGUF verify writes as its
     noise (one writer): the base's run would widen its own bound; checked against transformers, it fails."""
@@ -164,6 +168,7 @@ def test_a_base_gguf_beside_the_lora_that_is_not_the_base_fails(exported, tmp_pa
     assert result.exit_code == 1 and "the base GGUF vs transformers" in result.output, result.output
 
 
+@pytest.mark.slow  # minutes of the fast suite: llama.cpp or half-precision runs
 def test_q8_0_lora_and_q4_k_m_merge_pass_the_noise_rule_and_a_wrong_adapter_fails(exported, tmp_path):
     base, work = exported
     ok(export_lora(base, work / "adapter", tmp_path / "q8", "--quant", "q8_0"))
@@ -214,6 +219,7 @@ def test_other_supported_architectures(kind, tiny_base, tmp_path):
     ok(export_lora(base, tmp_path / "adapter", tmp_path / "lora"))
 
 
+@pytest.mark.slow  # minutes of the fast suite: llama.cpp or half-precision runs
 def test_a_family_added_through_the_registry_alone_runs_in_llama_cpp(tiny_base, tmp_path, monkeypatch):
     """Phi-3 (q/k/v and gate/up fused in its checkpoint; llama.cpp's phi3) reached GGUF by one entry
     of the architecture registry: its merged GGUF and its LoRA GGUF on the base GGUF pass in

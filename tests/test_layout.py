@@ -110,3 +110,11 @@ def test_the_repository_holds_source_no_large_files_outside_test_data():
     large = [str(path) for path in paths if path.parts[:2] != ("tests", "data") and (ROOT / path).is_file()
              and (ROOT / path).stat().st_size > 1 << 20]
     assert not large, f"tracked files over 1 MiB outside tests/data: {large}"
+
+
+def test_safetensors_files_are_read_and_written_in_one_module():
+    users = sorted(str(file.relative_to(ROOT)) for folder in PACKAGES.values() for file in (ROOT / folder).rglob("*.py")
+                   if any(isinstance(node, (ast.Import, ast.ImportFrom)) and "safetensors" in (
+                       getattr(node, "module", None) or " ".join(alias.name for alias in node.names))
+                          for node in ast.walk(ast.parse(file.read_text()))))
+    assert users == ["psoft_deploy/core/tensorfile.py"]

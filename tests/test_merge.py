@@ -112,6 +112,7 @@ def test_sharded_base_to_sharded_output(tmp_path):
     assert merged.config.num_hidden_layers == 2
 
 
+@pytest.mark.slow  # minutes of the fast suite: llama.cpp or half-precision runs
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "opt"])
 def test_half_precision_merge_keeps_every_top1(kind, dtype, tiny_base, tmp_path):

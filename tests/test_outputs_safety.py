@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import assert_one_line_error, run
 
 from psoft_deploy.converters import merge as merge_module
@@ -173,3 +174,19 @@ def test_verify_refusing_an_adapter_names_every_candidate_kind(inputs):
     base, adapter = inputs
     result = run("verify", "--base", base, "--adapter", adapter, "--candidate", adapter)
     assert_one_line_error(result, "a merged model, a LoRA adapter or an ONNX export")
+
+
+def test_a_safetensors_write_that_fails_midway_leaves_no_file(tmp_path):
+    from psoft_deploy.core.tensorfile import read_safetensors, write_streaming
+
+    def produce(key):
+        if key == "b":
+            raise OSError("disk full")
+        return torch.ones(4)
+
+    with pytest.raises(OSError):
+        write_streaming(tmp_path / "x.safetensors", [("a", torch.float32, (4,)), ("b", torch.float32, (4,))], produce)
+    assert list(tmp_path.iterdir()) == []
+    write_streaming(tmp_path / "x.safetensors", [("a", torch.float32, (4,))], lambda key: torch.ones(4))
+    assert list(tmp_path.iterdir()) == [tmp_path / "x.safetensors"]
+    assert torch.equal(read_safetensors(tmp_path / "x.safetensors")["a"], torch.ones(4))

@@ -521,6 +521,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
 """
 
 
+@pytest.mark.slow  # waits out real seconds of health checks
 def test_a_server_that_stops_answering_health_is_stopped_with_its_cause(tmp_path, monkeypatch):
     from psoft_deploy.serve import supervise
     from psoft_deploy.serve.plan import ServePlan
@@ -538,6 +539,7 @@ def test_a_server_that_stops_answering_health_is_stopped_with_its_cause(tmp_path
     assert not healthy(f"http://127.0.0.1:{port}")
 
 
+@pytest.mark.slow  # waits out real seconds of health checks
 def test_a_server_that_never_answers_health_is_stopped_in_one_line(tmp_path, monkeypatch):
     from psoft_deploy.serve import supervise
     from psoft_deploy.serve.plan import ServePlan

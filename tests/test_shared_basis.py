@@ -117,9 +117,36 @@ def test_a_process_keeps_the_basis_once_where_it_serves_it(base, full_basis, tmp
     lora_dir, _ = LoraCache(tmp_path / "cache", BaseCheckpoint(str(base))).prepare(tmp_path / "adapter")
     projected, _ = full_basis.cores_of(lora_dir)
     assert cores is not None and projected is not None
-    kept = [value for value in vars(full_basis).values() if isinstance(value, dict)]
-    held = sum(t.numel() for values in kept for t in values.values() if isinstance(t, torch.Tensor))
-    assert held == sum(S.numel() for S in full_basis.singular_values.values())
+    singular_values = {id(S) for S in full_basis.singular_values.values()}
+    held = [t for t in reachable_tensors(full_basis) if id(t) not in singular_values]
+    assert held == [], [tuple(t.shape) for t in held]
+    module = next(iter(full_basis.singular_values))
+    # the control: a basis kept anywhere is seen (the dataclass is frozen: planted past its __setattr__)
+    object.__setattr__(full_basis, "planted", {"kept": [full_basis.vectors(module)]})
+    try:
+        assert len(reachable_tensors(full_basis)) == len(singular_values) + 2
+    finally:
+        object.__delattr__(full_basis, "planted")
+
+
+def reachable_tensors(root) -> list[torch.Tensor]:
+    """Every tensor ``root`` holds, at any depth of its attributes, containers and nested objects
+    (classes, modules and functions aside)."""
+    import gc
+    import types
+
+    skipped = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    seen, found, todo = set(), [], [root]
+    while todo:
+        value = todo.pop()
+        if id(value) in seen or isinstance(value, skipped):
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        else:
+            todo.extend(gc.get_referents(value))
+    return found
 
 
 def test_a_core_from_r_that_is_not_finite_is_not_served(base, full_basis, tmp_path):

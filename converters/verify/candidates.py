@@ -14,7 +14,7 @@ import torch
 from psoft_deploy.converters.lora_format import LoraAdapter, lora_keys
 from psoft_deploy.converters.merge import stored_deltas, stored_replacements
 from psoft_deploy.core.architectures import model_family
-from psoft_deploy.core.base import BaseCheckpoint, meta_model, open_safetensors
+from psoft_deploy.core.base import BaseCheckpoint, meta_model
 from psoft_deploy.core.dtypes import BY_NAME, BY_ONNX, from_safetensors
 from psoft_deploy.core.errors import UserError
 from psoft_deploy.core.factors import AdapterFactors, base_tensor_key, derive_factors
@@ -22,6 +22,7 @@ from psoft_deploy.core.formats import ADAPTER_WEIGHTS, PEFT_PREFIX, read_materia
 from psoft_deploy.core.layer import PsoftLinear
 from psoft_deploy.core.model import load_base_model
 from psoft_deploy.core.psoft import lora_spectrum, truncation_error
+from psoft_deploy.core.tensorfile import open_safetensors
 
 from .inputs import family_outputs, verification_inputs
 from .reference import reference_merged_weight, reference_runs

@@ -5,15 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .architectures import model_class
 from .errors import UserError
+from .tensorfile import TensorInfo, open_safetensors, read_headers
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -55,22 +54,6 @@ def fingerprint(tensor: torch.Tensor) -> dict:
         "dtype": str(tensor.dtype).removeprefix("torch."),
         "shape": list(tensor.shape),
     }
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a stored tensor is and what it holds, from its file's safetensors header."""
-
-    file: Path
-    dtype: str  # safetensors' code: "BF16" (`psoft_deploy.core.dtypes.from_safetensors` names it)
-    shape: tuple[int, ...]
-
-
-def read_headers(file: Path) -> dict[str, TensorInfo]:
-    """Every tensor of one safetensors file, from its header (no data read)."""
-    with open_safetensors(file) as handle:
-        slices = {key: handle.get_slice(key) for key in handle.keys()}
-        return {key: TensorInfo(file, piece.get_dtype(), tuple(piece.get_shape())) for key, piece in slices.items()}
 
 
 class BaseCheckpoint:
@@ -194,15 +177,3 @@ def meta_model(path: Path):
     cls = model_class(config)
     with torch.device("meta"):
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-
-
-def open_safetensors(file: Path):
-    """safe_open with errors that name the file (open it per use: a closed file holds no memory)."""
-    try:
-        return safe_open(file, framework="pt")
-    except FileNotFoundError:
-        raise UserError(f"{file} is missing") from None
-    except SafetensorError as error:
-        raise UserError(f"{file} is not a readable safetensors file ({error}); re-download or re-save it") from None
-    except OSError as error:
-        raise UserError(f"cannot read {file}: {error.strerror or error}") from None

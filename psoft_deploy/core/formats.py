@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from packaging.version import InvalidVersion, Version
 
-from .base import BaseCheckpoint, base_tensor_key, open_safetensors
+from .base import BaseCheckpoint, base_tensor_key
 from .errors import UserError
 from .options import DEFAULTS, ReadOptions
 from .psoft import RotationSpec, SubspaceSpec
+from .tensorfile import open_safetensors, read_safetensors, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -151,8 +152,6 @@ def write_peft_adapter(directory: str | Path, config, parameters: dict[str, dict
     per module, R's parameters (``weight``, ``vector_a``, ``vector_b``) under PEFT's keys. With the
     ``base`` it was trained on: ``base_model_name_or_path`` is its hub id or absolute path, and
     psoft_deploy_base.json records it (fingerprints of the adapted base tensors, hub ids)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     if base is not None:
         config.base_model_name_or_path = base.reference
@@ -164,7 +163,7 @@ def write_peft_adapter(directory: str | Path, config, parameters: dict[str, dict
     config.save_pretrained(directory)
     tensors = {f"{PEFT_PREFIX}{name}.psoft_R.{key}": value.detach().float().cpu().contiguous()
                for name, params in parameters.items() for key, value in params.items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_safetensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
 
 def _read_base_record(file: Path) -> dict[str, dict]:
@@ -186,12 +185,6 @@ def read_json(file: Path) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{file} must hold a JSON object")
     return value
-
-
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; errors name the file."""
-    with open_safetensors(file) as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def check_finite(adapter: PsoftAdapter) -> None:
@@ -319,10 +312,15 @@ def _read_paper(path: Path, config: dict, tensors: dict, neumann_terms: int | No
     use_neumann = bool(config.get("use_cayley_neumann", terms is not None))
     alpha = float(config.get("lora_alpha", rank))
     return _adapter(path, "paper", config, config.get("peft_version"), rank=rank,
-                    scale=alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank,
+                    scale=lora_scaling(alpha, rank, bool(config.get("use_rslora"))),
                     rotation_spec=RotationSpec(convention="paper", orth=orth, cayley_neumann=use_neumann,
                                                neumann_terms=int(terms or 0)),
                     subspace_spec=None, modules=modules, replaced_tensors=replaced)
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """PEFT's LoRA scaling: alpha over the rank, over √rank with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
 
 
 def _positive_int(config: dict, key: str, path: Path) -> int:

@@ -15,8 +15,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from . import __version__
 from .factors import AdapterFactors, base_tensor_key
 from .formats import (
@@ -26,6 +24,7 @@ from .formats import (
     MATERIALIZED_WEIGHTS,
     REPLACED_PREFIX,
 )
+from .tensorfile import write_safetensors
 
 
 def save_materialized_files(factors: AdapterFactors, directory: Path, base_name: str) -> None:
@@ -60,5 +59,5 @@ def save_materialized_files(factors: AdapterFactors, directory: Path, base_name:
     # Own copies: R of a non-orthogonal adapter is its stored parameter itself, and safetensors
     # refuses tensors that share memory.
     tensors = {key: value.detach().cpu().clone().contiguous() for key, value in tensors.items()}
-    save_file(tensors, directory / MATERIALIZED_WEIGHTS, metadata={"format": MATERIALIZED_FORMAT})
+    write_safetensors(tensors, directory / MATERIALIZED_WEIGHTS, metadata={"format": MATERIALIZED_FORMAT})
     (directory / MATERIALIZED_META).write_text(json.dumps(metadata, indent=2) + "\n")
