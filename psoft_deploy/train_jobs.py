@@ -28,6 +28,7 @@ from torch import nn
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from . import train_args
+from .core import internals
 from .core.base import BaseCheckpoint
 from .core.errors import UserError
 from .core.formats import ADAPTER_WEIGHTS
@@ -61,10 +62,43 @@ JOBS_PER_FORWARD = 4
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
+def relied_on() -> tuple[dict, dict]:
+    """The internals of transformers' Trainer, TRL and argparse that --jobs drives each job's trainer through
+    (checked on transformers 5.19, TRL 1.16): whole signatures, and the attributes it reads."""
+    from transformers import Trainer
+    from trl.trainer import utils as trl_utils
+
+    signatures = {
+        (Trainer, "_init_training_state"): ("(self, max_steps, num_update_steps_per_epoch, num_train_epochs, "
+                                            "resume_from_checkpoint, trial)"),
+        (Trainer, "_get_learning_rate"): "(self)",
+        (Trainer, "_save_checkpoint"): "(self, model, trial)",
+        (Trainer, "set_initial_training_values"): "(self, args, dataloader)",
+        (Trainer, "get_batch_samples"): "(self, epoch_iterator, num_batches, device)",
+        (Trainer, "create_optimizer"): "(self, model)",
+        (Trainer, "create_scheduler"): "(self, num_training_steps, optimizer)",
+        # SFTTrainer wraps the model's forward in place (``model.forward``); each job's trainer would wrap it again
+        (trl_utils, "add_fused_lm_head"): "(model, temperature, cast_lm_head_to_fp32, outputs)",
+    }
+    attributes = {Trainer: ("loss_is_scaled_for_ga", "model_accepts_loss_kwargs", "compute_loss_func", "accelerator",
+                            "state", "optimizer", "lr_scheduler"),
+                  argparse.ArgumentParser: ("_actions",)}
+    return signatures, attributes
+
+
+def check_internals() -> None:
+    """Refuse --jobs in one line where transformers or TRL changed what it relies on (`relied_on`)."""
+    changed = internals.missing("transformers/TRL", *relied_on())
+    if changed:
+        raise UserError(f"train --jobs drives each job's trainer through internals that changed: {changed}; train the "
+                        "jobs one by one, or install the transformers and TRL versions of docs/install.md")
+
+
 def train_jobs(args: argparse.Namespace) -> Path:
     """Train every job of ``args.jobs`` into ``OUTPUT_DIR/NAME``; returns OUTPUT_DIR. Everything a job could
     be refused for is checked before training starts, so nothing is written for any job when one is bad."""
     refuse_unsupported(args)
+    check_internals()
     jobs = [Job(index, job_args) for index, job_args in enumerate(read_jobs(args))]
     from transformers import AutoTokenizer
 

@@ -23,9 +23,7 @@ stays vLLM's. Relies on vLLM's internals checked by `missing_internals` (vLLM 0.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -59,6 +57,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 from vllm.utils import gpu_sync_debug
 
+from psoft_deploy.core import internals
 from psoft_deploy.core.formats import ADAPTER_WEIGHTS
 from psoft_deploy.core.psoft import lora_of_core
 from psoft_deploy.core.tensorfile import open_safetensors, read_safetensors
@@ -108,42 +107,7 @@ logger = logging.getLogger("vllm.psoft_deploy")  # under vLLM's logger: its line
 def missing_internals(relied_on: dict = RELIED_ON, reads: dict = READS) -> str | None:
     """What this vLLM lacks or changed of the internals in ``relied_on`` (whole signatures) and ``reads``
     (attributes); by default the extension's. None: nothing."""
-    for (owner, name), expected in relied_on.items():
-        if inspect.getattr_static(owner, name, None) is None:
-            return f"vLLM's {owner.__name__}.{name} is gone"
-        found = bare_signature(getattr(owner, name))
-        if found != expected:
-            return f"vLLM's {owner.__name__}.{name} is now {found}, psoft-deploy was checked on {expected}"
-    for owner, names in reads.items():
-        for name in names:
-            if not has_attribute(owner, name):
-                return f"vLLM's {owner.__name__} no longer has {name}"
-    return None
-
-
-def bare_signature(function) -> str:
-    """``function``'s parameters, names and kinds in order, without annotations or defaults: ``(self, x, *, y)``."""
-    signature = inspect.signature(function)
-    return str(signature.replace(parameters=[p.replace(annotation=p.empty, default=p.empty)
-                                             for p in signature.parameters.values()],
-                                 return_annotation=signature.empty))
-
-
-def has_attribute(owner: type, name: str) -> bool:
-    """Whether instances of ``owner`` have ``name``: a class member, a declared field, or assigned as
-    ``self.name`` in the source of a class it derives from."""
-    if inspect.getattr_static(owner, name, None) is not None:
-        return True
-    assigned = re.compile(rf"\bself\.{name}\s*(:[^=\n]+)?=(?!=)")
-    for klass in owner.__mro__[:-1]:
-        if name in inspect.get_annotations(klass):
-            return True
-        try:
-            if assigned.search(inspect.getsource(klass)):
-                return True
-        except (OSError, TypeError):  # no source: built in
-            continue
-    return False
+    return internals.missing("vLLM", relied_on, reads)
 
 
 class BasisSlice(NamedTuple):

@@ -292,3 +292,26 @@ def test_a_job_whose_output_holds_an_adapter_is_refused_without_overwrite(tiny_b
     refused = run(*common(base, "--max_steps", 1), "--jobs", jobs, "--output_dir", tmp_path / "out")
     assert refused.exit_code == 1 and "job 'b': " in refused.output and "already holds an adapter" in refused.output
     assert not (tmp_path / "out" / "a").exists()
+
+
+def test_the_internals_check_passes_here_and_reports_a_changed_signature_in_one_line(tiny_base, datasets, tmp_path,
+                                                                                      monkeypatch):
+    from transformers import Trainer
+
+    assert train_jobs.check_internals() is None  # the installed transformers and TRL are what --jobs was checked on
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, trial):  # one less
+        pass
+
+    monkeypatch.setattr(Trainer, "_init_training_state", _init_training_state)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"name": "a", "data_path": str(datasets[0])}) + "\n")
+    result = run("train", "--base_model_name_or_path", tiny_base("llama"), "--output_dir", tmp_path / "out",
+                 "--jobs", jobs, "--max_steps", 1)
+    assert result.exit_code == 1 and not (tmp_path / "out").exists(), result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: train --jobs drives each job's trainer through internals that changed: transformers/TRL's "
+        "Trainer._init_training_state is now (self, max_steps, num_update_steps_per_epoch, num_train_epochs, trial), "
+        "psoft-deploy was checked on (self, max_steps, num_update_steps_per_epoch, num_train_epochs, "
+        "resume_from_checkpoint, trial); train the jobs one by one, or install the transformers and TRL versions of "
+        "docs/install.md")
