@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from psoft_deploy.serve.shared import CORES_FILE
+from psoft_deploy.serve.shared import CoresEntry
 
 # The fields of a chat request that vLLM's /tokenize renders the same way.
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
@@ -280,7 +280,7 @@ def _has_output(choice) -> bool:
 @functools.lru_cache(maxsize=None)
 def _held_as_cores(lora_path: str) -> bool:
     """Whether vLLM holds the adapter it loaded from ``lora_path`` as cores (a cache directory's form never changes)."""
-    return (Path(lora_path) / CORES_FILE).is_file()
+    return CoresEntry(Path(lora_path)).holds_cores()
 
 
 async def _call(app, scope, path: str, payload: dict | None = None) -> tuple[int, bytes]:

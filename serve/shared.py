@@ -30,11 +30,49 @@ from psoft_deploy.core.options import DEFAULTS, ReadOptions
 from psoft_deploy.core.outputs import atomic_output_dir
 from psoft_deploy.core.progress import track
 from psoft_deploy.core.psoft import core_in_basis, core_of_rotation, rotation, shared_basis
-from psoft_deploy.core.tensorfile import open_safetensors, read_headers, write_safetensors
+from psoft_deploy.core.tensorfile import open_safetensors, read_headers, read_safetensors, write_safetensors
 from psoft_deploy.serve.cache import read_back
 
 BASIS_VERSION = b"psoft-deploy/shared-basis/v1"
-CORES_FILE = "psoft_cores.safetensors"  # module name -> k×k core; vLLM alone cannot load it (no adapter_model.*)
+
+
+@dataclass(frozen=True)
+class CoresEntry:
+    """A directory of cores over a basis, the one owner of its files: ``psoft_cores.safetensors`` (module →
+    k×k core, the basis's digest in its metadata) beside an ``adapter_config.json`` that names the target
+    modules and the residual summary. vLLM alone cannot load it (no adapter_model.*): psoft-deploy's plugin
+    does."""
+
+    path: Path
+    FILE = "psoft_cores.safetensors"
+
+    @classmethod
+    def write(cls, path: Path, cores: dict[str, torch.Tensor], *, basis: str, summary: str) -> CoresEntry:
+        """Write ``cores`` over the basis of digest ``basis`` into ``path``, whole or not at all."""
+        rank = max(core.shape[0] for core in cores.values())
+        with atomic_output_dir(path, overwrite=True) as staging:
+            write_safetensors(cores, staging / cls.FILE, metadata={"basis": basis})
+            LoraAdapter(r=rank, lora_alpha=rank, target_modules=sorted({module.rsplit(".", 1)[-1] for module in cores})
+                        ).write_config(staging, psoft_shared=summary, psoft_basis=basis)
+        return cls(Path(path))
+
+    def holds_cores(self) -> bool:
+        """Whether the directory is a cores entry (a LoRA adapter's directory is not)."""
+        return (self.path / self.FILE).is_file()
+
+    def cores(self, basis: str) -> dict[str, torch.Tensor]:
+        """The cores, refused (`ValueError`) where they lie over another basis than ``basis``."""
+        with open_safetensors(self.path / self.FILE) as handle:
+            if handle.metadata().get("basis") != basis:
+                raise ValueError(f"{self.path} holds cores over another basis than the one this server holds")
+        return read_safetensors(self.path / self.FILE)
+
+    def summary(self, modules: list[str]) -> str:
+        """The residual summary, once the entry reads back with a core for each of ``modules`` (else `KeyError`)."""
+        missing = set(modules) - set(read_headers(self.path / self.FILE))
+        if missing:
+            raise KeyError(f"no core for {', '.join(sorted(missing))}")
+        return read_json(self.path / ADAPTER_CONFIG)["psoft_shared"]
 
 
 @dataclass(frozen=True)
@@ -172,29 +210,22 @@ class SharedBasis:
     def _cached(self, cache_root: Path, digest, modules: list[str], compute) -> tuple[Path | None, str]:
         """The cache entry ``cores-DIGEST`` once it reads back with a core for each of ``modules``, else
         ``compute()``'s cores written there: its path and summary, or None and why there are none."""
-        entry = Path(cache_root) / f"cores-{digest.hexdigest()[:32]}"
-        summary = read_back(entry, functools.partial(_cores_summary, modules=modules))
+        entry = CoresEntry(Path(cache_root) / f"cores-{digest.hexdigest()[:32]}")
+        summary = read_back(entry.path, lambda _: entry.summary(modules))
         if summary is not None:
-            return entry, summary
+            return entry.path, summary
         cores, summary = compute()
         if cores is None:
             return None, summary
-        self._write(entry, cores, summary)
-        return entry, summary
-
-    def _write(self, entry: Path, cores: dict[str, torch.Tensor], summary: str) -> None:
-        rank = max(core.shape[0] for core in cores.values())
-        with atomic_output_dir(entry, overwrite=True) as staging:
-            write_safetensors(cores, staging / CORES_FILE, metadata={"basis": self.digest})
-            LoraAdapter(r=rank, lora_alpha=rank, target_modules=sorted({module.rsplit(".", 1)[-1] for module in cores})
-                        ).write_config(staging, psoft_shared=summary, psoft_basis=self.digest)
+        CoresEntry.write(entry.path, cores, basis=self.digest, summary=summary)
+        return entry.path, summary
 
     def zero_adapter(self, module: str, cache_root: Path) -> Path:
         """An all-zero 1×1 core on ``module``: the bare base, served as an adapter on CPU (see serve)."""
-        entry = Path(cache_root) / f"cores-zero-{self.digest}"
-        if read_back(entry, functools.partial(_cores_summary, modules=[module])) is None:
-            self._write(entry, {module: torch.zeros(1, 1)}, "zero")
-        return entry
+        entry = CoresEntry(Path(cache_root) / f"cores-zero-{self.digest}")
+        if read_back(entry.path, lambda _: entry.summary([module])) is None:
+            CoresEntry.write(entry.path, {module: torch.zeros(1, 1)}, basis=self.digest, summary="zero")
+        return entry.path
 
 
 def check_basis(module: str, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor) -> None:
@@ -218,11 +249,3 @@ def _basis_modules(entry: Path, modules: list[str]) -> set[str]:
     if missing:
         raise KeyError(f"no {', '.join(sorted(missing)[:3])}")
     return {key.removesuffix(".U") for key in keys if key.endswith(".U")}
-
-
-def _cores_summary(entry: Path, modules: list[str]) -> str:
-    """The residual summary of the cores in ``entry``, once they read back with a core for each of ``modules``."""
-    missing = set(modules) - set(read_headers(entry / CORES_FILE))
-    if missing:
-        raise KeyError(f"no core for {', '.join(sorted(missing))}")
-    return read_json(entry / ADAPTER_CONFIG)["psoft_shared"]

@@ -60,8 +60,7 @@ from vllm.utils import gpu_sync_debug
 from psoft_deploy.core import internals
 from psoft_deploy.core.formats import ADAPTER_WEIGHTS
 from psoft_deploy.core.psoft import lora_of_core
-from psoft_deploy.core.tensorfile import open_safetensors, read_safetensors
-from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
+from psoft_deploy.serve.shared import CoresEntry, SharedBasis
 
 # The layer classes (exactly these, not subclasses: not the `...WithShardedLoRA` of --fully-sharded-loras) whose
 # forward ends in `_apply_lora_to_output`, before a row-parallel layer's all-reduce, and whose output slices are
@@ -311,12 +310,9 @@ def install(basis_path: str, require_cores: bool = False, exact_lora: bool = Fal
         """Cores serve wrote (``psoft_cores.safetensors``), or those of a LoRA adapter loaded
         through vLLM (its load endpoint) that lies in the basis; else vLLM's own loader. A module
         whose layer holds no cores gets its exact LoRA, read off the pair: ``(V_kᵀ, U_k·C)``."""
-        path = Path(lora_dir) / CORES_FILE
-        if path.is_file():
-            with open_safetensors(path) as handle:
-                if handle.metadata().get("basis") != shared.digest:
-                    raise ValueError(f"{lora_dir} holds cores over another basis than the one this server holds")
-            cores = read_safetensors(path)
+        entry = CoresEntry(Path(lora_dir))
+        if entry.holds_cores():
+            cores = entry.cores(shared.digest)
         else:
             cores, why = shared.cores_of(Path(lora_dir)) if (Path(lora_dir) / ADAPTER_WEIGHTS).is_file() else (None, "")
             logger.info("psoft-deploy: %s loaded as %s (%s)", lora_dir, "cores" if cores else "exact LoRA", why)

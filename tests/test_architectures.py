@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from psoft_deploy.core.architectures import ARCHITECTURES, FAMILIES, Shape, architecture, model_family
+from psoft_deploy.core.architectures import ARCHITECTURES, Shape, architecture, model_family
 
 
 def test_the_family_is_read_from_the_config():

@@ -52,7 +52,9 @@ from psoft_deploy.serve.preflight import (
     max_model_len,
     vllm_flag,
 )
-from psoft_deploy.serve.shared import CORES_FILE
+from psoft_deploy.serve.shared import CoresEntry
+
+CORES_FILE = CoresEntry.FILE
 from psoft_deploy.serve.supervise import last_error_line
 from psoft_deploy.testing import build_tiny_model, llama_modules, write_psoft_adapter
 

@@ -27,7 +27,9 @@ from psoft_deploy.serve.cache import LoraCache
 from psoft_deploy.serve.forms import AdapterForms
 from psoft_deploy.serve.plan import plan_serve
 from psoft_deploy.serve.preflight import vllm_flag
-from psoft_deploy.serve.shared import CORES_FILE, SharedBasis
+from psoft_deploy.serve.shared import CoresEntry, SharedBasis
+
+CORES_FILE = CoresEntry.FILE
 from psoft_deploy.testing import build_tiny_model
 
 BASIS_RANK = 64  # the largest rank among VARIANTS ("rank-full")
