@@ -21,6 +21,7 @@ from trl import SFTTrainer
 from . import train_args
 from .converters.pipeline import Check, publish
 from .converters.verify.candidates import reread_matches
+from .converters.verify.tolerances import basis_bound
 from .core import __version__
 from .core.base import BaseCheckpoint
 from .core.dtypes import BY_NAME
@@ -202,9 +203,10 @@ def rotation_spec(args) -> RotationSpec:
                         neumann_terms=args.num_cayley_neumann_terms, neumann_eps=args.cayley_neumann_eps)
 
 
-def check_ranks_agree(layers: dict[str, PsoftLinear], tolerance: float = 1e-5) -> None:
+def check_ranks_agree(layers: dict[str, PsoftLinear]) -> None:
     """In a distributed run every process derives A and B by its own SVD: refuse to train unless all derived the
-    same ones (checksums: per-row sums of each A, per-column sums of each B, their minimum and maximum over ranks)."""
+    same ones (checksums: per-row sums of each A, per-column sums of each B, their minimum and maximum over ranks),
+    within a float32 SVD's backward error (`basis_bound`)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -213,7 +215,8 @@ def check_ranks_agree(layers: dict[str, PsoftLinear], tolerance: float = 1e-5) -
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if (high - low).abs().max() > tolerance * checksum.abs().max():
+    widest = max(max(layer.A.shape[1], layer.B.shape[0]) for layer in layers.values())
+    if (high - low).abs().max() > basis_bound(widest) * checksum.abs().max():
         raise UserError("the processes of this run derived different A, B (each takes the SVD of the base on its "
                         "own device, and these differ); run every process on the same kind of device")
 
