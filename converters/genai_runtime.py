@@ -216,7 +216,7 @@ def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None =
     """Continue ``prompt`` (as a user turn through the tokenizer's chat template if it has one and
     ``chat_template``) with `og.Generator`; returns the text and the new token ids. ``on_text``
     receives the text in whole characters as it grows."""
-    from psoft_deploy.core.generate import TextStream
+    from psoft_deploy.core.generate import TextStream, stream_tokens
 
     export_dir = Path(export_dir)
     files = {adapter: adapter_file(export_dir, adapter)} if adapter else None
@@ -231,15 +231,8 @@ def genai_generate(export_dir: str | Path, prompt: str, *, adapter: str | None =
     if temperature > 0:
         search |= {"temperature": temperature, "top_k": top_k or 0, "random_seed": seed}
     generator = model.generator(tokens, adapter, **search)
-    new_tokens: list[int] = []
-    stream = TextStream(_Decoder(export_dir, model.tokenizer), on_text or (lambda text: None))
-    stop = {int(token) for token in model.tokenizer.eos_token_ids}
-    for token in model.tokens(generator):
-        new_tokens.append(token)
-        if token in stop:
-            break
-        stream.update(new_tokens)
-    return stream.finish([token for token in new_tokens if token not in stop]), new_tokens
+    return stream_tokens(model.tokens(generator), {int(token) for token in model.tokenizer.eos_token_ids},
+                         TextStream(_Decoder(export_dir, model.tokenizer), on_text or (lambda text: None)))
 
 
 

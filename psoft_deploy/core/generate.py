@@ -4,8 +4,9 @@ alone (torch is not imported on this path)."""
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -97,34 +98,43 @@ def generate(onnx_dir: str | Path, prompt: str, *, adapter_file: str | Path | No
     tokenizer = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
     model = OnnxModel(onnx_dir, adapter_file)
     rng = np.random.default_rng(seed)
-    stop = eos_token_ids(onnx_dir)
 
     sequence = tokenizer.encode(prompt).ids
     if not sequence:
         raise UserError("the prompt encodes to no tokens")
+
+    def tokens():
+        """Each next token of the continuation, the past carried over where the graph takes one."""
+        past, step_ids, generated = model.empty_past(1), sequence, []
+        while True:
+            total = len(sequence) + len(generated)
+            feeds = {"input_ids": np.array([step_ids], dtype=np.int64),
+                     "attention_mask": np.ones((1, total if model.past_names else len(step_ids)), dtype=np.int64)}
+            if model.past_names:
+                feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None, :]
+                feeds |= past
+            outputs = model.run(["logits", *model.present_names], feeds)
+            generated.append(pick(outputs[0][0, -1].astype(np.float64), temperature, top_k, rng))
+            yield generated[-1]
+            if model.past_names:
+                past, step_ids = dict(zip(model.past_names, outputs[1:])), generated[-1:]
+            else:
+                step_ids = sequence + generated
+
+    return stream_tokens(islice(tokens(), max_new_tokens), eos_token_ids(onnx_dir),
+                         TextStream(tokenizer, on_text or (lambda text: None)))
+
+
+def stream_tokens(tokens: Iterable[int], stop: set[int], stream: TextStream) -> tuple[str, list[int]]:
+    """The generation loop every runtime shares: ``tokens`` taken until one in ``stop`` (kept in the ids,
+    not in the text), the text passed to ``stream`` as it grows; returns the text and the new token ids."""
     new_tokens: list[int] = []
-    stream = TextStream(tokenizer, on_text or (lambda text: None))
-    past = model.empty_past(1)
-    step_ids = sequence
-    for _ in range(max_new_tokens):
-        total = len(sequence) + len(new_tokens)
-        feeds = {"input_ids": np.array([step_ids], dtype=np.int64),
-                 "attention_mask": np.ones((1, total if model.past_names else len(step_ids)), dtype=np.int64)}
-        if model.past_names:
-            feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None, :]
-            feeds |= past
-        outputs = model.run(["logits", *model.present_names], feeds)
-        token = pick(outputs[0][0, -1].astype(np.float64), temperature, top_k, rng)
+    for token in tokens:
         new_tokens.append(token)
         if token in stop:
             break
         stream.update(new_tokens)
-        if model.past_names:
-            past = dict(zip(model.past_names, outputs[1:]))
-            step_ids = [token]
-        else:
-            step_ids = sequence + new_tokens
-    return stream.finish(new_tokens), new_tokens
+    return stream.finish([token for token in new_tokens if token not in stop]), new_tokens
 
 
 class TextStream:
