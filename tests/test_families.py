@@ -39,7 +39,12 @@ def outputs(model, base_dir):
         return family_outputs(model(**inputs), model_family(config), inputs)
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+# One family of each kind in the fast suite (a decoder, a seq2seq, an encoder, a vision model); the others slow.
+FAST_FAMILIES = ("llama", "t5", "bert", "vit")
+
+
+@pytest.mark.parametrize("kind", [kind if kind in FAST_FAMILIES else pytest.param(kind, marks=pytest.mark.slow)
+                                  for kind in FAMILIES])
 def test_merge_and_export_lora_equal_peft_in_every_family(kind, tmp_path):
     base = tmp_path / "base"
     build_tiny_model(base, kind)

@@ -212,6 +212,7 @@ def test_a_behaviour_rule_that_asks_nothing_is_not_judged_and_never_passes_alone
     assert "continuation tokens not judged (32/32 kept, none required)" in alone.line()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
 def test_other_supported_architectures(kind, tiny_base, tmp_path):
     base = tiny_base(kind)
