@@ -82,6 +82,7 @@ def test_llama_cpp_runs_the_lora_gguf_on_the_base_gguf_beside_it_and_the_merged_
     assert sum(map(len, expected)) > 4 * len(expected)  # continuations, not just an end of sequence
 
 
+@pytest.mark.slow  # llama.cpp runs on the module's exports (their build: seconds of the fast suite)
 def test_the_lora_gguf_is_llama_cpps_lora_format_with_an_ollama_modelfile(exported):
     base, work = exported
     reader = gguf_py.GGUFReader(work / "lora" / "adapter.gguf")
@@ -105,6 +106,7 @@ def test_the_lora_gguf_is_llama_cpps_lora_format_with_an_ollama_modelfile(export
     assert report["base_gguf"]["passed"] and report["base_gguf"]["dtype"] == "F32"
 
 
+@pytest.mark.slow  # llama.cpp runs on the module's exports (their build: seconds of the fast suite)
 def test_the_modelfiles_name_files_beside_them_and_work_where_the_directory_is_copied(exported, tmp_path):
     """Every path in a Modelfile is relative to it and names a file in the directory, copied anywhere."""
     base, work = exported
@@ -159,6 +161,7 @@ def test_a_writer_bug_shared_by_the_base_gguf_and_the_candidate_fails(exported, 
         assert not (tmp_path / name).exists()
 
 
+@pytest.mark.slow  # llama.cpp runs on the module's exports (their build: seconds of the fast suite)
 def test_a_base_gguf_beside_the_lora_that_is_not_the_base_fails(exported, tmp_path):
     """The merged model's GGUF put beside the LoRA as its base: the LoRA would run on it; the base check fails."""
     base, work = exported
@@ -293,6 +296,7 @@ def test_llama_3_rope_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path, monk
     ok(merge(base, tmp_path / "adapter", tmp_path / "merged"))
 
 
+@pytest.mark.slow  # llama.cpp runs on the module's exports (their build: seconds of the fast suite)
 def test_a_tokenization_difference_fails(exported):
     base, _ = exported
 
@@ -320,6 +324,7 @@ def test_pre_tokenizer_names():
     assert _pre_tokenizer({"type": "Whitespace"}) == "default"
 
 
+@pytest.mark.slow  # llama.cpp runs on the module's exports (their build: seconds of the fast suite)
 def test_bad_input_is_one_line(exported, tiny_base, tmp_path, monkeypatch):
     base, work = exported
     adapter = work / "adapter"
@@ -351,6 +356,7 @@ def test_bad_input_is_one_line(exported, tiny_base, tmp_path, monkeypatch):
                "--no-verify").exit_code == 0
 
 
+@pytest.mark.slow  # llama.cpp runs on the module's exports (their build: seconds of the fast suite)
 def test_the_merged_gguf_keeps_modules_to_save(exported, tmp_path):
     base, _ = exported
     make_peft_adapter(base, tmp_path / "saved", r=4, modules_to_save=["lm_head"])
@@ -379,6 +385,7 @@ def test_a_deep_chat_model_in_llama_cpp(tmp_path):
     assert result.exit_code == 1 and "FAIL (full, Q4_K_M)" in result.output, result.output
 
 
+@pytest.mark.slow  # llama.cpp runs on the module's exports (their build: seconds of the fast suite)
 def test_a_merged_gguf_of_half_the_adapter_fails(exported, tmp_path):
     """The noise of llama.cpp's float16 KV cache is measured on the adapted model too (it passes above);
     a merge with v_proj's update left out still fails."""

@@ -42,3 +42,19 @@ def test_the_built_wheel_imports_every_module_and_runs_the_demo(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert demo.returncode == 0, (demo.stdout + demo.stderr)[-3000:]
     assert (demo.stdout + demo.stderr).count("verification: PASS") == 2
+
+
+@pytest.mark.slow
+def test_the_editable_install_imports_every_module_from_the_three_folders(tmp_path):
+    """As installed here (`pip install -e`), away from the repository root: each module of the tree imports, from
+    its own folder (package-dir's mapping, no symlinks)."""
+    tree = {".".join([package, *Path(folder, file[:-3]).relative_to(ROOT / top).parts]).removesuffix(".__init__"):
+            Path(folder, file) for package, top in PACKAGES.items() for folder, _, files in os.walk(ROOT / top)
+            if "__pycache__" not in folder for file in files if file.endswith(".py") and file != "__main__.py"}
+    check = ("import importlib, pathlib\n"
+             f"for name, file in {[(name, str(file)) for name, file in sorted(tree.items())]!r}:\n"
+             "    module = importlib.import_module(name)\n"
+             "    assert pathlib.Path(module.__file__).resolve() == pathlib.Path(file).resolve(), (name, module.__file__)\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    imported = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert len(tree) >= 60 and imported.returncode == 0, imported.stderr[-3000:]
