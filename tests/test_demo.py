@@ -10,7 +10,9 @@ from helpers import run
 def test_demo_trains_inspects_merges_and_exports(tmp_path):
     result = run("demo", "--output", tmp_path / "demo")
     assert result.exit_code == 0, result.output
-    assert "max |Δlogits| PEFT vs psoft-deploy" in result.output
+    line = next(line for line in result.output.splitlines() if "max |Δlogits| PEFT (float32) vs psoft-deploy" in line)
+    measured, bound = (float(part.split()[0].rstrip(":")) for part in (line.split("= ")[1], line.split("(bound ")[1]))
+    assert 0 <= measured <= bound, line  # PEFT within float32's own noise, measured in the run
     assert result.output.count("verification: PASS") == 2
     summary = json.loads((tmp_path / "demo" / "psoft-adapter" / "training_summary.json").read_text())
     assert summary["steps"] == 30 and summary["final_loss"] < summary["first_loss"]
