@@ -182,20 +182,21 @@ class GraphSession:
         self.empty_past = {name: np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]),
                                           BY_ORT_TYPE[inputs[name].type]) for name in past_names}
         self.positions = "position_ids" in inputs
+        self.lora_inputs = {meta.name for meta in self.session.get_overridable_initializers()}
 
     def logits(self, tokens: list[int], lora: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Logits at every position of ``tokens`` (one prefill, an empty past), float64, with the LoRA
-        inputs in ``lora`` (None or missing names: the graph's defaults)."""
+        inputs in ``lora`` (None or missing names: the graph's defaults). LoRA parameters the graph has
+        no input for (an adapter file of another model) are refused in one line."""
+        unknown = sorted(set(lora or {}) - self.lora_inputs)
+        if unknown:
+            raise UserError(f"the adapter's parameters do not fit {self.directory}'s graph (no input for "
+                            f"{', '.join(unknown[:3])}); export the adapter for this model")
         feeds = {"input_ids": np.asarray([tokens], np.int64), "attention_mask": np.ones((1, len(tokens)), np.int64),
                  **self.empty_past, **(lora or {})}
         if self.positions:
             feeds["position_ids"] = np.arange(len(tokens), dtype=np.int64)[None]
-        try:
-            logits = self.session.run(["logits"], feeds)[0][0]
-        except Exception as error:  # onnxruntime's own error types are not exported
-            raise UserError(f"onnxruntime cannot run {self.directory}'s graph on these inputs: "
-                            f"{str(error).strip().splitlines()[0]}") from None
-        return np.asarray(logits, dtype=np.float64)
+        return np.asarray(self.session.run(["logits"], feeds)[0][0], dtype=np.float64)
 
 
 def eos_token_ids(export_dir: Path) -> set[int]:

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from psoft_deploy.converters import genai, genai_runtime
 from psoft_deploy.converters.genai_runtime import GenaiModel, genai_generate
 from psoft_deploy.converters.verify.tolerances import MAX_LOGIT_NOISE
+from psoft_deploy.core.errors import UserError
 from psoft_deploy.core.factors import load_factors
 from psoft_deploy.core.generate import read_adapter_file
 from psoft_deploy.core.model import load_base_model
@@ -137,6 +138,8 @@ def test_the_graph_verification_runs_is_ogs_and_on_mapped_weights_within_float32
     float32_noise = np.abs(float32 - float64).max()  # measured here
     assert np.abs(mapped.logits(tokens, arrays) - og_logits).max() <= MAX_LOGIT_NOISE * float32_noise
     assert np.abs(mapped.logits(tokens) - og_logits).max() > 10 * MAX_LOGIT_NOISE * float32_noise  # rank 0: the base
+    with pytest.raises(UserError, match=r"^the adapter's parameters do not fit .+ \(no input for model\.other\.A\)"):
+        mapped.logits(tokens, {"model.other.A": np.zeros((64, 4), np.float32)})  # another model's adapter file
 
 
 @pytest.mark.slow

@@ -180,6 +180,13 @@ def test_lora_candidates_are_checked_layer_by_layer(dtype, tiny_base, tmp_path):
     config_file.write_text(json.dumps(config | {"use_rslora": True}))  # scaling α/√r instead of α/r
     code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-adapter")
     assert code == 1 and output.startswith(f"FAIL (layerwise, {dtype})"), output
+    config_file.write_text(json.dumps(config))
+    weights = tmp_path / "lora-adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({key: value for key, value in tensors.items() if ".layers.0." not in key}, weights)  # half the adapter
+    code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-adapter")
+    assert code == 1 and output.startswith(f"FAIL (layerwise, {dtype})") and "layers.0" in output, output
+    save_file(tensors, weights)
     config_file.write_text(json.dumps(config | {"layer_replication": [[0, 2], [1, 2]]}))  # not W x + s·BAx per layer
     code, report, output = verify(base, tmp_path / "adapter", tmp_path / "lora-adapter")
     assert code == 1 and output.startswith(f"FAIL (full, {dtype})"), output

@@ -99,8 +99,9 @@ FORWARD_CHANGING_OPTIONS = ("use_dora", "lora_bias", "alora_invocation_tokens", 
 
 def peft_lora_skeleton(base: BaseCheckpoint, candidate_dir: Path):
     """The LoRA adapter in ``candidate_dir`` as PEFT itself loads it (its config reading, module
-    matching, scaling and weights), onto the base's architecture without the base's weights (built on
-    the meta device, then given unread memory): the adapter's own tensors are real, the base's are not."""
+    matching, scaling and weights), onto the base's architecture without reading the base's weights (built
+    on the meta device, then given uninitialized storage): the adapter's own tensors are real, the base's are not
+    and are never read."""
     from peft import PeftModel
 
     skeleton = meta_model(base.path).to_empty(device="cpu")
@@ -126,9 +127,8 @@ def verify_lora_in_peft(base: BaseCheckpoint, factors: AdapterFactors, candidate
     stored = {name: (layers[name].lora_A["default"].weight.detach().double(),
                      layers[name].lora_B["default"].weight.detach().double() * layers[name].scaling["default"])
               for name in factors.modules if name in layers}
-    failed, errors, ratios = lora_factor_errors(factors, stored, dtype)
-    zero = {name: (torch.zeros_like(lora_A), torch.zeros_like(lora_B)) for name, (lora_A, lora_B) in stored.items()}
-    bare_base_passes = len(zero) - len(lora_factor_errors(factors, zero, dtype)[0])  # the control: no update
+    failed, errors, ratios, bounds = lora_factor_errors(factors, stored, dtype)
+    bare_base_passes = sum(bound >= 1 for bound in bounds.values())  # the control: a zero update's error is 1
     if stored and bare_base_passes == len(stored):
         failed.append(f"inconclusive: in {dtype_name(dtype)} a zero update is within every layer's bound too")
     extra = sorted(set(layers) - set(factors.modules))
@@ -315,7 +315,7 @@ def verify_mlx_files(base: BaseCheckpoint, factors: AdapterFactors, candidate_di
         raise UserError(f"an mlx-lm adapter applies to the last num_layers layers; base {base.name} has no "
                         "num_hidden_layers in its config.json to place them")
     stored = read_mlx_adapter(candidate_dir, base.config["num_hidden_layers"])
-    failed, errors, ratios = lora_factor_errors(factors, stored)
+    failed, errors, ratios, _ = lora_factor_errors(factors, stored)
     extra = sorted(set(stored) - set(factors.modules))
     if extra:
         failed.append(f"{len(extra)} modules the PSOFT adapter does not adapt ({extra[0]}, ...)")

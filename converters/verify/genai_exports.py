@@ -201,7 +201,7 @@ def verify_lora_arrays(factors: AdapterFactors, arrays: dict, precision: str,
         names = [genai.lora_input(module, factor) for factor in ("lora_A", "lora_B")]
         present = all(name in arrays and 0 not in arrays[name].shape for name in names)
         stored[module] = tuple(torch.tensor(arrays[name]).T for name in names) if present else None
-    failed, errors, ratios = lora_factor_errors(factors, stored)
+    failed, errors, ratios, _ = lora_factor_errors(factors, stored)
     if isinstance(graphs, str):
         failed.append(graphs)
     else:

@@ -203,13 +203,15 @@ def with_behaviour(report: Report, behaviour: dict, judged_logits: bool | None =
                   {**report.numbers, "behaviour": {key: behaviour[key] for key in ("kept", "conclusive")}})
 
 
-def lora_factor_errors(factors, stored: dict, dtype=None) -> tuple[list[str], dict[str, float], dict[str, float]]:
+def lora_factor_errors(factors, stored: dict, dtype=None) -> tuple[list[str], dict[str, float], dict[str, float],
+                                                              dict[str, float]]:
     """Each module's LoRA factors as an export stores them, ``stored[module] = (lora_A, lora_B)`` in
     PEFT's layout (r×in, out×r, any scaling folded into lora_B; None: absent), against the exact ΔW
     of ``factors`` (an `AdapterFactors`), within `ROUNDING_NOISE` times the error of rounding the exact
     factors to ``dtype`` (None: the stored type): the failed checks, and per module the relative
-    error and its ratio to the bound."""
-    failed, errors, ratios = [], {}, {}
+    error, its ratio to the bound and the bound (a zero update, whose relative error is 1, passes
+    where the bound reaches 1)."""
+    failed, errors, ratios, bounds = [], {}, {}, {}
     for module, module_factors in factors.modules.items():
         if stored.get(module) is None:
             failed.append(f"{module}: no LoRA factors in the export")
@@ -222,7 +224,7 @@ def lora_factor_errors(factors, stored: dict, dtype=None) -> tuple[list[str], di
         rounded = lora_B.to(rounded_to).double() @ lora_A.to(rounded_to).double()
         bound = ROUNDING_NOISE * max((torch.linalg.norm(rounded - exact) / scale).item(), torch.finfo(rounded_to).eps)
         errors[module] = (torch.linalg.norm(stored_B.double() @ stored_A.double() - exact) / scale).item()
-        ratios[module] = errors[module] / bound
+        ratios[module], bounds[module] = errors[module] / bound, bound
         if errors[module] > bound:
             failed.append(f"{module}: relative error {errors[module]:.2e} > bound {bound:.2e}")
-    return failed, errors, ratios
+    return failed, errors, ratios, bounds
